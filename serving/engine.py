@@ -1,0 +1,176 @@
+"""SpecEngine: lossless speculative decoding over any Hugging Face causal LM, in one decode loop.
+
+Each step the proposer drafts k tokens, one target forward scores the last emitted token plus
+the k drafts (k+1 positions), the rejection sampler keeps a prefix and adds one token, and the
+target's KV cache is cut back to what was kept. With the null proposer (k = 0) the very same
+loop is plain autoregressive decoding.
+
+Cache invariant: the target cache holds every token of the sequence except the last one, which
+is always the first input of the next verify forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from serving.errors import IncompatibleDraftError, InvalidRequestError
+from serving.models import (
+    context_length,
+    forward,
+    load_causal_lm,
+    resolve_device,
+    resolve_dtype,
+    truncate_cache,
+    vocab_size,
+)
+from serving.proposers import DraftModelProposer, NgramProposer, NullProposer, Proposer
+from serving.sampling import SamplingParams, process_logits, rejection_sample
+from serving.stats import SpecStats
+
+ProposerName = Literal["draft", "ngram", "none"]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """New tokens only (a stop token that ended generation is included, as HF generate does)."""
+
+    token_ids: list[int]
+    stats: SpecStats
+    finish_reason: Literal["stop", "length"]
+
+
+class SpecEngine:
+    """Generates with a target model and a proposer; one request at a time (batch 1)."""
+
+    def __init__(self, target: PreTrainedModel, proposer: Proposer, num_speculative_tokens: int = 4):
+        if isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int):
+            raise ValueError(f"num_speculative_tokens must be an int, got {num_speculative_tokens!r}")
+        if num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens (k) must be >= 0, got {num_speculative_tokens}")
+        self.target = target
+        self.proposer = proposer
+        self.k = num_speculative_tokens
+        self.device = target.device
+        self.vocab_size = vocab_size(target)
+        self.max_length = context_length(target)
+        eos = target.generation_config.eos_token_id
+        self.default_stop_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        target: str,
+        draft: str | None = None,
+        proposer: ProposerName | None = None,
+        num_speculative_tokens: int = 4,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> SpecEngine:
+        """Load a target (local directory or hub id) and a proposer.
+
+        proposer defaults to "draft" when a draft is given and "none" otherwise.
+        """
+        proposer = proposer or ("draft" if draft is not None else "none")
+        if proposer not in ("draft", "ngram", "none"):
+            raise ValueError(f"proposer must be 'draft', 'ngram' or 'none', got {proposer!r}")
+        if (proposer == "draft") != (draft is not None):
+            raise ValueError("a draft model is needed by proposer='draft' and used by no other proposer")
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        target_model = load_causal_lm(target, device, dtype)
+        if proposer == "draft":
+            draft_model = load_causal_lm(draft, device, dtype)
+            if vocab_size(draft_model) != vocab_size(target_model):
+                raise IncompatibleDraftError(
+                    f"draft {draft!r} has a vocabulary of {vocab_size(draft_model)} tokens but target "
+                    f"{target!r} has {vocab_size(target_model)}; they must share one tokenizer"
+                )
+            chosen: Proposer = DraftModelProposer(draft_model)
+        else:
+            chosen = NgramProposer() if proposer == "ngram" else NullProposer()
+        return cls(target_model, chosen, num_speculative_tokens)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: Sequence[int] | torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_token_ids: Iterable[int] | None = None,
+    ) -> Generation:
+        """Generate up to max_new_tokens after prompt_ids.
+
+        stop_token_ids=None stops at the target's EOS token(s); pass [] to never stop early.
+        The output has the target's own distribution: token-identical to its greedy decoding
+        at temperature 0, and distributed as its processed p when sampling.
+        """
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+        prompt = self._check_prompt(prompt_ids, max_new_tokens)
+        stop_ids = self.default_stop_ids if stop_token_ids is None else frozenset(stop_token_ids)
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+
+        cache = DynamicCache(config=self.target.config)
+        if prompt.shape[0] > 1:
+            forward(self.target, prompt[:-1], cache, last_only=True)
+        draft_state = self.proposer.new_state()
+        sequence, output, stats = prompt, [], SpecStats()
+        while True:
+            remaining = max_new_tokens - len(output)
+            proposal = self.proposer.propose(
+                draft_state, sequence, min(self.k, remaining - 1), params, generator
+            )
+            drafted = proposal.tokens.shape[0]
+            logits = forward(self.target, torch.cat([sequence[-1:], proposal.tokens]), cache)  # [1+k, V]
+            verification = rejection_sample(
+                process_logits(logits, params).unsqueeze(0),  # [1, 1+k, V]
+                proposal.tokens.unsqueeze(0),
+                None if proposal.probs is None else proposal.probs.unsqueeze(0),
+                generator,
+            )
+            accepted = int(verification.num_accepted[0])
+            emitted = verification.tokens[0, : accepted + 1]
+            stats.record(drafted, accepted)
+            truncate_cache(cache, sequence.shape[0] + accepted)
+            sequence = torch.cat([sequence, emitted])
+            for token in emitted.tolist():
+                output.append(token)
+                if token in stop_ids:
+                    return Generation(output, stats, "stop")
+            if len(output) >= max_new_tokens:
+                return Generation(output, stats, "length")
+
+    def _check_prompt(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Validate a request's prompt and length; return the prompt as ids [L] on the device."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidRequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if isinstance(prompt_ids, torch.Tensor):
+            if prompt_ids.dim() != 1 or prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool:
+                raise InvalidRequestError("prompt_ids must be a 1-D tensor of integer token ids")
+            ids = prompt_ids.to(self.device, torch.long)
+        else:
+            values = list(prompt_ids)
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in values):
+                raise InvalidRequestError("prompt_ids must be a sequence of integer token ids")
+            ids = torch.tensor(values, dtype=torch.long, device=self.device)
+        if ids.shape[0] == 0:
+            raise InvalidRequestError("prompt_ids is empty; at least one token is needed")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+            raise InvalidRequestError(f"prompt_ids must lie in [0, {self.vocab_size}) for this model")
+        if self.max_length is not None and ids.shape[0] + max_new_tokens > self.max_length:
+            raise InvalidRequestError(
+                f"prompt ({ids.shape[0]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"model's context of {self.max_length} tokens"
+            )
+        return ids

@@ -1,0 +1,181 @@
+"""Proposers: where draft tokens come from. One `Proposer` protocol, three implementations.
+
+A proposer is shared by all requests (it holds weights); per-request state, such as a draft
+model's KV cache, lives in the object `new_state()` returns and is passed back on every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from serving.errors import IncompatibleDraftError
+from serving.models import context_length, forward, truncate_cache
+from serving.sampling import SamplingParams, process_logits, sample
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """Up to k drafted tokens.
+
+    tokens: [k'] drafted ids, k' <= k (a proposer may offer fewer, even none).
+    probs:  [k', V] q at each position after the request's sampling processing, or None when
+        the proposer is deterministic (q one-hot at each drafted token).
+    """
+
+    tokens: torch.Tensor
+    probs: torch.Tensor | None = None
+
+
+class Proposer(Protocol):
+    def new_state(self) -> Any:
+        """Fresh per-request state (None for stateless proposers)."""
+
+    def propose(
+        self,
+        state: Any,
+        token_ids: torch.Tensor,
+        k: int,
+        params: SamplingParams,
+        generator: torch.Generator,
+    ) -> Proposal:
+        """Draft up to k tokens to follow token_ids [L] (prompt plus output so far)."""
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Replace the proposer's weights (hot-swap); raise IncompatibleDraftError if they do not fit."""
+
+
+def _empty(device: torch.device) -> Proposal:
+    return Proposal(tokens=torch.empty(0, dtype=torch.long, device=device))
+
+
+def _refuse_weights(name: str, weights: Mapping[str, torch.Tensor]) -> None:
+    if weights:
+        raise IncompatibleDraftError(f"the {name} proposer has no weights; got {len(weights)} tensors")
+
+
+class NullProposer:
+    """Proposes nothing: the engine then decodes one token per step, plain autoregressively."""
+
+    def new_state(self) -> None:
+        return None
+
+    def propose(self, state, token_ids, k, params, generator) -> Proposal:
+        return _empty(token_ids.device)
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        _refuse_weights("null", weights)
+
+
+def ngram_lookup(token_ids: torch.Tensor, k: int, n_min: int, n_max: int) -> torch.Tensor:
+    """Prompt lookup: find the latest earlier occurrence of the last n tokens (longest n first,
+    n_max down to n_min) and return up to k tokens that followed it; empty when none matches."""
+    length = token_ids.shape[0]
+    for n in range(min(n_max, length - 1), n_min - 1, -1):
+        windows = token_ids[: length - 1].unfold(0, n, 1)  # [length - n, n]; each has a successor
+        hits = (windows == token_ids[length - n :]).all(-1).nonzero()
+        if hits.numel():
+            start = int(hits[-1]) + n
+            return token_ids[start : start + k]
+    return token_ids[:0]
+
+
+class NgramProposer:
+    """Drafts by copying what followed the latest earlier match of the current suffix."""
+
+    def __init__(self, n_min: int = 1, n_max: int = 3):
+        if not 1 <= n_min <= n_max:
+            raise ValueError(f"need 1 <= n_min <= n_max, got n_min={n_min}, n_max={n_max}")
+        self.n_min, self.n_max = n_min, n_max
+
+    def new_state(self) -> None:
+        return None
+
+    def propose(self, state, token_ids, k, params, generator) -> Proposal:
+        if k <= 0:
+            return _empty(token_ids.device)
+        return Proposal(tokens=ngram_lookup(token_ids, k, self.n_min, self.n_max))
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        _refuse_weights("n-gram", weights)
+
+
+@dataclass
+class DraftState:
+    """A draft model's KV cache for one request and the token ids it holds."""
+
+    cache: DynamicCache
+    cached_ids: torch.Tensor  # [n] ids whose keys and values the cache holds
+
+
+def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
+    n = min(a.shape[0], b.shape[0])
+    mismatches = (a[:n] != b[:n]).nonzero()
+    return int(mismatches[0]) if mismatches.numel() else n
+
+
+class DraftModelProposer:
+    """A small causal LM with the target's vocabulary drafts k tokens autoregressively.
+
+    Its cache is reconciled with the sequence at each call: it keeps the longest prefix it
+    shares with token_ids and runs the rest. That covers partial acceptance (drop rejected
+    drafts) and full acceptance (the last draft and the bonus token were never run) alike.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.max_length = context_length(model)
+
+    def new_state(self) -> DraftState:
+        device = self.model.device
+        return DraftState(
+            cache=DynamicCache(config=self.model.config),
+            cached_ids=torch.empty(0, dtype=torch.long, device=device),
+        )
+
+    @torch.inference_mode()
+    def propose(self, state: DraftState, token_ids, k, params, generator) -> Proposal:
+        length = token_ids.shape[0]
+        if self.max_length is not None:  # the last draft sits at position length + k - 2
+            k = min(k, self.max_length - length + 1)
+        if k <= 0:
+            return _empty(token_ids.device)
+        keep = min(common_prefix_length(state.cached_ids, token_ids), length - 1)
+        truncate_cache(state.cache, keep)
+        inputs = token_ids[keep:]
+        tokens, probs = [], []
+        for _ in range(k):
+            logits = forward(self.model, inputs, state.cache, last_only=True)[0]  # [V]
+            q = process_logits(logits, params)  # [V]
+            token = sample(q, generator).view(1)
+            tokens.append(token)
+            probs.append(q)
+            inputs = token
+        drafted = torch.cat(tokens)  # [k]
+        state.cached_ids = torch.cat([token_ids, drafted[:-1]])
+        return Proposal(tokens=drafted, probs=torch.stack(probs))
+
+    @torch.no_grad()
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        current = self.model.state_dict()
+        unknown = sorted(set(weights) - set(current))
+        if unknown:
+            raise IncompatibleDraftError(f"weights name tensors the draft does not have: {unknown[:5]}")
+        wrong = [
+            f"{name}: {tuple(t.shape)} != {tuple(current[name].shape)}"
+            for name, t in weights.items()
+            if t.shape != current[name].shape
+        ]
+        if wrong:
+            raise IncompatibleDraftError(
+                f"weights do not fit the draft (vocabulary or size differs): {wrong[:5]}"
+            )
+        given_storage = {current[name].data_ptr() for name in weights}
+        missing = sorted(n for n in set(current) - set(weights) if current[n].data_ptr() not in given_storage)
+        if missing:  # tied tensors (shared storage) may be given once
+            raise IncompatibleDraftError(f"weights lack tensors the draft needs: {missing[:5]}")
+        self.model.load_state_dict(dict(weights), strict=False)

@@ -1,0 +1,123 @@
+"""Sampling: request sampling parameters, logit processing and the rejection sampler.
+
+Notation, fixed here for the whole project: p is the target's distribution, q the draft's,
+k the number of drafted tokens in one step, V the vocabulary size. Every function is pure:
+no models, caches or globals; randomness comes only from the `torch.Generator` passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from serving.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to turn logits into a distribution. temperature 0 means greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:  # also rejects NaN
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Logits [..., V] -> probabilities [..., V] after temperature, top-k, then top-p (HF's order).
+
+    Greedy returns a one-hot at the argmax, so greedy decoding is the argmax special case of
+    sampling and the rejection sampler needs no separate path for it.
+    """
+    logits = logits.float()
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]  # [..., 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # [..., V]
+        drop_sorted = mass_before >= params.top_p  # the top token always has mass_before == 0
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Draw one token per row from (unnormalised, non-negative) weights [..., V] -> ids [...]."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Outcome of verifying a batch of proposals.
+
+    tokens: [B, k+1] emitted tokens per row, the accepted draft tokens then one recovered or
+        bonus token, padded with -1 after it.
+    num_accepted: [B] accepted draft tokens per row (0..k); each row emits num_accepted + 1 tokens.
+    """
+
+    tokens: torch.Tensor
+    num_accepted: torch.Tensor
+
+
+def rejection_sample(
+    target_probs: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    generator: torch.Generator,
+) -> Verification:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023), batched over rows.
+
+    target_probs: [B, k+1, V] p at each drafted position plus the bonus position.
+    draft_tokens: [B, k] the drafted tokens x_1..x_k.
+    draft_probs:  [B, k, V] q at each drafted position, or None for a deterministic proposer
+        (q is then one-hot at the drafted token, as for n-gram lookup).
+
+    Draft token x_i is accepted with probability min(1, p_i(x_i) / q_i(x_i)). At the first
+    rejection a token is drawn from norm(max(0, p_i - q_i)); when all k are accepted a bonus
+    token is drawn from p_{k+1}. Each emitted token is then distributed exactly as p, whatever q
+    is, provided p and q were processed (temperature, top-k, top-p) identically.
+    """
+    batch, k_plus_1, vocab = target_probs.shape
+    k = k_plus_1 - 1
+    rows = torch.arange(batch, device=target_probs.device)
+    if draft_probs is None:
+        draft_probs = torch.nn.functional.one_hot(draft_tokens, vocab).to(target_probs.dtype)  # [B, k, V]
+
+    p_drafted = target_probs[:, :k].gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)  # [B, k]
+    q_drafted = draft_probs.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)  # [B, k]
+    uniform = torch.rand(batch, k, generator=generator, device=target_probs.device)  # [B, k]
+    accepted = uniform * q_drafted < p_drafted  # u < p/q without dividing by q
+    num_accepted = accepted.to(torch.int64).cumprod(-1).sum(-1)  # [B] leading accepts
+
+    # q is zero at the bonus position, so one residual covers recovery and bonus alike.
+    q_padded = torch.cat([draft_probs, draft_probs.new_zeros(batch, 1, vocab)], dim=1)  # [B, k+1, V]
+    p_next = target_probs[rows, num_accepted]  # [B, V]
+    residual = (p_next - q_padded[rows, num_accepted]).clamp_min(0.0)  # [B, V]
+    # p == q up to rounding leaves no residual mass; p itself is then the exact fallback.
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+    next_token = sample(residual, generator)  # [B]
+
+    positions = torch.arange(k_plus_1, device=target_probs.device)  # [k+1]
+    tokens = torch.cat([draft_tokens, draft_tokens.new_full((batch, 1), -1)], dim=1)  # [B, k+1]
+    tokens = tokens.masked_fill(positions >= num_accepted.unsqueeze(-1), -1)
+    tokens[rows, num_accepted] = next_token
+    return Verification(tokens=tokens, num_accepted=num_accepted)

@@ -1,0 +1,50 @@
+"""Per-request speculative decoding statistics, in the terms DESIGN.md defines.
+
+step: one target forward that verifies a proposal of k tokens (k may be 0: plain decoding).
+acceptance rate: accepted / drafted. mean accepted length: (accepted + steps) / steps.
+Counts are what verification decided, before output is cut at a stop token or the length limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SpecStats:
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    drafted_per_position: list[int] = field(default_factory=list)  # index i: draft position i+1
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """Account one step that verified `drafted` tokens and accepted the first `accepted`."""
+        if not 0 <= accepted <= drafted:
+            raise ValueError(f"accepted ({accepted}) must be within 0..drafted ({drafted})")
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        grow = drafted - len(self.drafted_per_position)
+        if grow > 0:
+            self.drafted_per_position.extend([0] * grow)
+            self.accepted_per_position.extend([0] * grow)
+        for i in range(drafted):
+            self.drafted_per_position[i] += 1
+            self.accepted_per_position[i] += int(i < accepted)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """alpha = accepted / drafted (0.0 when nothing was drafted)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """tau = (accepted + steps) / steps: tokens emitted per target forward (0.0 before any step)."""
+        return (self.accepted + self.steps) / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        """Rate at which draft position i (1..k) was accepted when drafted."""
+        pairs = zip(self.accepted_per_position, self.drafted_per_position, strict=True)
+        return [a / d if d else 0.0 for a, d in pairs]

@@ -1,0 +1,38 @@
+"""Shared fixtures. Every test model is built with from_config and saved to disk, so tests load
+it through the real loading path (a local directory)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: fail fast instead of retrying a hub
+
+import pytest
+import torch
+from transformers.utils import logging as hf_logging
+
+from tiny_models import ARCHS, build, perturbed
+
+hf_logging.disable_progress_bar()
+torch.set_num_threads(1)  # tiny models: one thread beats two on this 2-core machine
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """Per architecture: target, a near draft (perturbed target), a small independent draft."""
+    root = tmp_path_factory.mktemp("models")
+    dirs: dict[str, dict[str, Path]] = {}
+    for i, arch in enumerate(ARCHS):
+        target = build(arch, layers=2, hidden=64, seed=10 + i)
+        models = {
+            "target": target,
+            "near": perturbed(target, 0.5, seed=20 + i),
+            "small": build(arch, 1, 32, 30 + i),
+        }
+        dirs[arch] = {}
+        for name, model in models.items():
+            path = root / f"{arch}-{name}"
+            model.save_pretrained(path)
+            dirs[arch][name] = path
+    return dirs

@@ -1,0 +1,76 @@
+"""End to end: sampled output of the engine has the target's distribution, whatever the draft."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serving.engine import SpecEngine
+from serving.proposers import DraftModelProposer, NgramProposer
+from serving.sampling import SamplingParams, process_logits
+from tiny_models import build
+
+VOCAB = 8
+SAMPLES = 5_000
+PROMPT = [3, 1, 4, 1, 5]
+
+
+def joint_first_two(model, params: SamplingParams) -> torch.Tensor:
+    """Exact distribution of the first two generated tokens under `params`: [V, V]."""
+    with torch.no_grad():
+        first = process_logits(model(torch.tensor([PROMPT])).logits[0, -1], params)  # [V]
+        contexts = torch.tensor([PROMPT + [t] for t in range(VOCAB)])  # [V, L+1]
+        second = process_logits(model(contexts).logits[:, -1], params)  # [V, V]
+    return (first[:, None] * second).double()
+
+
+def empirical_first_two(engine: SpecEngine, params: SamplingParams) -> torch.Tensor:
+    counts = torch.zeros(VOCAB, VOCAB, dtype=torch.float64)
+    for seed in range(SAMPLES):
+        out = engine.generate(
+            PROMPT,
+            2,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=seed,
+            stop_token_ids=[],
+        ).token_ids
+        counts[out[0], out[1]] += 1
+    return counts / SAMPLES
+
+
+@pytest.fixture(scope="module")
+def pair():
+    # A larger init than usual gives peaked, clearly different distributions (acceptance ~0.4 at T=1).
+    return tuple(build("llama", 1, 32, seed=seed, vocab=VOCAB, init_std=0.15) for seed in (1, 2))
+
+
+def tv(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 0.5 * float((a - b).abs().sum())
+
+
+def noise_bound(expected: torch.Tensor) -> float:
+    """Three times the expected TV between `expected` and an empirical histogram of SAMPLES draws."""
+    return 3 * 0.5 * float((2 * expected * (1 - expected) / (torch.pi * SAMPLES)).sqrt().sum())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "proposer,params",
+    [
+        ("draft", SamplingParams(1.0)),
+        ("draft", SamplingParams(0.8, top_p=0.9, top_k=5)),
+        ("ngram", SamplingParams(1.2, top_p=0.95)),
+    ],
+    ids=str,
+)
+def test_first_two_tokens_follow_target(pair, proposer, params):
+    target, draft = pair
+    chosen = DraftModelProposer(draft) if proposer == "draft" else NgramProposer()
+    engine = SpecEngine(target, chosen, num_speculative_tokens=3)
+    expected = joint_first_two(target, params)
+    observed = empirical_first_two(engine, params)
+    assert tv(observed, expected) < noise_bound(expected)
+    if proposer == "draft":  # the test can fail: the draft's own distribution is far from the target's
+        assert tv(joint_first_two(draft, params), expected) > 5 * noise_bound(expected)
