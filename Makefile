@@ -5,11 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: demo test lint clean
+.PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	# CPU build of torch (its wheel lies on disk here); a bare `torch` would pull a CUDA build of several GB.
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -19,10 +18,11 @@ demo: $(STAMP)
 	$(BIN)/osd demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
-	$(BIN)/ruff check .
+bench: $(STAMP)
+	$(BIN)/osd bench engine --json benchmarks/results/engine_micro_cpu.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
