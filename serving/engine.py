@@ -114,7 +114,13 @@ class SpecEngine:
         """
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
         prompt = self._check_prompt(prompt_ids, max_new_tokens)
-        stop_ids = self.default_stop_ids if stop_token_ids is None else frozenset(stop_token_ids)
+        stop_ids = (
+            self.default_stop_ids
+            if stop_token_ids is None
+            else frozenset(_ids(stop_token_ids, "stop_token_ids"))
+        )
+        if seed is not None and not _is_int(seed):
+            raise InvalidRequestError(f"seed must be an integer or None, got {seed!r}")
         generator = torch.Generator(device=self.device)
         if seed is None:
             generator.seed()
@@ -153,17 +159,14 @@ class SpecEngine:
 
     def _check_prompt(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Validate a request's prompt and length; return the prompt as ids [L] on the device."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not _is_int(max_new_tokens) or max_new_tokens < 1:
             raise InvalidRequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if isinstance(prompt_ids, torch.Tensor):
             if prompt_ids.dim() != 1 or prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool:
                 raise InvalidRequestError("prompt_ids must be a 1-D tensor of integer token ids")
             ids = prompt_ids.to(self.device, torch.long)
         else:
-            values = list(prompt_ids)
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in values):
-                raise InvalidRequestError("prompt_ids must be a sequence of integer token ids")
-            ids = torch.tensor(values, dtype=torch.long, device=self.device)
+            ids = torch.tensor(_ids(prompt_ids, "prompt_ids"), dtype=torch.long, device=self.device)
         if ids.shape[0] == 0:
             raise InvalidRequestError("prompt_ids is empty; at least one token is needed")
         if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
@@ -174,3 +177,18 @@ class SpecEngine:
                 f"model's context of {self.max_length} tokens"
             )
         return ids
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ids(values: Iterable[int], what: str) -> list[int]:
+    """The values as a list of ints, or an InvalidRequestError naming `what`."""
+    try:
+        ids = list(values)
+    except TypeError:
+        raise InvalidRequestError(f"{what} must be a sequence of integer token ids") from None
+    if not all(_is_int(t) for t in ids):
+        raise InvalidRequestError(f"{what} must be a sequence of integer token ids")
+    return ids

@@ -84,6 +84,10 @@ def test_bad_k(engine, k):
         ([1, 2], {"top_p": 0.0}, "top_p"),
         ([1, 2], {"top_p": 1.01}, "top_p"),
         ([1, 2], {"top_k": -3}, "top_k"),
+        ([1, 2], {"seed": 1.5}, "seed"),
+        ([1, 2], {"stop_token_ids": 2}, "stop_token_ids"),
+        ([1, 2], {"stop_token_ids": ["</s>"]}, "stop_token_ids"),
+        (5, {}, "prompt_ids"),
     ],
 )
 def test_bad_requests(engine, prompt, kwargs, match):
