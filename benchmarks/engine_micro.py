@@ -1,9 +1,21 @@
-"""Engine micro-benchmark: tokens/s of plain decoding vs speculative decoding for one target/draft pair.
+"""Engine micro-benchmark: our engine against Hugging Face generate, side by side, on one pair.
 
-Every configuration runs the same prompts in one process, so the ratios are side by side.
+One process, one set of prompts, the same number of new tokens (no early stop) for every method:
+- ours: AR (the null proposer), speculative decoding with the draft and with n-gram lookup, at each k;
+- HF: `generate` (AR), and assisted generation with the same draft at the same k. Its candidate
+  generator is held at exactly k (constant schedule, no confidence early exit), checked every step.
+
+Methods are timed --repeats times, interleaved so that drifting load hits them alike; tokens/s is
+the median. The run is greedy first, where every method's output must be token-identical, then
+sampled at --temperature (seeded; outputs are not compared). Each row has α, τ, the cost ratio c
+(a draft decoding step over a target decoding step, both timed with our engine; 0 for n-gram
+lookup) and DESIGN.md's bound S(α, k, c). HF assisted generation's α and τ are observed from
+outside: a forward pre-hook on the target counts the tokens each step verifies and a streamer
+counts the tokens each step emits.
+
 Without --target, a random-weight pair is built (target 4L-256d, draft 1L-128d, DESIGN.md's CPU
-anchors): its draft agrees with the target only by chance, so it measures the engine's overhead,
-not a useful speedup. Trained pairs come with the demo world.
+anchors): its draft agrees with the target only by chance (α ≈ 0), so its draft rows measure
+overhead, not a useful speedup. Trained pairs come with the demo world.
 
     python -m benchmarks.engine_micro --json benchmarks/results/engine_micro_cpu.json
 """
@@ -13,8 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,25 +36,46 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
 from serving.engine import SpecEngine
 from serving.models import resolve_device, resolve_dtype
 from serving.proposers import DraftModelProposer, NgramProposer, NullProposer, Proposer
 
+Sample = tuple[list[int], int, int, int]  # new token ids, drafted, accepted, steps
+Generate = Callable[[list[int], int, int], Sample]  # (prompt, max_new_tokens, seed) -> Sample
+
+
+@dataclass(frozen=True)
+class Method:
+    engine: str  # "ours" or "hf"
+    proposer: str  # "none" (AR), "ngram" or "draft"
+    k: int
+    generate: Generate
+    model: str = "target"  # "draft" only for timing the draft alone, for c
+
+    @property
+    def label(self) -> str:
+        return f"{self.engine} {self.proposer} k={self.k} on the {self.model}"
+
 
 @dataclass(frozen=True)
 class Row:
+    decoding: str  # "greedy" or "sampled"
+    engine: str
     proposer: str
     k: int
-    tokens: int
-    seconds: float
-    tokens_per_s: float
-    speedup_vs_ar: float
-    acceptance_rate: float
-    mean_accepted_length: float
-    modelled_speedup: float | None  # DESIGN.md's S(alpha, k, c); None where c does not apply
+    tokens: int  # new tokens per repeat, over all prompts
+    tokens_per_s: float  # median over repeats
+    tokens_per_s_repeats: list[float]
+    speedup_vs_ar: float  # over the same engine's AR row
+    acceptance_rate: float | None  # alpha; None where nothing is drafted (AR)
+    mean_accepted_length: float  # tau
+    cost_ratio_c: float | None  # c; None for AR, 0 for n-gram lookup
+    modelled_speedup: float  # DESIGN.md's S(alpha, k, c); 1 for AR
+    fraction_of_model: float  # speedup_vs_ar / modelled_speedup
 
 
 def modelled_speedup(alpha: float, k: int, c: float) -> float:
@@ -70,26 +105,166 @@ def build_random_pair(directory: Path, vocab: int = 4096) -> tuple[Path, Path]:
     return save("target", 4, 256, 0), save("draft", 1, 128, 1)
 
 
-def time_engine(
-    engine: SpecEngine, prompts: list[list[int]], max_new_tokens: int
-) -> tuple[int, float, float, float]:
-    """Greedy-generate every prompt; return tokens, seconds, acceptance rate, mean accepted length."""
-    engine.generate(prompts[0], 4, stop_token_ids=[])  # warm-up
-    tokens, drafted, accepted, steps = 0, 0, 0, 0
-    start = time.perf_counter()
-    for prompt in prompts:
-        out = engine.generate(prompt, max_new_tokens, stop_token_ids=[])
-        tokens += len(out.token_ids)
-        drafted, accepted, steps = (
-            drafted + out.stats.drafted,
-            accepted + out.stats.accepted,
-            steps + out.stats.steps,
+def ours(model: PreTrainedModel, proposer: Proposer, k: int, temperature: float) -> Generate:
+    engine = SpecEngine(model, proposer, k)
+
+    def generate(prompt: list[int], max_new_tokens: int, seed: int) -> Sample:
+        out = engine.generate(prompt, max_new_tokens, temperature=temperature, seed=seed, stop_token_ids=[])
+        return out.token_ids, out.stats.drafted, out.stats.accepted, out.stats.steps
+
+    return generate
+
+
+class AssistedSteps(BaseStreamer):
+    """What one HF assisted `generate` call did, per step: the tokens each target forward took in
+    (a forward pre-hook) and the tokens each step emitted (a streamer; the prompt comes first)."""
+
+    def __init__(self) -> None:
+        self.verified: list[int] = []
+        self.emitted: list[int] = []
+
+    def before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.verified.append(kwargs["input_ids"].shape[1])
+
+    def put(self, value: torch.Tensor) -> None:
+        self.emitted.append(value.numel())
+
+    def end(self) -> None:
+        pass
+
+
+def hf(target: PreTrainedModel, draft: PreTrainedModel | None, k: int, temperature: float) -> Generate:
+    """HF generate (draft None) or assisted generation drafting exactly k tokens per step."""
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        if temperature
+        else {"do_sample": False}
+    )
+
+    def generate(prompt: list[int], max_new_tokens: int, seed: int) -> Sample:
+        torch.manual_seed(seed)
+        ids = torch.tensor([prompt], device=target.device)
+        kwargs = {
+            "attention_mask": torch.ones_like(ids),
+            "max_new_tokens": max_new_tokens,
+            "eos_token_id": [],  # never stop early, as stop_token_ids=[] for our engine
+            "pad_token_id": 0,
+            **sampling,
+        }
+        if draft is None:
+            out = target.generate(ids, **kwargs)[0, len(prompt) :].tolist()
+            return out, 0, 0, len(out)
+        draft.generation_config.update(
+            num_assistant_tokens=k,
+            num_assistant_tokens_schedule="constant",
+            assistant_confidence_threshold=0.0,
         )
-    seconds = time.perf_counter() - start
-    return tokens, seconds, accepted / drafted if drafted else 0.0, (accepted + steps) / steps
+        steps = AssistedSteps()
+        hook = target.register_forward_pre_hook(steps.before_forward, with_kwargs=True)
+        try:
+            out = target.generate(ids, assistant_model=draft, streamer=steps, **kwargs)[0, len(prompt) :]
+        finally:
+            hook.remove()
+        # The first forward also prefills the prompt; later ones take the last token plus the drafts.
+        drafted = [steps.verified[0] - len(prompt)] + [n - 1 for n in steps.verified[1:]]
+        emitted = steps.emitted[1:]
+        done = 0
+        for step_drafted, step_emitted in zip(drafted, emitted, strict=True):
+            if step_drafted != min(k, max_new_tokens - done - 1):  # what our engine drafts
+                raise RuntimeError(f"HF assisted generation drafted {step_drafted} tokens, not k={k}")
+            done += step_emitted
+        return out.tolist(), sum(drafted), done - len(emitted), len(emitted)
+
+    return generate
 
 
-def run(args: argparse.Namespace) -> dict:
+def methods(target: PreTrainedModel, draft: PreTrainedModel | None, ks: list[int], temperature: float):
+    """Every method compared, for one decoding mode."""
+    found = [Method("ours", "none", 0, ours(target, NullProposer(), 0, temperature))]
+    found += [Method("ours", "ngram", k, ours(target, NgramProposer(), k, temperature)) for k in ks]
+    found.append(Method("hf", "none", 0, hf(target, None, 0, temperature)))
+    if draft is not None:
+        found += [
+            Method("ours", "draft", k, ours(target, DraftModelProposer(draft), k, temperature)) for k in ks
+        ]
+        found += [Method("hf", "draft", k, hf(target, draft, k, temperature)) for k in ks]
+    return found
+
+
+def measure(
+    chosen: list[Method],
+    prompts: list[list[int]],
+    seeds: list[int],
+    max_new_tokens: int,
+    repeats: int,
+    advance: Callable[[str], None],
+) -> dict[str, tuple[list[float], list[Sample]]]:
+    """Seconds of each repeat and the samples of the last one, per method label."""
+    for method in chosen:  # warm-up
+        method.generate(prompts[0], min(4, max_new_tokens), seeds[0])
+    seconds: dict[str, list[float]] = {m.label: [] for m in chosen}
+    samples: dict[str, list[Sample]] = {}
+    for _ in range(repeats):
+        for method in chosen:
+            advance(method.label)
+            start = time.perf_counter()
+            samples[method.label] = [
+                method.generate(p, max_new_tokens, s) for p, s in zip(prompts, seeds, strict=True)
+            ]
+            seconds[method.label].append(time.perf_counter() - start)
+    return {label: (seconds[label], samples[label]) for label in seconds}
+
+
+def make_rows(decoding: str, chosen: list[Method], results: dict, tokens: int, c: float | None) -> list[Row]:
+    tokens_per_s = {m.label: [tokens / s for s in results[m.label][0]] for m in chosen}
+    ar = {m.engine: statistics.median(tokens_per_s[m.label]) for m in chosen if m.k == 0}
+    rows = []
+    for m in chosen:
+        drafted, accepted, steps = (sum(sample[i] for sample in results[m.label][1]) for i in (1, 2, 3))
+        alpha = None if m.k == 0 else accepted / drafted if drafted else 0.0
+        cost = None if m.k == 0 else 0.0 if m.proposer == "ngram" else c
+        bound = 1.0 if m.k == 0 else modelled_speedup(alpha, m.k, cost)
+        median = statistics.median(tokens_per_s[m.label])
+        rows.append(
+            Row(
+                decoding=decoding,
+                engine=m.engine,
+                proposer=m.proposer,
+                k=m.k,
+                tokens=tokens,
+                tokens_per_s=round(median, 1),
+                tokens_per_s_repeats=[round(t, 1) for t in tokens_per_s[m.label]],
+                speedup_vs_ar=round(median / ar[m.engine], 3),
+                acceptance_rate=None if alpha is None else round(alpha, 4),
+                mean_accepted_length=round((accepted + steps) / steps, 3),
+                cost_ratio_c=None if cost is None else round(cost, 4),
+                modelled_speedup=round(bound, 3),
+                fraction_of_model=round(median / ar[m.engine] / bound, 3),
+            )
+        )
+    return rows
+
+
+def comparisons(rows: list[Row], ks: list[int]) -> tuple[dict, dict]:
+    """Ours over HF: draft vs assisted at each k; AR, and our best speculative row, vs generate."""
+    tps = {(r.engine, r.proposer, r.k): r.tokens_per_s for r in rows}
+    vs_assisted = {
+        str(k): round(tps["ours", "draft", k] / tps["hf", "draft", k], 3)
+        for k in ks
+        if ("hf", "draft", k) in tps
+    }
+    spec = [r for r in rows if r.engine == "ours" and r.k > 0]
+    best = max(spec, key=lambda r: r.tokens_per_s)
+    vs_generate = {
+        "ar": round(tps["ours", "none", 0] / tps["hf", "none", 0], 3),
+        "best_spec": round(best.tokens_per_s / tps["hf", "none", 0], 3),
+        "best_spec_method": f"{best.proposer} k={best.k}",
+    }
+    return vs_assisted, vs_generate
+
+
+def run(args: argparse.Namespace, prompts: list[list[int]] | None = None) -> dict:
+    """Benchmark on `prompts` (token ids), or on --prompts random prompts of --prompt-len tokens."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -98,46 +273,40 @@ def run(args: argparse.Namespace) -> dict:
         target_dir, draft_dir = (args.target, args.draft) if args.target else build_random_pair(Path(tmp))
         base = SpecEngine.from_pretrained(target_dir, draft=draft_dir, device=device, dtype=dtype)
     target, draft = base.target, base.proposer.model if draft_dir else None
-    gen = torch.Generator().manual_seed(args.seed)
-    prompts = [
-        torch.randint(0, base.vocab_size, (args.prompt_len,), generator=gen).tolist()
-        for _ in range(args.prompts)
-    ]
+    if prompts is None:
+        gen = torch.Generator().manual_seed(args.seed)
+        prompts = [
+            torch.randint(0, base.vocab_size, (args.prompt_len,), generator=gen).tolist()
+            for _ in range(args.prompts)
+        ]
+    seeds = [args.seed + i for i in range(len(prompts))]
+    tokens = len(prompts) * args.max_new_tokens
+    decodings = {"greedy": 0.0} | ({"sampled": args.temperature} if args.temperature > 0 else {})
+    chosen = {name: methods(target, draft, args.k, t) for name, t in decodings.items()}
+    # c: a draft decoding step over a target decoding step, both with our engine (greedy only).
+    draft_ar = [Method("ours", "none", 0, ours(draft, NullProposer(), 0, 0.0), "draft")] if draft else []
+    chosen["greedy"] += draft_ar
 
-    configs: list[tuple[str, int, Proposer]] = [("none", 0, NullProposer())]
-    configs += [("ngram", k, NgramProposer()) for k in args.k]
-    if draft is not None:
-        configs += [("draft", k, DraftModelProposer(draft)) for k in args.k]
-
-    results, c = [], None
+    results = {}
     with Progress(console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("benchmark", total=len(configs) + (draft is not None))
-        if draft is not None:  # c: a draft decoding step over a target decoding step
-            _, draft_s, _, _ = time_engine(SpecEngine(draft, NullProposer(), 0), prompts, args.max_new_tokens)
-            progress.advance(task)
-        ar_seconds = None
-        for name, k, proposer in configs:
-            progress.update(task, description=f"{name} k={k}")
-            tokens, seconds, alpha, tau = time_engine(
-                SpecEngine(target, proposer, k), prompts, args.max_new_tokens
-            )
-            if name == "none":
-                ar_seconds = seconds
-                c = draft_s / seconds if draft is not None else None
-            results.append(
-                Row(
-                    proposer=name,
-                    k=k,
-                    tokens=tokens,
-                    seconds=round(seconds, 4),
-                    tokens_per_s=round(tokens / seconds, 1),
-                    speedup_vs_ar=round(ar_seconds / seconds, 3),
-                    acceptance_rate=round(alpha, 4),
-                    mean_accepted_length=round(tau, 3),
-                    modelled_speedup=round(modelled_speedup(alpha, k, c), 3) if name == "draft" else None,
-                )
-            )
-            progress.advance(task)
+        task = progress.add_task("benchmark", total=args.repeats * sum(map(len, chosen.values())))
+        for name, group in chosen.items():
+
+            def advance(label: str, name: str = name) -> None:
+                progress.update(task, advance=1, description=f"{name}: {label}")
+
+            results[name] = measure(group, prompts, seeds, args.max_new_tokens, args.repeats, advance)
+
+    c = None
+    if draft is not None:
+        ar_label, draft_label = chosen["greedy"][0].label, draft_ar[0].label
+        c = statistics.median(results["greedy"][draft_label][0]) / statistics.median(
+            results["greedy"][ar_label][0]
+        )
+        chosen["greedy"].remove(draft_ar[0])
+    rows = [row for name in decodings for row in make_rows(name, chosen[name], results[name], tokens, c)]
+    greedy_outputs = [results["greedy"][m.label][1] for m in chosen["greedy"]]
+    vs = {name: comparisons([r for r in rows if r.decoding == name], args.k) for name in decodings}
     return {
         "benchmark": "engine_micro",
         "machine": {
@@ -149,42 +318,58 @@ def run(args: argparse.Namespace) -> dict:
         "target": str(args.target or "random 4L-256d Llama"),
         "draft": str(args.draft or "random 1L-128d Llama") if draft is not None else None,
         "dtype": str(dtype).removeprefix("torch."),
-        "prompts": args.prompts,
-        "prompt_len": args.prompt_len,
+        "prompts": len(prompts),
+        "prompt_len": round(statistics.mean(map(len, prompts)), 1),
         "max_new_tokens": args.max_new_tokens,
-        "decoding": "greedy",
+        "repeats": args.repeats,
+        "temperature": args.temperature,
+        "seed": args.seed,
         "draft_cost_ratio_c": None if c is None else round(c, 4),
-        "rows": [asdict(r) for r in results],
+        "outputs_identical": all(
+            [s[0] for s in out] == [s[0] for s in greedy_outputs[0]] for out in greedy_outputs
+        ),
+        "speedup_vs_hf_assisted": {name: vs[name][0] for name in decodings},
+        "speedup_vs_hf_generate": {name: vs[name][1] for name in decodings},
+        "rows": [asdict(r) for r in rows],
     }
 
 
+def _number(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def print_table(report: dict, console: Console) -> None:
-    title = (
-        f"engine micro-benchmark: {report['target']} / {report['draft']}, c={report['draft_cost_ratio_c']}"
-    )
-    table = Table(title=title)
-    for column in (
-        "proposer",
-        "k",
-        "tokens/s",
-        "speedup vs AR",
-        "acceptance α",
-        "mean accepted τ",
-        "model S(α,k,c)",
-    ):
-        table.add_column(column, justify="right")
-    for row in report["rows"]:
-        modelled = "" if row["modelled_speedup"] is None else f"{row['modelled_speedup']:.2f}"
-        table.add_row(
-            row["proposer"],
-            str(row["k"]),
-            f"{row['tokens_per_s']:.0f}",
-            f"{row['speedup_vs_ar']:.2f}",
-            f"{row['acceptance_rate']:.2f}",
-            f"{row['mean_accepted_length']:.2f}",
-            modelled,
+    names = {("ours", "none"): "ours AR", ("ours", "ngram"): "ours n-gram", ("ours", "draft"): "ours draft"}
+    names |= {("hf", "none"): "HF generate", ("hf", "draft"): "HF assisted"}
+    for decoding in report["speedup_vs_hf_generate"]:
+        title = f"{decoding}: {report['target']} / {report['draft']}, c={report['draft_cost_ratio_c']}"
+        table = Table(title=title)
+        for column in ("method", "k", "tokens/s", "vs AR", "α", "τ", "c", "S(α,k,c)", "vs S"):
+            table.add_column(column, justify="right")
+        for row in report["rows"]:
+            if row["decoding"] == decoding:
+                table.add_row(
+                    names[row["engine"], row["proposer"]],
+                    str(row["k"]),
+                    f"{row['tokens_per_s']:.0f}",
+                    _number(row["speedup_vs_ar"]),
+                    _number(row["acceptance_rate"]),
+                    _number(row["mean_accepted_length"]),
+                    _number(row["cost_ratio_c"]),
+                    _number(row["modelled_speedup"]),
+                    _number(row["fraction_of_model"]),
+                )
+        console.print(table)
+        assisted = ", ".join(
+            f"k={k}: {v:.2f}×" for k, v in report["speedup_vs_hf_assisted"][decoding].items()
         )
-    console.print(table)
+        generate = report["speedup_vs_hf_generate"][decoding]
+        console.print(
+            f"ours / HF: draft vs assisted {assisted or '–'}; AR vs generate {generate['ar']:.2f}×; "
+            f"best spec ({generate['best_spec_method']}) vs generate {generate['best_spec']:.2f}×"
+        )
+    identical = report["outputs_identical"]
+    console.print(f"greedy outputs identical across all methods: {'yes' if identical else '[red]NO[/red]'}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -195,6 +380,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per method; tokens/s is the median")
+    p.add_argument("--temperature", type=float, default=0.7, help="temperature of the sampled run")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: by device)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

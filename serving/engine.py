@@ -131,14 +131,17 @@ class SpecEngine:
         if prompt.shape[0] > 1:
             forward(self.target, prompt[:-1], cache, last_only=True)
         draft_state = self.proposer.new_state()
-        sequence, output, stats = prompt, [], SpecStats()
+        # The sequence lives in one buffer: tokens[:length] is emitted, drafts go right after it.
+        tokens = torch.cat([prompt, prompt.new_empty(max_new_tokens)])  # [L + max_new_tokens]
+        length, output, stats = prompt.shape[0], [], SpecStats()
         while True:
             remaining = max_new_tokens - len(output)
             proposal = self.proposer.propose(
-                draft_state, sequence, min(self.k, remaining - 1), params, generator
+                draft_state, tokens[:length], min(self.k, remaining - 1), params, generator
             )
             drafted = proposal.tokens.shape[0]
-            logits = forward(self.target, torch.cat([sequence[-1:], proposal.tokens]), cache)  # [1+k, V]
+            tokens[length : length + drafted] = proposal.tokens
+            logits = forward(self.target, tokens[length - 1 : length + drafted], cache)  # [1+k, V]
             verification = rejection_sample(
                 process_logits(logits, params).unsqueeze(0),  # [1, 1+k, V]
                 proposal.tokens.unsqueeze(0),
@@ -148,8 +151,9 @@ class SpecEngine:
             accepted = int(verification.num_accepted[0])
             emitted = verification.tokens[0, : accepted + 1]
             stats.record(drafted, accepted)
-            truncate_cache(cache, sequence.shape[0] + accepted)
-            sequence = torch.cat([sequence, emitted])
+            truncate_cache(cache, length + accepted)
+            tokens[length : length + accepted + 1] = emitted
+            length += accepted + 1
             for token in emitted.tolist():
                 output.append(token)
                 if token in stop_ids:

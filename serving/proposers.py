@@ -149,15 +149,16 @@ class DraftModelProposer:
         inputs = token_ids[keep:]
         tokens, probs = [], []
         for _ in range(k):
-            logits = forward(self.model, inputs, state.cache, last_only=True)[0]  # [V]
-            q = process_logits(logits, params)  # [V]
-            token = sample(q, generator).view(1)
-            tokens.append(token)
-            probs.append(q)
-            inputs = token
+            logits = forward(self.model, inputs, state.cache, last_only=True)  # [1, V]
+            if params.greedy:  # q is one-hot at the argmax: a deterministic draft
+                inputs = logits.argmax(-1)  # [1]
+            else:
+                probs.append(process_logits(logits, params))  # [1, V]
+                inputs = sample(probs[-1], generator)  # [1]
+            tokens.append(inputs)
         drafted = torch.cat(tokens)  # [k]
         state.cached_ids = torch.cat([token_ids, drafted[:-1]])
-        return Proposal(tokens=drafted, probs=torch.stack(probs))
+        return Proposal(tokens=drafted, probs=torch.cat(probs) if probs else None)
 
     @torch.no_grad()
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:

@@ -43,7 +43,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     """
     logits = logits.float()
     if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]  # [..., 1]
@@ -60,8 +60,14 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Draw one token per row from (unnormalised, non-negative) weights [..., V] -> ids [...]."""
-    flat = probs.reshape(-1, probs.shape[-1])
+    """Draw one token per row from (unnormalised, non-negative) weights [..., V] -> ids [...].
+
+    When every row has a single non-zero weight (greedy's one-hot, or a residual with one token
+    left) the outcome is certain: it is taken by argmax, without a draw from the generator.
+    """
+    flat = probs.reshape(-1, probs.shape[-1])  # [N, V]
+    if bool(flat.count_nonzero(-1).eq(1).all()):
+        return flat.argmax(-1).reshape(probs.shape[:-1])
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
 
@@ -99,17 +105,20 @@ def rejection_sample(
     batch, k_plus_1, vocab = target_probs.shape
     k = k_plus_1 - 1
     rows = torch.arange(batch, device=target_probs.device)
+    drafted = draft_tokens.unsqueeze(-1)  # [B, k, 1]
+    # q with a zero row at the bonus position, so one residual covers recovery and bonus alike.
+    q_padded = target_probs.new_zeros(batch, k_plus_1, vocab)  # [B, k+1, V]
     if draft_probs is None:
-        draft_probs = torch.nn.functional.one_hot(draft_tokens, vocab).to(target_probs.dtype)  # [B, k, V]
+        q_padded[:, :k].scatter_(-1, drafted, 1.0)
+    else:
+        q_padded[:, :k] = draft_probs
 
-    p_drafted = target_probs[:, :k].gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)  # [B, k]
-    q_drafted = draft_probs.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)  # [B, k]
+    p_drafted = target_probs[:, :k].gather(-1, drafted).squeeze(-1)  # [B, k]
+    q_drafted = q_padded[:, :k].gather(-1, drafted).squeeze(-1)  # [B, k]
     uniform = torch.rand(batch, k, generator=generator, device=target_probs.device)  # [B, k]
     accepted = uniform * q_drafted < p_drafted  # u < p/q without dividing by q
-    num_accepted = accepted.to(torch.int64).cumprod(-1).sum(-1)  # [B] leading accepts
+    num_accepted = accepted.cumprod(-1).sum(-1)  # [B] leading accepts
 
-    # q is zero at the bonus position, so one residual covers recovery and bonus alike.
-    q_padded = torch.cat([draft_probs, draft_probs.new_zeros(batch, 1, vocab)], dim=1)  # [B, k+1, V]
     p_next = target_probs[rows, num_accepted]  # [B, V]
     residual = (p_next - q_padded[rows, num_accepted]).clamp_min(0.0)  # [B, V]
     # p == q up to rounding leaves no residual mass; p itself is then the exact fallback.
@@ -117,7 +126,7 @@ def rejection_sample(
     next_token = sample(residual, generator)  # [B]
 
     positions = torch.arange(k_plus_1, device=target_probs.device)  # [k+1]
-    tokens = torch.cat([draft_tokens, draft_tokens.new_full((batch, 1), -1)], dim=1)  # [B, k+1]
+    tokens = torch.nn.functional.pad(draft_tokens, (0, 1), value=-1)  # [B, k+1]
     tokens = tokens.masked_fill(positions >= num_accepted.unsqueeze(-1), -1)
     tokens[rows, num_accepted] = next_token
     return Verification(tokens=tokens, num_accepted=num_accepted)

@@ -1,10 +1,10 @@
-"""The engine micro-benchmark and the `osd` CLI that fronts it."""
+"""The engine micro-benchmark (ours against HF generate and assisted generation) and the `osd` CLI."""
 
 import json
 
 import pytest
 
-from benchmarks.engine_micro import modelled_speedup
+from benchmarks.engine_micro import modelled_speedup, parser, run
 from deploy.cli import main
 
 
@@ -18,13 +18,47 @@ def test_bench_engine_writes_json(model_dirs, tmp_path):
     dirs = model_dirs["llama"]
     out = tmp_path / "bench.json"
     main(["bench", "engine", "--target", str(dirs["target"]), "--draft", str(dirs["near"]), "--k", "2",
-          "--prompts", "2", "--prompt-len", "8", "--max-new-tokens", "12", "--json", str(out)])  # fmt: skip
+          "--prompts", "2", "--prompt-len", "8", "--max-new-tokens", "12", "--repeats", "2",
+          "--json", str(out)])  # fmt: skip
     report = json.loads(out.read_text())
-    rows = {row["proposer"]: row for row in report["rows"]}
-    assert set(rows) == {"none", "ngram", "draft"}
-    assert rows["none"]["speedup_vs_ar"] == 1.0 and rows["none"]["tokens"] == 24
-    assert rows["draft"]["acceptance_rate"] > 0.2  # the near draft agrees with its target often
+    assert report["outputs_identical"] is True
     assert report["draft_cost_ratio_c"] > 0
+    rows = {(row["decoding"], row["engine"], row["proposer"]): row for row in report["rows"]}
+    methods = {("ours", "none"), ("ours", "ngram"), ("ours", "draft"), ("hf", "none"), ("hf", "draft")}
+    assert set(rows) == {(decoding, *method) for decoding in ("greedy", "sampled") for method in methods}
+    for row in rows.values():
+        assert row["tokens"] == 24 and len(row["tokens_per_s_repeats"]) == 2
+        assert min(row["tokens_per_s_repeats"]) <= row["tokens_per_s"] <= max(row["tokens_per_s_repeats"])
+        if row["k"] == 0:
+            assert row["speedup_vs_ar"] == 1.0 and row["acceptance_rate"] is None
+        else:
+            assert row["k"] == 2 and 0.0 <= row["acceptance_rate"] <= 1.0
+            assert row["modelled_speedup"] > 0 and row["cost_ratio_c"] is not None
+    ours, assisted = rows["greedy", "ours", "draft"], rows["greedy", "hf", "draft"]
+    assert ours["acceptance_rate"] > 0.2  # the near draft agrees with its target often
+    # Greedy, same draft, same k held fixed: HF assisted generation accepts exactly what we accept.
+    assert assisted["acceptance_rate"] == ours["acceptance_rate"]
+    assert assisted["mean_accepted_length"] == ours["mean_accepted_length"]
+    assert rows["greedy", "ours", "ngram"]["cost_ratio_c"] == 0.0
+    for decoding in ("greedy", "sampled"):
+        assert set(report["speedup_vs_hf_assisted"][decoding]) == {"2"}
+        assert set(report["speedup_vs_hf_generate"][decoding]) == {"ar", "best_spec", "best_spec_method"}
+
+
+def test_run_takes_explicit_prompts(model_dirs):
+    """A caller (the demo world) passes its own prompts; no draft means no draft or assisted rows."""
+    args = parser().parse_args(["--target", str(model_dirs["qwen2"]["target"]), "--k", "1", "--repeats", "1",
+                                "--max-new-tokens", "5", "--temperature", "0"])  # fmt: skip
+    report = run(args, prompts=[[3, 4, 5, 3, 4], [7, 8]])
+    assert report["prompts"] == 2 and report["prompt_len"] == 3.5
+    assert {(r["decoding"], r["engine"], r["proposer"]) for r in report["rows"]} == {
+        ("greedy", "ours", "none"),
+        ("greedy", "ours", "ngram"),
+        ("greedy", "hf", "none"),
+    }
+    assert report["outputs_identical"] is True
+    assert report["draft"] is None and report["draft_cost_ratio_c"] is None
+    assert report["speedup_vs_hf_assisted"] == {"greedy": {}}
 
 
 def test_cli_rejects_unknown_commands(capsys):

@@ -1,0 +1,1 @@
+"""The demo world: corpora, tokenizer, demo target and draft, and request workloads (no hub needed)."""
