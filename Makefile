@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/osd bench engine --json benchmarks/results/engine_micro_cpu.json
+	$(BIN)/osd bench engine --json benchmarks/results/engine_cpu.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -11,19 +11,23 @@ from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
-DEMO_ARGS = ["--prompts", "2", "--prompt-len", "32", "--max-new-tokens", "48", "--k", "3"]
+DEMO_ARGS = ["--prompts", "3", "--max-new-tokens", "64", "--k", "3", "--repeats", "1"]
 
 
 def demo(argv: list[str]) -> None:
-    """Interim demo until the demo world lands: a small generation through the engine on random
-    weights, plain decoding vs the n-gram and draft proposers, with their acceptance."""
-    from benchmarks import engine_micro
+    """Interim demo, until the served demo lands: the demo pair (built or reused) on held-out code
+    prompts, our engine against HF, with the initial draft and with the offline-distilled one."""
+    from benchmarks import engine as engine_bench
 
+    parser = argparse.ArgumentParser(prog="osd demo")
+    parser.add_argument("--quick", action="store_true", help="the small demo pair (about 2 minutes to build)")
+    args, rest = parser.parse_known_args(argv)
     Console().print(
-        "[bold]OSD Serve demo[/bold] (interim): speculative decoding on a random-weight target/draft pair.\n"
-        "A random draft agrees with the target only by chance; trained demo models come with the demo world."
+        "[bold]OSD Serve demo[/bold] (interim): speculative decoding on the demo pair,"
+        " initial vs distilled draft.\n"
+        "The first run builds the demo models (full: about 15 minutes on 2 CPU cores; --quick: about 2)."
     )
-    engine_micro.main(DEMO_ARGS + argv)
+    engine_bench.main(DEMO_ARGS + ["--demo", "quick" if args.quick else "full"] + rest)
 
 
 def demo_models(argv: list[str]) -> None:
@@ -85,13 +89,13 @@ def print_manifest(manifest: dict, console: Console) -> None:
 
 
 def bench(argv: list[str]) -> None:
-    """`osd bench engine ...` runs benchmarks.engine_micro with the remaining arguments."""
+    """`osd bench engine ...` runs benchmarks.engine with the remaining arguments."""
     parser = argparse.ArgumentParser(prog="osd bench")
     parser.add_argument("which", choices=["engine"])
     parser.parse_args(argv[:1])
-    from benchmarks import engine_micro
+    from benchmarks import engine as engine_bench
 
-    engine_micro.main(argv[1:])
+    engine_bench.main(argv[1:])
 
 
 COMMANDS = {"demo": demo, "demo-models": demo_models, "bench": bench}

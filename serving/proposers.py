@@ -124,6 +124,7 @@ class DraftModelProposer:
     Its cache is reconciled with the sequence at each call: it keeps the longest prefix it
     shares with token_ids and runs the rest. That covers partial acceptance (drop rejected
     drafts) and full acceptance (the last draft and the bonus token were never run) alike.
+    Greedy drafts are the argmax, a deterministic proposal (q one-hot), so they come without probs.
     """
 
     def __init__(self, model: PreTrainedModel):

@@ -39,7 +39,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     """Logits [..., V] -> probabilities [..., V] after temperature, top-k, then top-p (HF's order).
 
     Greedy returns a one-hot at the argmax, so greedy decoding is the argmax special case of
-    sampling and the rejection sampler needs no separate path for it.
+    sampling, which the rejection sampler decides without drawing.
     """
     logits = logits.float()
     if params.greedy:
@@ -62,13 +62,12 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Draw one token per row from (unnormalised, non-negative) weights [..., V] -> ids [...].
 
-    When every row has a single non-zero weight (greedy's one-hot, or a residual with one token
-    left) the outcome is certain: it is taken by argmax, without a draw from the generator.
+    Inverse-CDF sampling, one uniform per row: the first token whose cumulative weight reaches
+    u * total, u in (0, 1], so a zero-weight token is never drawn.
     """
-    flat = probs.reshape(-1, probs.shape[-1])  # [N, V]
-    if bool(flat.count_nonzero(-1).eq(1).all()):
-        return flat.argmax(-1).reshape(probs.shape[:-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    cdf = probs.double().cumsum(-1)  # [..., V]
+    u = 1 - torch.rand(cdf.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype, device=cdf.device)
+    return torch.searchsorted(cdf, u * cdf[..., -1:]).squeeze(-1)  # [...]
 
 
 @dataclass(frozen=True)
@@ -101,10 +100,20 @@ def rejection_sample(
     rejection a token is drawn from norm(max(0, p_i - q_i)); when all k are accepted a bonus
     token is drawn from p_{k+1}. Each emitted token is then distributed exactly as p, whatever q
     is, provided p and q were processed (temperature, top-k, top-p) identically.
+
+    When every p is one-hot (greedy), x_i is accepted exactly when it is p_i's argmax, whatever q
+    is, and the next token is the argmax at the first mismatch: that case is decided by comparison
+    alone, with no draw from the generator.
     """
     batch, k_plus_1, vocab = target_probs.shape
     k = k_plus_1 - 1
-    rows = torch.arange(batch, device=target_probs.device)
+    positions = torch.arange(k_plus_1, device=target_probs.device)  # [k+1]
+    if bool(target_probs.count_nonzero(-1).eq(1).all()):
+        argmax = target_probs.argmax(-1)  # [B, k+1]
+        num_accepted = (draft_tokens == argmax[:, :k]).cumprod(-1).sum(-1)  # [B] leading accepts
+        tokens = argmax.masked_fill(positions > num_accepted.unsqueeze(-1), -1)  # [B, k+1]
+        return Verification(tokens=tokens, num_accepted=num_accepted)
+
     drafted = draft_tokens.unsqueeze(-1)  # [B, k, 1]
     # q with a zero row at the bonus position, so one residual covers recovery and bonus alike.
     q_padded = target_probs.new_zeros(batch, k_plus_1, vocab)  # [B, k+1, V]
@@ -119,14 +128,14 @@ def rejection_sample(
     accepted = uniform * q_drafted < p_drafted  # u < p/q without dividing by q
     num_accepted = accepted.cumprod(-1).sum(-1)  # [B] leading accepts
 
-    p_next = target_probs[rows, num_accepted]  # [B, V]
-    residual = (p_next - q_padded[rows, num_accepted]).clamp_min(0.0)  # [B, V]
+    first_rejected = num_accepted.view(batch, 1, 1)  # or the bonus position
+    p_next = target_probs.take_along_dim(first_rejected, 1).squeeze(1)  # [B, V]
+    residual = (p_next - q_padded.take_along_dim(first_rejected, 1).squeeze(1)).clamp_min(0.0)  # [B, V]
     # p == q up to rounding leaves no residual mass; p itself is then the exact fallback.
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
     next_token = sample(residual, generator)  # [B]
 
-    positions = torch.arange(k_plus_1, device=target_probs.device)  # [k+1]
     tokens = torch.nn.functional.pad(draft_tokens, (0, 1), value=-1)  # [B, k+1]
     tokens = tokens.masked_fill(positions >= num_accepted.unsqueeze(-1), -1)
-    tokens[rows, num_accepted] = next_token
+    tokens.scatter_(1, num_accepted.unsqueeze(-1), next_token.unsqueeze(-1))
     return Verification(tokens=tokens, num_accepted=num_accepted)

@@ -132,7 +132,9 @@ def test_failed_build_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
 
 
 def test_distillation_raises_acceptance_on_its_data():
-    target, draft = (build("llama", 1, 32, seed=s, vocab=64, init_std=0.2) for s in (0, 1))  # peaked, unlike
+    target, draft = (
+        build("llama", 1, 32, seed=s, vocab=64, init_std=0.2) for s in (0, 1)
+    )  # peaked: they disagree
     spec = DistillSpec(
         domain="python", prompts=32, prompt_tokens=8, new_tokens=16, epochs=15, batch=8, lr=3e-3
     )

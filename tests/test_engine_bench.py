@@ -1,10 +1,11 @@
-"""The engine micro-benchmark (ours against HF generate and assisted generation) and the `osd` CLI."""
+"""The engine benchmark (ours against HF generate and assisted generation) and the `osd` CLI."""
 
 import json
 
 import pytest
 
-from benchmarks.engine_micro import modelled_speedup, parser, run
+from benchmarks.engine import PRESETS, modelled_speedup, parser, run
+from benchmarks.engine import main as main_bench
 from deploy.cli import main
 
 
@@ -20,7 +21,7 @@ def test_bench_engine_writes_json(model_dirs, tmp_path):
     main(["bench", "engine", "--target", str(dirs["target"]), "--draft", str(dirs["near"]), "--k", "2",
           "--prompts", "2", "--prompt-len", "8", "--max-new-tokens", "12", "--repeats", "2",
           "--json", str(out)])  # fmt: skip
-    report = json.loads(out.read_text())
+    (report,) = json.loads(out.read_text())["runs"]
     assert report["outputs_identical"] is True
     assert report["draft_cost_ratio_c"] > 0
     rows = {(row["decoding"], row["engine"], row["proposer"]): row for row in report["rows"]}
@@ -47,9 +48,21 @@ def test_bench_engine_writes_json(model_dirs, tmp_path):
 
 def test_run_takes_explicit_prompts(model_dirs):
     """A caller (the demo world) passes its own prompts; no draft means no draft or assisted rows."""
-    args = parser().parse_args(["--target", str(model_dirs["qwen2"]["target"]), "--k", "1", "--repeats", "1",
-                                "--max-new-tokens", "5", "--temperature", "0"])  # fmt: skip
-    report = run(args, prompts=[[3, 4, 5, 3, 4], [7, 8]])
+    args = parser().parse_args(
+        [
+            "--target",
+            str(model_dirs["qwen2"]["target"]),
+            "--k",
+            "1",
+            "--repeats",
+            "1",
+            "--max-new-tokens",
+            "5",
+            "--temperature",
+            "0",
+        ]
+    )
+    report = run(args, args.target, None, prompts=[[3, 4, 5, 3, 4], [7, 8]])
     assert report["prompts"] == 2 and report["prompt_len"] == 3.5
     assert {(r["decoding"], r["engine"], r["proposer"]) for r in report["rows"]} == {
         ("greedy", "ours", "none"),
@@ -59,6 +72,37 @@ def test_run_takes_explicit_prompts(model_dirs):
     assert report["outputs_identical"] is True
     assert report["draft"] is None and report["draft_cost_ratio_c"] is None
     assert report["speedup_vs_hf_assisted"] == {"greedy": {}}
+
+
+def test_demo_pair_runs_initial_and_distilled_drafts(tmp_path, monkeypatch):
+    """Without --target: the demo pair, held-out prompts, and both drafts (tiny preset for speed)."""
+    from test_demo_world import TINY
+
+    monkeypatch.setitem(PRESETS, "tiny", TINY)
+    report = main_bench(
+        [
+            "--demo",
+            "tiny",
+            "--cache-dir",
+            str(tmp_path),
+            "--k",
+            "1",
+            "--prompts",
+            "2",
+            "--prompt-len",
+            "12",
+            "--max-new-tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--temperature",
+            "0",
+        ]
+    )
+    initial, distilled = report["runs"]
+    assert initial["draft"].endswith("draft") and distilled["draft"].endswith("draft-distilled-python")
+    assert initial["target"] == distilled["target"] and initial["prompts"] == 2
+    assert initial["outputs_identical"] and distilled["outputs_identical"]
 
 
 def test_cli_rejects_unknown_commands(capsys):

@@ -1,4 +1,4 @@
-"""Engine micro-benchmark: our engine against Hugging Face generate, side by side, on one pair.
+"""Engine benchmark: our engine against Hugging Face generate, side by side, on one target/draft pair.
 
 One process, one set of prompts, the same number of new tokens (no early stop) for every method:
 - ours: AR (the null proposer), speculative decoding with the draft and with n-gram lookup, at each k;
@@ -7,17 +7,17 @@ One process, one set of prompts, the same number of new tokens (no early stop) f
 
 Methods are timed --repeats times, interleaved so that drifting load hits them alike; tokens/s is
 the median. The run is greedy first, where every method's output must be token-identical, then
-sampled at --temperature (seeded; outputs are not compared). Each row has α, τ, the cost ratio c
-(a draft decoding step over a target decoding step, both timed with our engine; 0 for n-gram
-lookup) and DESIGN.md's bound S(α, k, c). HF assisted generation's α and τ are observed from
-outside: a forward pre-hook on the target counts the tokens each step verifies and a streamer
-counts the tokens each step emits.
+sampled at --temperature (seeded; outputs are not compared). Each row has the tokens drafted per
+step, α, τ, the cost ratio c (a draft decoding step over a target decoding step, both timed with
+our engine; 0 for n-gram lookup) and DESIGN.md's bound S(α, k, c), which assumes k drafts every
+step (n-gram lookup often finds fewer). HF assisted generation's counts are observed from outside:
+a forward pre-hook on the target sees the tokens each step verifies, a streamer those it emits.
 
-Without --target, a random-weight pair is built (target 4L-256d, draft 1L-128d, DESIGN.md's CPU
-anchors): its draft agrees with the target only by chance (α ≈ 0), so its draft rows measure
-overhead, not a useful speedup. Trained pairs come with the demo world.
+Without --target it runs on the demo pair (built or reused, see deploy/demo) and held-out
+prompts of --domain, once with the initial draft (poor on code: low α) and once with the draft
+distilled offline on that domain (high α); the distilled draft is made on first use.
 
-    python -m benchmarks.engine_micro --json benchmarks/results/engine_micro_cpu.json
+    osd bench engine --json benchmarks/results/engine_cpu.json
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import argparse
 import json
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,10 +35,13 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
+from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
+from deploy.demo.offline_distill import DistillSpec, distill_demo_draft
+from deploy.demo.workloads import fixed_prompts
 from serving.engine import SpecEngine
 from serving.models import resolve_device, resolve_dtype
 from serving.proposers import DraftModelProposer, NgramProposer, NullProposer, Proposer
@@ -71,6 +73,7 @@ class Row:
     tokens_per_s: float  # median over repeats
     tokens_per_s_repeats: list[float]
     speedup_vs_ar: float  # over the same engine's AR row
+    drafted_per_step: float  # k when the proposer always fills its proposal; n-gram lookup often does not
     acceptance_rate: float | None  # alpha; None where nothing is drafted (AR)
     mean_accepted_length: float  # tau
     cost_ratio_c: float | None  # c; None for AR, 0 for n-gram lookup
@@ -84,28 +87,8 @@ def modelled_speedup(alpha: float, k: int, c: float) -> float:
     return gain / (k * c + 1)
 
 
-def build_random_pair(directory: Path, vocab: int = 4096) -> tuple[Path, Path]:
-    """Save a random 4L-256d target and 1L-128d draft sharing one vocabulary; return their dirs."""
-
-    def save(name: str, layers: int, hidden: int, seed: int) -> Path:
-        torch.manual_seed(seed)
-        config = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=4 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=max(hidden // 64, 2),
-            max_position_embeddings=2048,
-            eos_token_id=None,
-        )
-        path = directory / name
-        AutoModelForCausalLM.from_config(config).save_pretrained(path)
-        return path
-
-    return save("target", 4, 256, 0), save("draft", 1, 128, 1)
-
-
 def ours(model: PreTrainedModel, proposer: Proposer, k: int, temperature: float) -> Generate:
+    """Our engine with one proposer and k."""
     engine = SpecEngine(model, proposer, k)
 
     def generate(prompt: list[int], max_new_tokens: int, seed: int) -> Sample:
@@ -178,7 +161,9 @@ def hf(target: PreTrainedModel, draft: PreTrainedModel | None, k: int, temperatu
     return generate
 
 
-def methods(target: PreTrainedModel, draft: PreTrainedModel | None, ks: list[int], temperature: float):
+def methods(
+    target: PreTrainedModel, draft: PreTrainedModel | None, ks: list[int], temperature: float
+) -> list[Method]:
     """Every method compared, for one decoding mode."""
     found = [Method("ours", "none", 0, ours(target, NullProposer(), 0, temperature))]
     found += [Method("ours", "ngram", k, ours(target, NgramProposer(), k, temperature)) for k in ks]
@@ -235,6 +220,7 @@ def make_rows(decoding: str, chosen: list[Method], results: dict, tokens: int, c
                 tokens_per_s=round(median, 1),
                 tokens_per_s_repeats=[round(t, 1) for t in tokens_per_s[m.label]],
                 speedup_vs_ar=round(median / ar[m.engine], 3),
+                drafted_per_step=round(drafted / steps, 3),
                 acceptance_rate=None if alpha is None else round(alpha, 4),
                 mean_accepted_length=round((accepted + steps) / steps, 3),
                 cost_ratio_c=None if cost is None else round(cost, 4),
@@ -263,60 +249,47 @@ def comparisons(rows: list[Row], ks: list[int]) -> tuple[dict, dict]:
     return vs_assisted, vs_generate
 
 
-def run(args: argparse.Namespace, prompts: list[list[int]] | None = None) -> dict:
-    """Benchmark on `prompts` (token ids), or on --prompts random prompts of --prompt-len tokens."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def run(args: argparse.Namespace, target_dir: str, draft_dir: str | None, prompts: list[list[int]]) -> dict:
+    """Benchmark one pair on `prompts` (token ids)."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    with tempfile.TemporaryDirectory() as tmp:
-        target_dir, draft_dir = (args.target, args.draft) if args.target else build_random_pair(Path(tmp))
-        base = SpecEngine.from_pretrained(target_dir, draft=draft_dir, device=device, dtype=dtype)
+    base = SpecEngine.from_pretrained(target_dir, draft=draft_dir, device=device, dtype=dtype)
     target, draft = base.target, base.proposer.model if draft_dir else None
-    if prompts is None:
-        gen = torch.Generator().manual_seed(args.seed)
-        prompts = [
-            torch.randint(0, base.vocab_size, (args.prompt_len,), generator=gen).tolist()
-            for _ in range(args.prompts)
-        ]
     seeds = [args.seed + i for i in range(len(prompts))]
     tokens = len(prompts) * args.max_new_tokens
     decodings = {"greedy": 0.0} | ({"sampled": args.temperature} if args.temperature > 0 else {})
     chosen = {name: methods(target, draft, args.k, t) for name, t in decodings.items()}
-    # c: a draft decoding step over a target decoding step, both with our engine (greedy only).
+    # c: a draft decoding step over a target decoding step, both with our engine, timed in the greedy run.
     draft_ar = [Method("ours", "none", 0, ours(draft, NullProposer(), 0, 0.0), "draft")] if draft else []
-    chosen["greedy"] += draft_ar
+    timed = {name: group + (draft_ar if name == "greedy" else []) for name, group in chosen.items()}
 
     results = {}
     with Progress(console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("benchmark", total=args.repeats * sum(map(len, chosen.values())))
-        for name, group in chosen.items():
+        task = progress.add_task("benchmark", total=args.repeats * sum(map(len, timed.values())))
+        for name, group in timed.items():
 
             def advance(label: str, name: str = name) -> None:
                 progress.update(task, advance=1, description=f"{name}: {label}")
 
             results[name] = measure(group, prompts, seeds, args.max_new_tokens, args.repeats, advance)
 
-    c = None
-    if draft is not None:
-        ar_label, draft_label = chosen["greedy"][0].label, draft_ar[0].label
-        c = statistics.median(results["greedy"][draft_label][0]) / statistics.median(
-            results["greedy"][ar_label][0]
-        )
-        chosen["greedy"].remove(draft_ar[0])
+    def seconds(method: Method) -> float:
+        return statistics.median(results["greedy"][method.label][0])
+
+    c = seconds(draft_ar[0]) / seconds(chosen["greedy"][0]) if draft_ar else None
     rows = [row for name in decodings for row in make_rows(name, chosen[name], results[name], tokens, c)]
-    greedy_outputs = [results["greedy"][m.label][1] for m in chosen["greedy"]]
+    outputs = [[sample[0] for sample in results["greedy"][m.label][1]] for m in chosen["greedy"]]
     vs = {name: comparisons([r for r in rows if r.decoding == name], args.k) for name in decodings}
     return {
-        "benchmark": "engine_micro",
+        "benchmark": "engine",
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
             "device": str(device),
             "torch_threads": torch.get_num_threads(),
         },
-        "target": str(args.target or "random 4L-256d Llama"),
-        "draft": str(args.draft or "random 1L-128d Llama") if draft is not None else None,
+        "target": str(target_dir),
+        "draft": None if draft_dir is None else str(draft_dir),
         "dtype": str(dtype).removeprefix("torch."),
         "prompts": len(prompts),
         "prompt_len": round(statistics.mean(map(len, prompts)), 1),
@@ -325,9 +298,7 @@ def run(args: argparse.Namespace, prompts: list[list[int]] | None = None) -> dic
         "temperature": args.temperature,
         "seed": args.seed,
         "draft_cost_ratio_c": None if c is None else round(c, 4),
-        "outputs_identical": all(
-            [s[0] for s in out] == [s[0] for s in greedy_outputs[0]] for out in greedy_outputs
-        ),
+        "outputs_identical": all(out == outputs[0] for out in outputs),
         "speedup_vs_hf_assisted": {name: vs[name][0] for name in decodings},
         "speedup_vs_hf_generate": {name: vs[name][1] for name in decodings},
         "rows": [asdict(r) for r in rows],
@@ -342,20 +313,22 @@ def print_table(report: dict, console: Console) -> None:
     names = {("ours", "none"): "ours AR", ("ours", "ngram"): "ours n-gram", ("ours", "draft"): "ours draft"}
     names |= {("hf", "none"): "HF generate", ("hf", "draft"): "HF assisted"}
     for decoding in report["speedup_vs_hf_generate"]:
-        title = f"{decoding}: {report['target']} / {report['draft']}, c={report['draft_cost_ratio_c']}"
-        table = Table(title=title)
-        for column in ("method", "k", "tokens/s", "vs AR", "α", "τ", "c", "S(α,k,c)", "vs S"):
+        table = Table(
+            title=f"{decoding}: {report['target']} / {report['draft']}, c={report['draft_cost_ratio_c']}",
+            caption="k̄: tokens drafted per step; S(α,k,c) takes c = 0 for n-gram lookup",
+        )
+        for column in ("method", "k", "k̄", "tokens/s", "vs AR", "α", "τ", "S(α,k,c)", "vs S"):
             table.add_column(column, justify="right")
         for row in report["rows"]:
             if row["decoding"] == decoding:
                 table.add_row(
                     names[row["engine"], row["proposer"]],
                     str(row["k"]),
+                    _number(row["drafted_per_step"]),
                     f"{row['tokens_per_s']:.0f}",
                     _number(row["speedup_vs_ar"]),
                     _number(row["acceptance_rate"]),
                     _number(row["mean_accepted_length"]),
-                    _number(row["cost_ratio_c"]),
                     _number(row["modelled_speedup"]),
                     _number(row["fraction_of_model"]),
                 )
@@ -374,11 +347,14 @@ def print_table(report: dict, console: Console) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osd bench engine", description=__doc__.splitlines()[0])
-    p.add_argument("--target", help="target model directory or hub id (default: build a random pair)")
+    p.add_argument("--target", help="target model directory or hub id (default: the demo pair)")
     p.add_argument("--draft", help="draft model directory or hub id (same vocabulary as the target)")
+    p.add_argument("--demo", choices=sorted(PRESETS), default="full", help="demo pair preset (default full)")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="demo model cache")
+    p.add_argument("--domain", default="python", help="demo: held-out prompts and distillation domain")
     p.add_argument("--k", type=int, nargs="+", default=[1, 3, 5], help="speculative tokens per step")
     p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (random prompts with --target)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per method; tokens/s is the median")
     p.add_argument("--temperature", type=float, default=0.7, help="temperature of the sampled run")
@@ -390,13 +366,43 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def demo_inputs(args: argparse.Namespace) -> tuple[str, list[str], list[list[int]]]:
+    """The demo target, its initial and offline-distilled drafts, and held-out prompts of args.domain."""
+    preset = PRESETS[args.demo]
+    models = build_demo_models(preset, args.cache_dir)
+    distilled = models.root / f"draft-distilled-{args.domain}"
+    if not (distilled / "distilled.json").exists():
+        distill_demo_draft(models, preset, DistillSpec(domain=args.domain))
+    tokenizer = AutoTokenizer.from_pretrained(models.target)
+    span = (max(1, args.prompt_len - 16), args.prompt_len)
+    held_out = fixed_prompts(models.held_out_corpus(), tokenizer, args.domain, args.prompts, args.seed, span)
+    return str(models.target), [str(models.draft), str(distilled)], [list(p.token_ids) for p in held_out]
+
+
+def random_prompts(args: argparse.Namespace, vocab_size: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(args.seed)
+    return [
+        torch.randint(0, vocab_size, (args.prompt_len,), generator=gen).tolist() for _ in range(args.prompts)
+    ]
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     hf_logging.disable_progress_bar()  # this benchmark shows its own progress
     if args.draft and not args.target:
         parser().error("--draft needs --target")
-    report = run(args)
-    print_table(report, Console())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.target:
+        vocab_size = AutoConfig.from_pretrained(args.target).vocab_size
+        target, drafts, prompts = args.target, [args.draft], random_prompts(args, vocab_size)
+    else:
+        target, drafts, prompts = demo_inputs(args)
+    console = Console()
+    report = {"benchmark": "engine", "runs": []}
+    for draft in drafts:
+        report["runs"].append(run(args, target, draft, prompts))
+        print_table(report["runs"][-1], console)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
