@@ -127,7 +127,10 @@ def target_continuations(
 ) -> torch.Tensor:
     """Greedy continuations of equal-length prompts [n, L] -> full sequences [n, L + new_tokens]."""
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return torch.cat([target.generate(chunk, generation_config=config) for chunk in prompts.split(batch)])
+    chunks = prompts.split(batch)
+    return torch.cat(
+        [target.generate(c, attention_mask=torch.ones_like(c), generation_config=config) for c in chunks]
+    )
 
 
 @dataclass(frozen=True)
