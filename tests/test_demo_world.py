@@ -10,32 +10,19 @@ import torch
 from transformers import AutoTokenizer
 
 from deploy.demo import build as build_module
-from deploy.demo.build import PRESETS, DemoPreset, build_demo_models, cached
-from deploy.demo.corpus import CorpusSpec, build_corpus, is_held_out, prose_of
+from deploy.demo.build import PRESETS, build_demo_models, cached
+from deploy.demo.corpus import build_corpus, is_held_out, prose_of
 from deploy.demo.offline_distill import DistillSpec, distill, distill_demo_draft
-from deploy.demo.pretrain import ModelSpec, TrainSpec, target_continuations
+from deploy.demo.pretrain import target_continuations
 from deploy.demo.tokenizer import train_tokenizer
 from distill.acceptance import expected_acceptance
 from serving.engine import SpecEngine
-from tiny_models import build
-
-SMALL = CorpusSpec(max_train_chars=150_000, max_held_out_chars=30_000)
-
-TINY = DemoPreset(
-    name="tiny",
-    corpus=SMALL,
-    vocab_size=384,
-    target=ModelSpec(layers=1, hidden=32, heads=2, context=128),
-    target_train=TrainSpec(domains=("prose", "python", "c"), steps=3, batch=2, block=32, warmup=1),
-    draft=ModelSpec(layers=1, hidden=16, heads=2, context=128),
-    draft_train=TrainSpec(domains=("prose",), steps=2, batch=2, block=32, warmup=1),
-    eval_windows=2,
-)
+from tiny_models import SMALL_CORPUS, TINY_DEMO, build
 
 
 @pytest.fixture(scope="module")
 def corpus():
-    return build_corpus(SMALL)
+    return build_corpus(SMALL_CORPUS)
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +61,13 @@ def f():
 
 
 def test_c_domain_is_skipped_with_a_message(tmp_path):
-    corpus = build_corpus(dataclasses.replace(SMALL, include_dir=tmp_path / "no-include"))
+    corpus = build_corpus(dataclasses.replace(SMALL_CORPUS, include_dir=tmp_path / "no-include"))
     assert "c" not in corpus.domains and "c" in corpus.skipped
     assert "no-include" in corpus.skipped["c"]
 
 
 def test_corpus_is_reproducible(corpus):
-    assert build_corpus(SMALL).fingerprint() == corpus.fingerprint()
+    assert build_corpus(SMALL_CORPUS).fingerprint() == corpus.fingerprint()
 
 
 def test_tokenizer_round_trip(corpus, tokenizer, tmp_path):
@@ -99,7 +86,7 @@ def test_tokenizer_round_trip(corpus, tokenizer, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     cache = tmp_path_factory.mktemp("demo-cache")
-    return cache, build_demo_models(TINY, cache)
+    return cache, build_demo_models(TINY_DEMO, cache)
 
 
 def test_tiny_build_through_the_real_path(tiny_models):
@@ -116,9 +103,9 @@ def test_tiny_build_through_the_real_path(tiny_models):
     assert 1 <= len(out.token_ids) <= 8
     assert set(models.held_out_corpus().domains) == set(manifest["corpus"]["domains"])
 
-    again = build_demo_models(TINY, tmp_path)  # reused, not rebuilt
+    again = build_demo_models(TINY_DEMO, tmp_path)  # reused, not rebuilt
     assert again.manifest["built_at"] == manifest["built_at"]
-    assert cached(dataclasses.replace(TINY, vocab_size=400), tmp_path) is None  # another recipe
+    assert cached(dataclasses.replace(TINY_DEMO, vocab_size=400), tmp_path) is None  # another recipe
 
 
 def test_failed_build_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
@@ -127,7 +114,7 @@ def test_failed_build_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
 
     monkeypatch.setattr(build_module, "pretrain", boom)
     with pytest.raises(RuntimeError, match="interrupted"):
-        build_demo_models(TINY, tmp_path)
+        build_demo_models(TINY_DEMO, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -161,12 +148,12 @@ def test_distillation_raises_acceptance_on_its_data():
 def test_offline_distill_of_the_demo_draft(tiny_models):
     _, models = tiny_models
     spec = DistillSpec(domain="python", prompts=4, prompt_tokens=8, new_tokens=8, epochs=1, batch=2)
-    out = distill_demo_draft(models, TINY, spec)
+    out = distill_demo_draft(models, TINY_DEMO, spec)
     report = json.loads((out / "distilled.json").read_text())
     assert set(report["expected_acceptance_after"]) == set(models.manifest["corpus"]["domains"])
     assert SpecEngine.from_pretrained(models.target, draft=out).generate([5, 6, 7], 4).token_ids
     with pytest.raises(ValueError, match="not in the demo corpus"):
-        distill_demo_draft(models, TINY, dataclasses.replace(spec, domain="klingon"))
+        distill_demo_draft(models, TINY_DEMO, dataclasses.replace(spec, domain="klingon"))
 
 
 def test_presets_are_named_consistently():

@@ -7,6 +7,7 @@ import pytest
 from benchmarks.engine import PRESETS, modelled_speedup, parser, run
 from benchmarks.engine import main as main_bench
 from deploy.cli import main
+from tiny_models import TINY_DEMO
 
 
 def test_modelled_speedup():
@@ -76,9 +77,7 @@ def test_run_takes_explicit_prompts(model_dirs):
 
 def test_demo_pair_runs_initial_and_distilled_drafts(tmp_path, monkeypatch):
     """Without --target: the demo pair, held-out prompts, and both drafts (tiny preset for speed)."""
-    from test_demo_world import TINY
-
-    monkeypatch.setitem(PRESETS, "tiny", TINY)
+    monkeypatch.setitem(PRESETS, "tiny", TINY_DEMO)
     report = main_bench(
         [
             "--demo",

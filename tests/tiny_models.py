@@ -1,9 +1,13 @@
-"""Tiny random Hugging Face models (Llama, Qwen2, GPT-2) built with from_config for tests."""
+"""Tiny random Hugging Face models (Llama, Qwen2, GPT-2) built with from_config, and a tiny demo preset."""
 
 from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel, Qwen2Config
+
+from deploy.demo.build import DemoPreset
+from deploy.demo.corpus import CorpusSpec
+from deploy.demo.pretrain import ModelSpec, TrainSpec
 
 VOCAB = 128
 CONTEXT = 256
@@ -56,3 +60,18 @@ def perturbed(model: PreTrainedModel, scale: float, seed: int) -> PreTrainedMode
 
 
 ARCHS = ("llama", "qwen2", "gpt2")
+
+
+SMALL_CORPUS = CorpusSpec(max_train_chars=150_000, max_held_out_chars=30_000)
+
+# The demo build through the same code path, a few steps only.
+TINY_DEMO = DemoPreset(
+    name="tiny",
+    corpus=SMALL_CORPUS,
+    vocab_size=384,
+    target=ModelSpec(layers=1, hidden=32, heads=2, context=128),
+    target_train=TrainSpec(domains=("prose", "python", "c"), steps=3, batch=2, block=32, warmup=1),
+    draft=ModelSpec(layers=1, hidden=16, heads=2, context=128),
+    draft_train=TrainSpec(domains=("prose",), steps=2, batch=2, block=32, warmup=1),
+    eval_windows=2,
+)
