@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerFast
 
 from deploy.demo.corpus import Corpus, Document
+from serving.sampling import SamplingParams
 
 MAX_TRIES = 100  # draws per prompt before a domain is declared unable to give one
 MAX_CHARS_PER_TOKEN = 16  # characters encoded per wanted token: enough text behind any cut
@@ -62,10 +63,7 @@ class WorkloadSpec:
         _check_prompt_tokens(self.prompt_tokens)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        SamplingParams(temperature=self.temperature, top_p=self.top_p)  # the engine's own checks
 
 
 @dataclass(frozen=True)
