@@ -89,13 +89,15 @@ def print_manifest(manifest: dict, console: Console) -> None:
 
 
 def bench(argv: list[str]) -> None:
-    """`osd bench engine ...` runs benchmarks.engine with the remaining arguments."""
+    """`osd bench engine|store ...` runs that benchmark with the remaining arguments."""
     parser = argparse.ArgumentParser(prog="osd bench")
-    parser.add_argument("which", choices=["engine"])
-    parser.parse_args(argv[:1])
-    from benchmarks import engine as engine_bench
-
-    engine_bench.main(argv[1:])
+    parser.add_argument("which", choices=["engine", "store"])
+    which = parser.parse_args(argv[:1]).which
+    if which == "engine":
+        from benchmarks import engine as benchmark
+    else:
+        from benchmarks import store_bench as benchmark
+    benchmark.main(argv[1:])
 
 
 COMMANDS = {"demo": demo, "demo-models": demo_models, "bench": bench}

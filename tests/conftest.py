@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
+from store.redis_server import LocalRedis
 from tiny_models import ARCHS, build, perturbed
 
 hf_logging.disable_progress_bar()
@@ -36,3 +37,19 @@ def model_dirs(tmp_path_factory) -> dict[str, dict[str, Path]]:
             model.save_pretrained(path)
             dirs[arch][name] = path
     return dirs
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One real redis-server for the session, on a free loopback port with a temporary data dir."""
+    with LocalRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    """A client to the session's server, with the database emptied for each test."""
+    client = redis_server.client()
+    client.flushdb()
+    yield client
+    client.close()

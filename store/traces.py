@@ -1,0 +1,443 @@
+"""The trace stream: one Redis Stream entry per served request, written without blocking serving.
+
+Servers append through `TraceWriter`: `append` puts the trace on a bounded in-process queue and
+returns; a background thread encodes and pipelines XADDs. When Redis is slow or down nothing
+waits: the queue keeps the newest `queue_cap` traces, drops the oldest (counted), and writing
+resumes when Redis answers again.
+
+The trainer reads through `TraceReader`, a consumer in one consumer group: XREADGROUP for new
+entries, its own pending entries first after a restart, XAUTOCLAIM for entries a dead consumer
+left pending, and XACK only when the caller says the entries are committed. Delivery is at least
+once; the stream id (`Delivery.entry_id`) is the key to deduplicate by.
+
+Entries are binary fields, never pickle: little-endian int32 ids, float16 log-probs and hidden
+states, uint8 per-step counts, and a small JSON `meta`. Every entry carries the schema version
+`v`; entries of another version, or malformed ones, are skipped, counted and acked.
+
+Retention: the writer trims the stream to about `max_len` entries (MAXLEN ~) every `trim_every`
+writes, oldest first. Trimmed entries the trainer's group had not yet acked are counted
+(`TraceBacklog.trimmed_unprocessed`), never silently lost. A deterministic `held_out_fraction`
+of request ids forms the trainer's gate set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DEFAULT_STREAM = "osd:traces"
+DEFAULT_GROUP = "trainer"
+
+
+@dataclass(frozen=True)
+class Trace:
+    """What one request left behind (DESIGN.md, Trace contract). T output tokens, K top entries.
+
+    prompt_ids [P], output_ids [T]: int32 token ids.
+    top_ids [T, K], top_logprobs [T, K]: the target's top-K ids and log-probs at each output position.
+    drafted [S], accepted [S]: tokens drafted and accepted at each of the S steps.
+    hidden [T, H]: the target's last hidden state at each output position (sampled requests only).
+    """
+
+    request_id: str
+    time: float
+    domain: str
+    target_id: str
+    draft_versions: tuple[str, ...]
+    prompt_ids: np.ndarray
+    output_ids: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+    drafted: np.ndarray
+    accepted: np.ndarray
+    sampling: dict = field(default_factory=dict)
+    hidden: np.ndarray | None = None
+
+
+class TraceDecodeError(ValueError):
+    """An entry that is not a trace of this schema."""
+
+
+_IDS, _HALF, _COUNT = np.dtype("<i4"), np.dtype("<f2"), np.dtype("u1")
+
+
+def encode(trace: Trace) -> dict[bytes, bytes]:
+    """The stream fields of a trace."""
+    steps, (length, top_k) = len(trace.drafted), np.shape(trace.top_ids)
+    if np.shape(trace.output_ids) != (length,) or np.shape(trace.top_logprobs) != (length, top_k):
+        raise ValueError("output_ids [T], top_ids [T, K] and top_logprobs [T, K] disagree in shape")
+    if len(trace.accepted) != steps:
+        raise ValueError("drafted and accepted need one count per step")
+    meta = {
+        "request_id": trace.request_id,
+        "time": trace.time,
+        "domain": trace.domain,
+        "target_id": trace.target_id,
+        "draft_versions": list(trace.draft_versions),
+        "sampling": trace.sampling,
+        "top_k": top_k,
+        "hidden_size": None if trace.hidden is None else int(np.shape(trace.hidden)[1]),
+    }
+    fields = {
+        b"v": str(SCHEMA_VERSION).encode(),
+        b"meta": json.dumps(meta, separators=(",", ":")).encode(),
+        b"prompt": np.asarray(trace.prompt_ids, _IDS).tobytes(),
+        b"output": np.asarray(trace.output_ids, _IDS).tobytes(),
+        b"top_ids": np.asarray(trace.top_ids, _IDS).tobytes(),
+        b"top_logprobs": np.asarray(trace.top_logprobs, _HALF).tobytes(),
+        b"drafted": np.asarray(trace.drafted, _COUNT).tobytes(),
+        b"accepted": np.asarray(trace.accepted, _COUNT).tobytes(),
+    }
+    if trace.hidden is not None:
+        fields[b"hidden"] = np.asarray(trace.hidden, _HALF).tobytes()
+    return fields
+
+
+def decode(fields: dict[bytes, bytes]) -> Trace:
+    """The trace in a stream entry; TraceDecodeError for another schema version or bad fields."""
+    version = fields.get(b"v")
+    if version != str(SCHEMA_VERSION).encode():
+        raise TraceDecodeError(f"schema version {version!r}, this reader knows {SCHEMA_VERSION}")
+    try:
+        meta = json.loads(fields[b"meta"])
+        top_k, hidden_size = meta["top_k"], meta["hidden_size"]
+        output = np.frombuffer(fields[b"output"], _IDS)
+        length = len(output)
+        hidden = None
+        if hidden_size is not None:
+            hidden = np.frombuffer(fields[b"hidden"], _HALF).reshape(length, hidden_size)
+        return Trace(
+            request_id=str(meta["request_id"]),
+            time=float(meta["time"]),
+            domain=str(meta["domain"]),
+            target_id=str(meta["target_id"]),
+            draft_versions=tuple(map(str, meta["draft_versions"])),
+            prompt_ids=np.frombuffer(fields[b"prompt"], _IDS),
+            output_ids=output,
+            top_ids=np.frombuffer(fields[b"top_ids"], _IDS).reshape(length, top_k),
+            top_logprobs=np.frombuffer(fields[b"top_logprobs"], _HALF).reshape(length, top_k),
+            drafted=np.frombuffer(fields[b"drafted"], _COUNT),
+            accepted=np.frombuffer(fields[b"accepted"], _COUNT),
+            sampling=dict(meta["sampling"]),
+            hidden=hidden,
+        )
+    except (KeyError, ValueError, TypeError) as err:  # json, reshape and frombuffer errors
+        raise TraceDecodeError(f"malformed trace entry: {err}") from err
+
+
+def is_held_out(request_id: str, fraction: float) -> bool:
+    """Whether a request belongs to the gate set: a fixed hash of its id, the same everywhere."""
+    digest = hashlib.sha256(request_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+# Trim the stream to about ARGV[2] entries (MAXLEN ~, whole radix nodes), oldest first, and add
+# to KEYS[2] how many of the trimmed entries group ARGV[1] had not processed: never delivered (after
+# its last-delivered id) or delivered but not acked (pending). Returns {trimmed, unprocessed}.
+_TRIM = """
+local stream, lost_key, group, cap = KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2])
+local len = redis.call('XLEN', stream)
+if len <= cap then return {0, 0} end
+local function parse(id)
+  local ms, seq = string.match(id, '(%d+)-(%d+)')
+  return tonumber(ms), tonumber(seq)
+end
+local function after(a, b)
+  local am, as = parse(a); local bm, bs = parse(b)
+  return am > bm or (am == bm and as > bs)
+end
+local cut = redis.call('XRANGE', stream, '-', '+', 'COUNT', len - cap)
+local last, pending = '0-0', {}
+for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+  local g = {}
+  for i = 1, #info, 2 do g[info[i]] = info[i + 1] end
+  if g['name'] == group then
+    last = g['last-delivered-id']
+    local cut_pending = redis.call('XPENDING', stream, group, '-', cut[#cut][1], #cut)
+    for _, p in ipairs(cut_pending) do pending[p[1]] = true end
+  end
+end
+local trimmed = redis.call('XTRIM', stream, 'MAXLEN', '~', cap)
+local lost = 0
+for i = 1, trimmed do
+  if pending[cut[i][1]] or after(cut[i][1], last) then lost = lost + 1 end
+end
+if lost > 0 then redis.call('INCRBY', lost_key, lost) end
+return {trimmed, lost}
+"""
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Where traces live and how much of them Redis keeps."""
+
+    stream: str = DEFAULT_STREAM
+    group: str = DEFAULT_GROUP
+    max_len: int = 20_000  # entries; about 25 KB each at 256 tokens with top-16 (see README)
+    held_out_fraction: float = 0.05
+
+    def __post_init__(self):
+        if self.max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
+        if not 0.0 <= self.held_out_fraction < 1.0:
+            raise ValueError(f"held_out_fraction must lie in [0, 1), got {self.held_out_fraction}")
+
+    @property
+    def lost_key(self) -> str:
+        return f"{self.stream}:trimmed_unprocessed"
+
+
+def ensure_group(client: redis.Redis, config: StreamConfig) -> None:
+    """Create the stream and its consumer group (reading from the start) if missing."""
+    try:
+        client.xgroup_create(config.stream, config.group, id="0", mkstream=True)
+    except redis.ResponseError as err:
+        if "BUSYGROUP" not in str(err):
+            raise
+
+
+@dataclass(frozen=True)
+class WriterStats:
+    appended: int  # traces handed to append()
+    written: int  # traces Redis acknowledged
+    dropped: int  # traces dropped, oldest first, while Redis was slow or down
+    queued: int  # traces waiting now
+    write_errors: int  # failed write attempts (each retried)
+    connected: bool  # whether the last write attempt succeeded
+    last_error: str | None
+
+
+class TraceWriter:
+    """Appends traces without blocking the caller; a daemon thread writes them in pipelined batches."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        config: StreamConfig = StreamConfig(),
+        queue_cap: int = 10_000,
+        batch_size: int = 128,
+        trim_every: int = 200,
+        retry_seconds: tuple[float, float] = (0.05, 1.0),
+    ):
+        if queue_cap < 1 or batch_size < 1:
+            raise ValueError("queue_cap and batch_size must be >= 1")
+        self.client, self.config = client, config
+        self.queue_cap, self.batch_size, self.trim_every = queue_cap, batch_size, trim_every
+        self.retry_seconds = retry_seconds
+        self._queue: deque[Trace] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._appended = self._written = self._dropped = self._errors = 0
+        self._connected, self._last_error = True, None
+        self._in_flight = self._since_trim = 0  # traces being written; written since the last trim
+        self._trim = client.register_script(_TRIM)
+        self._thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
+        self._thread.start()
+
+    def append(self, trace: Trace) -> None:
+        """Queue one trace; never blocks on Redis. A full queue drops its oldest trace."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the trace writer is closed")
+            self._appended += 1
+            if len(self._queue) >= self.queue_cap:
+                self._queue.popleft()
+                self._dropped += 1
+            self._queue.append(trace)
+            self._cond.notify()
+
+    def stats(self) -> WriterStats:
+        with self._cond:
+            return WriterStats(
+                appended=self._appended,
+                written=self._written,
+                dropped=self._dropped,
+                queued=len(self._queue),
+                write_errors=self._errors,
+                connected=self._connected,
+                last_error=self._last_error,
+            )
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued trace is written or dropped; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._in_flight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued (up to timeout), then stop the thread."""
+        self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        delay = self.retry_seconds[0]
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
+                self._in_flight = len(batch)
+            try:
+                self._write(batch)
+            except redis.RedisError as err:
+                self._requeue(batch, err)
+                time.sleep(delay)
+                delay = min(delay * 2, self.retry_seconds[1])
+                continue
+            delay = self.retry_seconds[0]
+            with self._cond:
+                self._written += len(batch)
+                self._in_flight = 0
+                self._connected, self._since_trim = True, self._since_trim + len(batch)
+                self._cond.notify_all()
+            if self._since_trim >= self.trim_every:
+                self._since_trim = 0
+                self._trim_quietly()
+
+    def _write(self, batch: list[Trace]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for trace in batch:
+            pipe.xadd(self.config.stream, encode(trace))
+        pipe.execute()
+
+    def _requeue(self, batch: list[Trace], err: Exception) -> None:
+        """Put a failed batch back in front of newer traces, dropping the oldest beyond the cap."""
+        with self._cond:
+            if self._connected:
+                log.warning("trace writes failing, queueing up to %d traces: %s", self.queue_cap, err)
+            self._errors += 1
+            self._connected, self._last_error = False, str(err)
+            overflow = max(0, len(batch) + len(self._queue) - self.queue_cap)
+            self._dropped += overflow
+            self._queue.extendleft(reversed(batch[overflow:]))
+            self._in_flight = 0
+            self._cond.notify_all()
+
+    def trim(self) -> tuple[int, int]:
+        """Trim the stream to about max_len now: (entries trimmed, of which unprocessed)."""
+        ensure_group(self.client, self.config)
+        trimmed, lost = self._trim(
+            keys=[self.config.stream, self.config.lost_key], args=[self.config.group, self.config.max_len]
+        )
+        if lost:
+            log.warning(
+                "trimmed %d traces the trainer had not processed (max_len %d)", lost, self.config.max_len
+            )
+        return trimmed, lost
+
+    def _trim_quietly(self) -> None:
+        try:
+            self.trim()
+        except redis.RedisError as err:  # retried at the next trim; the cap is soft meanwhile
+            log.warning("trimming %s failed: %s", self.config.stream, err)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    entry_id: bytes  # the stream id: unique per entry, the key to deduplicate by
+    trace: Trace
+    held_out: bool  # in the gate set: evaluate on it, never train on it
+
+
+@dataclass(frozen=True)
+class TraceBacklog:
+    length: int  # entries in the stream now
+    pending: int  # delivered to the group but not yet acked
+    lag: int | None  # entries not yet delivered to the group (None when Redis cannot tell)
+    trimmed_unprocessed: int  # entries trimmed away before the group acked them, ever
+
+
+class TraceReader:
+    """One consumer of the trace stream's consumer group (the trainer's side)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        consumer: str,
+        config: StreamConfig = StreamConfig(),
+        claim_idle_ms: int = 30_000,
+    ):
+        self.client, self.consumer, self.config = client, consumer, config
+        self.claim_idle_ms = claim_idle_ms
+        self.skipped_unknown = self.claimed = 0
+        self._own_pending_done = False
+        ensure_group(client, config)
+
+    def read(self, count: int = 64, block_ms: int | None = None) -> list[Delivery]:
+        """Up to `count` traces: this consumer's own pending entries first (after a restart), then
+        entries another consumer left pending longer than claim_idle_ms, then new ones (waiting up
+        to block_ms for them; None returns at once)."""
+        entries = []
+        if not self._own_pending_done:
+            entries = self._group_read("0", count, None)
+            self._own_pending_done = len(entries) < count
+        if len(entries) < count:
+            entries += self._claim(count - len(entries))
+        if len(entries) < count:
+            entries += self._group_read(">", count - len(entries), block_ms)
+        return self._decode(entries)
+
+    def ack(self, entry_ids: list[bytes]) -> int:
+        """Acknowledge entries as committed; returns how many were pending."""
+        return self.client.xack(self.config.stream, self.config.group, *entry_ids) if entry_ids else 0
+
+    def backlog(self) -> TraceBacklog:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xlen(self.config.stream)
+        pipe.xinfo_groups(self.config.stream)
+        pipe.get(self.config.lost_key)
+        length, groups, lost = pipe.execute()
+        group = next(g for g in groups if g["name"] == self.config.group.encode())
+        return TraceBacklog(
+            length=length, pending=group["pending"], lag=group.get("lag"), trimmed_unprocessed=int(lost or 0)
+        )
+
+    def _group_read(self, start: str, count: int, block_ms: int | None) -> list[tuple[bytes, dict]]:
+        reply = self.client.xreadgroup(
+            self.config.group, self.consumer, {self.config.stream: start}, count=count, block=block_ms
+        )
+        return [(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries if fields]
+
+    def _claim(self, count: int) -> list[tuple[bytes, dict]]:
+        reply = self.client.xautoclaim(
+            self.config.stream, self.config.group, self.consumer, self.claim_idle_ms, "0-0", count=count
+        )
+        claimed = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
+        self.claimed += len(claimed)
+        return claimed
+
+    def _decode(self, entries: list[tuple[bytes, dict]]) -> list[Delivery]:
+        deliveries, unreadable = [], []
+        for entry_id, fields in entries:
+            try:
+                trace = decode(fields)
+            except TraceDecodeError as err:
+                log.warning("skipping trace %s: %s", entry_id, err)
+                unreadable.append(entry_id)
+                continue
+            held_out = is_held_out(trace.request_id, self.config.held_out_fraction)
+            deliveries.append(Delivery(entry_id, trace, held_out))
+        self.skipped_unknown += len(unreadable)
+        self.ack(unreadable)  # nothing will ever read them: do not leave them pending
+        return deliveries

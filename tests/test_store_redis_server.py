@@ -1,0 +1,75 @@
+"""The embedded redis-server launcher and connecting by URL."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import redis
+
+from store.redis_server import LocalRedis, RedisConfig, RedisUnavailableError, connect, free_port, open_redis
+
+
+def test_missing_binary_names_the_install_command():
+    with pytest.raises(RedisUnavailableError, match="apt-get install -y redis-server"):
+        LocalRedis(binary="no-such-redis-server")
+
+
+def test_local_server_binds_loopback_persists_with_aof_and_stops(tmp_path):
+    server = LocalRedis(data_dir=tmp_path).start()
+    client = server.client()
+    config = client.config_get("*")
+    assert config["bind"].startswith("127.0.0.1") and config["appendonly"] == "yes"
+    assert config["appendfsync"] == "everysec"
+    client.set("kept", "yes")
+    server.stop()  # a clean shutdown fsyncs the AOF
+    with pytest.raises(redis.ConnectionError):
+        client.ping()
+    server.start()
+    assert client.get("kept") == b"yes"
+    server.close()
+    assert (tmp_path / "appendonlydir").exists()  # a caller-owned data dir is left in place
+
+
+def test_redis_url_with_password(redis_server):
+    admin = redis_server.client()
+    admin.acl_setuser("osd", enabled=True, passwords=["+s3cret"], keys="*", commands=["+@all"])
+    try:
+        client = open_redis(f"redis://osd:s3cret@127.0.0.1:{redis_server.port}/0")
+        assert client.ping()
+        with pytest.raises(redis.AuthenticationError):
+            open_redis(f"redis://osd:wrong@127.0.0.1:{redis_server.port}/0").ping()
+    finally:
+        admin.acl_deluser("osd")
+
+
+def test_connect_starts_the_embedded_server_without_a_url(tmp_path):
+    client, server = connect(RedisConfig(data_dir=tmp_path / "data"))
+    try:
+        assert client.ping() and server is not None and server.data_dir == tmp_path / "data"
+    finally:
+        server.close()
+
+
+def test_connect_to_a_url_checks_it_answers(redis_server):
+    client, server = connect(RedisConfig(url=redis_server.url))
+    assert server is None and client.ping()
+    with pytest.raises(RedisUnavailableError, match="cannot reach"):
+        connect(RedisConfig(url=f"redis://127.0.0.1:{free_port()}/0"))
+
+
+def test_rediss_url_connects_over_tls(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls_port = free_port()
+    tls = ["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+           "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]  # fmt: skip
+    with LocalRedis(extra_args=tls):
+        client = open_redis(f"rediss://127.0.0.1:{tls_port}/0", ssl_ca_certs=str(cert))
+        assert client.ping()
+        with pytest.raises(redis.ConnectionError):  # plain text to the TLS port fails
+            open_redis(f"redis://127.0.0.1:{tls_port}/0", socket_timeout=1).ping()

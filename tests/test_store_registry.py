@@ -1,0 +1,192 @@
+"""The draft registry on a real redis-server: versions, atomic publish, rollback, watching, corruption."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from store.registry import (
+    EVENTS_CHANNEL,
+    CorruptWeightsError,
+    LiveWatcher,
+    Registry,
+    UnknownVersionError,
+)
+
+
+def weights(seed: int, size: int = 64) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"embed.weight": torch.randn(size, 8, generator=gen), "norm.weight": torch.ones(8) * seed}
+
+
+def assert_weights_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_publish_round_trips_weights_and_every_metadata_field(redis_client):
+    registry = Registry(redis_client)
+    meta = registry.publish(
+        "draft", weights(1), domain="python", parent=None, train_steps=120, gate_acceptance=0.61,
+        kind="lora", extra={"gate": {"live": 0.52, "candidate": 0.61}},
+    )  # fmt: skip
+    live = registry.live("draft", "python")
+    assert live == meta and live.status == "live" and live.version == 1
+    assert (live.train_steps, live.gate_acceptance, live.kind) == (120, 0.61, "lora")
+    assert live.extra == {"gate": {"live": 0.52, "candidate": 0.61}} and live.created > 0
+    assert_weights_equal(registry.load(live), weights(1))
+    assert registry.live("draft") is None  # another domain: nothing published there
+
+
+def test_publish_retires_the_previous_version_and_rollback_restores_it(redis_client):
+    registry = Registry(redis_client)
+    v1 = registry.publish("draft", weights(1))
+    v2 = registry.publish("draft", weights(2), parent=v1.version)
+    assert [v.status for v in registry.versions("draft")] == ["retired", "live"]
+    back = registry.rollback("draft", reason="live acceptance fell 0.2 below the gate")
+    assert back.version == v1.version and registry.live_version("draft") == 1
+    rolled = registry.get("draft", "-", v2.version)
+    assert rolled.status == "rejected" and "0.2" in rolled.extra["rolled_back"]
+    assert_weights_equal(registry.load(registry.live("draft")), weights(1))
+    with pytest.raises(UnknownVersionError, match="no earlier usable version"):
+        registry.rollback("draft")
+
+
+def test_rollback_to_a_named_version_and_gate_rejections(redis_client):
+    registry = Registry(redis_client)
+    for seed in range(1, 4):
+        registry.publish("draft", weights(seed))
+    candidate = registry.add("draft", weights(9), parent=3)
+    assert registry.live_version("draft") == 3 and candidate.status == "candidate"
+    rejected = registry.reject("draft", "-", candidate.version, reason="gate: 0.40 < live 0.55")
+    assert rejected.status == "rejected" and rejected.extra["reason"].startswith("gate")
+    assert registry.rollback("draft", to=1).version == 1
+    with pytest.raises(UnknownVersionError):
+        registry.rollback("draft", to=42)
+
+
+def test_retention_keeps_the_newest_versions_and_the_live_one(redis_client):
+    registry = Registry(redis_client, keep=3)
+    registry.publish("draft", weights(1))
+    for seed in range(2, 7):
+        registry.add("draft", weights(seed))
+    registry.publish("draft", weights(7))
+    kept = [v.version for v in registry.versions("draft")]
+    assert kept == [5, 6, 7]
+    assert not redis_client.keys("osd:registry:draft:-:v:1*")  # metadata and chunks gone
+
+
+def test_chunked_and_file_weights_load_back(redis_client, tmp_path, monkeypatch):
+    monkeypatch.setattr("store.registry.CHUNK_BYTES", 1000)
+    registry = Registry(redis_client)
+    meta = registry.publish("big", weights(3, size=512))
+    assert meta.chunks > 10 and meta.uri is None
+    assert_weights_equal(registry.load(meta), weights(3, size=512))
+
+    on_disk = Registry(redis_client, file_dir=tmp_path, inline_limit=1000)
+    meta = on_disk.publish("huge", weights(4, size=512))
+    assert meta.chunks == 0 and meta.uri.startswith("file://")
+    assert_weights_equal(on_disk.load(meta), weights(4, size=512))
+
+
+def test_a_corrupt_blob_is_refused_and_live_stays(redis_client, tmp_path):
+    registry = Registry(redis_client)
+    good = registry.publish("draft", weights(1))
+    bad = registry.publish("draft", weights(2))
+    key = f"osd:registry:draft:-:v:{bad.version}:blob:0"
+    blob = bytearray(redis_client.get(key))
+    blob[-1] ^= 0xFF
+    redis_client.set(key, bytes(blob))
+    with pytest.raises(CorruptWeightsError, match="checksum"):
+        registry.load(bad)
+    redis_client.delete(key)
+    with pytest.raises(CorruptWeightsError, match="missing"):
+        registry.load(bad)
+    assert_weights_equal(registry.load(good), weights(1))
+
+
+def test_a_concurrent_reader_never_sees_a_half_written_version(redis_client):
+    registry = Registry(redis_client)
+    registry.publish("draft", weights(0, size=2048))
+    seen, errors, done = set(), [], threading.Event()
+
+    def read_live() -> None:
+        reader = Registry(redis_client)
+        while not done.is_set():
+            try:
+                meta = reader.live("draft")
+                loaded = reader.load(meta)  # checksum verified
+                seen.add(meta.version)
+                seed = int(loaded["norm.weight"][0])
+                assert_weights_equal(loaded, weights(seed, size=2048))
+            except Exception as err:  # noqa: BLE001 - any failure is the finding
+                errors.append(err)
+
+    thread = threading.Thread(target=read_live)
+    thread.start()
+    for seed in range(1, 15):
+        if seed % 5 == 0:
+            registry.rollback("draft")
+        else:
+            registry.publish("draft", weights(seed, size=2048))
+    done.set()
+    thread.join()
+    assert not errors, errors[:3]
+    assert len(seen) > 1
+
+
+def test_publish_announces_and_the_watcher_follows_live(redis_client):
+    registry = Registry(redis_client)
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(EVENTS_CHANNEL)
+    changes: list[int] = []
+    registry.publish("draft", weights(1))
+    watcher = LiveWatcher(registry, "draft", lambda meta: changes.append(meta.version), poll_seconds=30)
+    wait_for(lambda: changes == [1])  # the version live at start-up
+    start = time.monotonic()
+    registry.publish("draft", weights(2))
+    wait_for(lambda: changes == [1, 2])
+    assert time.monotonic() - start < 5  # by pub/sub: the 30 s poll never ran
+    watcher.stop()
+    event = json.loads(next_message(pubsub)["data"])
+    assert (event["event"], event["version"], event["previous"]) == ("publish", 1, None)
+
+
+def test_a_refused_version_is_not_offered_again_and_watching_goes_on(redis_client):
+    registry = Registry(redis_client)
+    offered: list[int] = []
+
+    def refuse_two(meta) -> None:
+        offered.append(meta.version)
+        if meta.version == 2:
+            raise CorruptWeightsError("refused")
+
+    registry.publish("draft", weights(1))
+    watcher = LiveWatcher(registry, "draft", refuse_two, poll_seconds=0.05)
+    registry.publish("draft", weights(2))
+    wait_for(lambda: offered == [1, 2])
+    time.sleep(0.2)  # several polls
+    registry.publish("draft", weights(3))
+    wait_for(lambda: offered == [1, 2, 3])
+    watcher.stop()
+
+
+def wait_for(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def next_message(pubsub, timeout: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.1)
+        if message is not None:
+            return message
+    raise AssertionError("no message")

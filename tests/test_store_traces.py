@@ -1,0 +1,224 @@
+"""The trace stream on a real redis-server: encoding, the non-blocking writer, the consumer group."""
+
+from __future__ import annotations
+
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from store.redis_server import LocalRedis
+from store.traces import (
+    SCHEMA_VERSION,
+    StreamConfig,
+    Trace,
+    TraceDecodeError,
+    TraceReader,
+    TraceWriter,
+    decode,
+    encode,
+    is_held_out,
+)
+
+
+def make_trace(i: int, length: int = 12, top_k: int = 4, hidden: int | None = None) -> Trace:
+    rng = np.random.default_rng(i)
+    steps = length // 2
+    return Trace(
+        request_id=f"req-{i}",
+        time=1_700_000_000.0 + i,
+        domain=["prose", "python", "c"][i % 3],
+        target_id="demo-target",
+        draft_versions=("draft:v1", "draft:v2"),
+        prompt_ids=rng.integers(0, 50_000, 7).astype(np.int32),
+        output_ids=rng.integers(0, 50_000, length).astype(np.int32),
+        top_ids=rng.integers(0, 150_000, (length, top_k)).astype(np.int32),
+        top_logprobs=-rng.random((length, top_k)).astype(np.float16),
+        drafted=rng.integers(0, 6, steps).astype(np.uint8),
+        accepted=rng.integers(0, 3, steps).astype(np.uint8),
+        sampling={"temperature": 0.7, "top_p": 0.9, "top_k": 0, "seed": i},
+        hidden=None if hidden is None else rng.standard_normal((length, hidden)).astype(np.float16),
+    )
+
+
+def assert_same(a: Trace, b: Trace) -> None:
+    for name in ("request_id", "time", "domain", "target_id", "draft_versions", "sampling"):
+        assert getattr(a, name) == getattr(b, name), name
+    for name in ("prompt_ids", "output_ids", "top_ids", "top_logprobs", "drafted", "accepted"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    if a.hidden is None:
+        assert b.hidden is None
+    else:
+        np.testing.assert_array_equal(a.hidden, b.hidden)
+
+
+@pytest.mark.parametrize("hidden", [None, 8])
+def test_encode_decode_round_trips_every_field(hidden):
+    trace = make_trace(3, hidden=hidden)
+    fields = encode(trace)
+    assert fields[b"v"] == str(SCHEMA_VERSION).encode()
+    assert len(fields[b"top_logprobs"]) == trace.top_logprobs.size * 2  # float16 on the wire
+    assert_same(trace, decode(fields))
+
+
+def test_encode_refuses_inconsistent_shapes():
+    trace = make_trace(1)
+    with pytest.raises(ValueError, match="shape"):
+        encode(Trace(**{**trace.__dict__, "top_logprobs": trace.top_logprobs[:-1]}))
+    with pytest.raises(ValueError, match="one count per step"):
+        encode(Trace(**{**trace.__dict__, "accepted": trace.accepted[:-1]}))
+
+
+def test_decode_refuses_other_versions_and_malformed_entries():
+    fields = encode(make_trace(2))
+    with pytest.raises(TraceDecodeError, match="schema version"):
+        decode({**fields, b"v": b"99"})
+    with pytest.raises(TraceDecodeError, match="malformed"):
+        decode({**fields, b"top_ids": fields[b"top_ids"][:-4]})
+    with pytest.raises(TraceDecodeError, match="malformed"):
+        decode({k: v for k, v in fields.items() if k != b"meta"})
+
+
+def test_held_out_split_is_deterministic_and_near_its_fraction():
+    ids = [f"req-{i}" for i in range(20_000)]
+    held = [i for i in ids if is_held_out(i, 0.05)]
+    assert held == [i for i in ids if is_held_out(i, 0.05)]
+    assert 0.04 < len(held) / len(ids) < 0.06
+    assert not any(is_held_out(i, 0.0) for i in ids[:100])
+
+
+def test_writer_and_reader_round_trip_through_redis(redis_client):
+    config = StreamConfig(stream="t:roundtrip", held_out_fraction=0.3)
+    writer = TraceWriter(redis_client, config)
+    traces = [make_trace(i, hidden=8 if i % 2 else None) for i in range(50)]
+    for trace in traces:
+        writer.append(trace)
+    assert writer.flush()
+    writer.close()
+    assert writer.stats().written == 50 and writer.stats().dropped == 0
+
+    reader = TraceReader(redis_client, "c1", config)
+    got = reader.read(count=100)
+    assert [d.trace.request_id for d in got] == [t.request_id for t in traces]  # stream order
+    for delivery, trace in zip(got, traces, strict=True):
+        assert_same(trace, delivery.trace)
+        assert delivery.held_out == is_held_out(trace.request_id, 0.3)
+    assert reader.backlog().pending == 50
+    assert reader.ack([d.entry_id for d in got]) == 50
+    assert reader.backlog().pending == 0 and reader.read(count=10) == []
+
+
+def test_a_dead_consumers_batch_is_claimed_and_nothing_acked_is_lost(redis_client):
+    config = StreamConfig(stream="t:claim")
+    writer = TraceWriter(redis_client, config)
+    for i in range(30):
+        writer.append(make_trace(i))
+    writer.close()
+
+    dead = TraceReader(redis_client, "dead", config, claim_idle_ms=50)
+    first = dead.read(count=10)
+    dead.ack([d.entry_id for d in first[:4]])  # committed 4, then died mid-batch holding 6
+
+    survivor = TraceReader(redis_client, "survivor", config, claim_idle_ms=50)
+    time.sleep(0.1)  # the dead consumer's entries go idle
+    trained: list[str] = []
+    while batch := survivor.read(count=8):
+        trained += [d.trace.request_id for d in batch]
+        survivor.ack([d.entry_id for d in batch])
+    assert survivor.claimed == 6
+    committed = [d.trace.request_id for d in first[:4]] + trained
+    assert sorted(committed) == sorted(f"req-{i}" for i in range(30))  # each exactly once here
+    assert survivor.backlog().pending == 0
+
+
+def test_a_restarted_consumer_reads_its_own_pending_entries_first(redis_client):
+    config = StreamConfig(stream="t:restart")
+    writer = TraceWriter(redis_client, config)
+    for i in range(5):
+        writer.append(make_trace(i))
+    writer.close()
+    before = TraceReader(redis_client, "trainer-0", config).read(count=3)
+    after = TraceReader(redis_client, "trainer-0", config).read(count=10)  # same name, new process
+    assert [d.entry_id for d in after[:3]] == [d.entry_id for d in before]
+    assert len(after) == 5
+
+
+def test_unknown_schema_and_pickle_entries_are_skipped_counted_and_never_executed(redis_client, tmp_path):
+    config = StreamConfig(stream="t:hostile")
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    payload = pickle.dumps(Exploit())
+    redis_client.xadd(config.stream, {b"v": b"2", b"meta": b"{}"})
+    redis_client.xadd(config.stream, {b"v": str(SCHEMA_VERSION).encode(), b"meta": payload})
+    redis_client.xadd(config.stream, {b"data": payload})
+    writer = TraceWriter(redis_client, config)
+    writer.append(make_trace(7))
+    writer.close()
+
+    reader = TraceReader(redis_client, "c", config)
+    got = reader.read(count=10)
+    assert [d.trace.request_id for d in got] == ["req-7"]
+    assert reader.skipped_unknown == 3
+    assert reader.backlog().pending == 1  # the bad entries were acked, not left pending
+    assert not marker.exists()
+
+
+def test_trimming_counts_every_entry_the_trainer_had_not_processed(redis_client):
+    redis_client.config_set("stream-node-max-entries", 5)  # small radix nodes: MAXLEN ~ trims finely
+    try:
+        config = StreamConfig(stream="t:trim", max_len=10)
+        writer = TraceWriter(redis_client, config, trim_every=10**9)  # trim only when told
+        for i in range(30):
+            writer.append(make_trace(i))
+        assert writer.flush()
+        reader = TraceReader(redis_client, "c", config)
+        delivered = reader.read(count=10)
+        reader.ack([d.entry_id for d in delivered[:6]])  # 6 acked, 4 pending, 20 never delivered
+
+        trimmed, lost = writer.trim()
+        writer.close()
+    finally:
+        redis_client.config_set("stream-node-max-entries", 100)
+    assert redis_client.xlen(config.stream) == 30 - trimmed >= 10
+    # The oldest `trimmed` entries went: the 6 acked ones first, then pending and unread ones.
+    assert lost == max(0, trimmed - 6)
+    assert reader.backlog().trimmed_unprocessed == lost > 0
+
+
+def test_appending_never_blocks_while_redis_is_down_and_resumes_after_restart(tmp_path):
+    config = StreamConfig(stream="t:outage")
+    with LocalRedis(data_dir=tmp_path / "redis") as server:
+        client = server.client(socket_timeout=1.0)
+        writer = TraceWriter(client, config, queue_cap=50, retry_seconds=(0.02, 0.2))
+        for i in range(20):
+            writer.append(make_trace(i))
+        assert writer.flush()
+        time.sleep(1.2)  # appendfsync everysec: let the AOF catch up before the crash
+
+        server.kill()
+        latencies = []
+        for i in range(20, 220):
+            start = time.perf_counter()
+            writer.append(make_trace(i))
+            latencies.append(time.perf_counter() - start)
+        time.sleep(0.3)
+        stats = writer.stats()
+        assert max(latencies) < 0.01, max(latencies)  # a queue append, never a Redis round trip
+        assert not stats.connected and stats.write_errors > 0
+        assert stats.dropped >= 150 and stats.queued <= 50
+
+        server.start()  # same port, same data directory: recovers from the AOF
+        assert writer.flush(timeout=15)
+        writer.close()
+        stats = writer.stats()
+        assert stats.connected and stats.written + stats.dropped == stats.appended == 220
+        ids = [decode(f).request_id for _, f in client.xrange(config.stream)]
+        assert ids[:20] == [f"req-{i}" for i in range(20)]  # written before the crash, kept by the AOF
+        assert ids[20:] == [f"req-{i}" for i in range(220 - len(ids) + 20, 220)]  # the newest survived
+        client.close()
