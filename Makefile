@@ -26,7 +26,8 @@ test: system $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/osd bench engine --json benchmarks/results/engine_cpu.json
+	$(BIN)/osd bench engine --repeats 5 --json benchmarks/results/engine_cpu.json
+	$(BIN)/osd bench store --json benchmarks/results/store_cpu.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

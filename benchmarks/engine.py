@@ -35,7 +35,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, DynamicCache, PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
@@ -43,7 +43,7 @@ from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
 from deploy.demo.offline_distill import DistillSpec, distill_demo_draft
 from deploy.demo.workloads import fixed_prompts
 from serving.engine import SpecEngine
-from serving.models import resolve_device, resolve_dtype
+from serving.models import forward, resolve_device, resolve_dtype, truncate_cache
 from serving.proposers import DraftModelProposer, NgramProposer, NullProposer, Proposer
 
 Sample = tuple[list[int], int, int, int]  # new token ids, drafted, accepted, steps
@@ -79,12 +79,50 @@ class Row:
     cost_ratio_c: float | None  # c; None for AR, 0 for n-gram lookup
     modelled_speedup: float  # DESIGN.md's S(alpha, k, c); 1 for AR
     fraction_of_model: float  # speedup_vs_ar / modelled_speedup
+    costed_speedup: float  # tau / (k_bar c + v(k_bar)): measured acceptance and measured step costs
+    fraction_of_costed: float  # speedup_vs_ar / costed_speedup: what per-step overhead leaves
 
 
 def modelled_speedup(alpha: float, k: int, c: float) -> float:
     """S = (1 - alpha^(k+1)) / ((1 - alpha)(k c + 1)), Leviathan et al.; alpha -> 1 gives (k+1)/(kc+1)."""
     gain = k + 1 if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
     return gain / (k * c + 1)
+
+
+def costed_speedup(tau: float, drafted_per_step: float, c: float, verify_cost: dict[int, float]) -> float:
+    """The speedup the measured costs allow: tau tokens per step over a step's cost in target steps,
+    k̄ draft steps at c each plus one verify of k̄ + 1 tokens at v(k̄) (linear between measured k).
+
+    DESIGN.md's S assumes v = 1 for every k, which holds on a GPU but not on a CPU, where a
+    (k+1)-token forward runs matrix-matrix kernels instead of a matrix-vector one.
+    """
+    low = max(k for k in verify_cost if k <= drafted_per_step)
+    high = min((k for k in verify_cost if k >= drafted_per_step), default=low)
+    share = 0.0 if high == low else (drafted_per_step - low) / (high - low)
+    verify = verify_cost[low] + share * (verify_cost[high] - verify_cost[low])
+    return tau / (drafted_per_step * c + verify)
+
+
+@torch.inference_mode()
+def measure_verify_cost(target: PreTrainedModel, prompt: list[int], ks: list[int], repeats: int = 30) -> dict:
+    """v(k): the median time of one target forward of k + 1 tokens after `prompt`, over
+    that of a one-token forward (v(0) = 1), with the KV cache cut back after each."""
+    most = max(ks, default=0) + 1
+    news = torch.tensor((prompt * most)[:most], device=target.device)  # any ids will do
+    cache = DynamicCache(config=target.config)
+    forward(target, torch.tensor(prompt, device=target.device), cache)
+
+    def seconds(n: int) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            forward(target, news[:n], cache)
+            times.append(time.perf_counter() - start)
+            truncate_cache(cache, len(prompt))
+        return statistics.median(times)
+
+    one = seconds(1)
+    return {k: round(seconds(k + 1) / one, 4) for k in [0, *ks]} | {0: 1.0}
 
 
 def ours(model: PreTrainedModel, proposer: Proposer, k: int, temperature: float) -> Generate:
@@ -200,7 +238,9 @@ def measure(
     return {label: (seconds[label], samples[label]) for label in seconds}
 
 
-def make_rows(decoding: str, chosen: list[Method], results: dict, tokens: int, c: float | None) -> list[Row]:
+def make_rows(
+    decoding: str, chosen: list[Method], results: dict, tokens: int, c: float | None, verify_cost: dict
+) -> list[Row]:
     tokens_per_s = {m.label: [tokens / s for s in results[m.label][0]] for m in chosen}
     ar = {m.engine: statistics.median(tokens_per_s[m.label]) for m in chosen if m.k == 0}
     rows = []
@@ -210,6 +250,8 @@ def make_rows(decoding: str, chosen: list[Method], results: dict, tokens: int, c
         cost = None if m.k == 0 else 0.0 if m.proposer == "ngram" else c
         bound = 1.0 if m.k == 0 else modelled_speedup(alpha, m.k, cost)
         median = statistics.median(tokens_per_s[m.label])
+        tau, k_bar = (accepted + steps) / steps, drafted / steps
+        costed = 1.0 if m.k == 0 else costed_speedup(tau, k_bar, cost, verify_cost)
         rows.append(
             Row(
                 decoding=decoding,
@@ -220,12 +262,14 @@ def make_rows(decoding: str, chosen: list[Method], results: dict, tokens: int, c
                 tokens_per_s=round(median, 1),
                 tokens_per_s_repeats=[round(t, 1) for t in tokens_per_s[m.label]],
                 speedup_vs_ar=round(median / ar[m.engine], 3),
-                drafted_per_step=round(drafted / steps, 3),
+                drafted_per_step=round(k_bar, 3),
                 acceptance_rate=None if alpha is None else round(alpha, 4),
-                mean_accepted_length=round((accepted + steps) / steps, 3),
+                mean_accepted_length=round(tau, 3),
                 cost_ratio_c=None if cost is None else round(cost, 4),
                 modelled_speedup=round(bound, 3),
                 fraction_of_model=round(median / ar[m.engine] / bound, 3),
+                costed_speedup=round(costed, 3),
+                fraction_of_costed=round(median / ar[m.engine] / costed, 3),
             )
         )
     return rows
@@ -277,7 +321,12 @@ def run(args: argparse.Namespace, target_dir: str, draft_dir: str | None, prompt
         return statistics.median(results["greedy"][method.label][0])
 
     c = seconds(draft_ar[0]) / seconds(chosen["greedy"][0]) if draft_ar else None
-    rows = [row for name in decodings for row in make_rows(name, chosen[name], results[name], tokens, c)]
+    verify_cost = measure_verify_cost(target, prompts[0], args.k)
+    rows = [
+        row
+        for name in decodings
+        for row in make_rows(name, chosen[name], results[name], tokens, c, verify_cost)
+    ]
     outputs = [[sample[0] for sample in results["greedy"][m.label][1]] for m in chosen["greedy"]]
     vs = {name: comparisons([r for r in rows if r.decoding == name], args.k) for name in decodings}
     return {
@@ -298,6 +347,7 @@ def run(args: argparse.Namespace, target_dir: str, draft_dir: str | None, prompt
         "temperature": args.temperature,
         "seed": args.seed,
         "draft_cost_ratio_c": None if c is None else round(c, 4),
+        "verify_cost_v": {str(k): v for k, v in verify_cost.items()},
         "outputs_identical": all(out == outputs[0] for out in outputs),
         "speedup_vs_hf_assisted": {name: vs[name][0] for name in decodings},
         "speedup_vs_hf_generate": {name: vs[name][1] for name in decodings},
@@ -315,9 +365,13 @@ def print_table(report: dict, console: Console) -> None:
     for decoding in report["speedup_vs_hf_generate"]:
         table = Table(
             title=f"{decoding}: {report['target']} / {report['draft']}, c={report['draft_cost_ratio_c']}",
-            caption="k̄: tokens drafted per step; S(α,k,c) takes c = 0 for n-gram lookup",
+            caption=(
+                "k̄: tokens drafted per step; S(α,k,c) takes c = 0 for n-gram lookup; "
+                f"S_v = τ / (k̄c + v(k̄)), verify cost v = {report['verify_cost_v']}"
+            ),
         )
-        for column in ("method", "k", "k̄", "tokens/s", "vs AR", "α", "τ", "S(α,k,c)", "vs S"):
+        columns = ("method", "k", "k̄", "tokens/s", "vs AR", "α", "τ", "S(α,k,c)", "vs S", "S_v", "vs S_v")
+        for column in columns:
             table.add_column(column, justify="right")
         for row in report["rows"]:
             if row["decoding"] == decoding:
@@ -331,6 +385,8 @@ def print_table(report: dict, console: Console) -> None:
                     _number(row["mean_accepted_length"]),
                     _number(row["modelled_speedup"]),
                     _number(row["fraction_of_model"]),
+                    _number(row["costed_speedup"]),
+                    _number(row["fraction_of_costed"]),
                 )
         console.print(table)
         assisted = ", ".join(

@@ -1,9 +1,11 @@
 """Store benchmark on a real local redis-server: trace appends, registry notifications, memory.
 
-- Trace appends: 256-token traces with top-16 ids and log-probs. A burst (append as fast as the
-  caller can, then wait until Redis has them all) gives the sustained write throughput; a paced
-  run at --rate gives the latency the caller sees when serving at that rate. Both report the
-  append call's p50/p99/max, and the traces dropped (none expected).
+- Trace appends: 256-token traces with top-16 ids and log-probs (ids of a --vocab vocabulary, so
+  uint16 on the wire, and once of --wide-vocab, int32) into a stream capped at --max-len
+  (trimmed as in production). A burst (append as fast as the caller can, then wait until Redis
+  has them all) gives the sustained write throughput, median of --repeats runs; a paced run at
+  --rate gives the latency the caller sees when serving at that rate. Both report the append
+  call's p50/p99/max (encoding included), and the traces dropped by the writer (none expected).
 - Registry: publish a --draft-mb draft and time until a `LiveWatcher` in the same process is
   told (pub/sub; its poll is set far beyond the test), then the weight load that follows.
 - Memory: Redis's used_memory per 1,000 traces, and so traces per GB.
@@ -29,10 +31,10 @@ from rich.table import Table
 
 from store.redis_server import LocalRedis
 from store.registry import LiveWatcher, Registry
-from store.traces import StreamConfig, Trace, TraceWriter
+from store.traces import StreamConfig, Trace, TraceWriter, encode
 
 
-def make_trace(tokens: int, top_k: int, seed: int = 0) -> Trace:
+def make_trace(tokens: int, top_k: int, vocab: int, seed: int = 0) -> Trace:
     rng = np.random.default_rng(seed)
     steps = tokens // 3
     return Trace(
@@ -41,9 +43,9 @@ def make_trace(tokens: int, top_k: int, seed: int = 0) -> Trace:
         domain="python",
         target_id="bench-target",
         draft_versions=("draft:v1",),
-        prompt_ids=rng.integers(0, 32_000, 64).astype(np.int32),
-        output_ids=rng.integers(0, 32_000, tokens).astype(np.int32),
-        top_ids=rng.integers(0, 32_000, (tokens, top_k)).astype(np.int32),
+        prompt_ids=rng.integers(0, vocab, 64).astype(np.int32),
+        output_ids=rng.integers(0, vocab, tokens).astype(np.int32),
+        top_ids=rng.integers(0, vocab, (tokens, top_k)).astype(np.int32),
         top_logprobs=-rng.exponential(2.0, (tokens, top_k)).astype(np.float16),
         drafted=np.full(steps, 4, np.uint8),
         accepted=rng.integers(0, 5, steps).astype(np.uint8),
@@ -60,17 +62,20 @@ def quantiles_ms(seconds: list[float]) -> dict[str, float]:
     }
 
 
-def append_run(server: LocalRedis, base: Trace, count: int, rate: float | None, stream: str) -> dict:
-    """Append `count` traces (paced at `rate` per second, or a burst) and wait until all are written."""
+def append_run(
+    server: LocalRedis, base: Trace, count: int, rate: float | None, stream: str, max_len: int
+) -> dict:
+    """Append `count` traces (paced at `rate` per second, or a burst) and wait until all are written.
+    The stream is capped at max_len, so a run longer than that measures the steady state, trims
+    included (no trainer reads here, so every trimmed trace counts as unprocessed)."""
     client = server.client()
-    writer = TraceWriter(client, StreamConfig(stream=stream, max_len=count + 1), queue_cap=count)
+    writer = TraceWriter(client, StreamConfig(stream=stream, max_len=max_len), queue_cap=count)
     traces = [replace(base, request_id=f"{stream}-{i}") for i in range(count)]
     latencies = []
     start = time.perf_counter()
     for i, trace in enumerate(traces):
-        if rate is not None:
-            while time.perf_counter() < start + i / rate:
-                pass  # busy-wait: sleep() granularity is coarser than the interval
+        if rate is not None and (wait := start + i / rate - time.perf_counter()) > 0:
+            time.sleep(wait)
         began = time.perf_counter()
         writer.append(trace)
         latencies.append(time.perf_counter() - began)
@@ -80,10 +85,11 @@ def append_run(server: LocalRedis, base: Trace, count: int, rate: float | None, 
     total = time.perf_counter() - start
     writer.close()
     stats = writer.stats()
-    client.delete(stream)
+    client.delete(stream, StreamConfig(stream=stream).lost_key)
     client.close()
     return {
         "traces": count,
+        "max_len": max_len,
         "offered_per_s": None if rate is None else rate,
         "append_seconds": round(appended, 3),
         "written_per_s": round(stats.written / total, 1),
@@ -164,9 +170,13 @@ def memory_run(server: LocalRedis, base: Trace, count: int) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osd bench store", description=__doc__.splitlines()[0])
     p.add_argument("--traces", type=int, default=20_000, help="traces per append run")
+    p.add_argument("--max-len", type=int, default=5_000, help="stream cap during the append runs")
+    p.add_argument("--repeats", type=int, default=3, help="burst runs; the median is reported")
     p.add_argument("--rate", type=float, default=5_000, help="traces per second offered in the paced run")
     p.add_argument("--tokens", type=int, default=256, help="output tokens per trace")
     p.add_argument("--top-k", type=int, default=16, help="logged top-K per position")
+    p.add_argument("--vocab", type=int, default=32_000, help="vocabulary of the trace ids (uint16 ids)")
+    p.add_argument("--wide-vocab", type=int, default=151_936, help="a vocabulary needing int32 ids")
     p.add_argument("--draft-mb", type=float, default=10.0, help="draft size for the registry run")
     p.add_argument("--registry-repeats", type=int, default=10)
     p.add_argument("--json", type=Path, help="write the report here")
@@ -176,12 +186,18 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     console = Console()
-    base = make_trace(args.tokens, args.top_k)
+    base = make_trace(args.tokens, args.top_k, args.vocab)
+    wide = make_trace(args.tokens, args.top_k, args.wide_vocab)
     with LocalRedis() as server:
-        with console.status("trace appends: burst"):
-            burst = append_run(server, base, args.traces, None, "bench:burst")
+        bursts = []
+        for i in range(args.repeats):
+            with console.status(f"trace appends: burst {i + 1}/{args.repeats}"):
+                bursts.append(append_run(server, base, args.traces, None, "bench:burst", args.max_len))
+        burst = sorted(bursts, key=lambda run: run["written_per_s"])[len(bursts) // 2]  # the median run
+        with console.status(f"trace appends: burst, vocabulary {args.wide_vocab}"):
+            wide_burst = append_run(server, wide, args.traces, None, "bench:wide", args.max_len)
         with console.status(f"trace appends: paced at {args.rate:.0f}/s"):
-            paced = append_run(server, base, args.traces, args.rate, "bench:paced")
+            paced = append_run(server, base, args.traces, args.rate, "bench:paced", args.max_len)
         with console.status(f"registry: {args.draft_mb} MB draft"):
             registry = registry_run(server, args.draft_mb, args.registry_repeats)
         with console.status("memory"):
@@ -191,16 +207,35 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "store",
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
         "redis_version": version,
-        "trace": {"output_tokens": args.tokens, "top_k": args.top_k, "prompt_tokens": 64},
-        "append_burst": burst,
+        "trace": {
+            "output_tokens": args.tokens,
+            "top_k": args.top_k,
+            "prompt_tokens": 64,
+            "vocab": args.vocab,
+        },
+        "trace_bytes": {
+            "vocab": sum(map(len, encode(base).values())),
+            "wide_vocab": sum(map(len, encode(wide).values())),
+        },
+        "append_burst": burst,  # the median of the burst runs by written/s
+        "append_burst_written_per_s_runs": [run["written_per_s"] for run in bursts],
+        "append_burst_wide_vocab": wide_burst | {"vocab": args.wide_vocab},
         "append_paced": paced,
         "registry": registry,
         "memory": memory,
     }
-    table = Table(title=f"store on redis {version}: {args.tokens}-token traces with top-{args.top_k}")
+    table = Table(
+        title=f"store on redis {version}: {args.tokens}-token traces with top-{args.top_k}, "
+        f"{report['trace_bytes']['vocab']} bytes (vocabulary {args.vocab})"
+    )
     for column in ("run", "written/s", "dropped", "caller p50 ms", "caller p99 ms", "caller max ms"):
         table.add_column(column, justify="right")
-    for name, run in (("burst", burst), (f"paced {args.rate:.0f}/s", paced)):
+    runs = (
+        (f"burst, median of {args.repeats}", burst),
+        (f"burst, vocabulary {args.wide_vocab}", wide_burst),
+        (f"paced {args.rate:.0f}/s", paced),
+    )
+    for name, run in runs:
         latency = run["caller_latency"]
         table.add_row(
             name,

@@ -302,22 +302,27 @@ class LiveWatcher:
             self.on_change(self.registry.get(self.name, self.domain, version))
 
     def _run(self) -> None:
-        pubsub = None
+        pubsub, next_poll = None, 0.0
         while not self._stop.is_set():
             try:
                 if pubsub is None:
                     pubsub = self.registry.client.pubsub(ignore_subscribe_messages=True)
                     pubsub.subscribe(EVENTS_CHANNEL)
-                self._check()
-                pubsub.get_message(timeout=self.poll_seconds)  # any event, or the poll interval
+                    next_poll = 0.0
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + self.poll_seconds
+                    self._check()
+                if pubsub.get_message(timeout=min(0.5, self.poll_seconds)) is not None:
+                    self._check()  # any registry event: look now
             except redis.RedisError as err:
                 log.warning("registry watch for %s/%s failed, retrying: %s", self.name, self.domain, err)
                 pubsub = None
-                self._stop.wait(self.poll_seconds)
+                self._stop.wait(min(self.poll_seconds, 5.0))
             except Exception:  # on_change failed (e.g. refused weights): keep watching
                 log.exception("handling live version of %s/%s failed", self.name, self.domain)
-                self._stop.wait(self.poll_seconds)
+        if pubsub is not None:
+            pubsub.close()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(self.poll_seconds + 1)
+        self._thread.join(5.0)

@@ -1,18 +1,22 @@
 """The trace stream: one Redis Stream entry per served request, written without blocking serving.
 
-Servers append through `TraceWriter`: `append` puts the trace on a bounded in-process queue and
-returns; a background thread encodes and pipelines XADDs. When Redis is slow or down nothing
+Servers append through `TraceWriter`: `append` encodes the trace, puts it on a bounded in-process
+queue and returns; background threads pipeline the XADDs, so entries land in batches, roughly in
+append order. When Redis is slow or down nothing
 waits: the queue keeps the newest `queue_cap` traces, drops the oldest (counted), and writing
 resumes when Redis answers again.
 
 The trainer reads through `TraceReader`, a consumer in one consumer group: XREADGROUP for new
 entries, its own pending entries first after a restart, XAUTOCLAIM for entries a dead consumer
 left pending, and XACK only when the caller says the entries are committed. Delivery is at least
-once; the stream id (`Delivery.entry_id`) is the key to deduplicate by.
+once across restarts and claims, keyed by stream id (`Delivery.entry_id`): a reader never hands
+out an entry it delivered and has not yet seen acked, even when XAUTOCLAIM gives it back.
 
-Entries are binary fields, never pickle: little-endian int32 ids, float16 log-probs and hidden
-states, uint8 per-step counts, and a small JSON `meta`. Every entry carries the schema version
-`v`; entries of another version, or malformed ones, are skipped, counted and acked.
+Entries are binary fields, never pickle: little-endian token ids (uint16 when every id of the
+trace fits, which halves the largest field for vocabularies up to 65,536, else int32), float16
+log-probs and hidden states, uint8 per-step counts, and a small JSON `meta`. Every entry carries
+the schema version `v`; entries of another version, or malformed ones, are skipped, counted and
+acked.
 
 Retention: the writer trims the stream to about `max_len` entries (MAXLEN ~) every `trim_every`
 writes, oldest first. Trimmed entries the trainer's group had not yet acked are counted
@@ -44,7 +48,7 @@ DEFAULT_GROUP = "trainer"
 class Trace:
     """What one request left behind (DESIGN.md, Trace contract). T output tokens, K top entries.
 
-    prompt_ids [P], output_ids [T]: int32 token ids.
+    prompt_ids [P], output_ids [T]: token ids (decoded as uint16 or int32, as written).
     top_ids [T, K], top_logprobs [T, K]: the target's top-K ids and log-probs at each output position.
     drafted [S], accepted [S]: tokens drafted and accepted at each of the S steps.
     hidden [T, H]: the target's last hidden state at each output position (sampled requests only).
@@ -69,7 +73,8 @@ class TraceDecodeError(ValueError):
     """An entry that is not a trace of this schema."""
 
 
-_IDS, _HALF, _COUNT = np.dtype("<i4"), np.dtype("<f2"), np.dtype("u1")
+_IDS = {2: np.dtype("<u2"), 4: np.dtype("<i4")}  # token ids: 2 bytes when every id fits, else 4
+_HALF, _COUNT = np.dtype("<f2"), np.dtype("u1")
 
 
 def encode(trace: Trace) -> dict[bytes, bytes]:
@@ -79,6 +84,10 @@ def encode(trace: Trace) -> dict[bytes, bytes]:
         raise ValueError("output_ids [T], top_ids [T, K] and top_logprobs [T, K] disagree in shape")
     if len(trace.accepted) != steps:
         raise ValueError("drafted and accepted need one count per step")
+    id_arrays = [np.asarray(a) for a in (trace.prompt_ids, trace.output_ids, trace.top_ids)]
+    if any(a.size and a.min() < 0 for a in id_arrays):
+        raise ValueError("token ids must be >= 0")
+    id_bytes = 2 if all(not a.size or a.max() < 2**16 for a in id_arrays) else 4
     meta = {
         "request_id": trace.request_id,
         "time": trace.time,
@@ -88,13 +97,18 @@ def encode(trace: Trace) -> dict[bytes, bytes]:
         "sampling": trace.sampling,
         "top_k": top_k,
         "hidden_size": None if trace.hidden is None else int(np.shape(trace.hidden)[1]),
+        "id_bytes": id_bytes,
     }
+    try:
+        meta_json = json.dumps(meta, separators=(",", ":")).encode()
+    except TypeError as err:
+        raise ValueError(f"trace metadata is not JSON: {err}") from err
     fields = {
         b"v": str(SCHEMA_VERSION).encode(),
-        b"meta": json.dumps(meta, separators=(",", ":")).encode(),
-        b"prompt": np.asarray(trace.prompt_ids, _IDS).tobytes(),
-        b"output": np.asarray(trace.output_ids, _IDS).tobytes(),
-        b"top_ids": np.asarray(trace.top_ids, _IDS).tobytes(),
+        b"meta": meta_json,
+        b"prompt": id_arrays[0].astype(_IDS[id_bytes]).tobytes(),
+        b"output": id_arrays[1].astype(_IDS[id_bytes]).tobytes(),
+        b"top_ids": id_arrays[2].astype(_IDS[id_bytes]).tobytes(),
         b"top_logprobs": np.asarray(trace.top_logprobs, _HALF).tobytes(),
         b"drafted": np.asarray(trace.drafted, _COUNT).tobytes(),
         b"accepted": np.asarray(trace.accepted, _COUNT).tobytes(),
@@ -111,8 +125,8 @@ def decode(fields: dict[bytes, bytes]) -> Trace:
         raise TraceDecodeError(f"schema version {version!r}, this reader knows {SCHEMA_VERSION}")
     try:
         meta = json.loads(fields[b"meta"])
-        top_k, hidden_size = meta["top_k"], meta["hidden_size"]
-        output = np.frombuffer(fields[b"output"], _IDS)
+        top_k, hidden_size, ids = meta["top_k"], meta["hidden_size"], _IDS[meta["id_bytes"]]
+        output = np.frombuffer(fields[b"output"], ids)
         length = len(output)
         hidden = None
         if hidden_size is not None:
@@ -123,9 +137,9 @@ def decode(fields: dict[bytes, bytes]) -> Trace:
             domain=str(meta["domain"]),
             target_id=str(meta["target_id"]),
             draft_versions=tuple(map(str, meta["draft_versions"])),
-            prompt_ids=np.frombuffer(fields[b"prompt"], _IDS),
+            prompt_ids=np.frombuffer(fields[b"prompt"], ids),
             output_ids=output,
-            top_ids=np.frombuffer(fields[b"top_ids"], _IDS).reshape(length, top_k),
+            top_ids=np.frombuffer(fields[b"top_ids"], ids).reshape(length, top_k),
             top_logprobs=np.frombuffer(fields[b"top_logprobs"], _HALF).reshape(length, top_k),
             drafted=np.frombuffer(fields[b"drafted"], _COUNT),
             accepted=np.frombuffer(fields[b"accepted"], _COUNT),
@@ -143,35 +157,31 @@ def is_held_out(request_id: str, fraction: float) -> bool:
 
 
 # Trim the stream to about ARGV[2] entries (MAXLEN ~, whole radix nodes), oldest first, and add
-# to KEYS[2] how many of the trimmed entries group ARGV[1] had not processed: never delivered (after
-# its last-delivered id) or delivered but not acked (pending). Returns {trimmed, unprocessed}.
+# to KEYS[2] how many of the trimmed entries group ARGV[1] had not processed: never delivered, or
+# delivered but still pending. Entries read by the group are the oldest ones, so of `len` entries
+# with `lag` still undelivered, the first len - min(lag, len) were delivered; the pending ones among
+# the trimmed lie between the old and the new first entry. No entry body is read, except the two
+# first entries. Returns {trimmed, unprocessed}.
 _TRIM = """
 local stream, lost_key, group, cap = KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2])
 local len = redis.call('XLEN', stream)
 if len <= cap then return {0, 0} end
-local function parse(id)
-  local ms, seq = string.match(id, '(%d+)-(%d+)')
-  return tonumber(ms), tonumber(seq)
-end
-local function after(a, b)
-  local am, as = parse(a); local bm, bs = parse(b)
-  return am > bm or (am == bm and as > bs)
-end
-local cut = redis.call('XRANGE', stream, '-', '+', 'COUNT', len - cap)
-local last, pending = '0-0', {}
+local lag, pending = len, 0
 for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
   local g = {}
   for i = 1, #info, 2 do g[info[i]] = info[i + 1] end
   if g['name'] == group then
-    last = g['last-delivered-id']
-    local cut_pending = redis.call('XPENDING', stream, group, '-', cut[#cut][1], #cut)
-    for _, p in ipairs(cut_pending) do pending[p[1]] = true end
+    lag, pending = g['lag'] or len, g['pending']
   end
 end
+local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1][1]
 local trimmed = redis.call('XTRIM', stream, 'MAXLEN', '~', cap)
-local lost = 0
-for i = 1, trimmed do
-  if pending[cut[i][1]] or after(cut[i][1], last) then lost = lost + 1 end
+if trimmed == 0 then return {0, 0} end
+local lost = math.max(0, trimmed - (len - math.min(lag, len)))
+if pending > 0 then
+  local kept = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
+  local bound = kept and ('(' .. kept[1]) or '+'
+  lost = lost + #redis.call('XPENDING', stream, group, first, bound, pending)
 end
 if lost > 0 then redis.call('INCRBY', lost_key, lost) end
 return {trimmed, lost}
@@ -219,34 +229,42 @@ class WriterStats:
 
 
 class TraceWriter:
-    """Appends traces without blocking the caller; a daemon thread writes them in pipelined batches."""
+    """Appends traces without waiting on Redis; daemon threads write them in pipelined batches."""
 
     def __init__(
         self,
         client: redis.Redis,
         config: StreamConfig = StreamConfig(),
         queue_cap: int = 10_000,
-        batch_size: int = 128,
-        trim_every: int = 200,
+        batch_size: int = 64,
+        writers: int = 2,
+        trim_every: int = 1_000,
         retry_seconds: tuple[float, float] = (0.05, 1.0),
     ):
-        if queue_cap < 1 or batch_size < 1:
-            raise ValueError("queue_cap and batch_size must be >= 1")
+        if queue_cap < 1 or batch_size < 1 or writers < 1:
+            raise ValueError("queue_cap, batch_size and writers must be >= 1")
         self.client, self.config = client, config
         self.queue_cap, self.batch_size, self.trim_every = queue_cap, batch_size, trim_every
         self.retry_seconds = retry_seconds
-        self._queue: deque[Trace] = deque()
+        self._queue: deque[dict[bytes, bytes]] = deque()  # encoded traces
         self._cond = threading.Condition()
         self._closed = False
         self._appended = self._written = self._dropped = self._errors = 0
         self._connected, self._last_error = True, None
         self._in_flight = self._since_trim = 0  # traces being written; written since the last trim
+        self._next_lost_warning, self._group_ready = 0.0, False
         self._trim = client.register_script(_TRIM)
-        self._thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
-        self._thread.start()
+        # Two connections overlap one batch's transfer with Redis processing the other's.
+        self._threads = [
+            threading.Thread(target=self._run, name=f"trace-writer-{i}", daemon=True) for i in range(writers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def append(self, trace: Trace) -> None:
-        """Queue one trace; never blocks on Redis. A full queue drops its oldest trace."""
+        """Encode and queue one trace; never waits on Redis. A full queue drops its oldest trace.
+        A trace that cannot be encoded raises ValueError here, in the caller."""
+        fields = encode(trace)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the trace writer is closed")
@@ -254,7 +272,7 @@ class TraceWriter:
             if len(self._queue) >= self.queue_cap:
                 self._queue.popleft()
                 self._dropped += 1
-            self._queue.append(trace)
+            self._queue.append(fields)
             self._cond.notify()
 
     def stats(self) -> WriterStats:
@@ -286,7 +304,8 @@ class TraceWriter:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
 
     def _run(self) -> None:
         delay = self.retry_seconds[0]
@@ -297,7 +316,7 @@ class TraceWriter:
                 if not self._queue:
                     return
                 batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
-                self._in_flight = len(batch)
+                self._in_flight += len(batch)
             try:
                 self._write(batch)
             except redis.RedisError as err:
@@ -308,20 +327,22 @@ class TraceWriter:
             delay = self.retry_seconds[0]
             with self._cond:
                 self._written += len(batch)
-                self._in_flight = 0
+                self._in_flight -= len(batch)
                 self._connected, self._since_trim = True, self._since_trim + len(batch)
+                trim_now = self._since_trim >= self.trim_every
+                if trim_now:
+                    self._since_trim = 0
                 self._cond.notify_all()
-            if self._since_trim >= self.trim_every:
-                self._since_trim = 0
+            if trim_now:
                 self._trim_quietly()
 
-    def _write(self, batch: list[Trace]) -> None:
+    def _write(self, batch: list[dict[bytes, bytes]]) -> None:
         pipe = self.client.pipeline(transaction=False)
-        for trace in batch:
-            pipe.xadd(self.config.stream, encode(trace))
+        for fields in batch:
+            pipe.xadd(self.config.stream, fields)
         pipe.execute()
 
-    def _requeue(self, batch: list[Trace], err: Exception) -> None:
+    def _requeue(self, batch: list[dict[bytes, bytes]], err: Exception) -> None:
         """Put a failed batch back in front of newer traces, dropping the oldest beyond the cap."""
         with self._cond:
             if self._connected:
@@ -331,19 +352,23 @@ class TraceWriter:
             overflow = max(0, len(batch) + len(self._queue) - self.queue_cap)
             self._dropped += overflow
             self._queue.extendleft(reversed(batch[overflow:]))
-            self._in_flight = 0
+            self._in_flight -= len(batch)
             self._cond.notify_all()
 
     def trim(self) -> tuple[int, int]:
         """Trim the stream to about max_len now: (entries trimmed, of which unprocessed)."""
-        ensure_group(self.client, self.config)
+        if not self._group_ready:  # so that a trainer that is not running yet still counts as behind
+            ensure_group(self.client, self.config)
+            self._group_ready = True
         trimmed, lost = self._trim(
             keys=[self.config.stream, self.config.lost_key], args=[self.config.group, self.config.max_len]
         )
-        if lost:
+        if lost and time.monotonic() >= self._next_lost_warning:  # at most once a minute
+            self._next_lost_warning = time.monotonic() + 60.0
             log.warning(
-                "trimmed %d traces the trainer had not processed (max_len %d)", lost, self.config.max_len
-            )
+                "trimming %s to max_len %d dropped traces the trainer had not processed; count in %s",
+                self.config.stream, self.config.max_len, self.config.lost_key,
+            )  # fmt: skip
         return trimmed, lost
 
     def _trim_quietly(self) -> None:
@@ -382,6 +407,7 @@ class TraceReader:
         self.claim_idle_ms = claim_idle_ms
         self.skipped_unknown = self.claimed = 0
         self._own_pending_done = False
+        self._holding: set[bytes] = set()  # delivered by this reader and not yet acked
         ensure_group(client, config)
 
     def read(self, count: int = 64, block_ms: int | None = None) -> list[Delivery]:
@@ -400,7 +426,11 @@ class TraceReader:
 
     def ack(self, entry_ids: list[bytes]) -> int:
         """Acknowledge entries as committed; returns how many were pending."""
-        return self.client.xack(self.config.stream, self.config.group, *entry_ids) if entry_ids else 0
+        if not entry_ids:
+            return 0
+        acked = self.client.xack(self.config.stream, self.config.group, *entry_ids)
+        self._holding.difference_update(entry_ids)
+        return acked
 
     def backlog(self) -> TraceBacklog:
         pipe = self.client.pipeline(transaction=False)
@@ -423,7 +453,10 @@ class TraceReader:
         reply = self.client.xautoclaim(
             self.config.stream, self.config.group, self.consumer, self.claim_idle_ms, "0-0", count=count
         )
-        claimed = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
+        # Entries this reader still holds come back once idle long enough; it is not done with them.
+        claimed = [
+            (entry_id, fields) for entry_id, fields in reply[1] if fields and entry_id not in self._holding
+        ]
         self.claimed += len(claimed)
         return claimed
 
@@ -438,6 +471,7 @@ class TraceReader:
                 continue
             held_out = is_held_out(trace.request_id, self.config.held_out_fraction)
             deliveries.append(Delivery(entry_id, trace, held_out))
+            self._holding.add(entry_id)
         self.skipped_unknown += len(unreadable)
         self.ack(unreadable)  # nothing will ever read them: do not leave them pending
         return deliveries

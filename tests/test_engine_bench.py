@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks.engine import PRESETS, modelled_speedup, parser, run
+from benchmarks.engine import PRESETS, costed_speedup, modelled_speedup, parser, run
 from benchmarks.engine import main as main_bench
 from deploy.cli import main
 from tiny_models import TINY_DEMO
@@ -16,6 +16,14 @@ def test_modelled_speedup():
     assert modelled_speedup(1.0, 3, 0.5) == pytest.approx(4 / 2.5)
 
 
+def test_costed_speedup_interpolates_the_measured_verify_cost():
+    verify = {0: 1.0, 1: 1.2, 3: 1.6}
+    assert costed_speedup(2.0, 1.0, 0.25, verify) == pytest.approx(2.0 / (0.25 + 1.2))
+    assert costed_speedup(2.0, 2.0, 0.0, verify) == pytest.approx(2.0 / 1.4)  # halfway from k=1 to k=3
+    assert costed_speedup(1.0, 0.0, 0.3, verify) == pytest.approx(1.0)  # nothing drafted: an AR step
+    assert costed_speedup(3.0, 3.0, 0.0, verify) == pytest.approx(3.0 / 1.6)
+
+
 def test_bench_engine_writes_json(model_dirs, tmp_path):
     dirs = model_dirs["llama"]
     out = tmp_path / "bench.json"
@@ -25,6 +33,7 @@ def test_bench_engine_writes_json(model_dirs, tmp_path):
     (report,) = json.loads(out.read_text())["runs"]
     assert report["outputs_identical"] is True
     assert report["draft_cost_ratio_c"] > 0
+    assert set(report["verify_cost_v"]) == {"0", "2"} and report["verify_cost_v"]["0"] == 1.0
     rows = {(row["decoding"], row["engine"], row["proposer"]): row for row in report["rows"]}
     methods = {("ours", "none"), ("ours", "ngram"), ("ours", "draft"), ("hf", "none"), ("hf", "draft")}
     assert set(rows) == {(decoding, *method) for decoding in ("greedy", "sampled") for method in methods}
@@ -36,6 +45,7 @@ def test_bench_engine_writes_json(model_dirs, tmp_path):
         else:
             assert row["k"] == 2 and 0.0 <= row["acceptance_rate"] <= 1.0
             assert row["modelled_speedup"] > 0 and row["cost_ratio_c"] is not None
+            assert row["costed_speedup"] > 0 and row["fraction_of_costed"] > 0
     ours, assisted = rows["greedy", "ours", "draft"], rows["greedy", "hf", "draft"]
     assert ours["acceptance_rate"] > 0.2  # the near draft agrees with its target often
     # Greedy, same draft, same k held fixed: HF assisted generation accepts exactly what we accept.
