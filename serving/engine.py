@@ -37,11 +37,18 @@ ProposerName = Literal["draft", "ngram", "none"]
 
 @dataclass(frozen=True)
 class Generation:
-    """New tokens only (a stop token that ended generation is included, as HF generate does)."""
+    """New tokens only (a stop token that ended generation is included, as HF generate does).
+
+    top_ids, top_logprobs [T, K]: with generate(top_logprobs=K), the target's K most likely
+    tokens and their log-probs (temperature 1, before any sampling processing) at each of the T
+    output positions: the distributions the trainer distills from.
+    """
 
     token_ids: list[int]
     stats: SpecStats
     finish_reason: Literal["stop", "length"]
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
 
 
 class SpecEngine:
@@ -105,6 +112,7 @@ class SpecEngine:
         top_k: int = 0,
         seed: int | None = None,
         stop_token_ids: Iterable[int] | None = None,
+        top_logprobs: int = 0,
     ) -> Generation:
         """Generate up to max_new_tokens after prompt_ids.
 
@@ -121,6 +129,8 @@ class SpecEngine:
         )
         if seed is not None and not _is_int(seed):
             raise InvalidRequestError(f"seed must be an integer or None, got {seed!r}")
+        if not _is_int(top_logprobs) or not 0 <= top_logprobs <= self.vocab_size:
+            raise InvalidRequestError(f"top_logprobs must be an integer in [0, {self.vocab_size}]")
         generator = torch.Generator(device=self.device)
         if seed is None:
             generator.seed()
@@ -134,6 +144,16 @@ class SpecEngine:
         # The sequence lives in one buffer: tokens[:length] is emitted, drafts go right after it.
         tokens = torch.cat([prompt, prompt.new_empty(max_new_tokens)])  # [L + max_new_tokens]
         length, output, stats = prompt.shape[0], [], SpecStats()
+        tops: list[torch.return_types.topk] = []  # per step: the target's top-K at each emitted position
+
+        def finish(reason: Literal["stop", "length"]) -> Generation:
+            if not top_logprobs:
+                return Generation(output, stats, reason)
+            top_ids = torch.cat([top.indices for top in tops])[: len(output)]
+            return Generation(
+                output, stats, reason, top_ids, torch.cat([top.values for top in tops])[: len(output)]
+            )
+
         while True:
             remaining = max_new_tokens - len(output)
             proposal = self.proposer.propose(
@@ -151,15 +171,17 @@ class SpecEngine:
             accepted = int(verification.num_accepted[0])
             emitted = verification.tokens[0, : accepted + 1]
             stats.record(drafted, accepted)
+            if top_logprobs:
+                tops.append(torch.log_softmax(logits[: accepted + 1].float(), dim=-1).topk(top_logprobs))
             truncate_cache(cache, length + accepted)
             tokens[length : length + accepted + 1] = emitted
             length += accepted + 1
             for token in emitted.tolist():
                 output.append(token)
                 if token in stop_ids:
-                    return Generation(output, stats, "stop")
+                    return finish("stop")
             if len(output) >= max_new_tokens:
-                return Generation(output, stats, "length")
+                return finish("length")
 
     def _check_prompt(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Validate a request's prompt and length; return the prompt as ids [L] on the device."""

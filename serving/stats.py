@@ -17,6 +17,8 @@ class SpecStats:
     accepted: int = 0
     drafted_per_position: list[int] = field(default_factory=list)  # index i: draft position i+1
     accepted_per_position: list[int] = field(default_factory=list)
+    drafted_per_step: list[int] = field(default_factory=list)  # index s: step s+1 (a trace logs these)
+    accepted_per_step: list[int] = field(default_factory=list)
 
     def record(self, drafted: int, accepted: int) -> None:
         """Account one step that verified `drafted` tokens and accepted the first `accepted`."""
@@ -25,6 +27,8 @@ class SpecStats:
         self.steps += 1
         self.drafted += drafted
         self.accepted += accepted
+        self.drafted_per_step.append(drafted)
+        self.accepted_per_step.append(accepted)
         grow = drafted - len(self.drafted_per_position)
         if grow > 0:
             self.drafted_per_position.extend([0] * grow)
