@@ -1,0 +1,194 @@
+"""The online trainer on a real redis-server, with traces the engine produced on tiny models."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from serving.engine import SpecEngine
+from store.load import publish_load, read_load
+from store.metrics import MetricsConfig, MetricsRecorder, request_counters
+from store.traces import StreamConfig, Trace, TraceWriter, is_held_out
+from trainer.checkpoint import load_checkpoint
+from trainer.config import TrainerConfig
+from trainer.loop import OnlineTrainer, version_label
+
+STREAM = StreamConfig(stream="t:trainer", held_out_fraction=0.25)
+
+
+@pytest.fixture(scope="module")
+def traffic(model_dirs):
+    """Traces of the tiny llama target (sampled, so outputs vary) with its top-16 logged."""
+    engine = SpecEngine.from_pretrained(model_dirs["llama"]["target"])
+    rng = np.random.default_rng(0)
+    traces = []
+    for i in range(160):
+        prompt = rng.integers(3, 128, 6).tolist()
+        out = engine.generate(prompt, 24, temperature=1.0, seed=i, stop_token_ids=[], top_logprobs=16)
+        traces.append(
+            Trace(
+                request_id=f"req-{i}",
+                time=time.time(),
+                domain=["code", "prose"][i % 2],
+                target_id="tiny-llama",
+                draft_versions=("draft:v1",),
+                prompt_ids=np.array(prompt, np.int32),
+                output_ids=np.array(out.token_ids, np.int32),
+                top_ids=out.top_ids.numpy().astype(np.int32),
+                top_logprobs=out.top_logprobs.numpy().astype(np.float16),
+                drafted=np.array(out.stats.drafted_per_step, np.uint8),
+                accepted=np.array(out.stats.accepted_per_step, np.uint8),
+                sampling={"temperature": 1.0},
+            )
+        )
+    return traces
+
+
+def write(client, traces) -> None:
+    writer = TraceWriter(client, STREAM)
+    for trace in traces:
+        writer.append(trace)
+    writer.close()
+
+
+def config(tmp_path, **overrides) -> TrainerConfig:
+    settings = dict(
+        checkpoint_dir=tmp_path / "ckpt",
+        batch_size=8,
+        learning_rate=3e-3,
+        gate_every=10**6,  # the tests call the gate themselves
+        gate_min_positions=200,
+        checkpoint_every=5,
+        max_in_flight=100,
+        watch_requests=5,
+    )
+    return TrainerConfig(**settings | overrides)
+
+
+def train(trainer: OnlineTrainer, steps: int) -> None:
+    for _ in range(steps):
+        trainer.poll()
+        trainer.train_step()
+        if trainer.state.step % trainer.config.checkpoint_every == 0:
+            trainer.checkpoint()
+
+
+def test_training_on_traces_raises_expected_acceptance_and_the_gate_publishes(
+    redis_client, model_dirs, traffic, tmp_path
+):
+    write(redis_client, traffic)
+    trainer = OnlineTrainer(config(tmp_path), model_dirs["llama"]["small"], redis_client, stream=STREAM)
+    assert trainer.registry.live_version("draft") == 1  # the starting draft, published as the baseline
+    trainer.poll()
+    before = trainer.evaluate()
+    assert before.candidate == pytest.approx(before.live) and not before.publish
+    train(trainer, 60)
+    decision = trainer.maybe_publish()
+    assert decision.publish, decision.reason
+    assert decision.candidate > decision.live + 0.05, decision
+    live = trainer.registry.live("draft")
+    assert (
+        live.version == 2 and live.parent == 1 and live.gate_acceptance == pytest.approx(decision.candidate)
+    )
+    assert live.extra["gate"]["per_domain"].keys() == {"code", "prose"}
+    assert trainer.watching is not None
+
+
+def test_the_gate_refuses_a_damaged_candidate(redis_client, model_dirs, traffic, tmp_path):
+    write(redis_client, traffic)
+    trainer = OnlineTrainer(config(tmp_path), model_dirs["llama"]["small"], redis_client, stream=STREAM)
+    train(trainer, 30)
+    with torch.no_grad():
+        for param in trainer.model.parameters():
+            param.add_(torch.randn_like(param) * 2.0)
+    decision = trainer.maybe_publish()
+    assert not decision.publish and decision.candidate < decision.live
+    assert trainer.registry.live_version("draft") == 1
+    refused = trainer.registry.versions("draft")[-1]
+    assert refused.status == "rejected" and refused.extra["gate"]["publish"] is False
+
+
+def test_a_publish_is_rolled_back_when_live_acceptance_drops(redis_client, model_dirs, traffic, tmp_path):
+    write(redis_client, traffic)
+    metrics = MetricsConfig(prefix="t:metrics")
+    trainer = OnlineTrainer(
+        config(tmp_path, gate_min_positions=1, gate_margin=0.0),  # publish any improvement
+        model_dirs["llama"]["small"],
+        redis_client,
+        stream=STREAM,
+        metrics=metrics,
+    )
+    train(trainer, 3)
+    parent = trainer.registry.live("draft")
+    assert trainer.maybe_publish().publish
+    published, since = trainer.watching
+    recorder = MetricsRecorder(redis_client, metrics)
+    for i in range(10):  # the servers' view: 0.8 before the swap, 0.3 after, on both domains
+        for domain in ("code", "prose"):
+            recorder.record(
+                version_label(parent),
+                domain,
+                request_counters(10, 40, 32, 42, [], [], None, None),
+                since - 60 + i,
+            )
+            recorder.record(
+                version_label(published),
+                domain,
+                request_counters(10, 40, 12, 22, [], [], None, None),
+                since + 1 + i,
+            )
+    recorder.close()
+    verdict = trainer.maybe_watch()
+    assert (
+        verdict.action == "rollback"
+        and verdict.baseline == pytest.approx(0.8)
+        and verdict.after == pytest.approx(0.3)
+    )
+    assert trainer.registry.live_version("draft") == parent.version
+    assert trainer.registry.get("draft", "-", published.version).status == "rejected"
+    assert trainer.watching is None and trainer.state.live_version == parent.version
+
+
+def test_a_restarted_trainer_resumes_and_every_trace_is_trained_on(
+    redis_client, model_dirs, traffic, tmp_path
+):
+    write(redis_client, traffic[:80])
+    settings = config(tmp_path)
+    first = OnlineTrainer(settings, model_dirs["llama"]["small"], redis_client, stream=STREAM)
+    train(first, 7)  # checkpointed (and acked) at step 5; steps 6 and 7 are lost with the process
+    acked_at_crash = first.reader.backlog()
+    saved_weights, _, saved_state = load_checkpoint(settings.checkpoint_dir)
+    assert saved_state.step == 5 and acked_at_crash.pending > 0
+    del first  # as after kill -9: nothing more is written or acked
+
+    second = OnlineTrainer(settings, model_dirs["llama"]["small"], redis_client, stream=STREAM)
+    assert second.state.step == 5
+    for name, tensor in second.model.state_dict().items():
+        torch.testing.assert_close(tensor, saved_weights[name])
+    train(second, 40)
+    second.checkpoint()
+    backlog = second.reader.backlog()
+    assert backlog.pending == 0 and backlog.lag == 0  # everything read and acked
+    training = [t for t in traffic[:80] if not is_held_out(t.request_id, STREAM.held_out_fraction)]
+    # Acks follow a checkpointed step: the 5 steps before the crash plus the restart's account for
+    # every training trace exactly once; those trained in steps 6-7 were re-delivered and retrained.
+    assert second.state.trained_traces == len(training)
+
+
+def test_the_trainer_waits_while_servers_are_busy(redis_client, model_dirs, traffic, tmp_path):
+    write(redis_client, traffic[:20])
+    trainer = OnlineTrainer(
+        config(tmp_path, max_in_flight=2, pause_seconds=0.01),
+        model_dirs["llama"]["small"],
+        redis_client,
+        stream=STREAM,
+    )
+    publish_load(redis_client, "replica-a", in_flight=2, queued=1)
+    assert trainer.run_once() == "throttled" and trainer.state.step == 0
+    publish_load(redis_client, "replica-a", in_flight=1, queued=0, ttl_seconds=0.05)
+    assert trainer.run_once() == "trained" and trainer.state.step == 1
+    time.sleep(0.1)  # the replica's load expired: it no longer counts
+    assert read_load(redis_client) == []

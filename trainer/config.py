@@ -1,0 +1,66 @@
+"""The trainer's knobs, in one typed config. Defaults work on the demo world (CPU, tiny drafts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from distill.lora import LoraSpec
+from distill.losses import LossName, Selection
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    draft_name: str = "draft"  # registry name of the draft being trained
+    domain: str = "-"  # registry domain ("-": one draft for every domain)
+    # What to learn.
+    loss: LossName = "fkl"
+    jsd_beta: float = 0.5
+    selection: Selection = "all"
+    lora: LoraSpec | None = None  # None: full fine-tuning of the draft
+    # How.
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    batch_size: int = 8  # traces per step; new ones first, the rest replayed
+    max_seq_len: int = 256
+    grad_clip: float = 1.0
+    # The replay buffer.
+    buffer_cap: int = 2_000
+    recency_half_life: int = 500  # traces: a trace this much older is half as likely to be replayed
+    # Checkpoints (and the acks that follow them).
+    checkpoint_dir: Path = Path.home() / ".cache" / "osd" / "trainer"
+    checkpoint_every: int = 10  # steps
+    # The gate.
+    gate_every: int = 50  # steps between evaluations of the candidate
+    gate_window: int = 200  # the most recent held-out traces per domain to evaluate on
+    gate_margin: float = 0.01  # candidate must beat live expected acceptance by this much
+    gate_min_positions: int = 500  # held-out positions needed for a decision
+    # Watching a publish.
+    watch_requests: int = 50  # requests of the new version, per watched domain, before judging
+    watch_delta: float = 0.05  # roll back when live acceptance falls this far below the baseline
+    # Spare cycles.
+    max_in_flight: int = 2  # pause training while servers have more requests in flight than this
+    pause_seconds: float = 0.5
+    torch_threads: int = 1
+    niceness: int = 10
+    read_count: int = 64  # traces per read from the stream
+
+    def __post_init__(self):
+        checks = {
+            "learning_rate": self.learning_rate > 0,
+            "batch_size": self.batch_size >= 1,
+            "max_seq_len": self.max_seq_len >= 2,
+            "buffer_cap": self.buffer_cap >= self.batch_size,
+            "recency_half_life": self.recency_half_life > 0,
+            "checkpoint_every": self.checkpoint_every >= 1,
+            "gate_every": self.gate_every >= 1,
+            "gate_min_positions": self.gate_min_positions >= 1,
+            "watch_requests": self.watch_requests >= 1,
+            "jsd_beta": 0.0 < self.jsd_beta < 1.0,
+            "watch_delta": self.watch_delta >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"invalid trainer settings: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}"
+            )

@@ -1,0 +1,254 @@
+"""The online distillation loop, one iteration at a time: read traces, train a small step,
+checkpoint then ack, gate and publish, watch the publish and roll back.
+
+`OnlineTrainer` meets serving only through the store: traces in, registry versions out, metric
+series and server load read. trainer.actor runs it in its own process.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+
+import redis
+import torch
+from transformers import AutoModelForCausalLM
+
+from distill.acceptance import trace_acceptance
+from distill.batches import make_batch
+from distill.lora import adapter_weights, load_adapter_weights, wrap_lora
+from distill.losses import token_weights, topk_loss, weighted_mean
+from store.load import read_load
+from store.metrics import MetricsConfig, read_series
+from store.registry import DraftVersion, Registry
+from store.traces import StreamConfig, Trace, TraceReader
+from trainer.buffer import ReplayBuffer
+from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from trainer.config import TrainerConfig
+from trainer.gate import GateDecision, Tally, WatchVerdict, gate, watch
+
+log = logging.getLogger(__name__)
+
+
+def version_label(meta: DraftVersion) -> str:
+    """How servers label a draft version in metrics."""
+    return f"{meta.name}:v{meta.version}"
+
+
+class OnlineTrainer:
+    def __init__(
+        self,
+        config: TrainerConfig,
+        base_draft: str | Path,
+        client: redis.Redis,
+        consumer: str = "trainer-0",
+        stream: StreamConfig | None = None,
+        metrics: MetricsConfig | None = None,
+    ):
+        self.config, self.client, self.metrics = config, client, metrics or MetricsConfig()
+        model = AutoModelForCausalLM.from_pretrained(str(base_draft))
+        self.model = wrap_lora(model, config.lora) if config.lora else model
+        self.live_model = copy.deepcopy(self.model).eval()  # what servers run now, for the gate
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.reader = TraceReader(client, consumer, stream or StreamConfig())
+        self.registry = Registry(client)
+        self.buffer = ReplayBuffer(config.buffer_cap, config.recency_half_life)
+        self.gate_set: dict[str, deque[Trace]] = defaultdict(lambda: deque(maxlen=config.gate_window))
+        self.pending_acks: list[bytes] = []
+        self.generator = torch.Generator().manual_seed(0)
+        self.state = TrainerState()
+        self.watching: tuple[DraftVersion, float] | None = None  # the publish being watched, and when
+        self.last_loss: float | None = None
+        restored = load_checkpoint(config.checkpoint_dir)
+        if restored is not None:
+            weights, optimizer_state, self.state = restored
+            self._load_weights(self.model, weights)
+            self.optimizer.load_state_dict(optimizer_state)
+            log.info("trainer resumed at step %d", self.state.step)
+        self._sync_live()
+
+    # Weights: the full draft, or only its LoRA adapter.
+    def weights(self, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        model = model or self.model
+        if self.config.lora:
+            return adapter_weights(model)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def _load_weights(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        if self.config.lora:
+            load_adapter_weights(model, weights)
+        else:
+            model.load_state_dict(weights)
+
+    def _sync_live(self) -> None:
+        """Agree with the registry on the live version; publish the starting draft as the first."""
+        live = self.registry.live(self.config.draft_name, self.config.domain)
+        if live is None:
+            live = self.registry.publish(
+                self.config.draft_name,
+                self.weights(),
+                domain=self.config.domain,
+                kind="lora" if self.config.lora else "full",
+                extra={"origin": "starting draft"},
+            )
+        if live.version != self.state.live_version:
+            self._load_weights(self.live_model, self.registry.load(live))
+            if self.state.live_version is None:
+                self._load_weights(self.model, self.registry.load(live))
+            self.state.live_version = live.version
+
+    # One iteration.
+    def run_once(self) -> str:
+        """Do the next piece of work; returns what it did: throttled, idle or trained."""
+        if self._busy():
+            time.sleep(self.config.pause_seconds)
+            return "throttled"
+        self.poll()
+        if self.train_step() is None:
+            self.maybe_watch()
+            return "idle"
+        if self.state.step % self.config.checkpoint_every == 0:
+            self.checkpoint()
+        if self.state.step % self.config.gate_every == 0:
+            self.maybe_publish()
+        self.maybe_watch()
+        return "trained"
+
+    def _busy(self) -> bool:
+        in_flight = sum(load.in_flight + load.queued for load in read_load(self.client))
+        return in_flight > self.config.max_in_flight
+
+    def poll(self) -> int:
+        """Read traces while fewer than a batch of untrained ones wait; held-out ones go to the gate set."""
+        if self.buffer.untrained >= self.config.batch_size:
+            return 0
+        deliveries = self.reader.read(count=self.config.read_count)
+        gate_only = []
+        for delivery in deliveries:
+            if delivery.held_out:
+                self.gate_set[delivery.trace.domain].append(delivery.trace)
+                gate_only.append(delivery.entry_id)  # evaluated on, never trained on
+            else:
+                self.buffer.add(delivery.entry_id, delivery.trace)
+        self.reader.ack(gate_only)
+        return len(deliveries)
+
+    def train_step(self) -> float | None:
+        entries = self.buffer.batch(self.config.batch_size, self.generator)
+        if not entries:
+            return None
+        batch = make_batch([e.trace for e in entries], self.config.max_seq_len)
+        self.model.train()
+        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        weights = token_weights(
+            self.config.selection, batch.mask, logits.detach(), batch.emitted, batch.top_logprobs
+        )
+        per_position = topk_loss(
+            self.config.loss, logits, batch.top_ids, batch.top_logprobs, batch.emitted, self.config.jsd_beta
+        )
+        loss = weighted_mean(per_position, weights)
+        self.optimizer.zero_grad()
+        loss.backward()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(trainable, self.config.grad_clip)
+        self.optimizer.step()
+        first_time = self.buffer.mark_trained(entries)
+        self.pending_acks += first_time
+        self.state.step += 1
+        self.state.trained_traces += len(first_time)
+        self.last_loss = loss.item()
+        return self.last_loss
+
+    def checkpoint(self) -> None:
+        """Save, then ack every trace trained on since the last checkpoint."""
+        save_checkpoint(self.config.checkpoint_dir, self.weights(), self.optimizer, self.state)
+        self.reader.ack(self.pending_acks)
+        self.pending_acks = []
+
+    def evaluate(self) -> GateDecision:
+        """Candidate (the model in training) against the live version on the held-out traces."""
+        candidate, live = {}, {}
+        self.model.eval()
+        for domain, traces in self.gate_set.items():
+            if not traces:
+                continue
+            for tallies, model in ((candidate, self.model), (live, self.live_model)):
+                per_trace = trace_acceptance(model, list(traces), self.config.max_seq_len)
+                tallies[domain] = Tally(sum(s for s, _ in per_trace), sum(n for _, n in per_trace))
+        return gate(candidate, live, self.config.gate_margin, self.config.gate_min_positions)
+
+    def maybe_publish(self) -> GateDecision:
+        decision = self.evaluate()
+        self._remember({"kind": "gate", "step": self.state.step, **decision.record()})
+        if decision.publish:
+            self.checkpoint()  # the published weights are recoverable from the trainer's side too
+            weights = self.weights()
+            published = self.registry.publish(
+                self.config.draft_name,
+                weights,
+                domain=self.config.domain,
+                parent=self.state.live_version,
+                train_steps=self.state.step,
+                gate_acceptance=decision.candidate,
+                kind="lora" if self.config.lora else "full",
+                extra={"gate": decision.record()},
+            )
+            self._load_weights(self.live_model, weights)
+            self.state.live_version = published.version
+            self.watching = (published, time.time())
+            log.info("published %s: %s", version_label(published), decision.reason)
+        elif decision.positions >= self.config.gate_min_positions:  # a real refusal, not a wait
+            refused = self.registry.add(
+                self.config.draft_name,
+                self.weights(),
+                domain=self.config.domain,
+                parent=self.state.live_version,
+                train_steps=self.state.step,
+                gate_acceptance=decision.candidate,
+                kind="lora" if self.config.lora else "full",
+                extra={"gate": decision.record()},
+            )
+            self.registry.reject(self.config.draft_name, self.config.domain, refused.version, decision.reason)
+        return decision
+
+    def maybe_watch(self) -> WatchVerdict | None:
+        """After a publish: keep it, or roll back to its parent when live acceptance dropped."""
+        if self.watching is None:
+            return None
+        published, since = self.watching
+        parent = self.registry.get(published.name, published.domain, published.parent)
+        points = read_series(self.client, self.metrics, since=since - 3600)
+        baseline, after, requests = defaultdict(Tally), defaultdict(Tally), defaultdict(int)
+        for point in points:
+            tally = Tally(point.counts["accepted"], point.counts["drafted"])
+            if point.version == version_label(parent) and point.start < since:
+                baseline[point.domain] += tally
+            elif point.version == version_label(published):
+                after[point.domain] += tally
+                requests[point.domain] += point.counts["requests"]
+        verdict = watch(baseline, after, requests, self.config.watch_requests, self.config.watch_delta)
+        if verdict.action == "rollback":
+            self.registry.rollback(published.name, published.domain, to=parent.version, reason=verdict.reason)
+            weights = self.registry.load(parent)
+            self._load_weights(self.live_model, weights)
+            self._load_weights(self.model, weights)  # train on from the version that worked
+            self.state.live_version = parent.version
+            log.warning("rolled back %s: %s", version_label(published), verdict.reason)
+        if verdict.action != "wait":
+            self._remember(
+                {
+                    "kind": "watch",
+                    "version": published.version,
+                    "action": verdict.action,
+                    "reason": verdict.reason,
+                }
+            )
+            self.watching = None
+        return verdict
+
+    def _remember(self, event: dict) -> None:
+        self.state.history = (self.state.history + [event | {"time": time.time()}])[-50:]
