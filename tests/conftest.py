@@ -53,3 +53,19 @@ def redis_client(redis_server):
     client.flushdb()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the session, with its CPUs pinned."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _node_ip_address="127.0.0.1",  # loopback only
+    )
+    yield ray
+    ray.shutdown()

@@ -80,7 +80,8 @@ def test_training_on_traces_raises_expected_acceptance_and_the_gate_publishes(
     redis_client, model_dirs, traffic, tmp_path
 ):
     write(redis_client, traffic)
-    trainer = OnlineTrainer(config(tmp_path), model_dirs["llama"]["small"], redis_client, stream=STREAM)
+    settings = config(tmp_path, batch_size=4, learning_rate=1e-2)
+    trainer = OnlineTrainer(settings, model_dirs["llama"]["small"], redis_client, stream=STREAM)
     assert trainer.registry.live_version("draft") == 1  # the starting draft, published as the baseline
     trainer.poll()
     before = trainer.evaluate()

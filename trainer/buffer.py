@@ -1,9 +1,10 @@
 """The replay buffer: traces waiting to be trained on, and those kept for replay.
 
 Every new trace is trained on at least once: a batch takes untrained traces first (oldest first)
-and fills up with replayed ones, drawn with weights that halve every `half_life` arrivals. The
-buffer keeps at most `cap` traces, evicting the oldest trained ones; the trainer reads from the
-stream only while fewer than a batch of untrained traces wait, so untrained ones are never evicted.
+and fills up with replayed ones (no new trace, no step), drawn with weights that halve every
+`half_life` arrivals. The buffer keeps at most `cap` traces, evicting the oldest trained ones;
+the trainer reads from the stream only while fewer than a batch of untrained traces wait, so
+untrained ones are never evicted.
 (OSD's research loop instead cleared its buffer every I requests.)
 """
 
@@ -52,8 +53,11 @@ class ReplayBuffer:
         return True
 
     def batch(self, size: int, generator: torch.Generator) -> list[Entry]:
-        """Up to `size` entries: untrained first, then replayed by recency weight."""
+        """Up to `size` entries: untrained first, then replayed by recency weight. Empty when no
+        untrained entry waits: replay alone does not train (it would only overfit the past)."""
         chosen = [e for e in self._entries.values() if not e.trained][:size]
+        if not chosen:
+            return []
         replayable = [e for e in self._entries.values() if e.trained]
         if len(chosen) < size and replayable:
             ages = torch.tensor([self._arrivals - e.arrival for e in replayable], dtype=torch.float64)

@@ -1,0 +1,75 @@
+"""The trainer as a Ray actor: `kill -9` mid-training, Ray restarts it, it resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+from test_trainer_loop import STREAM, write
+from test_trainer_loop import traffic as traffic  # noqa: F401 - the shared fixture
+
+from store.traces import is_held_out
+from trainer.actor import TrainerActor
+from trainer.checkpoint import load_checkpoint
+from trainer.config import TrainerConfig
+
+
+def wait_for(condition, timeout: float = 60.0, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every)
+
+
+def test_kill_9_restarts_and_resumes_with_no_trace_lost(
+    ray_session,
+    redis_server,
+    redis_client,
+    model_dirs,
+    traffic,
+    tmp_path,  # noqa: F811
+):
+    write(redis_client, traffic[:100])
+    config = TrainerConfig(
+        checkpoint_dir=tmp_path / "ckpt", batch_size=4, checkpoint_every=3, gate_every=10**6,
+        max_in_flight=100, pause_seconds=0.05, niceness=0,
+    )  # fmt: skip
+    actor = TrainerActor.remote(
+        config, str(model_dirs["llama"]["small"]), redis_server.url, "trainer-0", STREAM
+    )
+
+    def status():
+        return ray_session.get(actor.status.remote(), timeout=30)
+
+    before = wait_for(lambda: (s := status()) and s["step"] >= 6 and s)
+    os.kill(before["pid"], signal.SIGKILL)
+
+    after = wait_for(
+        lambda: (s := ray_session.get(actor.status.remote(), timeout=30)) and s["pid"] != before["pid"] and s
+    )
+    saved = load_checkpoint(config.checkpoint_dir)
+    assert saved is not None and after["step"] >= 3  # resumed from a checkpoint, not from zero
+    training = [t for t in traffic[:100] if not is_held_out(t.request_id, STREAM.held_out_fraction)]
+    done = wait_for(
+        lambda: (
+            (s := ray_session.get(actor.status.remote()))
+            and s["state"] == "idle"
+            and s["untrained"] == 0
+            and s
+        )
+    )
+    ray_session.get(actor.stop.remote())
+    # Every training trace was acked after a checkpointed step, each counted once.
+    pending = redis_client.xpending(STREAM.stream, STREAM.group)["pending"]
+    assert (
+        pending <= config.batch_size * config.checkpoint_every
+    )  # at most the steps since the last checkpoint
+    _, _, state = load_checkpoint(config.checkpoint_dir)
+    assert state.trained_traces + pending >= len(training) and done["trained_traces"] >= len(training)
+    ray_session.kill(actor, no_restart=True)
+    assert np.isfinite(done["loss"])

@@ -1,0 +1,83 @@
+"""The trainer as a Ray actor: its own process, restarted by Ray after a crash or `kill -9`.
+
+The actor runs `OnlineTrainer.run_once` in a background thread at lower OS priority with few
+torch threads, so serving keeps the CPU it needs. A restart re-runs the constructor, which
+resumes from the last checkpoint; traces trained on after it were never acked, so the stream
+delivers them again. When Redis is unreachable the trainer pauses and retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import ray
+import redis
+import torch
+
+from store.redis_server import open_redis
+from store.traces import StreamConfig
+from trainer.config import TrainerConfig
+from trainer.loop import OnlineTrainer
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Actor body; `TrainerActor` below is its Ray form (max_restarts=-1)."""
+
+    def __init__(
+        self,
+        config: TrainerConfig,
+        base_draft: str | Path,
+        redis_url: str,
+        consumer: str = "trainer-0",
+        stream: StreamConfig | None = None,
+    ):
+        os.nice(config.niceness)
+        torch.set_num_threads(config.torch_threads)
+        self.trainer = OnlineTrainer(config, base_draft, open_redis(redis_url), consumer, stream)
+        self.state = "starting"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.state = self.trainer.run_once()
+                if self.state == "idle":
+                    self._stop.wait(self.trainer.config.pause_seconds)
+            except redis.RedisError as err:
+                self.state = "paused: redis unavailable"
+                log.warning("trainer paused, redis unavailable: %s", err)
+                self._stop.wait(1.0)
+            except Exception:
+                self.state = "paused: error"
+                log.exception("trainer step failed")
+                self._stop.wait(1.0)
+
+    def status(self) -> dict:
+        state = self.trainer.state
+        return {
+            "state": self.state,
+            "pid": os.getpid(),
+            "step": state.step,
+            "trained_traces": state.trained_traces,
+            "live_version": state.live_version,
+            "loss": self.trainer.last_loss,
+            "buffer": len(self.trainer.buffer),
+            "untrained": self.trainer.buffer.untrained,
+            "history": state.history[-5:],
+            "time": time.time(),
+        }
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+TrainerActor = ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0)(Trainer)
