@@ -89,14 +89,16 @@ def print_manifest(manifest: dict, console: Console) -> None:
 
 
 def bench(argv: list[str]) -> None:
-    """`osd bench engine|store ...` runs that benchmark with the remaining arguments."""
+    """`osd bench engine|store|online ...` runs that benchmark with the remaining arguments."""
     parser = argparse.ArgumentParser(prog="osd bench")
-    parser.add_argument("which", choices=["engine", "store"])
+    parser.add_argument("which", choices=["engine", "store", "online"])
     which = parser.parse_args(argv[:1]).which
     if which == "engine":
         from benchmarks import engine as benchmark
-    else:
+    elif which == "store":
         from benchmarks import store_bench as benchmark
+    else:
+        from benchmarks import online as benchmark
     benchmark.main(argv[1:])
 
 

@@ -1,0 +1,234 @@
+"""Online learning benchmark: a phased workload through the engine while the trainer learns.
+
+One process, no HTTP: each request is served by the engine with the live draft (hot-swapped
+between requests when the registry's live version changes), its trace goes to a local Redis
+through the store, and the trainer (`trainer.loop.OnlineTrainer`, in process) then takes
+--steps-per-query iterations. Every --window requests the window's traces score three drafts by
+expected acceptance (sum min(p, q) on the logged top-K): the static initial draft, the online
+draft as served, and the offline-distilled draft (the upper bound, distilled on --offline-domain).
+
+    osd bench online --json benchmarks/results/online_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
+from deploy.demo.offline_distill import DistillSpec, distill_demo_draft
+from deploy.demo.workloads import Phase, WorkloadSpec, request_stream
+from distill.acceptance import mean_acceptance, trace_acceptance
+from serving.engine import SpecEngine
+from store.metrics import MetricsConfig, MetricsRecorder, request_counters
+from store.redis_server import LocalRedis
+from store.registry import Registry
+from store.traces import StreamConfig, Trace, TraceWriter
+from trainer.config import TrainerConfig
+from trainer.loop import OnlineTrainer, version_label
+
+
+def parse_phases(text: str) -> tuple[Phase, ...]:
+    """ "prose:100,python:200" -> phases."""
+    phases = []
+    for part in text.split(","):
+        domain, _, count = part.partition(":")
+        phases.append(Phase(domain.strip(), int(count)))
+    return tuple(phases)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="osd bench online", description=__doc__.splitlines()[0])
+    p.add_argument("--demo", choices=sorted(PRESETS), default="full", help="demo pair preset")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    p.add_argument("--phases", default="prose:100,python:300,c:100,python:150", help="domain:requests,...")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--k", type=int, default=3, help="speculative tokens per step")
+    p.add_argument("--window", type=int, default=25, help="requests per scoring window")
+    p.add_argument("--steps-per-query", type=int, default=2, help="trainer iterations after each request")
+    p.add_argument("--offline-domain", default="python", help="the domain of the offline-distilled draft")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the report here, and a PNG plot next to it")
+    return p
+
+
+def trace_of(request, out, version: str) -> Trace:
+    return Trace(
+        request_id=request.request_id,
+        time=time.time(),
+        domain=request.prompt.domain,
+        target_id="demo-target",
+        draft_versions=(version,),
+        prompt_ids=np.array(request.prompt.token_ids, np.int32),
+        output_ids=np.array(out.token_ids, np.int32),
+        top_ids=out.top_ids.numpy().astype(np.int32),
+        top_logprobs=out.top_logprobs.numpy().astype(np.float16),
+        drafted=np.array(out.stats.drafted_per_step, np.uint8),
+        accepted=np.array(out.stats.accepted_per_step, np.uint8),
+        sampling={"temperature": request.temperature, "top_p": request.top_p},
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    console = Console()
+    preset = PRESETS[args.demo]
+    models = build_demo_models(preset, args.cache_dir, console=console)
+    offline_dir = models.root / f"draft-distilled-{args.offline_domain}"
+    if not (offline_dir / "distilled.json").exists():
+        distill_demo_draft(models, preset, DistillSpec(domain=args.offline_domain), console)
+    tokenizer = AutoTokenizer.from_pretrained(models.target)
+    spec = WorkloadSpec(phases=parse_phases(args.phases), max_new_tokens=args.max_new_tokens, seed=args.seed)
+    requests = list(request_stream(spec, models.held_out_corpus(), tokenizer))
+    static = AutoModelForCausalLM.from_pretrained(models.draft).eval()
+    offline = AutoModelForCausalLM.from_pretrained(offline_dir).eval()
+    max_len = preset.target.context
+
+    with LocalRedis() as server, tempfile.TemporaryDirectory() as scratch:
+        client = server.client()
+        stream = StreamConfig(stream="bench:traces", held_out_fraction=0.1)
+        metrics = MetricsConfig(prefix="bench:metrics")
+        config = TrainerConfig(
+            checkpoint_dir=Path(scratch) / "trainer",
+            max_seq_len=max_len,
+            gate_every=20,
+            gate_min_positions=300,
+            watch_requests=10,
+            max_in_flight=10**6,
+        )
+        trainer = OnlineTrainer(config, models.draft, client, stream=stream, metrics=metrics)
+        registry = Registry(client)
+        engine = SpecEngine.from_pretrained(models.target, draft=models.draft, num_speculative_tokens=args.k)
+        writer, recorder = TraceWriter(client, stream), MetricsRecorder(client, metrics)
+        live = registry.live(config.draft_name, config.domain)
+        events, served, windows, window_traces = [], [], [], []
+        started = time.perf_counter()
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("online", total=len(requests))
+            for i, request in enumerate(requests):
+                current = registry.live(config.draft_name, config.domain)
+                if current.version != live.version:  # hot-swap between requests
+                    engine.proposer.load_weights(registry.load(current))
+                    kind = "rollback" if current.version < live.version else "publish"
+                    events.append({"request": i, "event": kind, "version": current.version})
+                    live = current
+                out = engine.generate(
+                    request.prompt.token_ids,
+                    request.max_new_tokens,
+                    temperature=request.temperature,
+                    seed=request.seed,
+                    stop_token_ids=[],
+                    top_logprobs=16,
+                )
+                trace = trace_of(request, out, version_label(live))
+                writer.append(trace)
+                counters = request_counters(
+                    out.stats.steps, out.stats.drafted, out.stats.accepted, len(out.token_ids),
+                    out.stats.drafted_per_position, out.stats.accepted_per_position, None, None,
+                )  # fmt: skip
+                recorder.record(version_label(live), request.prompt.domain, counters)
+                served.append((out.stats.accepted, out.stats.drafted))
+                window_traces.append(trace)
+                writer.flush()
+                recorder.flush()
+                for _ in range(args.steps_per_query):
+                    trainer.run_once()
+                if len(window_traces) == args.window or i == len(requests) - 1:
+                    windows.append(
+                        score(window_traces, i + 1, request, served, static, engine, offline, max_len)
+                    )
+                    window_traces, served = [], []
+                progress.update(task, advance=1, description=f"{request.prompt.domain}: v{live.version}")
+        seconds = time.perf_counter() - started
+        writer.close()
+        recorder.close()
+    report = {
+        "benchmark": "online",
+        "demo": args.demo,
+        "phases": [vars(p) for p in spec.phases],
+        "k": args.k,
+        "window": args.window,
+        "steps_per_query": args.steps_per_query,
+        "seconds": round(seconds, 1),
+        "windows": windows,
+        "events": events,
+        "phase_summary": summarise(windows, spec.phases),
+    }
+    console.print_json(data={k: report[k] for k in ("events", "phase_summary")})
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        plot(report, args.json.with_suffix(".png"))
+    return report
+
+
+def score(traces, requests_done, request, served, static, engine, offline, max_len) -> dict:
+    """The window's expected acceptance for each draft, and the acceptance the online one realised."""
+    online = engine.proposer.model
+    accepted, drafted = (sum(x) for x in zip(*served, strict=True))
+    return {
+        "requests": requests_done,
+        "phase": request.phase,
+        "domain": request.prompt.domain,
+        "static": mean_acceptance(trace_acceptance(static, traces, max_len)),
+        "online": mean_acceptance(trace_acceptance(online, traces, max_len)),
+        "offline": mean_acceptance(trace_acceptance(offline, traces, max_len)),
+        "served_acceptance_rate": accepted / drafted if drafted else None,
+    }
+
+
+def summarise(windows: list[dict], phases: tuple[Phase, ...]) -> list[dict]:
+    """Per phase: acceptance in its first and last window, and the requests into the phase until the
+    online draft first reached 90% of the offline draft's expected acceptance (None: never)."""
+    summary, start = [], 0
+    for index, phase in enumerate(phases):
+        own = [w for w in windows if w["phase"] == index]
+        reached = next((w["requests"] - start for w in own if w["online"] >= 0.9 * w["offline"]), None)
+        summary.append(
+            {
+                "phase": index,
+                "domain": phase.domain,
+                "first": {k: own[0][k] for k in ("static", "online", "offline")} if own else None,
+                "last": {k: own[-1][k] for k in ("static", "online", "offline")} if own else None,
+                "requests_to_90pct_of_offline": reached,
+            }
+        )
+        start += phase.requests
+    return summary
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    windows = report["windows"]
+    x = [w["requests"] for w in windows]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for key, style in (("offline", "--"), ("online", "-"), ("static", ":")):
+        ax.plot(x, [w[key] for w in windows], style, label=f"{key} draft", marker="o", markersize=3)
+    for event in report["events"]:
+        color = "tab:green" if event["event"] == "publish" else "tab:red"
+        ax.axvline(event["request"], color=color, alpha=0.4, linewidth=1)
+    start = 0
+    for phase in report["phases"]:
+        ax.text(start + 2, 0.02, phase["domain"], fontsize=8)
+        ax.axvline(start, color="grey", linewidth=0.5)
+        start += phase["requests"]
+    ax.set_xlabel("requests served")
+    ax.set_ylabel("expected acceptance (window)")
+    ax.set_ylim(0, 1)
+    ax.set_title("online distillation: green = publish, red = rollback")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
