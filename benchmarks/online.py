@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -28,10 +27,11 @@ from deploy.demo.offline_distill import DistillSpec, distill_demo_draft
 from deploy.demo.workloads import Phase, WorkloadSpec, request_stream
 from distill.acceptance import mean_acceptance, trace_acceptance
 from serving.engine import SpecEngine
+from serving.tracing import trace_of
 from store.metrics import MetricsConfig, MetricsRecorder, request_counters
 from store.redis_server import LocalRedis
 from store.registry import Registry
-from store.traces import StreamConfig, Trace, TraceWriter
+from store.traces import StreamConfig, TraceWriter
 from trainer.config import TrainerConfig
 from trainer.loop import OnlineTrainer, version_label
 
@@ -55,26 +55,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=25, help="requests per scoring window")
     p.add_argument("--steps-per-query", type=int, default=2, help="trainer iterations after each request")
     p.add_argument("--offline-domain", default="python", help="the domain of the offline-distilled draft")
+    p.add_argument("--gate-min-positions", type=int, default=300, help="held-out positions the gate needs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the report here, and a PNG plot next to it")
     return p
-
-
-def trace_of(request, out, version: str) -> Trace:
-    return Trace(
-        request_id=request.request_id,
-        time=time.time(),
-        domain=request.prompt.domain,
-        target_id="demo-target",
-        draft_versions=(version,),
-        prompt_ids=np.array(request.prompt.token_ids, np.int32),
-        output_ids=np.array(out.token_ids, np.int32),
-        top_ids=out.top_ids.numpy().astype(np.int32),
-        top_logprobs=out.top_logprobs.numpy().astype(np.float16),
-        drafted=np.array(out.stats.drafted_per_step, np.uint8),
-        accepted=np.array(out.stats.accepted_per_step, np.uint8),
-        sampling={"temperature": request.temperature, "top_p": request.top_p},
-    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -100,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
             checkpoint_dir=Path(scratch) / "trainer",
             max_seq_len=max_len,
             gate_every=20,
-            gate_min_positions=300,
+            gate_min_positions=args.gate_min_positions,
             watch_requests=10,
             max_in_flight=10**6,
         )
@@ -128,7 +112,11 @@ def main(argv: list[str] | None = None) -> dict:
                     stop_token_ids=[],
                     top_logprobs=16,
                 )
-                trace = trace_of(request, out, version_label(live))
+                sampling = {"temperature": request.temperature, "top_p": request.top_p, "seed": request.seed}
+                trace = trace_of(
+                    request.request_id, request.prompt.domain, "demo-target", version_label(live),
+                    request.prompt.token_ids, out, sampling,
+                )  # fmt: skip
                 writer.append(trace)
                 counters = request_counters(
                     out.stats.steps, out.stats.drafted, out.stats.accepted, len(out.token_ids),

@@ -10,24 +10,9 @@ from distill.acceptance import mean_acceptance, trace_acceptance
 from distill.batches import make_batch
 from distill.losses import topk_acceptance
 from serving.engine import SpecEngine
+from serving.tracing import trace_of
 from store.traces import Trace
 from tiny_models import VOCAB
-
-
-def trace_of(prompt: list[int], generation, request_id: str = "r") -> Trace:
-    return Trace(
-        request_id=request_id,
-        time=0.0,
-        domain="test",
-        target_id="tiny",
-        draft_versions=("v1",),
-        prompt_ids=np.array(prompt, np.int32),
-        output_ids=np.array(generation.token_ids, np.int32),
-        top_ids=generation.top_ids.numpy().astype(np.int32),
-        top_logprobs=generation.top_logprobs.numpy().astype(np.float16),
-        drafted=np.array(generation.stats.drafted_per_step, np.uint8),
-        accepted=np.array(generation.stats.accepted_per_step, np.uint8),
-    )
 
 
 def simple_trace(prompt: list[int], output: list[int], top_k: int = 3) -> Trace:
@@ -99,7 +84,7 @@ def test_trace_acceptance_matches_what_the_engine_realises(model_dirs):
     for seed in range(40):
         prompt = [3 + seed, 17, 42, 5]
         out = engine.generate(prompt, 48, temperature=1.0, seed=seed, stop_token_ids=[], top_logprobs=VOCAB)
-        trace = trace_of(prompt, out, f"r{seed}")
+        trace = trace_of(f"r{seed}", "test", "tiny", "v1", prompt, out, {"temperature": 1.0})
         traces.append(trace)
         batch = make_batch([trace], max_len=256)
         with torch.no_grad():
@@ -121,3 +106,10 @@ def test_trace_acceptance_matches_what_the_engine_realises(model_dirs):
     overall = mean_acceptance(trace_acceptance(draft, traces, max_len=256, batch_size=5))
     assert 0.2 < overall < 1.0
     assert abs(overall - expected.mean()) < 0.1
+
+
+def test_a_trace_needs_the_logged_top_k(model_dirs):
+    engine = SpecEngine.from_pretrained(model_dirs["llama"]["target"])
+    out = engine.generate([3, 4, 5], 4, stop_token_ids=[])
+    with pytest.raises(ValueError, match="top_logprobs"):
+        trace_of("r", "d", "t", "v1", [3, 4, 5], out, {})

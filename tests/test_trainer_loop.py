@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from serving.engine import SpecEngine
+from serving.tracing import trace_of
 from store.load import publish_load, read_load
 from store.metrics import MetricsConfig, MetricsRecorder, request_counters
-from store.traces import StreamConfig, Trace, TraceWriter, is_held_out
+from store.traces import StreamConfig, TraceWriter, is_held_out
 from trainer.checkpoint import load_checkpoint
 from trainer.config import TrainerConfig
 from trainer.loop import OnlineTrainer, version_label
@@ -29,20 +30,7 @@ def traffic(model_dirs):
         prompt = rng.integers(3, 128, 6).tolist()
         out = engine.generate(prompt, 24, temperature=1.0, seed=i, stop_token_ids=[], top_logprobs=16)
         traces.append(
-            Trace(
-                request_id=f"req-{i}",
-                time=time.time(),
-                domain=["code", "prose"][i % 2],
-                target_id="tiny-llama",
-                draft_versions=("draft:v1",),
-                prompt_ids=np.array(prompt, np.int32),
-                output_ids=np.array(out.token_ids, np.int32),
-                top_ids=out.top_ids.numpy().astype(np.int32),
-                top_logprobs=out.top_logprobs.numpy().astype(np.float16),
-                drafted=np.array(out.stats.drafted_per_step, np.uint8),
-                accepted=np.array(out.stats.accepted_per_step, np.uint8),
-                sampling={"temperature": 1.0},
-            )
+            trace_of(f"req-{i}", ["code", "prose"][i % 2], "tiny-llama", "draft:v1", prompt, out, {})
         )
     return traces
 

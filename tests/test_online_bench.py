@@ -1,0 +1,32 @@
+"""`osd bench online` end to end on the tiny demo preset: serve, trace, train, score, plot."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.online import PRESETS, parse_phases
+from deploy.cli import main
+from tiny_models import TINY_DEMO
+
+
+def test_parse_phases():
+    phases = parse_phases("prose:3, python:5")
+    assert [(p.domain, p.requests) for p in phases] == [("prose", 3), ("python", 5)]
+
+
+def test_online_bench_scores_every_window_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setitem(PRESETS, "tiny", TINY_DEMO)
+    out = tmp_path / "online.json"
+    args = ["--demo", "tiny", "--cache-dir", str(tmp_path / "cache"), "--phases", "prose:6,python:12",
+            "--window", "6", "--max-new-tokens", "8", "--k", "2", "--gate-min-positions", "8"]  # fmt: skip
+    main(["bench", "online", *args, "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert [w["requests"] for w in report["windows"]] == [6, 12, 18]
+    assert [w["domain"] for w in report["windows"]] == ["prose", "python", "python"]
+    for window in report["windows"]:
+        for key in ("static", "online", "offline", "served_acceptance_rate"):
+            assert 0.0 <= window[key] <= 1.0
+    assert report["windows"][0]["online"] == report["windows"][0]["static"]  # nothing published yet
+    assert [s["domain"] for s in report["phase_summary"]] == ["prose", "python"]
+    assert all(e["event"] in ("publish", "rollback") for e in report["events"])
+    assert out.with_suffix(".png").stat().st_size > 10_000
