@@ -259,11 +259,13 @@ class Registry:
             raise CorruptWeightsError(f"{meta.name}/{meta.domain} v{meta.version}: {err}") from err
 
     def _apply_retention(self, name: str, domain: str) -> None:
-        """Keep the newest `keep` versions and the live one; delete the rest, weights first."""
-        live = self.live_version(name, domain)
+        """Keep the newest `keep` versions, the live one and its parent (the rollback target);
+        delete the rest, weights first."""
+        live = self.live(name, domain)
+        protected = set() if live is None else {live.version, live.parent}
         stored = self.versions(name, domain)
         for meta in stored[: max(0, len(stored) - self.keep)]:
-            if meta.version == live:
+            if meta.version in protected:
                 continue
             pipe = self.client.pipeline(transaction=True)
             pipe.zrem(self._key(name, domain, "versions"), str(meta.version))

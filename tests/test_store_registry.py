@@ -70,15 +70,17 @@ def test_rollback_to_a_named_version_and_gate_rejections(redis_client):
         registry.rollback("draft", to=42)
 
 
-def test_retention_keeps_the_newest_versions_and_the_live_one(redis_client):
+def test_retention_keeps_the_newest_versions_the_live_one_and_its_parent(redis_client):
     registry = Registry(redis_client, keep=3)
     registry.publish("draft", weights(1))
-    for seed in range(2, 7):
-        registry.add("draft", weights(seed))
-    registry.publish("draft", weights(7))
+    registry.publish("draft", weights(2), parent=1)
+    for seed in range(3, 8):
+        registry.reject("draft", "-", registry.add("draft", weights(seed), parent=2).version, "gate")
+    registry.publish("draft", weights(8), parent=2)
     kept = [v.version for v in registry.versions("draft")]
-    assert kept == [5, 6, 7]
+    assert kept == [2, 6, 7, 8]  # the parent of the live version stays: it is the rollback target
     assert not redis_client.keys("osd:registry:draft:-:v:1*")  # metadata and chunks gone
+    assert registry.rollback("draft").version == 2
 
 
 def test_chunked_and_file_weights_load_back(redis_client, tmp_path, monkeypatch):
