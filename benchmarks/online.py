@@ -3,9 +3,10 @@
 One process, no HTTP: each request is served by the engine with the live draft (hot-swapped
 between requests when the registry's live version changes), its trace goes to a local Redis
 through the store, and the trainer (`trainer.loop.OnlineTrainer`, in process) then takes
---steps-per-query iterations. Every --window requests the window's traces score three drafts by
-expected acceptance (sum min(p, q) on the logged top-K): the static initial draft, the online
-draft as served, and the offline-distilled draft (the upper bound, distilled on --offline-domain).
+--steps-per-query iterations. Each request's trace is scored as it is served, before any training
+on it, for three drafts by expected acceptance (sum min(p, q) on the logged top-K): the static
+initial draft, the online draft as served, and the offline-distilled draft (the upper bound,
+distilled on --offline-domain); every --window requests make one row.
 
     osd bench online --json benchmarks/results/online_cpu.json
 """
@@ -25,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
 from deploy.demo.offline_distill import DistillSpec, distill_demo_draft
 from deploy.demo.workloads import Phase, WorkloadSpec, request_stream
-from distill.acceptance import mean_acceptance, trace_acceptance
+from distill.acceptance import trace_acceptance
 from serving.engine import SpecEngine
 from serving.tracing import trace_of
 from store.metrics import MetricsConfig, MetricsRecorder, request_counters
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
         engine = SpecEngine.from_pretrained(models.target, draft=models.draft, num_speculative_tokens=args.k)
         writer, recorder = TraceWriter(client, stream), MetricsRecorder(client, metrics)
         live = registry.live(config.draft_name, config.domain)
-        events, served, windows, window_traces = [], [], [], []
+        drafts = {"static": static, "online": engine.proposer.model, "offline": offline}
+        events, windows, window = [], [], Window()
         started = time.perf_counter()
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("online", total=len(requests))
@@ -123,17 +125,14 @@ def main(argv: list[str] | None = None) -> dict:
                     out.stats.drafted_per_position, out.stats.accepted_per_position, None, None,
                 )  # fmt: skip
                 recorder.record(version_label(live), request.prompt.domain, counters)
-                served.append((out.stats.accepted, out.stats.drafted))
-                window_traces.append(trace)
+                window.add(trace, out.stats, drafts, max_len)  # scored before any training on it
                 writer.flush()
                 recorder.flush()
                 for _ in range(args.steps_per_query):
                     trainer.run_once()
-                if len(window_traces) == args.window or i == len(requests) - 1:
-                    windows.append(
-                        score(window_traces, i + 1, request, served, static, engine, offline, max_len)
-                    )
-                    window_traces, served = [], []
+                if window.requests == args.window or i == len(requests) - 1:
+                    windows.append(window.row(i + 1, request))
+                    window = Window()
                 progress.update(task, advance=1, description=f"{request.prompt.domain}: v{live.version}")
         seconds = time.perf_counter() - started
         writer.close()
@@ -158,34 +157,53 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def score(traces, requests_done, request, served, static, engine, offline, max_len) -> dict:
-    """The window's expected acceptance for each draft, and the acceptance the online one realised."""
-    online = engine.proposer.model
-    accepted, drafted = (sum(x) for x in zip(*served, strict=True))
-    return {
-        "requests": requests_done,
-        "phase": request.phase,
-        "domain": request.prompt.domain,
-        "static": mean_acceptance(trace_acceptance(static, traces, max_len)),
-        "online": mean_acceptance(trace_acceptance(online, traces, max_len)),
-        "offline": mean_acceptance(trace_acceptance(offline, traces, max_len)),
-        "served_acceptance_rate": accepted / drafted if drafted else None,
-    }
+class Window:
+    """A window's tallies. Each request's trace is scored when it is served, by every draft as it is
+    then (the online one as served), before the trainer has trained on it: no draft is scored on
+    traces it has learnt from."""
+
+    def __init__(self) -> None:
+        self.requests, self.accepted, self.drafted = 0, 0, 0
+        # draft (expected acceptance on the top-K) or draft_greedy (argmax agreement) -> [sum, positions]
+        self.expected: dict[str, list[float]] = {}
+
+    def add(self, trace, stats, drafts: dict, max_len: int) -> None:
+        self.requests += 1
+        self.accepted, self.drafted = self.accepted + stats.accepted, self.drafted + stats.drafted
+        for name, model in drafts.items():
+            for measure, greedy in ((name, False), (f"{name}_greedy", True)):
+                ((total, positions),) = trace_acceptance(model, [trace], max_len, greedy=greedy)
+                tally = self.expected.setdefault(measure, [0.0, 0])
+                tally[0], tally[1] = tally[0] + total, tally[1] + positions
+
+    def row(self, requests_done: int, request) -> dict:
+        return {
+            "requests": requests_done,
+            "phase": request.phase,
+            "domain": request.prompt.domain,
+            **{name: total / positions for name, (total, positions) in self.expected.items()},
+            "served_acceptance_rate": self.accepted / self.drafted if self.drafted else None,
+        }
+
+
+MEASURES = ("static", "online", "offline", "static_greedy", "online_greedy", "offline_greedy")
 
 
 def summarise(windows: list[dict], phases: tuple[Phase, ...]) -> list[dict]:
     """Per phase: acceptance in its first and last window, and the requests into the phase until the
-    online draft first reached 90% of the offline draft's expected acceptance (None: never)."""
+    online draft's greedy acceptance first reached 90% of the offline draft's (None: never)."""
     summary, start = [], 0
     for index, phase in enumerate(phases):
         own = [w for w in windows if w["phase"] == index]
-        reached = next((w["requests"] - start for w in own if w["online"] >= 0.9 * w["offline"]), None)
+        reached = next(
+            (w["requests"] - start for w in own if w["online_greedy"] >= 0.9 * w["offline_greedy"]), None
+        )
         summary.append(
             {
                 "phase": index,
                 "domain": phase.domain,
-                "first": {k: own[0][k] for k in ("static", "online", "offline")} if own else None,
-                "last": {k: own[-1][k] for k in ("static", "online", "offline")} if own else None,
+                "first": {k: own[0][k] for k in MEASURES} if own else None,
+                "last": {k: own[-1][k] for k in MEASURES} if own else None,
                 "requests_to_90pct_of_offline": reached,
             }
         )
@@ -203,7 +221,8 @@ def plot(report: dict, path: Path) -> None:
     x = [w["requests"] for w in windows]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for key, style in (("offline", "--"), ("online", "-"), ("static", ":")):
-        ax.plot(x, [w[key] for w in windows], style, label=f"{key} draft", marker="o", markersize=3)
+        values = [w[f"{key}_greedy"] for w in windows]
+        ax.plot(x, values, style, label=f"{key} draft", marker="o", markersize=3)
     for event in report["events"]:
         color = "tab:green" if event["event"] == "publish" else "tab:red"
         ax.axvline(event["request"], color=color, alpha=0.4, linewidth=1)
@@ -213,7 +232,7 @@ def plot(report: dict, path: Path) -> None:
         ax.axvline(start, color="grey", linewidth=0.5)
         start += phase["requests"]
     ax.set_xlabel("requests served")
-    ax.set_ylabel("expected acceptance (window)")
+    ax.set_ylabel("greedy acceptance per position (window)")
     ax.set_ylim(0, 1)
     ax.set_title("online distillation: green = publish, red = rollback")
     ax.legend(loc="upper right")

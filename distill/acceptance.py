@@ -30,17 +30,28 @@ def greedy_agreement(target_logits: torch.Tensor, draft_logits: torch.Tensor) ->
 
 @torch.no_grad()
 def trace_acceptance(
-    draft: torch.nn.Module, traces: Sequence[TraceLike], max_len: int, batch_size: int = 16
+    draft: torch.nn.Module,
+    traces: Sequence[TraceLike],
+    max_len: int,
+    batch_size: int = 16,
+    greedy: bool = False,
 ) -> list[tuple[float, int]]:
     """Per trace: (sum over its logged positions of sum_x min(p_hat(x), q(x)), number of positions),
     with p_hat the target's logged top-K renormalised (distill.losses). Batched, on the draft's device.
-    The expected acceptance of a set of traces is the sum of the first over the sum of the second."""
+    The expected acceptance of a set of traces is the sum of the first over the sum of the second.
+
+    greedy=True scores instead whether the draft's argmax is the token the target emitted: the
+    acceptance of a greedy draft on greedy requests, which needs no truncated p. With a small K
+    and a flat target, sum min(p_hat, q) on the top-K is far below the full-vocabulary value."""
     device = next(draft.parameters()).device
     results = []
     for start in range(0, len(traces), batch_size):
         batch = make_batch(traces[start : start + batch_size], max_len).to(device)
         logits = draft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        accepted = topk_acceptance(logits, batch.top_ids, batch.top_logprobs) * batch.mask  # [B, L]
+        if greedy:
+            accepted = (logits.argmax(-1) == batch.emitted).float() * batch.mask  # [B, L]
+        else:
+            accepted = topk_acceptance(logits, batch.top_ids, batch.top_logprobs) * batch.mask  # [B, L]
         results += list(zip(accepted.sum(-1).tolist(), batch.mask.sum(-1).tolist(), strict=True))
     return results
 

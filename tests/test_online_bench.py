@@ -24,7 +24,14 @@ def test_online_bench_scores_every_window_and_plots(tmp_path, monkeypatch):
     assert [w["requests"] for w in report["windows"]] == [6, 12, 18]
     assert [w["domain"] for w in report["windows"]] == ["prose", "python", "python"]
     for window in report["windows"]:
-        for key in ("static", "online", "offline", "served_acceptance_rate"):
+        for key in (
+            "static",
+            "online",
+            "offline",
+            "online_greedy",
+            "offline_greedy",
+            "served_acceptance_rate",
+        ):
             assert 0.0 <= window[key] <= 1.0
     assert report["windows"][0]["online"] == report["windows"][0]["static"]  # nothing published yet
     assert [s["domain"] for s in report["phase_summary"]] == ["prose", "python"]
