@@ -23,7 +23,6 @@ distilled offline on that domain (high α); the distilled draft is made on first
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -39,6 +38,7 @@ from transformers import AutoConfig, AutoTokenizer, DynamicCache, PreTrainedMode
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
+from benchmarks.results import write_report
 from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
 from deploy.demo.offline_distill import DistillSpec, distill_demo_draft
 from deploy.demo.workloads import fixed_prompts
@@ -460,8 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["runs"].append(run(args, target, draft, prompts))
         print_table(report["runs"][-1], console)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.json, report)
     return report
 
 

@@ -14,7 +14,6 @@ distilled on --offline-domain); every --window requests make one row.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from rich.console import Console
 from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from benchmarks.results import write_report
 from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
 from deploy.demo.offline_distill import DistillSpec, distill_demo_draft
 from deploy.demo.workloads import Phase, WorkloadSpec, request_stream
@@ -151,8 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     console.print_json(data={k: report[k] for k in ("events", "phase_summary")})
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.json, report)
         plot(report, args.json.with_suffix(".png"))
     return report
 

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import threading
@@ -29,6 +28,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.results import write_report
 from store.redis_server import LocalRedis
 from store.registry import LiveWatcher, Registry
 from store.traces import StreamConfig, Trace, TraceWriter, encode
@@ -256,8 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{memory['traces_per_gb']:,} traces per GB"
     )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.json, report)
     return report
 
 

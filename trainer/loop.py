@@ -184,35 +184,31 @@ class OnlineTrainer:
     def maybe_publish(self) -> GateDecision:
         decision = self.evaluate()
         self._remember({"kind": "gate", "step": self.state.step, **decision.record()})
+        if not decision.publish and decision.positions < self.config.gate_min_positions:
+            return decision  # a wait for more held-out traces, not a refusal
         if decision.publish:
             self.checkpoint()  # the published weights are recoverable from the trainer's side too
-            weights = self.weights()
-            published = self.registry.publish(
-                self.config.draft_name,
-                weights,
-                domain=self.config.domain,
-                parent=self.state.live_version,
-                train_steps=self.state.step,
-                gate_acceptance=decision.candidate,
-                kind="lora" if self.config.lora else "full",
-                extra={"gate": decision.record()},
+        weights = self.weights()
+        candidate = self.registry.add(
+            self.config.draft_name,
+            weights,
+            domain=self.config.domain,
+            parent=self.state.live_version,
+            train_steps=self.state.step,
+            gate_acceptance=decision.candidate,
+            kind="lora" if self.config.lora else "full",
+            extra={"gate": decision.record()},
+        )
+        if not decision.publish:
+            self.registry.reject(
+                self.config.draft_name, self.config.domain, candidate.version, decision.reason
             )
-            self._load_weights(self.live_model, weights)
-            self.state.live_version = published.version
-            self.watching = (published, time.time())
-            log.info("published %s: %s", version_label(published), decision.reason)
-        elif decision.positions >= self.config.gate_min_positions:  # a real refusal, not a wait
-            refused = self.registry.add(
-                self.config.draft_name,
-                self.weights(),
-                domain=self.config.domain,
-                parent=self.state.live_version,
-                train_steps=self.state.step,
-                gate_acceptance=decision.candidate,
-                kind="lora" if self.config.lora else "full",
-                extra={"gate": decision.record()},
-            )
-            self.registry.reject(self.config.draft_name, self.config.domain, refused.version, decision.reason)
+            return decision
+        published = self.registry.promote(self.config.draft_name, self.config.domain, candidate.version)
+        self._load_weights(self.live_model, weights)
+        self.state.live_version = published.version
+        self.watching = (published, time.time())
+        log.info("published %s: %s", version_label(published), decision.reason)
         return decision
 
     def maybe_watch(self) -> WatchVerdict | None:
