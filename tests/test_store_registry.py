@@ -170,6 +170,7 @@ def test_a_refused_version_is_not_offered_again_and_watching_goes_on(redis_clien
 
     registry.publish("draft", weights(1))
     watcher = LiveWatcher(registry, "draft", refuse_two, poll_seconds=0.05)
+    wait_for(lambda: offered == [1])  # the version live at start-up
     registry.publish("draft", weights(2))
     wait_for(lambda: offered == [1, 2])
     time.sleep(0.2)  # several polls
