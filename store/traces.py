@@ -12,11 +12,11 @@ left pending, and XACK only when the caller says the entries are committed. Deli
 once across restarts and claims, keyed by stream id (`Delivery.entry_id`): a reader never hands
 out an entry it delivered and has not yet seen acked, even when XAUTOCLAIM gives it back.
 
-Entries are binary fields, never pickle: little-endian token ids (uint16 when every id of the
-trace fits, which halves the largest field for vocabularies up to 65,536, else int32), float16
-log-probs and hidden states, uint8 per-step counts, and a small JSON `meta`. Every entry carries
-the schema version `v`; entries of another version, or malformed ones, are skipped, counted and
-acked.
+An entry has three fields, never pickle: the schema version `v`, a small JSON `meta` (ids,
+domain, sampling, and the array shapes), and `data`, the arrays back to back: little-endian token
+ids (uint16 when every id of the trace fits, which halves them for vocabularies up to 65,536, else
+int32), float16 log-probs and hidden states, uint8 per-step counts. Entries of another schema
+version, or malformed ones, are skipped, counted and acked.
 
 Retention: the writer trims the stream to about `max_len` entries (MAXLEN ~) every `trim_every`
 writes, oldest first. Trimmed entries the trainer's group had not yet acked are counted
@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -39,7 +40,7 @@ import redis
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_STREAM = "osd:traces"
 DEFAULT_GROUP = "trainer"
 
@@ -78,16 +79,22 @@ _HALF, _COUNT = np.dtype("<f2"), np.dtype("u1")
 
 
 def encode(trace: Trace) -> dict[bytes, bytes]:
-    """The stream fields of a trace."""
+    """The stream fields of a trace: `v`, `meta` (JSON) and `data`, every array back to back.
+    One binary field instead of one per array makes an entry about 1.5x cheaper for Redis to add."""
     steps, (length, top_k) = len(trace.drafted), np.shape(trace.top_ids)
     if np.shape(trace.output_ids) != (length,) or np.shape(trace.top_logprobs) != (length, top_k):
         raise ValueError("output_ids [T], top_ids [T, K] and top_logprobs [T, K] disagree in shape")
     if len(trace.accepted) != steps:
         raise ValueError("drafted and accepted need one count per step")
+    if trace.hidden is not None and (np.ndim(trace.hidden) != 2 or len(trace.hidden) != length):
+        raise ValueError("hidden needs one row per output token")
     id_arrays = [np.asarray(a) for a in (trace.prompt_ids, trace.output_ids, trace.top_ids)]
-    if any(a.size and a.min() < 0 for a in id_arrays):
+    if any(a.dtype.kind not in "iu" for a in id_arrays):
+        raise ValueError("token ids must be integers")
+    # One pass per array: the OR of all ids is negative if any id is, and below 2**16 iff all are.
+    bits = [int(np.bitwise_or.reduce(a, axis=None)) for a in id_arrays if a.size]
+    if any(b < 0 for b in bits):
         raise ValueError("token ids must be >= 0")
-    id_bytes = 2 if all(not a.size or a.max() < 2**16 for a in id_arrays) else 4
     meta = {
         "request_id": trace.request_id,
         "time": trace.time,
@@ -95,27 +102,23 @@ def encode(trace: Trace) -> dict[bytes, bytes]:
         "target_id": trace.target_id,
         "draft_versions": list(trace.draft_versions),
         "sampling": trace.sampling,
+        "prompt_len": len(id_arrays[0]),
+        "output_len": length,
+        "steps": steps,
         "top_k": top_k,
         "hidden_size": None if trace.hidden is None else int(np.shape(trace.hidden)[1]),
-        "id_bytes": id_bytes,
+        "id_bytes": 2 if all(b < 2**16 for b in bits) else 4,
     }
     try:
         meta_json = json.dumps(meta, separators=(",", ":")).encode()
     except TypeError as err:
         raise ValueError(f"trace metadata is not JSON: {err}") from err
-    fields = {
-        b"v": str(SCHEMA_VERSION).encode(),
-        b"meta": meta_json,
-        b"prompt": id_arrays[0].astype(_IDS[id_bytes]).tobytes(),
-        b"output": id_arrays[1].astype(_IDS[id_bytes]).tobytes(),
-        b"top_ids": id_arrays[2].astype(_IDS[id_bytes]).tobytes(),
-        b"top_logprobs": np.asarray(trace.top_logprobs, _HALF).tobytes(),
-        b"drafted": np.asarray(trace.drafted, _COUNT).tobytes(),
-        b"accepted": np.asarray(trace.accepted, _COUNT).tobytes(),
-    }
+    arrays = [*id_arrays, trace.top_logprobs, trace.drafted, trace.accepted]
     if trace.hidden is not None:
-        fields[b"hidden"] = np.asarray(trace.hidden, _HALF).tobytes()
-    return fields
+        arrays.append(trace.hidden)
+    layout = _layout(meta)  # ids were range-checked above, so the casts to it are exact
+    data = b"".join(np.asarray(a, dtype).tobytes() for a, (dtype, _) in zip(arrays, layout, strict=True))
+    return {b"v": str(SCHEMA_VERSION).encode(), b"meta": meta_json, b"data": data}
 
 
 def decode(fields: dict[bytes, bytes]) -> Trace:
@@ -124,30 +127,63 @@ def decode(fields: dict[bytes, bytes]) -> Trace:
     if version != str(SCHEMA_VERSION).encode():
         raise TraceDecodeError(f"schema version {version!r}, this reader knows {SCHEMA_VERSION}")
     try:
-        meta = json.loads(fields[b"meta"])
-        top_k, hidden_size, ids = meta["top_k"], meta["hidden_size"], _IDS[meta["id_bytes"]]
-        output = np.frombuffer(fields[b"output"], ids)
-        length = len(output)
-        hidden = None
-        if hidden_size is not None:
-            hidden = np.frombuffer(fields[b"hidden"], _HALF).reshape(length, hidden_size)
+        meta, data = json.loads(fields[b"meta"]), fields[b"data"]
+        layout = _layout(meta)
+        if _size(layout) != len(data):
+            raise ValueError(f"data holds {len(data)} bytes, the metadata describes {_size(layout)}")
+        prompt, output, top_ids, top_logprobs, drafted, accepted, *hidden = _views(data, layout)
         return Trace(
             request_id=str(meta["request_id"]),
             time=float(meta["time"]),
             domain=str(meta["domain"]),
             target_id=str(meta["target_id"]),
             draft_versions=tuple(map(str, meta["draft_versions"])),
-            prompt_ids=np.frombuffer(fields[b"prompt"], ids),
+            prompt_ids=prompt,
             output_ids=output,
-            top_ids=np.frombuffer(fields[b"top_ids"], ids).reshape(length, top_k),
-            top_logprobs=np.frombuffer(fields[b"top_logprobs"], _HALF).reshape(length, top_k),
-            drafted=np.frombuffer(fields[b"drafted"], _COUNT),
-            accepted=np.frombuffer(fields[b"accepted"], _COUNT),
+            top_ids=top_ids,
+            top_logprobs=top_logprobs,
+            drafted=drafted,
+            accepted=accepted,
             sampling=dict(meta["sampling"]),
-            hidden=hidden,
+            hidden=hidden[0] if hidden else None,
         )
-    except (KeyError, ValueError, TypeError) as err:  # json, reshape and frombuffer errors
+    except (KeyError, ValueError, TypeError) as err:  # json, layout and frombuffer errors
         raise TraceDecodeError(f"malformed trace entry: {err}") from err
+
+
+def _layout(meta: dict) -> list[tuple[np.dtype, tuple[int, ...]]]:
+    """(dtype, shape) of each array in `data`, in order, from the shapes in `meta`."""
+    ids, length, top_k, steps = (
+        _IDS[meta["id_bytes"]],
+        int(meta["output_len"]),
+        int(meta["top_k"]),
+        int(meta["steps"]),
+    )
+    layout = [
+        (ids, (int(meta["prompt_len"]),)),
+        (ids, (length,)),
+        (ids, (length, top_k)),
+        (_HALF, (length, top_k)),
+        (_COUNT, (steps,)),
+        (_COUNT, (steps,)),
+    ]
+    if meta["hidden_size"] is not None:
+        layout.append((_HALF, (length, int(meta["hidden_size"]))))
+    return layout
+
+
+def _size(layout: list[tuple[np.dtype, tuple[int, ...]]]) -> int:
+    return sum(dtype.itemsize * math.prod(shape) for dtype, shape in layout)
+
+
+def _views(buffer: bytes, layout: list[tuple[np.dtype, tuple[int, ...]]]) -> list[np.ndarray]:
+    """Read-only arrays over consecutive slices of buffer."""
+    views, offset = [], 0
+    for dtype, shape in layout:
+        count = math.prod(shape)
+        views.append(np.frombuffer(buffer, dtype, count, offset).reshape(shape))
+        offset += count * dtype.itemsize
+    return views
 
 
 def is_held_out(request_id: str, fraction: float) -> bool:

@@ -54,12 +54,20 @@ def assert_same(a: Trace, b: Trace) -> None:
         np.testing.assert_array_equal(a.hidden, b.hidden)
 
 
+def data_bytes(trace: Trace, id_bytes: int) -> int:
+    """The size of a trace's `data` field: ids at id_bytes, log-probs and hidden at 2, counts at 1."""
+    ids = trace.prompt_ids.size + trace.output_ids.size + trace.top_ids.size
+    halves = trace.top_logprobs.size + (0 if trace.hidden is None else trace.hidden.size)
+    return id_bytes * ids + 2 * halves + trace.drafted.size + trace.accepted.size
+
+
 @pytest.mark.parametrize("hidden", [None, 8])
 def test_encode_decode_round_trips_every_field(hidden):
     trace = make_trace(3, hidden=hidden)
     fields = encode(trace)
     assert fields[b"v"] == str(SCHEMA_VERSION).encode()
-    assert len(fields[b"top_logprobs"]) == trace.top_logprobs.size * 2  # float16 on the wire
+    assert set(fields) == {b"v", b"meta", b"data"}
+    assert len(fields[b"data"]) == data_bytes(trace, id_bytes=4)  # float16 log-probs and hidden
     assert_same(trace, decode(fields))
 
 
@@ -67,8 +75,8 @@ def test_ids_take_two_bytes_when_they_all_fit_and_four_otherwise():
     small = make_trace(4)
     small = Trace(**{**small.__dict__, "top_ids": small.top_ids % 65_536, "output_ids": small.output_ids})
     large = make_trace(4)  # top ids up to 150,000
-    assert len(encode(small)[b"top_ids"]) == small.top_ids.size * 2
-    assert len(encode(large)[b"top_ids"]) == large.top_ids.size * 4
+    assert len(encode(small)[b"data"]) == data_bytes(small, id_bytes=2)
+    assert len(encode(large)[b"data"]) == data_bytes(large, id_bytes=4)
     for trace in (small, large):
         assert_same(trace, decode(encode(trace)))
 
@@ -81,6 +89,8 @@ def test_encode_refuses_inconsistent_shapes():
         encode(Trace(**{**trace.__dict__, "accepted": trace.accepted[:-1]}))
     with pytest.raises(ValueError, match="not JSON"):
         encode(Trace(**{**trace.__dict__, "sampling": {"seed": object()}}))
+    with pytest.raises(ValueError, match="one row per output token"):
+        encode(Trace(**{**trace.__dict__, "hidden": np.zeros((1, 4), np.float16)}))
 
 
 def test_a_bad_trace_fails_in_the_caller_and_the_writer_goes_on(redis_client):
@@ -99,7 +109,9 @@ def test_decode_refuses_other_versions_and_malformed_entries():
     with pytest.raises(TraceDecodeError, match="schema version"):
         decode({**fields, b"v": b"99"})
     with pytest.raises(TraceDecodeError, match="malformed"):
-        decode({**fields, b"top_ids": fields[b"top_ids"][:-4]})
+        decode({**fields, b"data": fields[b"data"][:-4]})
+    with pytest.raises(TraceDecodeError, match="malformed"):
+        decode({**fields, b"data": fields[b"data"] + b"\0\0"})
     with pytest.raises(TraceDecodeError, match="malformed"):
         decode({k: v for k, v in fields.items() if k != b"meta"})
 
@@ -177,7 +189,7 @@ def test_unknown_schema_and_pickle_entries_are_skipped_counted_and_never_execute
             return (Path.touch, (marker,))
 
     payload = pickle.dumps(Exploit())
-    redis_client.xadd(config.stream, {b"v": b"2", b"meta": b"{}"})
+    redis_client.xadd(config.stream, {b"v": b"99", b"meta": b"{}"})
     redis_client.xadd(config.stream, {b"v": str(SCHEMA_VERSION).encode(), b"meta": payload})
     redis_client.xadd(config.stream, {b"data": payload})
     writer = TraceWriter(redis_client, config)
