@@ -8,6 +8,11 @@ on it, for three drafts by expected acceptance (sum min(p, q) on the logged top-
 initial draft, the online draft as served, and the offline-distilled draft (the upper bound,
 distilled on --offline-domain); every --window requests make one row.
 
+At the end of each phase, --probe fresh prompts of the phase's domain (a workload of another seed)
+are served greedily by four engines sharing the target, in rotation so that a slow spell of the
+machine hits all alike: no speculation, and speculation with the static, online and offline
+drafts. Their outputs must be identical (lossless); their tokens/s give the end-to-end gain.
+
     osd bench online --json benchmarks/results/online_cpu.json
 """
 
@@ -28,6 +33,7 @@ from deploy.demo.offline_distill import DistillSpec, distill_demo_draft
 from deploy.demo.workloads import Phase, WorkloadSpec, request_stream
 from distill.acceptance import trace_acceptance
 from serving.engine import SpecEngine
+from serving.proposers import DraftModelProposer, NullProposer
 from serving.tracing import trace_of
 from store.metrics import MetricsConfig, MetricsRecorder, request_counters
 from store.redis_server import LocalRedis
@@ -57,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-query", type=int, default=2, help="trainer iterations after each request")
     p.add_argument("--offline-domain", default="python", help="the domain of the offline-distilled draft")
     p.add_argument("--gate-min-positions", type=int, default=300, help="held-out positions the gate needs")
+    p.add_argument("--probe", type=int, default=10, help="prompts per phase end for the tokens/s probe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the report here, and a PNG plot next to it")
     return p
@@ -72,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
         distill_demo_draft(models, preset, DistillSpec(domain=args.offline_domain), console)
     tokenizer = AutoTokenizer.from_pretrained(models.target)
     spec = WorkloadSpec(phases=parse_phases(args.phases), max_new_tokens=args.max_new_tokens, seed=args.seed)
-    requests = list(request_stream(spec, models.held_out_corpus(), tokenizer))
+    corpus = models.held_out_corpus()
+    requests = list(request_stream(spec, corpus, tokenizer))
     static = AutoModelForCausalLM.from_pretrained(models.draft).eval()
     offline = AutoModelForCausalLM.from_pretrained(offline_dir).eval()
     max_len = preset.target.context
@@ -92,6 +100,13 @@ def main(argv: list[str] | None = None) -> dict:
         trainer = OnlineTrainer(config, models.draft, client, stream=stream, metrics=metrics)
         registry = Registry(client)
         engine = SpecEngine.from_pretrained(models.target, draft=models.draft, num_speculative_tokens=args.k)
+        speed_engines = {
+            "no_speculation": SpecEngine(engine.target, NullProposer(), 0),
+            "static": SpecEngine(engine.target, DraftModelProposer(static), args.k),
+            "online": engine,
+            "offline": SpecEngine(engine.target, DraftModelProposer(offline), args.k),
+        }
+        speeds, phase_ends = [], phase_boundaries(spec.phases)
         writer, recorder = TraceWriter(client, stream), MetricsRecorder(client, metrics)
         live = registry.live(config.draft_name, config.domain)
         drafts = {"static": static, "online": engine.proposer.model, "offline": offline}
@@ -130,9 +145,18 @@ def main(argv: list[str] | None = None) -> dict:
                 recorder.flush()
                 for _ in range(args.steps_per_query):
                     trainer.run_once()
-                if window.requests == args.window or i == len(requests) - 1:
+                if window.requests == args.window or i + 1 in phase_ends:
                     windows.append(window.row(i + 1, request))
                     window = Window()
+                if i + 1 in phase_ends and args.probe:
+                    progress.update(task, description=f"{request.prompt.domain}: tokens/s probe")
+                    phase = (Phase(request.prompt.domain, args.probe),)
+                    probe = WorkloadSpec(
+                        phases=phase, max_new_tokens=args.max_new_tokens, seed=args.seed + 1 + i
+                    )
+                    prompts = [r.prompt.token_ids for r in request_stream(probe, corpus, tokenizer)]
+                    speed = probe_speed(speed_engines, prompts, args.max_new_tokens)
+                    speeds.append({"phase": request.phase, "requests": i + 1, **speed})
                 progress.update(task, advance=1, description=f"{request.prompt.domain}: v{live.version}")
         seconds = time.perf_counter() - started
         writer.close()
@@ -148,8 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
         "windows": windows,
         "events": events,
         "phase_summary": summarise(windows, spec.phases),
+        "speed": speeds,
     }
-    console.print_json(data={k: report[k] for k in ("events", "phase_summary")})
+    console.print_json(data={k: report[k] for k in ("events", "phase_summary", "speed")})
     if args.json:
         write_report(args.json, report)
         plot(report, args.json.with_suffix(".png"))
@@ -188,22 +213,68 @@ class Window:
 MEASURES = ("static", "online", "offline", "static_greedy", "online_greedy", "offline_greedy")
 
 
+def phase_boundaries(phases: tuple[Phase, ...]) -> set[int]:
+    """The request counts at which each phase ends."""
+    ends, total = set(), 0
+    for phase in phases:
+        total += phase.requests
+        ends.add(total)
+    return ends
+
+
+def probe_speed(engines: dict[str, SpecEngine], prompts: list, max_new_tokens: int) -> dict:
+    """Greedy tokens/s of each engine on the same prompts, in rotation; outputs must agree."""
+    seconds, tokens = dict.fromkeys(engines, 0.0), 0
+    for prompt in prompts:
+        outputs = {}
+        for name, engine in engines.items():
+            began = time.perf_counter()
+            outputs[name] = engine.generate(prompt, max_new_tokens, stop_token_ids=[]).token_ids
+            seconds[name] += time.perf_counter() - began
+        if len({tuple(o) for o in outputs.values()}) != 1:
+            raise RuntimeError(f"greedy outputs differ across drafts: {outputs}")
+        tokens += len(outputs["online"])
+    per_s = {name: tokens / s for name, s in seconds.items()}
+    return {
+        "prompts": len(prompts),
+        "tokens": tokens,
+        "tokens_per_s": {name: round(v, 1) for name, v in per_s.items()},
+        "online_vs_static": round(per_s["online"] / per_s["static"], 3),
+        "online_vs_no_speculation": round(per_s["online"] / per_s["no_speculation"], 3),
+        "offline_vs_static": round(per_s["offline"] / per_s["static"], 3),
+    }
+
+
+def first_window(windows: list[dict], start: int, hits: list[bool]) -> int | None:
+    """Requests into the phase (which began after request `start`) until the first window that hits."""
+    return next((w["requests"] - start for w, hit in zip(windows, hits, strict=True) if hit), None)
+
+
 def summarise(windows: list[dict], phases: tuple[Phase, ...]) -> list[dict]:
-    """Per phase: acceptance in its first and last window, and the requests into the phase until the
-    online draft's greedy acceptance first reached 90% of the offline draft's (None: never)."""
+    """Per phase, on greedy acceptance: its first and last window; the requests into the phase until
+    the online draft first reached 90% of the offline draft's and came within 0.05 of it; and
+    recovery, the requests until it first came within 0.05 of its own plateau in the phase (the
+    mean of the phase's last two windows). None: never within the phase."""
     summary, start = [], 0
     for index, phase in enumerate(phases):
         own = [w for w in windows if w["phase"] == index]
-        reached = next(
-            (w["requests"] - start for w in own if w["online_greedy"] >= 0.9 * w["offline_greedy"]), None
-        )
+        plateau = sum(w["online_greedy"] for w in own[-2:]) / len(own[-2:]) if own else None
         summary.append(
             {
                 "phase": index,
                 "domain": phase.domain,
                 "first": {k: own[0][k] for k in MEASURES} if own else None,
                 "last": {k: own[-1][k] for k in MEASURES} if own else None,
-                "requests_to_90pct_of_offline": reached,
+                "requests_to_90pct_of_offline": first_window(
+                    own, start, [w["online_greedy"] >= 0.9 * w["offline_greedy"] for w in own]
+                ),
+                "requests_to_within_0.05_of_offline": first_window(
+                    own, start, [w["online_greedy"] >= w["offline_greedy"] - 0.05 for w in own]
+                ),
+                "online_plateau": plateau,
+                "requests_to_recover": first_window(
+                    own, start, [w["online_greedy"] >= plateau - 0.05 for w in own]
+                ),
             }
         )
         start += phase.requests

@@ -8,7 +8,18 @@ from benchmarks.store_bench import main
 def test_store_bench_reports_every_run(tmp_path):
     out = tmp_path / "store.json"
     report = main(
-        ["--traces", "300", "--repeats", "3", "--rate", "2000", "--draft-mb", "0.2", "--registry-repeats", "2"]
+        [
+            "--traces",
+            "300",
+            "--repeats",
+            "3",
+            "--rate",
+            "2000",
+            "--draft-mb",
+            "0.2",
+            "--registry-repeats",
+            "2",
+        ]
         + ["--json", str(out)]
     )
     assert json.loads(out.read_text())["append_burst"] == report["append_burst"]

@@ -167,6 +167,15 @@ def test_a_restarted_trainer_resumes_and_every_trace_is_trained_on(
     assert second.state.trained_traces == len(training)
 
 
+def test_an_idle_trainer_checkpoints_and_acks_what_it_trained(redis_client, model_dirs, traffic, tmp_path):
+    write(redis_client, traffic[:6])  # less than a batch, and far fewer steps than checkpoint_every
+    trainer = OnlineTrainer(config(tmp_path), model_dirs["llama"]["small"], redis_client, stream=STREAM)
+    assert trainer.run_once() == "trained" and trainer.reader.backlog().pending > 0
+    assert trainer.run_once() == "idle"  # no new trace: no step, but the trained ones are committed
+    assert trainer.reader.backlog().pending == 0
+    assert load_checkpoint(tmp_path / "ckpt")[2].step == 1
+
+
 def test_the_trainer_waits_while_servers_are_busy(redis_client, model_dirs, traffic, tmp_path):
     write(redis_client, traffic[:20])
     trainer = OnlineTrainer(

@@ -109,6 +109,8 @@ class OnlineTrainer:
             return "throttled"
         self.poll()
         if self.train_step() is None:
+            if self.pending_acks:  # traffic paused: commit what was trained, so that it is acked now
+                self.checkpoint()
             self.maybe_watch()
             return "idle"
         if self.state.step % self.config.checkpoint_every == 0:
