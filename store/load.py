@@ -1,6 +1,7 @@
 """Server load, published by each replica for the trainer's throttle: requests in flight and
-queued, one hash per replica (`osd:load:<replica>`) that expires unless refreshed, so a dead
-replica stops counting after `ttl_seconds`."""
+queued, one hash per replica (`osd:load:<replica>`) that Redis expires unless refreshed, so a dead
+replica stops counting after `ttl_seconds`. The set `osd:load` names the replicas, so a reader
+looks at those keys only, never scanning the keyspace; it forgets names whose hash expired."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 import redis
 
+REPLICAS = "osd:load"
 PREFIX = "osd:load:"
 
 
@@ -27,24 +29,29 @@ def publish_load(
     pipe = client.pipeline(transaction=True)
     pipe.hset(key, mapping={"in_flight": in_flight, "queued": queued, "time": time.time()})
     pipe.pexpire(key, int(ttl_seconds * 1000))
+    pipe.sadd(REPLICAS, replica)
     pipe.execute()
 
 
 def read_load(client: redis.Redis) -> list[ReplicaLoad]:
     """Every live replica's latest load."""
-    keys = sorted(client.scan_iter(match=PREFIX + "*", count=100))
+    replicas = sorted(name.decode() for name in client.smembers(REPLICAS))
     pipe = client.pipeline(transaction=False)
-    for key in keys:
-        pipe.hgetall(key)
-    loads = []
-    for key, fields in zip(keys, pipe.execute() if keys else [], strict=True):
-        if fields:
-            loads.append(
-                ReplicaLoad(
-                    replica=key.decode().removeprefix(PREFIX),
-                    in_flight=int(fields[b"in_flight"]),
-                    queued=int(fields[b"queued"]),
-                    time=float(fields[b"time"]),
-                )
+    for replica in replicas:
+        pipe.hgetall(PREFIX + replica)
+    loads, gone = [], []
+    for replica, fields in zip(replicas, pipe.execute() if replicas else [], strict=True):
+        if not fields:
+            gone.append(replica)
+            continue
+        loads.append(
+            ReplicaLoad(
+                replica=replica,
+                in_flight=int(fields[b"in_flight"]),
+                queued=int(fields[b"queued"]),
+                time=float(fields[b"time"]),
             )
+        )
+    if gone:  # a replica publishing again just now is re-added by its next publish
+        client.srem(REPLICAS, *gone)
     return loads

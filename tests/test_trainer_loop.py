@@ -10,7 +10,7 @@ import torch
 
 from serving.engine import SpecEngine
 from serving.tracing import trace_of
-from store.load import publish_load, read_load
+from store.load import REPLICAS, publish_load, read_load
 from store.metrics import MetricsConfig, MetricsRecorder, request_counters
 from store.traces import StreamConfig, TraceWriter, is_held_out
 from trainer.checkpoint import load_checkpoint
@@ -190,3 +190,4 @@ def test_the_trainer_waits_while_servers_are_busy(redis_client, model_dirs, traf
     assert trainer.run_once() == "trained" and trainer.state.step == 1
     time.sleep(0.1)  # the replica's load expired: it no longer counts
     assert read_load(redis_client) == []
+    assert not redis_client.smembers(REPLICAS)  # and its name is forgotten

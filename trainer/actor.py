@@ -1,9 +1,10 @@
 """The trainer as a Ray actor: its own process, restarted by Ray after a crash or `kill -9`.
 
 The actor runs `OnlineTrainer.run_once` in a background thread at lower OS priority with few
-torch threads, so serving keeps the CPU it needs. A restart re-runs the constructor, which
-resumes from the last checkpoint; traces trained on after it were never acked, so the stream
-delivers them again. When Redis is unreachable the trainer pauses and retries.
+torch threads, so serving keeps the CPU it needs; `pause` and `resume` hold it between steps. A
+restart re-runs the constructor, which resumes from the last checkpoint; traces trained on after
+it were never acked, so the stream delivers them again. When Redis is unreachable the trainer
+pauses and retries.
 """
 
 from __future__ import annotations
@@ -41,12 +42,16 @@ class Trainer:
         torch.set_num_threads(config.torch_threads)
         self.trainer = OnlineTrainer(config, base_draft, open_redis(redis_url), consumer, stream)
         self.state = "starting"
-        self._stop = threading.Event()
+        self._stop, self._paused = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self._paused.is_set():
+                self.state = "paused"
+                self._stop.wait(0.1)
+                continue
             try:
                 self.state = self.trainer.run_once()
                 if self.state == "idle":
@@ -74,6 +79,13 @@ class Trainer:
             "history": state.history[-5:],
             "time": time.time(),
         }
+
+    def pause(self) -> None:
+        """Stop training after the current step (status says "paused"); traces queue up meanwhile."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
 
     def stop(self) -> None:
         self._stop.set()
