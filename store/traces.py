@@ -153,22 +153,21 @@ def decode(fields: dict[bytes, bytes]) -> Trace:
 
 def _layout(meta: dict) -> list[tuple[np.dtype, tuple[int, ...]]]:
     """(dtype, shape) of each array in `data`, in order, from the shapes in `meta`."""
-    ids, length, top_k, steps = (
-        _IDS[meta["id_bytes"]],
-        int(meta["output_len"]),
-        int(meta["top_k"]),
-        int(meta["steps"]),
-    )
+    ids = _IDS[meta["id_bytes"]]
+    prompt, length, top_k, steps = (int(meta[k]) for k in ("prompt_len", "output_len", "top_k", "steps"))
+    hidden = None if meta["hidden_size"] is None else int(meta["hidden_size"])
+    if min(prompt, length, top_k, steps, hidden or 0) < 0:
+        raise ValueError("negative array sizes")
     layout = [
-        (ids, (int(meta["prompt_len"]),)),
+        (ids, (prompt,)),
         (ids, (length,)),
         (ids, (length, top_k)),
         (_HALF, (length, top_k)),
         (_COUNT, (steps,)),
         (_COUNT, (steps,)),
     ]
-    if meta["hidden_size"] is not None:
-        layout.append((_HALF, (length, int(meta["hidden_size"]))))
+    if hidden is not None:
+        layout.append((_HALF, (length, hidden)))
     return layout
 
 

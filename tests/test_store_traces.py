@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import time
 from pathlib import Path
@@ -112,6 +113,10 @@ def test_decode_refuses_other_versions_and_malformed_entries():
         decode({**fields, b"data": fields[b"data"][:-4]})
     with pytest.raises(TraceDecodeError, match="malformed"):
         decode({**fields, b"data": fields[b"data"] + b"\0\0"})
+    meta = json.loads(fields[b"meta"])
+    bent = {**meta, "prompt_len": -meta["prompt_len"], "steps": meta["steps"] + meta["prompt_len"] * 2}
+    with pytest.raises(TraceDecodeError, match="negative"):  # sizes that add up, one of them negative
+        decode({**fields, b"meta": json.dumps(bent).encode()})
     with pytest.raises(TraceDecodeError, match="malformed"):
         decode({k: v for k, v in fields.items() if k != b"meta"})
 
