@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -89,19 +90,14 @@ def print_manifest(manifest: dict, console: Console) -> None:
 
 
 def bench(argv: list[str]) -> None:
-    """`osd bench engine|store|online ...` runs that benchmark with the remaining arguments."""
+    """`osd bench engine|store|online|overhead ...` runs that benchmark with the remaining arguments."""
     parser = argparse.ArgumentParser(prog="osd bench")
-    parser.add_argument("which", choices=["engine", "store", "online"])
+    parser.add_argument("which", choices=sorted(BENCHMARKS))
     which = parser.parse_args(argv[:1]).which
-    if which == "engine":
-        from benchmarks import engine as benchmark
-    elif which == "store":
-        from benchmarks import store_bench as benchmark
-    else:
-        from benchmarks import online as benchmark
-    benchmark.main(argv[1:])
+    importlib.import_module(f"benchmarks.{BENCHMARKS[which]}").main(argv[1:])
 
 
+BENCHMARKS = {"engine": "engine", "store": "store_bench", "online": "online", "overhead": "overhead"}
 COMMANDS = {"demo": demo, "demo-models": demo_models, "bench": bench}
 
 
