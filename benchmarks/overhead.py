@@ -4,9 +4,12 @@ One serving loop in this process (the engine, batch 1, first come first served) 
 that arrive open-loop at --rate per second (Poisson, fixed seed), so latency is completion minus
 arrival, queueing included. Every request's trace goes to a local Redis, and the loop publishes
 its load (in flight, queued) for the trainer's throttle, as a replica does. The trainer is the
-Ray actor serving deploys (its own process, `niceness`, `torch_threads`, default TrainerConfig),
-paused and running in alternating blocks of --block requests, so that a slow spell of the VM hits
-both modes alike. Without --rate, the rate is --utilization times the measured service rate.
+Ray actor serving deploys (its own process, default TrainerConfig: SCHED_IDLE, one torch
+thread). Blocks come in pairs that serve the same --block requests with the same arrival gaps,
+once with the trainer paused and once running (the order alternating between pairs), so that
+only the trainer differs and a slow spell of the VM hits both modes alike. Without --rate, the
+rate is --utilization times the measured service rate. The served draft stays the initial one
+(no hot-swap), so that service times stay comparable across blocks.
 
     osd bench overhead --json benchmarks/results/overhead_cpu.json
 """
@@ -48,8 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", choices=sorted(PRESETS), default="full", help="demo pair preset")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     p.add_argument("--domain", default="python", help="the domain of the requests")
-    p.add_argument("--blocks", type=int, default=8, help="blocks, alternating trainer off and on")
-    p.add_argument("--block", type=int, default=40, help="requests per block")
+    p.add_argument("--pairs", type=int, default=4, help="pairs of blocks, trainer off and on")
+    p.add_argument("--block", type=int, default=50, help="requests per block")
     p.add_argument("--warmup", type=int, default=10, help="requests before the first block (trainer on)")
     p.add_argument("--rate", type=float, help="requests per second offered (default: from --utilization)")
     p.add_argument("--utilization", type=float, default=0.5, help="offered load over the service rate")
@@ -89,11 +92,9 @@ class Server:
         self.writer.append(trace)
         return time.perf_counter() - began
 
-    def run_block(
-        self, requests: list, rate: float, rng: np.random.Generator
-    ) -> tuple[list[float], list[float]]:
-        """Serve requests arriving at `rate` per second (Poisson); (latencies, service times)."""
-        arrivals = time.perf_counter() + np.cumsum(rng.exponential(1.0 / rate, len(requests)))
+    def run_block(self, requests: list, gaps: np.ndarray) -> tuple[list[float], list[float]]:
+        """Serve requests arriving after the given gaps (seconds); (latencies, service times)."""
+        arrivals = time.perf_counter() + np.cumsum(gaps)
         latencies, services = [], []
         for i, request in enumerate(requests):
             if (wait := arrivals[i] - time.perf_counter()) > 0:
@@ -109,13 +110,13 @@ class Server:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
-    if args.blocks < 2 or args.block < 1:
-        raise SystemExit("need at least 2 blocks (one off, one on) of at least 1 request")
+    if args.pairs < 1 or args.block < 1:
+        raise SystemExit("need at least one pair of blocks of at least one request")
     console = Console()
     preset = PRESETS[args.demo]
     models = build_demo_models(preset, args.cache_dir, console=console)
     tokenizer = AutoTokenizer.from_pretrained(models.target)
-    total = args.warmup + args.blocks * args.block
+    total = args.warmup + args.pairs * args.block
     spec = WorkloadSpec(
         phases=parse_phases(f"{args.domain}:{total}"), max_new_tokens=args.max_new_tokens, seed=args.seed
     )
@@ -136,19 +137,21 @@ def main(argv: list[str] | None = None) -> dict:
             warm = [serving.serve(r) for r in requests[: args.warmup]]
         rate = args.rate or args.utilization / statistics.median(warm)
         with Progress(console=console, transient=True) as progress:
-            task = progress.add_task(f"blocks at {rate:.2f} requests/s", total=args.blocks)
-            for b in range(args.blocks):
-                mode = MODES[b % 2]
-                ray.get(trainer.resume.remote() if mode == "on" else trainer.pause.remote())
-                while mode == "off" and ray.get(trainer.status.remote())["state"] != "paused":
-                    time.sleep(0.05)  # the step in progress finishes first
-                step_before = ray.get(trainer.status.remote())["step"]
-                start = args.warmup + b * args.block
-                latency, service = serving.run_block(requests[start : start + args.block], rate, rng)
-                results[mode]["latency"] += latency
-                results[mode]["service"] += service
-                results[mode]["steps"] += ray.get(trainer.status.remote())["step"] - step_before
-                progress.update(task, advance=1, description=f"block {b + 1}/{args.blocks}: trainer {mode}")
+            task = progress.add_task(f"blocks at {rate:.2f} requests/s", total=2 * args.pairs)
+            for pair in range(args.pairs):
+                start = args.warmup + pair * args.block
+                block, gaps = requests[start : start + args.block], rng.exponential(1.0 / rate, args.block)
+                for mode in MODES if pair % 2 == 0 else MODES[::-1]:
+                    progress.update(task, description=f"pair {pair + 1}/{args.pairs}: trainer {mode}")
+                    ray.get(trainer.resume.remote() if mode == "on" else trainer.pause.remote())
+                    while mode == "off" and ray.get(trainer.status.remote())["state"] != "paused":
+                        time.sleep(0.05)  # the step in progress finishes first
+                    step_before = ray.get(trainer.status.remote())["step"]
+                    latency, service = serving.run_block(block, gaps)
+                    results[mode]["latency"] += latency
+                    results[mode]["service"] += service
+                    results[mode]["steps"] += ray.get(trainer.status.remote())["step"] - step_before
+                    progress.update(task, advance=1)
         final = ray.get(trainer.status.remote())
         ray.get(trainer.stop.remote())
         ray.kill(trainer)
@@ -181,7 +184,7 @@ def summarise(results: dict, rate: float, args: argparse.Namespace, final: dict)
         "k": args.k,
         "max_new_tokens": args.max_new_tokens,
         "rate_per_s": round(rate, 3),
-        "blocks": args.blocks,
+        "pairs": args.pairs,
         "block": args.block,
         "modes": modes,
         "inflation": {

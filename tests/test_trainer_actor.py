@@ -38,7 +38,7 @@ def test_kill_9_restarts_and_resumes_with_no_trace_lost(
     write(redis_client, traffic[:100])
     config = TrainerConfig(
         checkpoint_dir=tmp_path / "ckpt", batch_size=4, checkpoint_every=3, gate_every=10**6,
-        max_in_flight=100, pause_seconds=0.05, niceness=0,
+        max_in_flight=100, pause_seconds=0.05,
     )  # fmt: skip
     actor = TrainerActor.remote(
         config, str(model_dirs["llama"]["small"]), redis_server.url, "trainer-0", STREAM
@@ -76,11 +76,13 @@ def test_a_paused_trainer_takes_no_step_until_resumed(
 ):
     config = TrainerConfig(
         checkpoint_dir=tmp_path / "ckpt", batch_size=4, gate_every=10**6, max_in_flight=100,
-        pause_seconds=0.05, niceness=0, torch_threads=torch.get_num_threads(),
+        pause_seconds=0.05, torch_threads=torch.get_num_threads(),
     )  # fmt: skip
     trainer = Trainer(config, str(model_dirs["llama"]["small"]), redis_server.url, "trainer-p", STREAM)
     trainer.pause()
     wait_for(lambda: trainer.status()["state"] == "paused", timeout=30)
+    assert os.sched_getscheduler(trainer._thread.native_id) == os.SCHED_IDLE  # the training thread only
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
     write(redis_client, traffic[:40])
     time.sleep(1.0)
     assert trainer.status()["step"] == 0 and trainer.status()["state"] == "paused"

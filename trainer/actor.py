@@ -1,10 +1,10 @@
 """The trainer as a Ray actor: its own process, restarted by Ray after a crash or `kill -9`.
 
-The actor runs `OnlineTrainer.run_once` in a background thread at lower OS priority with few
-torch threads, so serving keeps the CPU it needs; `pause` and `resume` hold it between steps. A
-restart re-runs the constructor, which resumes from the last checkpoint; traces trained on after
-it were never acked, so the stream delivers them again. When Redis is unreachable the trainer
-pauses and retries.
+The actor runs `OnlineTrainer.run_once` in a background thread at the lowest OS priority
+(SCHED_IDLE: it gets only CPU time nothing else wants) with few torch threads, so serving keeps
+the CPU it needs; `pause` and `resume` hold it between steps. A restart re-runs the constructor,
+which resumes from the last checkpoint; traces trained on after it were never acked, so the
+stream delivers them again. When Redis is unreachable the trainer pauses and retries.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ class Trainer:
         consumer: str = "trainer-0",
         stream: StreamConfig | None = None,
     ):
-        os.nice(config.niceness)
         torch.set_num_threads(config.torch_threads)
         self.trainer = OnlineTrainer(config, base_draft, open_redis(redis_url), consumer, stream)
         self.state = "starting"
@@ -47,6 +46,7 @@ class Trainer:
         self._thread.start()
 
     def _run(self) -> None:
+        lower_priority(self.trainer.config)
         while not self._stop.is_set():
             if self._paused.is_set():
                 self.state = "paused"
@@ -90,6 +90,15 @@ class Trainer:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+
+
+def lower_priority(config: TrainerConfig) -> None:
+    """Lower the calling thread's CPU priority (Linux priorities are per thread, and inherited by the
+    threads it starts): SCHED_IDLE where available and chosen, else `niceness`."""
+    if config.sched_idle and hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    elif config.niceness:
+        os.nice(config.niceness)
 
 
 TrainerActor = ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0)(Trainer)

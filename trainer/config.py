@@ -42,7 +42,8 @@ class TrainerConfig:
     max_in_flight: int = 2  # pause training while servers have more requests in flight than this
     pause_seconds: float = 0.5
     torch_threads: int = 1
-    niceness: int = 10
+    sched_idle: bool = True  # Linux: the training thread runs only on otherwise idle CPU (SCHED_IDLE)
+    niceness: int = 10  # where SCHED_IDLE is off or missing: the training thread's nice increment
     read_count: int = 64  # traces per read from the stream
 
     def __post_init__(self):
