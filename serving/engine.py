@@ -3,7 +3,8 @@
 Each step the proposer drafts k tokens, one target forward scores the last emitted token plus
 the k drafts (k+1 positions), the rejection sampler keeps a prefix and adds one token, and the
 target's KV cache is cut back to what was kept. With the null proposer (k = 0) the very same
-loop is plain autoregressive decoding.
+loop is plain autoregressive decoding. `stream` yields what each step emitted (for streaming
+responses); `generate` is the same loop, consumed to the end.
 
 Cache invariant: the target cache holds every token of the sequence except the last one, which
 is always the first input of the next verify forward.
@@ -11,7 +12,7 @@ is always the first input of the next verify forward.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,6 +50,14 @@ class Generation:
     finish_reason: Literal["stop", "length"]
     top_ids: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """The tokens one decode step emitted (1 to k + 1); the last step also carries the Generation."""
+
+    token_ids: list[int]
+    generation: Generation | None = None
 
 
 class SpecEngine:
@@ -102,7 +111,6 @@ class SpecEngine:
             chosen = NgramProposer() if proposer == "ngram" else NullProposer()
         return cls(target_model, chosen, num_speculative_tokens)
 
-    @torch.inference_mode()
     def generate(
         self,
         prompt_ids: Sequence[int] | torch.Tensor,
@@ -120,6 +128,25 @@ class SpecEngine:
         The output has the target's own distribution: token-identical to its greedy decoding
         at temperature 0, and distributed as its processed p when sampling.
         """
+        *_, last = self.stream(
+            prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids, top_logprobs
+        )
+        return last.generation  # the last step carries it
+
+    def stream(
+        self,
+        prompt_ids: Sequence[int] | torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_token_ids: Iterable[int] | None = None,
+        top_logprobs: int = 0,
+    ) -> Iterator[Step]:
+        """generate, one decode step at a time: the request is checked now (InvalidRequestError), and
+        each iteration yields the tokens one step emitted; the last carries the Generation. Closing
+        the iterator early abandons the request (a client that went away)."""
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
         prompt = self._check_prompt(prompt_ids, max_new_tokens)
         stop_ids = (
@@ -136,7 +163,19 @@ class SpecEngine:
             generator.seed()
         else:
             generator.manual_seed(seed)
+        return self._decode(prompt, max_new_tokens, params, stop_ids, generator, top_logprobs)
 
+    @torch.inference_mode()
+    def _decode(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        params: SamplingParams,
+        stop_ids: frozenset[int],
+        generator: torch.Generator,
+        top_logprobs: int,
+    ) -> Iterator[Step]:
+        """The decode loop."""
         cache = DynamicCache(config=self.target.config)
         if prompt.shape[0] > 1:
             forward(self.target, prompt[:-1], cache, last_only=True)
@@ -146,13 +185,12 @@ class SpecEngine:
         length, output, stats = prompt.shape[0], [], SpecStats()
         tops: list[torch.return_types.topk] = []  # per step: the target's top-K at each emitted position
 
-        def finish(reason: Literal["stop", "length"]) -> Generation:
+        def finish(new: list[int], reason: Literal["stop", "length"]) -> Step:
             if not top_logprobs:
-                return Generation(output, stats, reason)
+                return Step(new, Generation(output, stats, reason))
             top_ids = torch.cat([top.indices for top in tops])[: len(output)]
-            return Generation(
-                output, stats, reason, top_ids, torch.cat([top.values for top in tops])[: len(output)]
-            )
+            top_values = torch.cat([top.values for top in tops])[: len(output)]
+            return Step(new, Generation(output, stats, reason, top_ids, top_values))
 
         while True:
             remaining = max_new_tokens - len(output)
@@ -176,12 +214,17 @@ class SpecEngine:
             truncate_cache(cache, length + accepted)
             tokens[length : length + accepted + 1] = emitted
             length += accepted + 1
+            new: list[int] = []
             for token in emitted.tolist():
                 output.append(token)
+                new.append(token)
                 if token in stop_ids:
-                    return finish("stop")
+                    yield finish(new, "stop")
+                    return
             if len(output) >= max_new_tokens:
-                return finish("length")
+                yield finish(new, "length")
+                return
+            yield Step(new)
 
     def _check_prompt(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Validate a request's prompt and length; return the prompt as ids [L] on the device."""

@@ -12,8 +12,9 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
+from deploy.demo.build import build_demo_models
 from store.redis_server import LocalRedis
-from tiny_models import ARCHS, build, perturbed
+from tiny_models import ARCHS, TINY_DEMO, build, perturbed
 
 hf_logging.disable_progress_bar()
 torch.set_num_threads(1)  # tiny models: one thread beats two on this 2-core machine
@@ -69,3 +70,12 @@ def ray_session():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> Path:
+    """The tiny demo build, made once per session; returns its cache directory. Tests that also
+    start Ray list this fixture first, so the build never runs beside a live Ray instance."""
+    cache = tmp_path_factory.mktemp("demo-cache")
+    build_demo_models(TINY_DEMO, cache)
+    return cache

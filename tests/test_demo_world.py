@@ -84,9 +84,8 @@ def test_tokenizer_round_trip(corpus, tokenizer, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("demo-cache")
-    return cache, build_demo_models(TINY_DEMO, cache)
+def tiny_models(tiny_demo):
+    return tiny_demo, build_demo_models(TINY_DEMO, tiny_demo)
 
 
 def test_tiny_build_through_the_real_path(tiny_models):

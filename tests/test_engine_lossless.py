@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from serving.engine import SpecEngine
+from serving.errors import InvalidRequestError
 from tiny_models import ARCHS, VOCAB
 
 MAX_NEW = 40
@@ -99,3 +100,28 @@ def test_max_new_tokens_reached_mid_draft(model_dirs, arch):
         assert result.token_ids == free_run[:max_new]
         assert result.finish_reason == "length"
         assert result.stats.drafted == max_new - result.stats.steps  # never drafts past the budget
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stream_yields_each_step_and_the_same_output(model_dirs, references, arch):
+    engine = SpecEngine.from_pretrained(
+        model_dirs[arch]["target"], draft=model_dirs[arch]["small"], num_speculative_tokens=3
+    )
+    for prompt, expected in zip(PROMPTS, references[arch], strict=True):
+        steps = list(engine.stream(prompt, MAX_NEW))
+        assert [t for step in steps for t in step.token_ids] == expected
+        assert all(1 <= len(step.token_ids) <= 4 for step in steps)  # one step emits 1 to k + 1
+        assert [step.generation is not None for step in steps] == [False] * (len(steps) - 1) + [True]
+        assert steps[-1].generation.token_ids == expected and steps[-1].generation.stats.steps == len(steps)
+
+
+def test_stream_checks_the_request_before_decoding_and_can_be_abandoned(model_dirs):
+    engine = SpecEngine.from_pretrained(model_dirs["llama"]["target"], proposer="ngram")
+    with pytest.raises(InvalidRequestError):
+        engine.stream(PROMPTS[0], 0)  # raised by the call, not by the first iteration
+    steps = engine.stream(PROMPTS[0], MAX_NEW, stop_token_ids=[])
+    first = next(steps)
+    steps.close()  # a client that went away: nothing more is decoded
+    assert first.token_ids and first.generation is None
+    with pytest.raises(StopIteration):
+        next(steps)

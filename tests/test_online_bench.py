@@ -14,10 +14,10 @@ def test_parse_phases():
     assert [(p.domain, p.requests) for p in phases] == [("prose", 3), ("python", 5)]
 
 
-def test_online_bench_scores_every_window_and_plots(tmp_path, monkeypatch):
+def test_online_bench_scores_every_window_and_plots(tiny_demo, tmp_path, monkeypatch):
     monkeypatch.setitem(PRESETS, "tiny", TINY_DEMO)
     out = tmp_path / "online.json"
-    args = ["--demo", "tiny", "--cache-dir", str(tmp_path / "cache"), "--phases", "prose:6,python:12",
+    args = ["--demo", "tiny", "--cache-dir", str(tiny_demo), "--phases", "prose:6,python:12",
             "--window", "6", "--max-new-tokens", "8", "--k", "2", "--gate-min-positions", "8",
             "--probe", "2"]  # fmt: skip
     main(["bench", "online", *args, "--json", str(out)])

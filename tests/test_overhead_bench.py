@@ -6,9 +6,11 @@ from benchmarks.overhead import PRESETS, main
 from tiny_models import TINY_DEMO
 
 
-def test_overhead_bench_alternates_a_paused_and_a_running_trainer(ray_session, tmp_path, monkeypatch):
+def test_overhead_bench_alternates_a_paused_and_a_running_trainer(
+    tiny_demo, ray_session, tmp_path, monkeypatch
+):
     monkeypatch.setitem(PRESETS, "tiny", TINY_DEMO)
-    args = ["--demo", "tiny", "--cache-dir", str(tmp_path / "cache"), "--pairs", "1", "--block", "4",
+    args = ["--demo", "tiny", "--cache-dir", str(tiny_demo), "--pairs", "1", "--block", "4",
             "--warmup", "3", "--max-new-tokens", "8", "--k", "2", "--rate", "20"]  # fmt: skip
     report = main([*args, "--json", str(tmp_path / "overhead.json")])
     off, on = report["modes"]["off"], report["modes"]["on"]
