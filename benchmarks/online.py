@@ -40,7 +40,7 @@ from store.redis_server import LocalRedis
 from store.registry import Registry
 from store.traces import StreamConfig, TraceWriter
 from trainer.config import TrainerConfig
-from trainer.loop import OnlineTrainer, version_label
+from trainer.loop import OnlineTrainer
 
 
 def parse_phases(text: str) -> tuple[Phase, ...]:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
                 sampling = {"temperature": request.temperature, "top_p": request.top_p, "seed": request.seed}
                 trace = trace_of(
-                    request.request_id, request.prompt.domain, "demo-target", version_label(live),
+                    request.request_id, request.prompt.domain, "demo-target", live.label,
                     request.prompt.token_ids, out, sampling,
                 )  # fmt: skip
                 writer.append(trace)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
                     out.stats.steps, out.stats.drafted, out.stats.accepted, len(out.token_ids),
                     out.stats.drafted_per_position, out.stats.accepted_per_position, None, None,
                 )  # fmt: skip
-                recorder.record(version_label(live), request.prompt.domain, counters)
+                recorder.record(live.label, request.prompt.domain, counters)
                 window.add(trace, out.stats, drafts, max_len)  # scored before any training on it
                 writer.flush()
                 recorder.flush()

@@ -2,7 +2,8 @@
 
 Training only an adapter keeps the base draft shared (one per server) and makes a published
 version kilobytes to megabytes instead of a whole model. The registry stores the adapter's
-tensors (`adapter_weights`) as kind "lora"; a server applies them with `load_adapter_weights`.
+tensors (`adapter_weights`) as kind "lora"; a server merges them into a copy of its base draft
+(`merged_adapter`).
 """
 
 from __future__ import annotations
@@ -48,3 +49,13 @@ def load_adapter_weights(model: PeftModel, weights: dict[str, torch.Tensor]) -> 
     if wrong:
         raise ValueError(f"adapter tensors of the wrong shape: {wrong[:5]}")
     set_peft_model_state_dict(model, weights)
+
+
+def merged_adapter(
+    base: PreTrainedModel, spec: LoraSpec, weights: dict[str, torch.Tensor]
+) -> PreTrainedModel:
+    """`base` (changed in place) with a trained adapter merged into it: a plain model, as fast as
+    the base at inference. Raises ValueError when the weights do not fit the spec."""
+    model = wrap_lora(base, spec)
+    load_adapter_weights(model, weights)
+    return model.merge_and_unload()

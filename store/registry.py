@@ -70,6 +70,11 @@ class DraftVersion:
     uri: str | None = None
     extra: dict = field(default_factory=dict)  # anything else worth showing (gate numbers, reasons)
 
+    @property
+    def label(self) -> str:
+        """How traces and metric series name this version: "<name>:v<n>"."""
+        return f"{self.name}:v{self.version}"
+
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
 
@@ -293,6 +298,7 @@ class LiveWatcher:
         self.registry, self.name, self.domain = registry, name, domain
         self.on_change, self.poll_seconds = on_change, poll_seconds
         self.seen: int | None = None  # the last live version handed to on_change
+        self.started = threading.Event()  # set once the first look at the live version is over
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"live-watcher-{name}", daemon=True)
         self._thread.start()
@@ -313,7 +319,10 @@ class LiveWatcher:
                     next_poll = 0.0
                 if time.monotonic() >= next_poll:
                     next_poll = time.monotonic() + self.poll_seconds
-                    self._check()
+                    try:
+                        self._check()
+                    finally:
+                        self.started.set()
                 if pubsub.get_message(timeout=min(0.5, self.poll_seconds)) is not None:
                     self._check()  # any registry event: look now
             except redis.RedisError as err:

@@ -15,7 +15,7 @@ from store.metrics import MetricsConfig, MetricsRecorder, request_counters
 from store.traces import StreamConfig, TraceWriter, is_held_out
 from trainer.checkpoint import load_checkpoint
 from trainer.config import TrainerConfig
-from trainer.loop import OnlineTrainer, version_label
+from trainer.loop import OnlineTrainer
 
 STREAM = StreamConfig(stream="t:trainer", held_out_fraction=0.25)
 
@@ -118,13 +118,13 @@ def test_a_publish_is_rolled_back_when_live_acceptance_drops(redis_client, model
     for i in range(10):  # the servers' view: 0.8 before the swap, 0.3 after, on both domains
         for domain in ("code", "prose"):
             recorder.record(
-                version_label(parent),
+                parent.label,
                 domain,
                 request_counters(10, 40, 32, 42, [], [], None, None),
                 since - 60 + i,
             )
             recorder.record(
-                version_label(published),
+                published.label,
                 domain,
                 request_counters(10, 40, 12, 22, [], [], None, None),
                 since + 1 + i,

@@ -11,6 +11,7 @@ import copy
 import logging
 import time
 from collections import defaultdict, deque
+from dataclasses import asdict
 from pathlib import Path
 
 import redis
@@ -31,11 +32,6 @@ from trainer.config import TrainerConfig
 from trainer.gate import GateDecision, Tally, WatchVerdict, gate, watch
 
 log = logging.getLogger(__name__)
-
-
-def version_label(meta: DraftVersion) -> str:
-    """How servers label a draft version in metrics."""
-    return f"{meta.name}:v{meta.version}"
 
 
 class OnlineTrainer:
@@ -84,6 +80,10 @@ class OnlineTrainer:
         else:
             model.load_state_dict(weights)
 
+    def _adapter_spec(self) -> dict:
+        """What a server needs to rebuild a LoRA version: the adapter's spec (nothing for full weights)."""
+        return {} if self.config.lora is None else {"lora": asdict(self.config.lora)}
+
     def _sync_live(self) -> None:
         """Agree with the registry on the live version; publish the starting draft as the first."""
         live = self.registry.live(self.config.draft_name, self.config.domain)
@@ -93,7 +93,7 @@ class OnlineTrainer:
                 self.weights(),
                 domain=self.config.domain,
                 kind="lora" if self.config.lora else "full",
-                extra={"origin": "starting draft"},
+                extra={"origin": "starting draft", **self._adapter_spec()},
             )
         if live.version != self.state.live_version:
             self._load_weights(self.live_model, self.registry.load(live))
@@ -199,7 +199,7 @@ class OnlineTrainer:
             train_steps=self.state.step,
             gate_acceptance=decision.candidate,
             kind="lora" if self.config.lora else "full",
-            extra={"gate": decision.record()},
+            extra={"gate": decision.record(), **self._adapter_spec()},
         )
         if not decision.publish:
             self.registry.reject(
@@ -210,7 +210,7 @@ class OnlineTrainer:
         self._load_weights(self.live_model, weights)
         self.state.live_version = published.version
         self.watching = (published, time.time())
-        log.info("published %s: %s", version_label(published), decision.reason)
+        log.info("published %s: %s", published.label, decision.reason)
         return decision
 
     def maybe_watch(self) -> WatchVerdict | None:
@@ -223,9 +223,9 @@ class OnlineTrainer:
         baseline, after, requests = defaultdict(Tally), defaultdict(Tally), defaultdict(int)
         for point in points:
             tally = Tally(point.counts["accepted"], point.counts["drafted"])
-            if point.version == version_label(parent) and point.start < since:
+            if point.version == parent.label and point.start < since:
                 baseline[point.domain] += tally
-            elif point.version == version_label(published):
+            elif point.version == published.label:
                 after[point.domain] += tally
                 requests[point.domain] += point.counts["requests"]
         verdict = watch(baseline, after, requests, self.config.watch_requests, self.config.watch_delta)
@@ -235,7 +235,7 @@ class OnlineTrainer:
             self._load_weights(self.live_model, weights)
             self._load_weights(self.model, weights)  # train on from the version that worked
             self.state.live_version = parent.version
-            log.warning("rolled back %s: %s", version_label(published), verdict.reason)
+            log.warning("rolled back %s: %s", published.label, verdict.reason)
         if verdict.action != "wait":
             self._remember(
                 {

@@ -1,0 +1,313 @@
+"""A serving replica: the engine behind a bounded request queue, with everything a request leaves.
+
+`Replica` decodes one request at a time (batch 1) on its own decode thread, first come first
+served; callers on an asyncio loop await `stream()` or `complete()`. Per request it writes a trace
+(non-blocking, through `store.traces`), records acceptance and latency counters per draft version
+and domain (`store.metrics`), and publishes its load (requests in flight and queued) for the
+trainer's throttle (`store.load`).
+
+Hot-swap: a `LiveWatcher` follows the registry's live version of the draft. A new version is
+loaded and checked on the watcher's thread, off the decode path, into a fresh draft model and
+engine that share the target; the swap itself is one reference assignment between requests. A
+request finishes on the version it started with, so no request ever sees two drafts. A version
+that fails to load (corrupt blob, wrong vocabulary or shapes) is refused and counted, and the
+replica keeps serving the one it has. At start-up the replica loads the live version, if any,
+before it takes requests.
+
+Redis failures degrade, never fail, serving: traces queue and drop oldest-first in the writer,
+metric counters wait for the next flush, and a failed load publication is logged and retried on
+the next change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import queue
+import re
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from distill.lora import LoraSpec, merged_adapter
+from serving.engine import Generation, ProposerName, SpecEngine, Step
+from serving.errors import EngineError, IncompatibleDraftError, InvalidRequestError
+from serving.proposers import DraftModelProposer
+from serving.tracing import trace_of
+from store.load import publish_load
+from store.metrics import MetricsConfig, MetricsRecorder, request_counters
+from store.registry import ALL_DOMAINS, CorruptWeightsError, DraftVersion, LiveWatcher, Registry
+from store.traces import StreamConfig, TraceWriter
+
+log = logging.getLogger(__name__)
+
+DOMAIN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a request's domain tag, as traces and metrics key it
+
+
+class ServerBusyError(EngineError):
+    """The replica's queue is full: try again later (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """One replica: the models it serves and where its traces, metrics and drafts live."""
+
+    target: str  # local directory or hub id
+    draft: str | None = None  # the base draft; registry versions are loaded into copies of it
+    proposer: ProposerName | None = None  # default: "draft" with a draft, else "none"
+    num_speculative_tokens: int = 3
+    device: str | None = None
+    dtype: str | None = None
+    target_id: str | None = None  # the name traces carry; default: the target's directory name
+    draft_name: str = "draft"  # the registry name whose live version is served
+    domain: str = ALL_DOMAINS
+    replica_id: str = field(default_factory=lambda: f"replica-{uuid.uuid4().hex[:8]}")
+    max_queue: int = 64  # waiting requests beyond this are refused with ServerBusyError
+    trace_top_k: int = 16  # the target's top-K logged per position
+    load_ttl_seconds: float = 10.0
+    poll_seconds: float = 2.0  # registry poll, a fallback to pub/sub
+    stream: StreamConfig = StreamConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    def __post_init__(self):
+        if self.max_queue < 1 or self.trace_top_k < 1:
+            raise ValueError("max_queue and trace_top_k must be >= 1")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One completion request, in token ids (the API layer tokenizes)."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: list[int] | None = None  # None: the target's EOS
+    domain: str = "-"
+    request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex}")
+
+    def __post_init__(self):
+        if not DOMAIN.fullmatch(self.domain):
+            raise InvalidRequestError(f"domain must match {DOMAIN.pattern}, got {self.domain!r}")
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end of a request: what was generated, and by which draft version."""
+
+    generation: Generation
+    draft_version: str  # e.g. "draft:v3", or the proposer's name without a registry ("ngram")
+    ttft_seconds: float
+    seconds: float
+
+
+@dataclass
+class _Job:
+    request: Request
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue  # Step, then Finished; or an exception
+    enqueued: float
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def put(self, event: object) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the caller's event loop has closed: nobody is listening any more
+            self.cancelled.set()
+
+
+@dataclass(frozen=True)
+class _Served:
+    """The engine and the version label new requests start on."""
+
+    engine: SpecEngine
+    version: str
+
+
+class Replica:
+    """See the module docstring."""
+
+    def __init__(self, config: ReplicaConfig, client: redis.Redis):
+        self.config, self.client = config, client
+        base = SpecEngine.from_pretrained(
+            config.target,
+            config.draft,
+            config.proposer,
+            config.num_speculative_tokens,
+            config.device,
+            config.dtype,
+        )
+        self.target_id = config.target_id or Path(config.target).name
+        self.base_draft = getattr(base.proposer, "model", None)  # None unless the proposer is a draft
+        self.registry = Registry(client)
+        self.swaps = self.refused = 0
+        self.last_swap_seconds: float | None = None  # load and check, off the decode path
+        self._served = _Served(base, "none" if self.base_draft is None else f"{config.draft_name}:base")
+        self.writer = TraceWriter(client, config.stream)
+        self.recorder = MetricsRecorder(client, config.metrics)
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=config.max_queue)
+        self._in_flight = 0
+        self._closed = False
+        self.watcher = None
+        if self.base_draft is not None:
+            self.watcher = LiveWatcher(
+                self.registry, config.draft_name, self._swap, config.domain, config.poll_seconds
+            )
+            if not self.watcher.started.wait(timeout=60):  # the live version first, then requests
+                log.warning("no answer from the registry yet; serving %s meanwhile", self._served.version)
+        self._thread = threading.Thread(
+            target=self._decode_loop, name=f"decode-{config.replica_id}", daemon=True
+        )
+        self._thread.start()
+        self._publish_load()
+
+    # The caller's side (asyncio).
+    async def stream(self, request: Request) -> AsyncIterator[Step | Finished]:
+        """Each decode step's tokens as they come, then a Finished. Raises InvalidRequestError for
+        a bad request and ServerBusyError when the queue is full. Leaving early frees the slot."""
+        job = _Job(request, asyncio.get_running_loop(), asyncio.Queue(), time.perf_counter())
+        if self._closed:
+            raise ServerBusyError("the replica is shutting down")
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise ServerBusyError(f"{self._queue.qsize()} requests are waiting; try again later") from None
+        self._publish_load()
+        try:
+            while True:
+                event = await job.events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            job.cancelled.set()  # a no-op when it finished; else the decode thread stops at the next step
+
+    async def complete(self, request: Request) -> Finished:
+        events = [event async for event in self.stream(request)]
+        return events[-1]  # the stream ends with Finished
+
+    @property
+    def draft_version(self) -> str:
+        return self._served.version
+
+    def status(self) -> dict:
+        return {
+            "replica": self.config.replica_id,
+            "draft_version": self._served.version,
+            "in_flight": self._in_flight,
+            "queued": self._queue.qsize(),
+            "swaps": self.swaps,
+            "refused_versions": self.refused,
+            "last_swap_seconds": self.last_swap_seconds,
+            "traces": vars(self.writer.stats()),
+        }
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish what is queued, then stop; flush traces and metrics."""
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.writer.close(timeout)
+        self.recorder.close()
+
+    # The decode thread.
+    def _decode_loop(self) -> None:
+        while (job := self._queue.get()) is not None:
+            self._in_flight = 1
+            self._publish_load()
+            try:
+                if not job.cancelled.is_set():
+                    self._serve(job)
+            except EngineError as err:  # a bad request: the caller gets it as is
+                job.put(err)
+            except Exception as err:  # a bug: the request fails, the replica goes on
+                log.exception("request %s failed", job.request.request_id)
+                job.put(RuntimeError(f"internal error: {err}"))
+            finally:
+                self._in_flight = 0
+                self._publish_load()
+
+    def _serve(self, job: _Job) -> None:
+        served, request = self._served, job.request  # the version this request starts and finishes on
+        steps = served.engine.stream(
+            request.prompt_ids, request.max_new_tokens, request.temperature, request.top_p, request.top_k,
+            request.seed, request.stop_token_ids, self.config.trace_top_k,
+        )  # fmt: skip
+        first = None
+        for step in steps:
+            if job.cancelled.is_set():
+                steps.close()
+                return
+            first = first or time.perf_counter()
+            job.put(step)
+        done = time.perf_counter()
+        finished = Finished(step.generation, served.version, first - job.enqueued, done - job.enqueued)
+        job.put(finished)
+        self._log(request, finished)
+
+    def _log(self, request: Request, finished: Finished) -> None:
+        generation, stats = finished.generation, finished.generation.stats
+        sampling = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
+        if request.seed is not None:
+            sampling["seed"] = request.seed
+        trace = trace_of(
+            request.request_id, request.domain, self.target_id, finished.draft_version,
+            request.prompt_ids, generation, sampling,
+        )  # fmt: skip
+        self.writer.append(trace)
+        tokens = len(generation.token_ids)
+        per_token = (finished.seconds - finished.ttft_seconds) / (tokens - 1) if tokens > 1 else None
+        counters = request_counters(
+            stats.steps, stats.drafted, stats.accepted, tokens, stats.drafted_per_position,
+            stats.accepted_per_position, finished.ttft_seconds, per_token,
+        )  # fmt: skip
+        self.recorder.record(finished.draft_version, request.domain, counters)
+
+    def _publish_load(self) -> None:
+        try:
+            publish_load(
+                self.client,
+                self.config.replica_id,
+                self._in_flight,
+                self._queue.qsize(),
+                self.config.load_ttl_seconds,
+            )
+        except redis.RedisError as err:
+            log.warning("publishing load failed: %s", err)
+
+    # The watcher's thread.
+    def _swap(self, meta: DraftVersion) -> None:
+        """Load `meta` into a fresh draft next to the served one, then serve it to new requests."""
+        began = time.perf_counter()
+        try:
+            weights = self.registry.load(meta)
+            if meta.kind == "lora":
+                model = merged_adapter(
+                    copy.deepcopy(self.base_draft), LoraSpec(**meta.extra["lora"]), weights
+                )
+            else:
+                model = copy.deepcopy(self.base_draft)
+                DraftModelProposer(model).load_weights(weights)
+        except (CorruptWeightsError, IncompatibleDraftError, KeyError, TypeError, ValueError) as err:
+            self.refused += 1
+            log.error("refused draft %s, serving %s on: %s", meta.label, self._served.version, err)
+            return
+        engine = SpecEngine(
+            self._served.engine.target, DraftModelProposer(model), self.config.num_speculative_tokens
+        )
+        self._served = _Served(engine, meta.label)
+        self.swaps += 1
+        self.last_swap_seconds = time.perf_counter() - began
+        log.info("serving draft %s (loaded in %.3f s)", self._served.version, self.last_swap_seconds)

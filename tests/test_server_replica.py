@@ -1,0 +1,171 @@
+"""The serving replica on tiny models and a real redis-server: output, traces, metrics, load,
+back-pressure, abandoned requests and hot-swap of draft versions."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from distill.lora import LoraSpec, adapter_weights, wrap_lora
+from serving.engine import SpecEngine, Step
+from serving.errors import InvalidRequestError
+from serving.server import Finished, Replica, ReplicaConfig, Request, ServerBusyError
+from store.load import read_load
+from store.metrics import MetricsConfig, read_series
+from store.registry import Registry
+from store.traces import StreamConfig, TraceReader
+
+PROMPT = [5, 17, 42, 9, 3, 77]
+STREAM = StreamConfig(stream="t:replica")
+METRICS = MetricsConfig(prefix="t:replica:metrics", flush_seconds=0.05)
+
+
+def replica(client, model_dirs, **overrides) -> Replica:
+    settings = dict(
+        target=str(model_dirs["llama"]["target"]),
+        draft=str(model_dirs["llama"]["small"]),
+        num_speculative_tokens=3,
+        stream=STREAM,
+        metrics=METRICS,
+        poll_seconds=0.1,
+        replica_id="r-test",
+    )
+    return Replica(ReplicaConfig(**settings | overrides), client)
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def draft_weights(model_dirs, scale: float) -> dict[str, torch.Tensor]:
+    """The small draft's weights, perturbed: a different but compatible version."""
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]["small"])
+    generator = torch.Generator().manual_seed(int(scale * 1000))
+    return {n: t + scale * torch.randn(t.shape, generator=generator) for n, t in model.state_dict().items()}
+
+
+def test_a_request_is_served_traced_metered_and_its_load_published(redis_client, model_dirs):
+    server = replica(redis_client, model_dirs)
+    expected = SpecEngine.from_pretrained(model_dirs["llama"]["target"]).generate(
+        PROMPT, 12, stop_token_ids=[]
+    )
+
+    async def run():
+        return [
+            event async for event in server.stream(Request(PROMPT, 12, stop_token_ids=[], domain="python"))
+        ]
+
+    events = asyncio.run(run())
+    finished = events[-1]
+    assert isinstance(finished, Finished) and all(isinstance(e, Step) for e in events[:-1])
+    assert (
+        [t for e in events[:-1] for t in e.token_ids] == finished.generation.token_ids == expected.token_ids
+    )
+    assert finished.draft_version == "draft:base" and 0 < finished.ttft_seconds <= finished.seconds
+    assert [load.replica for load in read_load(redis_client)] == ["r-test"]
+    server.close()
+    (delivery,) = TraceReader(redis_client, "c", STREAM).read(count=10)
+    assert delivery.trace.domain == "python" and delivery.trace.draft_versions == ("draft:base",)
+    assert list(delivery.trace.output_ids) == expected.token_ids and delivery.trace.top_ids.shape == (12, 16)
+    (point,) = read_series(redis_client, METRICS)
+    assert (point.version, point.domain) == ("draft:base", "python")
+    assert point.counts["requests"] == 1 and point.counts["tokens"] == 12
+
+
+def test_bad_requests_are_refused_and_the_replica_goes_on(redis_client, model_dirs):
+    server = replica(redis_client, model_dirs)
+
+    async def run():
+        with pytest.raises(InvalidRequestError):
+            await server.complete(Request(PROMPT, 0))
+        with pytest.raises(InvalidRequestError):
+            await server.complete(Request(PROMPT, 4, temperature=-1.0))
+        return await server.complete(Request(PROMPT, 4))
+
+    assert len(asyncio.run(run()).generation.token_ids) <= 4
+    for domain in ("", "a|b", "x" * 65, "naïve"):
+        with pytest.raises(InvalidRequestError, match="domain"):
+            Request(PROMPT, 4, domain=domain)
+    server.close()
+
+
+def test_a_full_queue_refuses_and_an_abandoned_request_frees_the_decoder(redis_client, model_dirs):
+    server = replica(redis_client, model_dirs, max_queue=1)
+
+    async def run():
+        long = server.stream(Request(PROMPT, 200, stop_token_ids=[]))
+        await anext(long)  # decoding now: the queue is empty again
+        waiting = asyncio.ensure_future(server.complete(Request(PROMPT, 3, stop_token_ids=[])))
+        await asyncio.sleep(0.05)  # queued behind the long one
+        with pytest.raises(ServerBusyError):
+            await server.complete(Request(PROMPT, 3))
+        began = time.perf_counter()
+        await long.aclose()  # the client went away
+        finished = await waiting
+        return finished, time.perf_counter() - began
+
+    finished, seconds = asyncio.run(run())
+    assert len(finished.generation.token_ids) == 3
+    assert seconds < 5  # the 200-token request stopped at its next step
+    server.close()
+    traces = TraceReader(redis_client, "c", STREAM).read(count=10)
+    assert [len(d.trace.output_ids) for d in traces] == [3]  # the abandoned request left no trace
+
+
+def test_the_live_version_is_loaded_at_start_and_swapped_between_requests(redis_client, model_dirs):
+    registry = Registry(redis_client)
+    registry.publish("draft", draft_weights(model_dirs, 0.01))
+    server = replica(redis_client, model_dirs)
+    assert server.draft_version == "draft:v1"  # before the first request
+    target_greedy = SpecEngine.from_pretrained(model_dirs["llama"]["target"]).generate(
+        PROMPT, 40, stop_token_ids=[]
+    )
+
+    async def run():
+        during = server.stream(Request(PROMPT, 40, stop_token_ids=[]))
+        await anext(during)
+        registry.publish("draft", draft_weights(model_dirs, 0.02))
+        await asyncio.to_thread(wait_for, lambda: server.draft_version == "draft:v2")
+        events = [event async for event in during]
+        after = await server.complete(Request(PROMPT, 40, stop_token_ids=[]))
+        return events[-1], after
+
+    during, after = asyncio.run(run())
+    assert during.draft_version == "draft:v1" and after.draft_version == "draft:v2"  # no mid-request swap
+    assert during.generation.token_ids == after.generation.token_ids == target_greedy.token_ids  # lossless
+    assert server.swaps == 2 and server.last_swap_seconds > 0
+    server.close()
+
+
+def test_a_version_that_does_not_fit_is_refused_and_serving_goes_on(redis_client, model_dirs):
+    registry = Registry(redis_client)
+    registry.publish("draft", draft_weights(model_dirs, 0.01))
+    server = replica(redis_client, model_dirs)
+    target = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]["target"])  # other sizes
+    registry.publish("draft", target.state_dict())
+    wait_for(lambda: server.refused == 1)
+    assert server.draft_version == "draft:v1"
+    assert asyncio.run(server.complete(Request(PROMPT, 5))).draft_version == "draft:v1"
+    server.close()
+
+
+def test_a_lora_version_is_merged_into_a_copy_of_the_base_draft(redis_client, model_dirs):
+    spec = LoraSpec(rank=4, alpha=8, target_modules=("q_proj", "v_proj"))
+    adapted = wrap_lora(AutoModelForCausalLM.from_pretrained(model_dirs["llama"]["small"]), spec)
+    weights = {n: t + 0.05 for n, t in adapter_weights(adapted).items()}  # a trained-looking adapter
+    Registry(redis_client).publish("draft", weights, kind="lora", extra={"lora": vars(spec)})
+    server = replica(redis_client, model_dirs)
+    assert server.draft_version == "draft:v1" and server.refused == 0
+    served = server._served.engine.proposer.model
+    assert not any("lora" in name for name in served.state_dict())  # merged: a plain model
+    base = copy.deepcopy(server.base_draft.state_dict())
+    assert any(not torch.equal(base[n], t) for n, t in served.state_dict().items())
+    server.close()
