@@ -146,6 +146,7 @@ class Replica:
             config.dtype,
         )
         self.target_id = config.target_id or Path(config.target).name
+        self.context = base.max_length  # prompt plus new tokens
         self.base_draft = getattr(base.proposer, "model", None)  # None unless the proposer is a draft
         self.registry = Registry(client)
         self.swaps = self.refused = 0

@@ -1,0 +1,176 @@
+"""The OpenAI-compatible API over a replica of the tiny demo pair: FastAPI's test client for the
+routes and errors, and the official `openai` client against a real uvicorn on loopback."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import openai
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from transformers import AutoTokenizer
+
+from deploy.demo.build import build_demo_models
+from serving.api import create_app
+from serving.engine import SpecEngine
+from serving.server import Replica, ReplicaConfig
+from store.metrics import MetricsConfig
+from store.traces import StreamConfig
+from tiny_models import TINY_DEMO
+
+MODEL = "demo"
+PROMPT = "def main():\n    "
+
+
+@pytest.fixture(scope="module")
+def served(tiny_demo, redis_server):
+    models = build_demo_models(TINY_DEMO, tiny_demo)
+    config = ReplicaConfig(
+        target=str(models.target), draft=str(models.draft), num_speculative_tokens=2,
+        stream=StreamConfig(stream="t:api"), metrics=MetricsConfig(prefix="t:api:metrics"),
+    )  # fmt: skip
+    replica = Replica(config, redis_server.client())
+    tokenizer = AutoTokenizer.from_pretrained(models.target)
+    yield replica, tokenizer, create_app(replica, tokenizer, MODEL), models
+    replica.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with TestClient(served[2]) as test_client:
+        yield test_client
+
+
+def greedy_text(served, prompt: str, max_tokens: int) -> str:
+    _, tokenizer, _, models = served
+    engine = SpecEngine.from_pretrained(models.target)
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    return tokenizer.decode(engine.generate(ids, max_tokens).token_ids, skip_special_tokens=True)
+
+
+def sse_events(response) -> list:
+    lines = [line for line in response.text.split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in lines)
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines]
+
+
+def test_completion_is_the_target_greedy_text_with_usage_and_metrics(served, client):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    assert out["object"] == "text_completion"
+    assert out["choices"][0]["text"] == greedy_text(served, PROMPT, 24)
+    assert out["choices"][0]["finish_reason"] in ("stop", "length")
+    assert out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"] == out["usage"]["total_tokens"]
+    assert out["metrics"]["draft_version"] == "draft:base" and out["metrics"]["spec_steps"] >= 1
+
+
+def test_streaming_gives_the_same_text_then_usage_and_done(served, client):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+    whole = client.post("/v1/completions", json=body).json()
+    response = client.post(
+        "/v1/completions", json=body | {"stream": True, "stream_options": {"include_usage": True}}
+    )
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    usage = events[-2]
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    chunks = events[:-2]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == whole["choices"][0]["finish_reason"]
+
+
+def test_chat_completion_and_its_stream(client):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 12,
+        "temperature": 0,
+    }
+    out = client.post("/v1/chat/completions", json=body).json()
+    assert out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
+    events = sse_events(client.post("/v1/chat/completions", json=body | {"stream": True}))
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant" and events[-1] == "[DONE]"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text == out["choices"][0]["message"]["content"]
+
+
+def test_a_stop_string_ends_the_text_before_it(served, client):
+    full = greedy_text(served, PROMPT, 40)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "stop": [stop]}
+    out = client.post("/v1/completions", json=body).json()
+    assert out["choices"][0]["text"] == full[: full.find(stop)]
+    assert out["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "other", "prompt": "x"}, "model"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 10**6}, "max_tokens"),
+        ({"model": MODEL, "prompt": [1] * 10_000, "max_tokens": 1}, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "temperature": -1}, None),
+        ({"model": MODEL, "prompt": "x", "n": 2}, "n"),
+        ({"model": MODEL, "prompt": 5}, "prompt"),
+        ({"model": MODEL, "prompt": "x", "metadata": {"domain": "a|b"}}, "metadata.domain"),
+        ({"prompt": "x"}, "model"),
+    ],
+)
+def test_bad_requests_get_a_400_with_an_openai_error_body(client, body, param):
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    if param is not None:
+        assert error["param"] == param or error["param"].startswith(param)
+
+
+def test_malformed_json_and_bytes_get_a_400(client):
+    for raw in (b"{not json", b'{"model": "demo", "prompt": "\xff\xfe"}'):
+        response = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["message"]
+
+
+def test_the_openai_client_against_a_real_server(served):
+    app = served[2]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    try:
+        assert [m.id for m in api.models.list()] == [MODEL]
+        completion = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0)
+        assert completion.choices[0].text == greedy_text(served, PROMPT, 16)
+        chat = api.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0
+        )
+        assert chat.choices[0].message.role == "assistant"
+        chunks = list(
+            api.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0,
+                stream=True, stream_options={"include_usage": True},
+            )
+        )  # fmt: skip
+        assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+        assert (
+            "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            == chat.choices[0].message.content
+        )
+        with pytest.raises(openai.BadRequestError):
+            api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
+    finally:
+        server.should_exit = True
+        thread.join(10)
