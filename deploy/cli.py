@@ -97,8 +97,15 @@ def bench(argv: list[str]) -> None:
     importlib.import_module(f"benchmarks.{BENCHMARKS[which]}").main(argv[1:])
 
 
+def serve(argv: list[str]) -> None:
+    """`osd serve ...`: see deploy/serve.py."""
+    from deploy.serve import main as serve_main
+
+    serve_main(argv)
+
+
 BENCHMARKS = {"engine": "engine", "store": "store_bench", "online": "online", "overhead": "overhead"}
-COMMANDS = {"demo": demo, "demo-models": demo_models, "bench": bench}
+COMMANDS = {"demo": demo, "demo-models": demo_models, "bench": bench, "serve": serve}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "command",
         choices=sorted(COMMANDS),
-        help="demo: the main job; demo-models: build the demo pair; bench: benchmarks",
+        help="demo: the main job; demo-models: build the demo pair; bench: benchmarks; serve: the API",
     )
     args = parser.parse_args(argv[:1])
     hf_logging.disable_progress_bar()  # osd commands show their own progress
