@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     config = ReplicaConfig(target=target, draft=draft, proposer=args.proposer, num_speculative_tokens=args.k)
     with console.status("loading the models"):
         replica = Replica(config, client)
-    model_name = args.model_name or replica.target_id
+    model_name = args.model_name or (f"osd-demo-{args.demo}" if args.demo else replica.target_id)
     trainer = None
     try:
         if draft is not None and not args.no_trainer:
