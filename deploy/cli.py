@@ -90,7 +90,7 @@ def print_manifest(manifest: dict, console: Console) -> None:
 
 
 def bench(argv: list[str]) -> None:
-    """`osd bench engine|store|online|overhead ...` runs that benchmark with the remaining arguments."""
+    """`osd bench <name> ...` runs that benchmark (see BENCHMARKS) with the remaining arguments."""
     parser = argparse.ArgumentParser(prog="osd bench")
     parser.add_argument("which", choices=sorted(BENCHMARKS))
     which = parser.parse_args(argv[:1]).which
@@ -104,7 +104,13 @@ def serve(argv: list[str]) -> None:
     serve_main(argv)
 
 
-BENCHMARKS = {"engine": "engine", "store": "store_bench", "online": "online", "overhead": "overhead"}
+BENCHMARKS = {
+    "engine": "engine",
+    "store": "store_bench",
+    "online": "online",
+    "overhead": "overhead",
+    "e2e": "e2e",
+}
 COMMANDS = {"demo": demo, "demo-models": demo_models, "bench": bench, "serve": serve}
 
 
