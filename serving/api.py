@@ -125,8 +125,7 @@ def create_app(replica: Replica, tokenizer: PreTrainedTokenizerBase, model_name:
 
     async def respond(body: Sampling, prompt: list[int], chat: bool):
         request = to_request(body, prompt, context, model_name)
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        pieces = decode_text(replica, request, tokenizer, stops)
+        pieces = decode_text(replica, request, tokenizer, stop_strings(body.stop))
         try:
             first = await anext(pieces)  # the request's own errors surface before any byte is sent
         except InvalidRequestError as err:
@@ -155,8 +154,9 @@ def to_request(body: Sampling, prompt: list[int], context: int, model_name: str)
         raise APIError(400, "only n=1 is supported", "n")
     if not prompt:
         raise APIError(400, "the prompt is empty", "prompt")
-    if body.stop is not None and (len(body.stop if isinstance(body.stop, list) else [body.stop]) > 4):
-        raise APIError(400, "at most 4 stop sequences", "stop")
+    stops = stop_strings(body.stop)
+    if len(stops) > 4 or not all(stops):
+        raise APIError(400, "stop takes up to 4 non-empty strings", "stop")
     max_tokens = context - len(prompt) if body.max_tokens is None else body.max_tokens
     if max_tokens < 1:
         raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
@@ -172,6 +172,10 @@ def to_request(body: Sampling, prompt: list[int], context: int, model_name: str)
         )
     except InvalidRequestError as err:
         raise APIError(400, str(err), "metadata.domain") from err
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage]) -> list[int]:

@@ -118,6 +118,8 @@ def test_a_stop_string_ends_the_text_before_it(served, client):
         ({"model": MODEL, "prompt": [1] * 10_000, "max_tokens": 1}, "max_tokens"),
         ({"model": MODEL, "prompt": "x", "temperature": -1}, None),
         ({"model": MODEL, "prompt": "x", "n": 2}, "n"),
+        ({"model": MODEL, "prompt": "x", "stop": ["a", ""]}, "stop"),
+        ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": MODEL, "prompt": 5}, "prompt"),
         ({"model": MODEL, "prompt": "x", "metadata": {"domain": "a|b"}}, "metadata.domain"),
         ({"prompt": "x"}, "model"),
