@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
+import ray
 import uvicorn
 from rich.console import Console
 from transformers import AutoTokenizer
@@ -24,6 +26,8 @@ from transformers import AutoTokenizer
 from serving.api import create_app
 from serving.server import Replica, ReplicaConfig
 from store.redis_server import RedisConfig, connect
+from trainer.actor import TrainerActor
+from trainer.config import TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", help="an existing Redis (redis:// or rediss://); default: start one")
     p.add_argument("--redis-dir", type=Path, default=RedisConfig.data_dir, help="the embedded Redis's data")
     p.add_argument("--no-trainer", action="store_true", help="serve without learning online")
+    p.add_argument(
+        "--admin-token",
+        default=os.environ.get("OSD_ADMIN_TOKEN"),
+        help="bearer token for /admin (default: $OSD_ADMIN_TOKEN; without one, no admin routes)",
+    )
     p.add_argument("--trainer-dir", type=Path, default=Path.home() / ".cache" / "osd" / "trainer")
     return p
 
@@ -65,30 +74,43 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if draft is not None and not args.no_trainer:
             trainer = start_trainer(draft, redis_url, replica.context, args.trainer_dir, console)
-        app = create_app(replica, AutoTokenizer.from_pretrained(target), model_name)
+        control = None if trainer is None else ActorControl(trainer)
+        app = create_app(
+            replica, AutoTokenizer.from_pretrained(target), model_name, args.admin_token, control
+        )
         console.print(
             f"[bold]OSD Serve[/bold]: {model_name!r} at http://{args.host}:{args.port}/v1 "
-            f"(health: /health; redis: {redis_url}; trainer: {'on' if trainer else 'off'}; Ctrl-C stops)"
+            f"(health: /health; admin: {'/admin' if args.admin_token else 'off'}; redis: {redis_url}; "
+            f"trainer: {'on' if trainer else 'off'}; Ctrl-C stops)"
         )
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         replica.close()
         if trainer is not None:
-            import ray
-
             ray.get(trainer.stop.remote())
             ray.shutdown()
         if local_redis is not None:
             local_redis.stop()
 
 
+class ActorControl:
+    """The trainer actor's status, pause and resume as plain calls, for the admin API."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def status(self) -> dict:
+        return ray.get(self.actor.status.remote())
+
+    def pause(self) -> None:
+        ray.get(self.actor.pause.remote())
+
+    def resume(self) -> None:
+        ray.get(self.actor.resume.remote())
+
+
 def start_trainer(draft: str, redis_url: str, context: int, checkpoint_dir: Path, console: Console):
     """The trainer actor on a local Ray instance bound to loopback."""
-    import ray
-
-    from trainer.actor import TrainerActor
-    from trainer.config import TrainerConfig
-
     with console.status("starting Ray and the trainer"):
         ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         config = TrainerConfig(checkpoint_dir=checkpoint_dir, max_seq_len=context)

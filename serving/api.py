@@ -2,7 +2,8 @@
 
 `/v1/completions` and `/v1/chat/completions` (JSON, or SSE with `stream: true`: `data: {json}`
 events ending with `data: [DONE]`, and a usage chunk with `stream_options.include_usage`),
-`/v1/models` and `/health`. Text is tokenized here; the replica works in token ids. Each
+`/v1/models`, `/health`, and the admin routes of `serving.admin` when a token is set. Text is
+tokenized here; the replica works in token ids. Each
 response carries the request's speculative-decoding numbers and the draft version that served it
 in an extra `metrics` field, as vLLM does. `metadata.domain` tags the request's trace.
 
@@ -32,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase
 
+from serving.admin import TrainerControl, admin_router
 from serving.errors import InvalidRequestError
 from serving.server import Finished, Replica, ServerBusyError
 from serving.server import Request as ReplicaRequest
@@ -83,10 +85,21 @@ def error_body(message: str, param: str | None = None, code: str | None = None) 
     return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
 
 
-def create_app(replica: Replica, tokenizer: PreTrainedTokenizerBase, model_name: str) -> FastAPI:
-    """The HTTP app for one replica serving `model_name`."""
+def create_app(
+    replica: Replica,
+    tokenizer: PreTrainedTokenizerBase,
+    model_name: str,
+    admin_token: str | None = None,
+    trainer: TrainerControl | None = None,
+) -> FastAPI:
+    """The HTTP app for one replica serving `model_name`; the admin routes only with a token."""
     app = FastAPI(title="OSD Serve", version="0.1.0")
     context = replica.context
+    if admin_token:
+        config = replica.config
+        app.include_router(
+            admin_router(admin_token, replica.registry, config.draft_name, config.domain, trainer)
+        )
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
