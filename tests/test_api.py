@@ -32,7 +32,9 @@ def served(tiny_demo, redis_server):
         target=str(models.target), draft=str(models.draft), num_speculative_tokens=2,
         stream=StreamConfig(stream="t:api"), metrics=MetricsConfig(prefix="t:api:metrics"),
     )  # fmt: skip
-    replica = Replica(config, redis_server.client())
+    client = redis_server.client()
+    client.flushdb()  # no draft versions left by earlier tests: the replica serves its base draft
+    replica = Replica(config, client)
     tokenizer = AutoTokenizer.from_pretrained(models.target)
     yield replica, tokenizer, create_app(replica, tokenizer, MODEL), models
     replica.close()
