@@ -64,7 +64,8 @@ def test_kill_9_restarts_and_resumes_with_no_trace_lost(
     _, _, state = load_checkpoint(config.checkpoint_dir)
     assert state.trained_traces >= len(training) and done["trained_traces"] >= len(training)
     ray_session.kill(actor, no_restart=True)
-    assert np.isfinite(done["loss"])
+    # None when the kill came right after a checkpoint: the restart then had nothing left to train.
+    assert done["loss"] is None or np.isfinite(done["loss"])
 
 
 def test_a_paused_trainer_takes_no_step_until_resumed(
