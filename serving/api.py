@@ -2,7 +2,8 @@
 
 `/v1/completions` and `/v1/chat/completions` (JSON, or SSE with `stream: true`: `data: {json}`
 events ending with `data: [DONE]`, and a usage chunk with `stream_options.include_usage`),
-`/v1/models`, `/health`, and the admin routes of `serving.admin` when a token is set. Text is
+`/v1/models`, `/health`, `/metrics` (Prometheus: every live replica's, see `serving.prometheus`),
+and the admin routes of `serving.admin` when a token is set. Text is
 tokenized here; the replica works in token ids. Each
 response carries the request's speculative-decoding numbers and the draft version that served it
 in an extra `metrics` field, as vLLM does. `metadata.domain` tags the request's trace.
@@ -26,17 +27,21 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase
 
 from serving.admin import TrainerControl, admin_router
 from serving.errors import InvalidRequestError
+from serving.prometheus import render
 from serving.server import Finished, Replica, ServerBusyError
 from serving.server import Request as ReplicaRequest
+from store.load import read_metrics
 
 
 class APIError(Exception):
@@ -118,6 +123,15 @@ def create_app(
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", **replica.status()}
+
+    @app.get("/metrics")
+    def metrics() -> Response:  # sync: FastAPI runs it on a worker thread, off the event loop
+        try:
+            snapshots = read_metrics(replica.client)
+        except redis.RedisError:
+            snapshots = {}  # this replica's own, below, still answer
+        snapshots[replica.config.replica_id] = replica.metrics_snapshot()
+        return Response(render(snapshots), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict:

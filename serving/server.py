@@ -2,9 +2,11 @@
 
 `Replica` decodes one request at a time (batch 1) on its own decode thread, first come first
 served; callers on an asyncio loop await `stream()` or `complete()`. Per request it writes a trace
-(non-blocking, through `store.traces`), records acceptance and latency counters per draft version
-and domain (`store.metrics`), and publishes its load (requests in flight and queued) for the
-trainer's throttle (`store.load`).
+(non-blocking, through `store.traces`), and records acceptance and latency counters per draft
+version and domain, both as time series in Redis (`store.metrics`, for the dashboard and drift)
+and as Prometheus metrics (`serving.prometheus`). A heartbeat thread publishes the replica's load
+(requests in flight and queued) for the trainer's throttle whenever it changes, and its version
+and metrics snapshot every `heartbeat_seconds` (`store.load`).
 
 Hot-swap: a `LiveWatcher` follows the registry's live version of the draft. A new version is
 loaded and checked on the watcher's thread, off the decode path, into a fresh draft model and
@@ -16,7 +18,7 @@ before it takes requests.
 
 Redis failures degrade, never fail, serving: traces queue and drop oldest-first in the writer,
 metric counters wait for the next flush, and a failed load publication is logged and retried on
-the next change.
+the next beat.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ import redis
 from distill.lora import LoraSpec, merged_adapter
 from serving.engine import Generation, ProposerName, SpecEngine, Step
 from serving.errors import EngineError, IncompatibleDraftError, InvalidRequestError
+from serving.prometheus import ReplicaMetrics
 from serving.proposers import DraftModelProposer
 from serving.tracing import trace_of
-from store.load import publish_load
+from store.load import forget, publish_load
 from store.metrics import MetricsConfig, MetricsRecorder, request_counters
 from store.registry import ALL_DOMAINS, CorruptWeightsError, DraftVersion, LiveWatcher, Registry
 from store.traces import StreamConfig, TraceWriter
@@ -70,7 +73,8 @@ class ReplicaConfig:
     replica_id: str = field(default_factory=lambda: f"replica-{uuid.uuid4().hex[:8]}")
     max_queue: int = 64  # waiting requests beyond this are refused with ServerBusyError
     trace_top_k: int = 16  # the target's top-K logged per position
-    load_ttl_seconds: float = 10.0
+    load_ttl_seconds: float = 10.0  # a heartbeat not refreshed for this long counts as gone
+    heartbeat_seconds: float = 1.0
     poll_seconds: float = 2.0  # registry poll, a fallback to pub/sub
     stream: StreamConfig = StreamConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -78,6 +82,8 @@ class ReplicaConfig:
     def __post_init__(self):
         if self.max_queue < 1 or self.trace_top_k < 1:
             raise ValueError("max_queue and trace_top_k must be >= 1")
+        if not 0 < self.heartbeat_seconds < self.load_ttl_seconds:
+            raise ValueError("need 0 < heartbeat_seconds < load_ttl_seconds")
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,7 @@ class Replica:
         self._served = _Served(base, "none" if self.base_draft is None else f"{config.draft_name}:base")
         self.writer = TraceWriter(client, config.stream)
         self.recorder = MetricsRecorder(client, config.metrics)
+        self.metrics = ReplicaMetrics()
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=config.max_queue)
         self._in_flight = 0
         self._closed = False
@@ -168,7 +175,12 @@ class Replica:
             target=self._decode_loop, name=f"decode-{config.replica_id}", daemon=True
         )
         self._thread.start()
-        self._publish_load()
+        self._changed = threading.Event()  # the load changed: beat now
+        self._changed.set()  # the first beat announces the replica
+        self._heartbeat = threading.Thread(
+            target=self._beat, name=f"heartbeat-{config.replica_id}", daemon=True
+        )
+        self._heartbeat.start()
 
     # The caller's side (asyncio).
     async def stream(self, request: Request) -> AsyncIterator[Step | Finished]:
@@ -181,7 +193,7 @@ class Replica:
             self._queue.put_nowait(job)
         except queue.Full:
             raise ServerBusyError(f"{self._queue.qsize()} requests are waiting; try again later") from None
-        self._publish_load()
+        self._changed.set()
         try:
             while True:
                 event = await job.events.get()
@@ -213,11 +225,28 @@ class Replica:
             "traces": vars(self.writer.stats()),
         }
 
+    def metrics_snapshot(self) -> list[dict]:
+        """This replica's Prometheus families, as `serving.prometheus.render` takes them."""
+        traces = self.writer.stats()
+        state = {
+            "num_requests_running": self._in_flight,
+            "num_requests_waiting": self._queue.qsize(),
+            "draft_swaps": self.swaps,
+            "draft_refused": self.refused,
+            "draft_swap_load_seconds": self.last_swap_seconds or 0.0,
+            "traces_written": traces.written,
+            "traces_dropped": traces.dropped,
+            "traces_queued": traces.queued,
+        }
+        return self.metrics.snapshot(self._served.version, state)
+
     def close(self, timeout: float = 10.0) -> None:
         """Finish what is queued, then stop; flush traces and metrics."""
         self._closed = True
         self._queue.put(None)
         self._thread.join(timeout)
+        self._changed.set()
+        self._heartbeat.join(timeout)
         if self.watcher is not None:
             self.watcher.stop()
         self.writer.close(timeout)
@@ -227,7 +256,7 @@ class Replica:
     def _decode_loop(self) -> None:
         while (job := self._queue.get()) is not None:
             self._in_flight = 1
-            self._publish_load()
+            self._changed.set()
             try:
                 if not job.cancelled.is_set():
                     self._serve(job)
@@ -238,7 +267,7 @@ class Replica:
                 job.put(RuntimeError(f"internal error: {err}"))
             finally:
                 self._in_flight = 0
-                self._publish_load()
+                self._changed.set()
 
     def _serve(self, job: _Job) -> None:
         served, request = self._served, job.request  # the version this request starts and finishes on
@@ -275,18 +304,35 @@ class Replica:
             stats.accepted_per_position, finished.ttft_seconds, per_token,
         )  # fmt: skip
         self.recorder.record(finished.draft_version, request.domain, counters)
+        self.metrics.observe(
+            finished.draft_version, request.domain, stats, len(request.prompt_ids), tokens,
+            generation.finish_reason, finished.ttft_seconds, finished.seconds,
+        )  # fmt: skip
 
-    def _publish_load(self) -> None:
+    # The heartbeat thread.
+    def _beat(self) -> None:
+        config, next_snapshot = self.config, 0.0
+        while not self._closed:
+            self._changed.wait(config.heartbeat_seconds)
+            self._changed.clear()
+            now = time.monotonic()
+            snapshot = self.metrics_snapshot() if now >= next_snapshot else None
+            try:
+                publish_load(
+                    self.client, config.replica_id, self._in_flight, self._queue.qsize(),
+                    config.load_ttl_seconds, self._served.version, snapshot,
+                )  # fmt: skip
+                if snapshot is not None:
+                    next_snapshot = now + config.heartbeat_seconds
+            except redis.RedisError as err:
+                log.warning("heartbeat failed: %s", err)
+                time.sleep(config.heartbeat_seconds)  # no tight loop while Redis is down
         try:
-            publish_load(
-                self.client,
-                self.config.replica_id,
-                self._in_flight,
-                self._queue.qsize(),
-                self.config.load_ttl_seconds,
-            )
+            forget(self.client, config.replica_id)
         except redis.RedisError as err:
-            log.warning("publishing load failed: %s", err)
+            log.warning(
+                "could not remove the heartbeat; it expires in %s s: %s", config.load_ttl_seconds, err
+            )
 
     # The watcher's thread.
     def _swap(self, meta: DraftVersion) -> None:

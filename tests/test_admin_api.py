@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from polling import wait_for
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deploy.demo.build import build_demo_models
@@ -42,13 +41,6 @@ def setup(tiny_demo, redis_server, redis_client, tmp_path):
     yield replica, trainer, models, create_app(replica, tokenizer, "demo", TOKEN, trainer)
     trainer.stop()
     replica.close()
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_admin_routes_need_the_token(setup):

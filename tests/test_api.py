@@ -11,6 +11,7 @@ import openai
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from deploy.demo.build import build_demo_models
@@ -85,6 +86,17 @@ def test_streaming_gives_the_same_text_then_usage_and_done(served, client):
     chunks = events[:-2]
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
     assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == whole["choices"][0]["finish_reason"]
+
+
+def test_metrics_count_the_requests_served_in_prometheus_format(client):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "metadata": {"domain": "py"}}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    (drafts,) = [s for s in families["osd:spec_decode_num_drafts"].samples if s.labels["domain"] == "py"]
+    assert drafts.labels["draft_version"] == "draft:base" and drafts.value >= 1
+    assert {"osd:time_to_first_token_seconds", "osd:traces_dropped", "osd:draft_swaps"} <= set(families)
 
 
 def test_chat_completion_and_its_stream(client):

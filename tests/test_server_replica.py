@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from polling import wait_for
 from transformers import AutoModelForCausalLM
 
 from distill.lora import LoraSpec, adapter_weights, wrap_lora
@@ -38,13 +39,6 @@ def replica(client, model_dirs, **overrides) -> Replica:
     return Replica(ReplicaConfig(**settings | overrides), client)
 
 
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def draft_weights(model_dirs, scale: float) -> dict[str, torch.Tensor]:
     """The small draft's weights, perturbed: a different but compatible version."""
     model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]["small"])
@@ -70,8 +64,14 @@ def test_a_request_is_served_traced_metered_and_its_load_published(redis_client,
         [t for e in events[:-1] for t in e.token_ids] == finished.generation.token_ids == expected.token_ids
     )
     assert finished.draft_version == "draft:base" and 0 < finished.ttft_seconds <= finished.seconds
-    assert [load.replica for load in read_load(redis_client)] == ["r-test"]
+    wait_for(
+        lambda: (
+            [(load.replica, load.draft_version) for load in read_load(redis_client)]
+            == [("r-test", "draft:base")]
+        )
+    )
     server.close()
+    assert read_load(redis_client) == []  # a closed replica's heartbeat goes at once
     (delivery,) = TraceReader(redis_client, "c", STREAM).read(count=10)
     assert delivery.trace.domain == "python" and delivery.trace.draft_versions == ("draft:base",)
     assert list(delivery.trace.output_ids) == expected.token_ids and delivery.trace.top_ids.shape == (12, 16)

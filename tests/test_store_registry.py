@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from polling import wait_for
 
 from store.registry import (
     EVENTS_CHANNEL,
@@ -177,13 +178,6 @@ def test_a_refused_version_is_not_offered_again_and_watching_goes_on(redis_clien
     registry.publish("draft", weights(3))
     wait_for(lambda: offered == [1, 2, 3])
     watcher.stop()
-
-
-def wait_for(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def next_message(pubsub, timeout: float = 5.0) -> dict:

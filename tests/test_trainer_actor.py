@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import torch
+from polling import wait_for
 from test_trainer_loop import STREAM, write
 from test_trainer_loop import traffic as traffic  # noqa: F401 - the shared fixture
 
@@ -15,16 +16,6 @@ from store.traces import is_held_out
 from trainer.actor import Trainer, TrainerActor
 from trainer.checkpoint import load_checkpoint
 from trainer.config import TrainerConfig
-
-
-def wait_for(condition, timeout: float = 180.0, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(every)
 
 
 def test_kill_9_restarts_and_resumes_with_no_trace_lost(
@@ -50,14 +41,16 @@ def test_kill_9_restarts_and_resumes_with_no_trace_lost(
         except ray_session.exceptions.GetTimeoutError:
             return None
 
-    before = wait_for(lambda: (s := status()) and s["step"] >= 6 and s)
+    before = wait_for(lambda: (s := status()) and s["step"] >= 6 and s, timeout=180, every=0.2)
     os.kill(before["pid"], signal.SIGKILL)
 
-    after = wait_for(lambda: (s := status()) and s["pid"] != before["pid"] and s)
+    after = wait_for(lambda: (s := status()) and s["pid"] != before["pid"] and s, timeout=180, every=0.2)
     saved = load_checkpoint(config.checkpoint_dir)
     assert saved is not None and after["step"] >= 3  # resumed from a checkpoint, not from zero
     training = [t for t in traffic[:100] if not is_held_out(t.request_id, STREAM.held_out_fraction)]
-    done = wait_for(lambda: (s := status()) and s["state"] == "idle" and s["untrained"] == 0 and s)
+    done = wait_for(
+        lambda: (s := status()) and s["state"] == "idle" and s["untrained"] == 0 and s, timeout=180, every=0.2
+    )
     ray_session.get(actor.stop.remote())
     # Every training trace was acked after a checkpointed step (the idle trainer checkpointed the last).
     assert redis_client.xpending(STREAM.stream, STREAM.group)["pending"] == 0
@@ -81,12 +74,12 @@ def test_a_paused_trainer_takes_no_step_until_resumed(
     )  # fmt: skip
     trainer = Trainer(config, str(model_dirs["llama"]["small"]), redis_server.url, "trainer-p", STREAM)
     trainer.pause()
-    wait_for(lambda: trainer.status()["state"] == "paused", timeout=30)
+    wait_for(lambda: trainer.status()["state"] == "paused", timeout=30, every=0.2)
     assert os.sched_getscheduler(trainer._thread.native_id) == os.SCHED_IDLE  # the training thread only
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
     write(redis_client, traffic[:40])
     time.sleep(1.0)
     assert trainer.status()["step"] == 0 and trainer.status()["state"] == "paused"
     trainer.resume()
-    wait_for(lambda: trainer.status()["step"] > 0, timeout=60)
+    wait_for(lambda: trainer.status()["step"] > 0, timeout=60, every=0.2)
     trainer.stop()

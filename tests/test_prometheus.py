@@ -1,0 +1,70 @@
+"""Prometheus metrics: a replica's counters, and one exposition merged from several replicas."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.prometheus import ReplicaMetrics, render
+from serving.stats import SpecStats
+
+STATE = dict.fromkeys(
+    ["num_requests_running", "num_requests_waiting", "draft_swaps", "draft_refused",
+     "draft_swap_load_seconds", "traces_written", "traces_dropped", "traces_queued"],
+    0.0,
+)  # fmt: skip
+
+
+def one_request(metrics: ReplicaMetrics, version: str, domain: str) -> None:
+    stats = SpecStats()
+    for drafted, accepted in [(3, 3), (3, 1), (3, 0)]:
+        stats.record(drafted, accepted)
+    metrics.observe(version, domain, stats, prompt_tokens=5, tokens=7, finish_reason="length",
+                    ttft_seconds=0.02, seconds=0.14)  # fmt: skip
+
+
+def samples(exposition: bytes) -> dict[tuple, float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(exposition.decode())
+        for s in family.samples
+    }
+
+
+def test_vllm_spec_decode_counters_per_version_and_domain_from_every_replica():
+    a, b = ReplicaMetrics(), ReplicaMetrics()
+    one_request(a, "draft:v1", "python")
+    one_request(a, "draft:v1", "python")
+    one_request(b, "draft:v2", "c")
+    got = samples(
+        render(
+            {"ra": a.snapshot("draft:v1", STATE), "rb": b.snapshot("draft:v2", STATE | {"draft_swaps": 2})}
+        )
+    )
+    labels_a = (("domain", "python"), ("draft_version", "draft:v1"), ("replica", "ra"))
+    assert got[("osd:spec_decode_num_drafts_total", labels_a)] == 6
+    assert got[("osd:spec_decode_num_draft_tokens_total", labels_a)] == 18
+    assert got[("osd:spec_decode_num_accepted_tokens_total", labels_a)] == 8
+    per_pos = {
+        p: got[
+            (
+                "osd:spec_decode_num_accepted_tokens_per_pos_total",
+                tuple(sorted({**dict(labels_a), "position": str(p)}.items())),
+            )
+        ]
+        for p in (1, 2, 3)
+    }
+    assert per_pos == {1: 4, 2: 2, 3: 2}
+    assert (
+        got[
+            (
+                "osd:generation_tokens_total",
+                (("domain", "c"), ("draft_version", "draft:v2"), ("replica", "rb")),
+            )
+        ]
+        == 7
+    )
+    assert got[("osd:time_to_first_token_seconds_count", (("domain", "python"), ("replica", "ra")))] == 2
+    assert got[("osd:time_per_output_token_seconds_sum", (("domain", "c"), ("replica", "rb")))] == 0.02
+    assert got[("osd:draft_swaps_total", (("replica", "rb"),))] == 2
+    assert got[("osd:draft_info", (("draft_version", "draft:v2"), ("replica", "rb")))] == 1
+    assert got[("osd:replicas", ())] == 2
