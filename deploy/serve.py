@@ -1,35 +1,35 @@
-"""`osd serve`: the whole system on one machine, from flags.
+"""`osd serve`: the whole system on one machine, from flags or a config file.
 
 It connects to Redis (`--redis-url`) or starts the embedded redis-server (data under
-`--redis-dir`), loads one replica of the target and draft, starts the trainer as a Ray actor on
-a local Ray instance (unless `--no-trainer`), and serves the OpenAI-compatible API with uvicorn,
-on loopback unless `--host` says otherwise. `--demo quick|full` serves the demo pair, building it
-first when it is missing. Ctrl-C stops everything; the trainer's checkpoint and Redis's AOF keep
-what was learnt and logged for the next start.
-
-Ray Serve deployments (several replicas, a cluster) come with issue 6; until then this serves
-one replica in this process.
+`--redis-dir`), starts a local Ray instance on loopback, the trainer actor (unless
+`--no-trainer`) and `--replicas` Ray Serve replicas of the target and draft
+(`deploy.ray_serve`), and serves the OpenAI-compatible API on loopback unless `--host` says
+otherwise. `--demo quick|full` serves the demo pair, building it first when it is missing;
+`--config FILE` takes the settings of `deploy.ray_serve.ServiceConfig` from YAML (a flat mapping,
+or a Serve config such as deploy/serve.yaml, whose first application's `args` are used). Ctrl-C
+stops everything; the trainer's checkpoint and Redis's AOF keep what was learnt and logged for
+the next start.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+import signal
+import time
 from pathlib import Path
 
 import ray
-import uvicorn
+import yaml
+from ray import serve
 from rich.console import Console
-from transformers import AutoTokenizer
 
-from serving.api import create_app
-from serving.server import Replica, ReplicaConfig
+from deploy.ray_serve import NAMESPACE, TRAINER_NAME, ServiceConfig, build
 from store.redis_server import RedisConfig, connect
-from trainer.actor import TrainerActor
-from trainer.config import TrainerConfig
 
-log = logging.getLogger(__name__)
+QUIET = {"log_level": "WARNING", "enable_access_log": False}  # Serve's logs: warnings and errors only
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,10 +37,14 @@ def parser() -> argparse.ArgumentParser:
     models = p.add_mutually_exclusive_group(required=True)
     models.add_argument("--target", help="target model: a local directory or hub id")
     models.add_argument("--demo", choices=["quick", "full"], help="serve the demo pair (built if missing)")
+    models.add_argument("--config", type=Path, help="YAML with the settings of ServiceConfig")
     p.add_argument("--draft", help="draft model (same vocabulary); without it, --proposer ngram or none")
     p.add_argument("--proposer", choices=["draft", "ngram", "none"])
     p.add_argument("--k", type=int, default=3, help="speculative tokens per step")
     p.add_argument("--model-name", help="the model id clients ask for (default: the target's directory name)")
+    p.add_argument(
+        "--replicas", type=int, default=1, help="server replicas (each decodes one request at a time)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--redis-url", help="an existing Redis (redis:// or rediss://); default: start one")
@@ -51,69 +55,75 @@ def parser() -> argparse.ArgumentParser:
         default=os.environ.get("OSD_ADMIN_TOKEN"),
         help="bearer token for /admin (default: $OSD_ADMIN_TOKEN; without one, no admin routes)",
     )
-    p.add_argument("--trainer-dir", type=Path, default=Path.home() / ".cache" / "osd" / "trainer")
+    p.add_argument("--trainer-dir", type=Path, default=Path(ServiceConfig.trainer_dir))
     return p
+
+
+def service_config(args: argparse.Namespace, redis_url: str, console: Console) -> ServiceConfig:
+    if args.config:
+        settings = yaml.safe_load(args.config.read_text())
+        if "applications" in settings:  # a Serve config file
+            settings = settings["applications"][0].get("args", {})
+        return dataclasses.replace(ServiceConfig.from_args(settings), redis_url=redis_url)
+    target, draft, name = args.target, args.draft, args.model_name
+    if args.demo:
+        from deploy.demo.build import PRESETS, build_demo_models
+
+        models = build_demo_models(PRESETS[args.demo], console=console)
+        target, draft, name = str(models.target), str(models.draft), name or f"osd-demo-{args.demo}"
+    cpus = os.cpu_count() or 1
+    return ServiceConfig(
+        target=target, draft=draft, proposer=args.proposer, k=args.k, model_name=name,
+        redis_url=redis_url, replicas=args.replicas, replica_cpus=min(1.0, cpus / args.replicas),
+        torch_threads=max(1, cpus // args.replicas), trainer=not args.no_trainer,
+        trainer_dir=str(args.trainer_dir),
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     console = Console()
-    target, draft = args.target, args.draft
-    if args.demo:
-        from deploy.demo.build import PRESETS, build_demo_models
-
-        models = build_demo_models(PRESETS[args.demo], console=console)
-        target, draft = str(models.target), str(models.draft)
-    client, local_redis = connect(RedisConfig(args.redis_url, args.redis_dir))
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
+    _, local_redis = connect(RedisConfig(args.redis_url, args.redis_dir))
     redis_url = args.redis_url or local_redis.url
-    config = ReplicaConfig(target=target, draft=draft, proposer=args.proposer, num_speculative_tokens=args.k)
-    with console.status("loading the models"):
-        replica = Replica(config, client)
-    model_name = args.model_name or (f"osd-demo-{args.demo}" if args.demo else replica.target_id)
-    trainer = None
     try:
-        if draft is not None and not args.no_trainer:
-            trainer = start_trainer(draft, redis_url, replica.context, args.trainer_dir, console)
-        control = None if trainer is None else ActorControl(trainer)
-        app = create_app(
-            replica, AutoTokenizer.from_pretrained(target), model_name, args.admin_token, control
-        )
+        config = service_config(args, redis_url, console)
+        env = {config.admin_token_env: args.admin_token} if args.admin_token else {}
+        with console.status("starting Ray"):
+            ray.init(
+                include_dashboard=False, _node_ip_address="127.0.0.1",
+                runtime_env={"env_vars": env}, configure_logging=False,
+            )  # fmt: skip
+            serve.start(
+                http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly",
+                logging_config=QUIET,
+            )  # fmt: skip
+        with console.status(f"starting the trainer and {config.replicas} replica(s): loading the models"):
+            serve.run(build(config), name="osd", route_prefix="/", logging_config=QUIET)
         console.print(
-            f"[bold]OSD Serve[/bold]: {model_name!r} at http://{args.host}:{args.port}/v1 "
-            f"(health: /health; admin: {'/admin' if args.admin_token else 'off'}; redis: {redis_url}; "
-            f"trainer: {'on' if trainer else 'off'}; Ctrl-C stops)"
+            f"[bold]OSD Serve[/bold]: {config.served_model!r} at http://{args.host}:{args.port}/v1 "
+            f"({config.replicas} replica(s); health: /health; metrics: /metrics; "
+            f"admin: {'/admin' if args.admin_token else 'off'}; redis: {redis_url}; "
+            f"trainer: {'on' if config.learns else 'off'}; Ctrl-C stops)"
         )
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("stopping")
     finally:
-        replica.close()
-        if trainer is not None:
+        stop(local_redis)
+
+
+def stop(local_redis) -> None:
+    """Replicas first (they flush their traces), then the trainer (it checkpoints), Ray, Redis."""
+    if ray.is_initialized():
+        serve.shutdown()
+        try:
+            trainer = ray.get_actor(TRAINER_NAME, namespace=NAMESPACE)
             ray.get(trainer.stop.remote())
-            ray.shutdown()
-        if local_redis is not None:
-            local_redis.stop()
-
-
-class ActorControl:
-    """The trainer actor's status, pause and resume as plain calls, for the admin API."""
-
-    def __init__(self, actor):
-        self.actor = actor
-
-    def status(self) -> dict:
-        return ray.get(self.actor.status.remote())
-
-    def pause(self) -> None:
-        ray.get(self.actor.pause.remote())
-
-    def resume(self) -> None:
-        ray.get(self.actor.resume.remote())
-
-
-def start_trainer(draft: str, redis_url: str, context: int, checkpoint_dir: Path, console: Console):
-    """The trainer actor on a local Ray instance bound to loopback."""
-    with console.status("starting Ray and the trainer"):
-        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-        config = TrainerConfig(checkpoint_dir=checkpoint_dir, max_seq_len=context)
-        actor = TrainerActor.remote(config, draft, redis_url)
-        ray.get(actor.status.remote())  # started: its starting draft is in the registry
-    return actor
+        except ValueError:  # no trainer
+            pass
+        ray.shutdown()
+    if local_redis is not None:
+        local_redis.stop()

@@ -4,13 +4,11 @@ routes and errors, and the official `openai` client against a real uvicorn on lo
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
+from http_server import serving
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
@@ -156,17 +154,8 @@ def test_malformed_json_and_bytes_get_a_400(client):
 
 
 def test_the_openai_client_against_a_real_server(served):
-    app = served[2]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-    try:
+    with serving(served[2]) as base:
+        api = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         assert [m.id for m in api.models.list()] == [MODEL]
         completion = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0)
         assert completion.choices[0].text == greedy_text(served, PROMPT, 16)
@@ -187,6 +176,3 @@ def test_the_openai_client_against_a_real_server(served):
         )
         with pytest.raises(openai.BadRequestError):
             api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
-    finally:
-        server.should_exit = True
-        thread.join(10)

@@ -1,0 +1,169 @@
+"""Ray Serve: N server replicas behind one HTTP address, and the trainer actor beside them.
+
+`build` is a Ray Serve application builder. `serve run deploy/serve.yaml` calls it with the
+YAML's `args`, and `osd serve` with its flags; both go through `ServiceConfig`. Each Serve
+replica is a Ray actor that loads the target and draft, opens its own Redis connection and serves
+the FastAPI app of `serving.api` (`@serve.ingress`, the app built once the replica has loaded).
+Serve's proxy spreads requests over the replicas; each replica's own queue (`max_queue`) is the
+back-pressure, so Serve lets that many requests through to it.
+
+The trainer is one named, detached Ray actor (`osd-trainer` in namespace `osd`), created by the
+builder when missing and found by name by each replica's admin routes. Placement is by Ray
+resources: `replica_cpus`/`replica_gpus`/`replica_resources` and the `trainer_*` ones; fractional
+GPUs let a replica and the trainer share one card. The admin token is read by each replica from
+the environment variable named by `admin_token_env`, never from the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import torch
+from ray import serve
+from transformers import AutoConfig, AutoTokenizer
+
+from serving.api import create_app
+from serving.engine import ProposerName
+from serving.server import Replica, ReplicaConfig
+from store.redis_server import open_redis
+from trainer.actor import TrainerActor
+from trainer.config import TrainerConfig
+
+TRAINER_NAME, NAMESPACE = "osd-trainer", "osd"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """One deployment: the models, where Redis is, how many replicas, and where things run."""
+
+    target: str  # local directory (on every node that runs a replica) or hub id
+    draft: str | None = None
+    proposer: ProposerName | None = None
+    k: int = 3  # speculative tokens per step
+    model_name: str | None = None  # the id clients ask for; default: the target's directory name
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    replicas: int = 1
+    replica_cpus: float = 1.0
+    replica_gpus: float = 0.0
+    replica_resources: dict[str, float] = field(default_factory=dict)
+    torch_threads: int | None = None  # per replica; default: Ray's (the replica's CPUs)
+    device: str | None = None
+    dtype: str | None = None
+    max_queue: int = 64  # per replica; beyond it, 503
+    trainer: bool = True  # learn online (needs a draft)
+    trainer_cpus: float = 0.0  # it runs at idle priority and yields to serving
+    trainer_gpus: float = 0.0
+    trainer_resources: dict[str, float] = field(default_factory=dict)
+    trainer_dir: str = str(Path.home() / ".cache" / "osd" / "trainer")
+    admin_token_env: str = "OSD_ADMIN_TOKEN"
+
+    def __post_init__(self):
+        if self.replicas < 1 or self.k < 0 or self.max_queue < 1:
+            raise ValueError("need replicas >= 1, k >= 0 and max_queue >= 1")
+
+    @classmethod
+    def from_args(cls, args: Mapping) -> ServiceConfig:
+        """From a mapping such as serve.yaml's `args`; unknown keys are an error, not ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(args) - known):
+            raise ValueError(f"unknown settings {unknown}; known: {sorted(known)}")
+        if "target" not in args:
+            raise ValueError("`target` is required: a model directory or hub id")
+        return cls(**args)
+
+    @property
+    def served_model(self) -> str:
+        return self.model_name or Path(self.target).name
+
+    @property
+    def learns(self) -> bool:
+        return self.trainer and self.draft is not None
+
+
+@serve.deployment
+@serve.ingress()
+class OSDServer:
+    """One Serve replica: a `serving.server.Replica` and its HTTP app."""
+
+    def __init__(self, config: ServiceConfig):
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.config = config
+        replica = ReplicaConfig(
+            target=config.target, draft=config.draft, proposer=config.proposer,
+            num_speculative_tokens=config.k, device=config.device, dtype=config.dtype,
+            max_queue=config.max_queue,
+            replica_id=f"replica-{serve.get_replica_context().replica_tag}",
+        )  # fmt: skip
+        self.replica = Replica(replica, open_redis(config.redis_url))
+        self.tokenizer = AutoTokenizer.from_pretrained(config.target)
+
+    def __serve_build_asgi_app__(self):
+        config = self.config
+        trainer = ActorControl(TRAINER_NAME, NAMESPACE) if config.learns else None
+        token = os.environ.get(config.admin_token_env)
+        return create_app(self.replica, self.tokenizer, config.served_model, token, trainer)
+
+    def __del__(self):
+        self.replica.close()
+
+
+def build(args: Mapping | ServiceConfig) -> serve.Application:
+    """The Serve application (the trainer actor is started here when missing)."""
+    config = args if isinstance(args, ServiceConfig) else ServiceConfig.from_args(args)
+    if config.learns:
+        start_trainer(config)
+    actor_options = {
+        "num_cpus": config.replica_cpus,
+        "num_gpus": config.replica_gpus,
+        "resources": config.replica_resources,
+    }
+    return OSDServer.options(
+        num_replicas=config.replicas,
+        max_ongoing_requests=config.max_queue + 1,
+        ray_actor_options=actor_options,
+    ).bind(config)
+
+
+def start_trainer(config: ServiceConfig):
+    """The named trainer actor, created unless it runs already; returns once it has started."""
+    context = getattr(AutoConfig.from_pretrained(config.target), "max_position_embeddings", None)
+    trainer = TrainerConfig(
+        checkpoint_dir=Path(config.trainer_dir), **({"max_seq_len": context} if context else {})
+    )
+    actor = TrainerActor.options(
+        name=TRAINER_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=config.trainer_cpus,
+        num_gpus=config.trainer_gpus,
+        resources=config.trainer_resources,
+    ).remote(trainer, config.draft, config.redis_url)
+    ray.get(actor.status.remote())  # started: its starting draft is in the registry
+    return actor
+
+
+class ActorControl:
+    """The named trainer actor's status, pause and resume as plain calls, for the admin API."""
+
+    def __init__(self, name: str, namespace: str):
+        self.name, self.namespace = name, namespace
+
+    def _call(self, method: str):
+        actor = ray.get_actor(self.name, namespace=self.namespace)
+        return ray.get(getattr(actor, method).remote())
+
+    def status(self) -> dict:
+        return self._call("status")
+
+    def pause(self) -> None:
+        self._call("pause")
+
+    def resume(self) -> None:
+        self._call("resume")
