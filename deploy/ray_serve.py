@@ -10,8 +10,9 @@ back-pressure, so Serve lets that many requests through to it.
 The trainer is one named, detached Ray actor (`osd-trainer` in namespace `osd`), created by the
 builder when missing and found by name by each replica's admin routes. Placement is by Ray
 resources: `replica_cpus`/`replica_gpus`/`replica_resources` and the `trainer_*` ones; fractional
-GPUs let a replica and the trainer share one card. The admin token is read by each replica from
-the environment variable named by `admin_token_env`, never from the config.
+GPUs let a replica and the trainer share one card. Secrets stay out of the config: the admin token
+is read by each replica from the environment variable named by `admin_token_env`, and a Redis URL
+with a password can come from `$OSD_REDIS_URL` instead of `redis_url`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class ServiceConfig:
     proposer: ProposerName | None = None
     k: int = 3  # speculative tokens per step
     model_name: str | None = None  # the id clients ask for; default: the target's directory name
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str | None = None  # default: $OSD_REDIS_URL, else redis://127.0.0.1:6379/0
     replicas: int = 1
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
@@ -74,7 +75,12 @@ class ServiceConfig:
             raise ValueError(f"unknown settings {unknown}; known: {sorted(known)}")
         if "target" not in args:
             raise ValueError("`target` is required: a model directory or hub id")
-        return cls(**args)
+        paths = {k: os.path.expanduser(args[k]) for k in ("target", "draft", "trainer_dir") if args.get(k)}
+        return cls(**{**args, **paths})
+
+    @property
+    def redis(self) -> str:
+        return self.redis_url or os.environ.get("OSD_REDIS_URL") or "redis://127.0.0.1:6379/0"
 
     @property
     def served_model(self) -> str:
@@ -100,7 +106,7 @@ class OSDServer:
             max_queue=config.max_queue,
             replica_id=f"replica-{serve.get_replica_context().replica_tag}",
         )  # fmt: skip
-        self.replica = Replica(replica, open_redis(config.redis_url))
+        self.replica = Replica(replica, open_redis(config.redis))
         self.tokenizer = AutoTokenizer.from_pretrained(config.target)
 
     def __serve_build_asgi_app__(self):
@@ -144,7 +150,7 @@ def start_trainer(config: ServiceConfig):
         num_cpus=config.trainer_cpus,
         num_gpus=config.trainer_gpus,
         resources=config.trainer_resources,
-    ).remote(trainer, config.draft, config.redis_url)
+    ).remote(trainer, config.draft, config.redis)
     ray.get(actor.status.remote())  # started: its starting draft is in the registry
     return actor
 

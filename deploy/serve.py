@@ -27,7 +27,7 @@ from ray import serve
 from rich.console import Console
 
 from deploy.ray_serve import NAMESPACE, TRAINER_NAME, ServiceConfig, build
-from store.redis_server import RedisConfig, connect
+from store.redis_server import RedisConfig, connect, redacted
 
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # Serve's logs: warnings and errors only
 
@@ -59,12 +59,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def service_config(args: argparse.Namespace, redis_url: str, console: Console) -> ServiceConfig:
+def service_config(args: argparse.Namespace, console: Console) -> ServiceConfig:
+    """From --config or the flags; the Redis URL is settled by `main`."""
     if args.config:
         settings = yaml.safe_load(args.config.read_text())
         if "applications" in settings:  # a Serve config file
             settings = settings["applications"][0].get("args", {})
-        return dataclasses.replace(ServiceConfig.from_args(settings), redis_url=redis_url)
+        return ServiceConfig.from_args(settings)
     target, draft, name = args.target, args.draft, args.model_name
     if args.demo:
         from deploy.demo.build import PRESETS, build_demo_models
@@ -74,7 +75,7 @@ def service_config(args: argparse.Namespace, redis_url: str, console: Console) -
     cpus = os.cpu_count() or 1
     return ServiceConfig(
         target=target, draft=draft, proposer=args.proposer, k=args.k, model_name=name,
-        redis_url=redis_url, replicas=args.replicas, replica_cpus=min(1.0, cpus / args.replicas),
+        replicas=args.replicas, replica_cpus=min(1.0, cpus / args.replicas),
         torch_threads=max(1, cpus // args.replicas), trainer=not args.no_trainer,
         trainer_dir=str(args.trainer_dir),
     )  # fmt: skip
@@ -85,10 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     console = Console()
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
-    _, local_redis = connect(RedisConfig(args.redis_url, args.redis_dir))
-    redis_url = args.redis_url or local_redis.url
+    config = service_config(args, console)
+    url = args.redis_url or config.redis_url or os.environ.get("OSD_REDIS_URL")  # None: start one
+    _, local_redis = connect(RedisConfig(url, args.redis_dir))
     try:
-        config = service_config(args, redis_url, console)
+        config = dataclasses.replace(config, redis_url=url or local_redis.url)
         env = {config.admin_token_env: args.admin_token} if args.admin_token else {}
         with console.status("starting Ray"):
             ray.init(
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         console.print(
             f"[bold]OSD Serve[/bold]: {config.served_model!r} at http://{args.host}:{args.port}/v1 "
             f"({config.replicas} replica(s); health: /health; metrics: /metrics; "
-            f"admin: {'/admin' if args.admin_token else 'off'}; redis: {redis_url}; "
+            f"admin: {'/admin' if args.admin_token else 'off'}; redis: {redacted(config.redis)}; "
             f"trainer: {'on' if config.learns else 'off'}; Ctrl-C stops)"
         )
         while True:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -38,6 +39,15 @@ def open_redis(url: str, **kwargs) -> redis.Redis:
     server costs seconds, not forever. kwargs override redis-py's connection options."""
     options = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0, "health_check_interval": 10} | kwargs
     return redis.Redis.from_url(url, **options)
+
+
+def redacted(url: str) -> str:
+    """`url` fit to print: any password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass(frozen=True)

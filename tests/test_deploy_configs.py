@@ -1,0 +1,62 @@
+"""The deployment files: Serve config, KubeRay RayService and cluster launcher YAML are valid for
+Ray's own schemas and name settings that `deploy.ray_serve.ServiceConfig` accepts."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from deploy.ray_serve import ServiceConfig, build
+
+DEPLOY = Path(__file__).parent.parent / "deploy"
+
+
+def check_serve_config(config: dict) -> ServiceConfig:
+    schema = (
+        ServeDeploySchema.model_validate(config)
+        if hasattr(ServeDeploySchema, "model_validate")
+        else ServeDeploySchema.parse_obj(config)
+    )
+    (app,) = schema.applications
+    module, _, name = app.import_path.partition(":")
+    assert (module, name) == ("deploy.ray_serve", build.__name__)
+    return ServiceConfig.from_args(app.args)
+
+
+def test_serve_yaml_serves_the_quick_demo_pair_on_loopback():
+    config = yaml.safe_load((DEPLOY / "serve.yaml").read_text())
+    assert config["http_options"]["host"] == "127.0.0.1"
+    service = check_serve_config(config)
+    assert service.target == str(Path.home() / ".cache/osd/demo/quick/target")  # ~ expanded
+    assert service.replicas == 2 and service.learns
+
+
+def test_the_rayservice_manifest_shares_a_gpu_between_a_replica_and_the_trainer():
+    manifest = yaml.safe_load((DEPLOY / "kuberay" / "rayservice.yaml").read_text())
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayService")
+    service = check_serve_config(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    assert service.replica_gpus + service.trainer_gpus == 1.0 and service.redis_url is None  # from the Secret
+    env = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
+        "env"
+    ]
+    assert {e["name"] for e in env} == {"OSD_REDIS_URL", "OSD_ADMIN_TOKEN"}
+
+
+def test_the_cluster_launcher_yaml_fits_rays_schema():
+    schema = json.loads(resources.files("ray.autoscaler").joinpath("ray-schema.json").read_text())
+    jsonschema.validate(yaml.safe_load((DEPLOY / "cluster.yaml").read_text()), schema)
+
+
+def test_service_config_refuses_unknown_or_missing_settings():
+    with pytest.raises(ValueError, match="unknown settings \\['replica'\\]"):
+        ServiceConfig.from_args({"target": "t", "replica": 2})
+    with pytest.raises(ValueError, match="target"):
+        ServiceConfig.from_args({"draft": "d"})
+    with pytest.raises(ValueError, match="replicas"):
+        ServiceConfig.from_args({"target": "t", "replicas": 0})
