@@ -56,9 +56,10 @@ def redis_client(redis_server):
     client.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray instance for the session, with its CPUs pinned."""
+    """A local Ray instance for the test module, with its CPUs pinned (modules that build their
+    own cluster, as test_cluster does, start after this one has shut down)."""
     import ray
 
     ray.init(
