@@ -12,9 +12,6 @@ it served and their acceptance rate (accepted / drafted), and counts failed requ
 from __future__ import annotations
 
 import argparse
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +22,7 @@ from rich.progress import Progress
 from transformers import AutoTokenizer
 
 from benchmarks.results import write_report
+from benchmarks.serve_child import osd_serve
 from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
 from deploy.demo.workloads import Phase, WorkloadSpec, request_stream
 from store.redis_server import free_port
@@ -53,17 +51,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     requests = list(request_stream(spec, models.held_out_corpus(), tokenizer))
     port, tallies, failed = free_port(), {}, 0
-    with tempfile.TemporaryDirectory() as scratch, open(Path(scratch) / "serve.log", "w") as log:
-        command = [
-            sys.executable, "-m", "deploy.cli", "serve", "--target", str(models.target),
-            "--draft", str(models.draft), "--model-name", "demo", "--port", str(port),
+    with tempfile.TemporaryDirectory() as scratch:
+        flags = [
+            "--target", str(models.target), "--draft", str(models.draft), "--model-name", "demo",
             "--redis-dir", f"{scratch}/redis", "--trainer-dir", f"{scratch}/trainer",
         ]  # fmt: skip
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            with console.status("starting osd serve"):
-                wait_until_up(server, base)
+        with osd_serve(flags, port, Path(scratch) / "serve.log", console) as (server, base):
             with Progress(console=console, transient=True) as progress:
                 task = progress.add_task("requests", total=len(requests))
                 for request in requests:
@@ -84,9 +77,6 @@ def main(argv: list[str] | None = None) -> dict:
                     progress.update(task, description=f"served by {metrics['draft_version']}")
                     time.sleep(args.gap)
             health = httpx.get(f"{base}/health", timeout=10).json()
-        finally:
-            server.send_signal(signal.SIGINT)
-            server.wait(120)
     report = {
         "benchmark": "e2e",
         "demo": args.demo,
@@ -104,20 +94,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         write_report(args.json, report)
     return report
-
-
-def wait_until_up(server: subprocess.Popen, base: str, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"osd serve exited with {server.returncode}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"osd serve did not answer within {timeout:.0f} s")
 
 
 if __name__ == "__main__":

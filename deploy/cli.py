@@ -110,6 +110,7 @@ BENCHMARKS = {
     "online": "online",
     "overhead": "overhead",
     "e2e": "e2e",
+    "http": "http_load",
 }
 COMMANDS = {"demo": demo, "demo-models": demo_models, "bench": bench, "serve": serve}
 

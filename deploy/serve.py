@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     console = Console()
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and SIGTERM stop cleanly, even when a
+        signal.signal(sig, signal.default_int_handler)  # parent shell left SIGINT ignored
     config = service_config(args, console)
     url = args.redis_url or config.redis_url or os.environ.get("OSD_REDIS_URL")  # None: start one
     _, local_redis = connect(RedisConfig(url, args.redis_dir))

@@ -13,7 +13,7 @@ import psutil
 from polling import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.e2e import wait_until_up
+from benchmarks.serve_child import wait_until_up
 from deploy.demo.build import build_demo_models
 from store.redis_server import free_port
 from tiny_models import TINY_DEMO

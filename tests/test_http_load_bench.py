@@ -1,0 +1,63 @@
+"""The HTTP load benchmark's client side against a tiny replica on loopback: closed-loop streaming
+clients, the summary, and the swap-pause run with its publishes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+
+import pytest
+from http_server import serving
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from benchmarks.http_load import closed_loop, count_to, summarize, swap_run
+from deploy.demo.build import build_demo_models
+from serving.api import create_app
+from serving.server import Replica, ReplicaConfig
+from store.metrics import MetricsConfig
+from store.registry import Registry
+from store.traces import StreamConfig
+from tiny_models import TINY_DEMO
+
+
+@pytest.fixture
+def tiny_server(tiny_demo, redis_client):
+    models = build_demo_models(TINY_DEMO, tiny_demo)
+    config = ReplicaConfig(
+        target=str(models.target), draft=str(models.draft), num_speculative_tokens=2, poll_seconds=0.1,
+        stream=StreamConfig(stream="t:load"), metrics=MetricsConfig(prefix="t:load:metrics"),
+    )  # fmt: skip
+    replica = Replica(config, redis_client)
+    with serving(create_app(replica, AutoTokenizer.from_pretrained(models.target), "demo")) as base:
+        yield replica, models, base
+    replica.close()
+
+
+PROMPTS = [[5, 17, 42, 9], [3, 77, 12, 8, 19]]
+
+
+def test_closed_loop_clients_stream_the_requests_asked_for(tiny_server):
+    _, _, base = tiny_server
+    failures: list[str] = []
+    run = asyncio.run(closed_loop(base, itertools.cycle(PROMPTS), 3, 8, count_to(7), failures))
+    assert failures == [] and len(run[0]) == 7
+    assert all(d.start <= d.first <= d.end and d.tokens == 8 for d in run[0])
+    summary = summarize([run, run])
+    assert summary["requests"] == 14 and summary["tokens_per_s"] > 0
+    assert summary["latency_p50_s"] <= summary["latency_p99_s"]
+
+
+def test_the_swap_run_publishes_and_splits_requests_by_whether_a_swap_landed(tiny_server):
+    replica, models, base = tiny_server
+    weights = {
+        n: t.clone() for n, t in AutoModelForCausalLM.from_pretrained(models.draft).state_dict().items()
+    }
+    args = argparse.Namespace(swap_seconds=3.0, swap_every=1.0, max_tokens=8)
+    failures: list[str] = []
+    swap = asyncio.run(
+        swap_run(base, itertools.cycle(PROMPTS), Registry(replica.client), weights, args, failures)
+    )
+    assert failures == [] and swap["publishes"] >= 2
+    assert swap["in_flight_at_a_swap"]["requests"] + swap["others"]["requests"] > 0
+    assert replica.swaps >= 2
