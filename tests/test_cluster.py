@@ -1,5 +1,6 @@
 """Two Ray nodes on this machine (`ray.cluster_utils.Cluster`): the Serve replicas on one, the
-trainer on the other, placed by custom resources; a publish reaches every replica."""
+trainer on the other, placed by custom resources; a publish reaches every replica, and a replica
+that dies comes back on the live version."""
 
 from __future__ import annotations
 
@@ -64,6 +65,14 @@ def test_replicas_on_one_node_the_trainer_on_another_and_a_publish_reaches_all(
         for _ in range(4):
             out = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
             assert out["metrics"]["draft_version"] == "draft:v2"
+
+        # A replica that dies is replaced by Serve, and the new one starts on the live version.
+        before = {load.replica for load in read_load(redis_client)}
+        ray.kill(replicas[0])
+        replaced = wait_for(
+            lambda: [load for load in read_load(redis_client) if load.replica not in before], timeout=120
+        )
+        assert [load.draft_version for load in replaced] == ["draft:v2"]
     finally:
         serve.shutdown()
         ray.shutdown()
