@@ -1,14 +1,12 @@
 """The OpenAI-compatible API over a replica of the tiny demo pair: FastAPI's test client for the
-routes and errors, and the official `openai` client against a real uvicorn on loopback."""
+routes and errors (the official `openai` client against a real `osd serve` is in test_serve_cli)."""
 
 from __future__ import annotations
 
 import json
 
-import openai
 import pytest
 from fastapi.testclient import TestClient
-from http_server import serving
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
@@ -151,28 +149,3 @@ def test_malformed_json_and_bytes_get_a_400(client):
         response = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
         assert response.status_code == 400, response.text
         assert response.json()["error"]["message"]
-
-
-def test_the_openai_client_against_a_real_server(served):
-    with serving(served[2]) as base:
-        api = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-        assert [m.id for m in api.models.list()] == [MODEL]
-        completion = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0)
-        assert completion.choices[0].text == greedy_text(served, PROMPT, 16)
-        chat = api.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0
-        )
-        assert chat.choices[0].message.role == "assistant"
-        chunks = list(
-            api.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0,
-                stream=True, stream_options={"include_usage": True},
-            )
-        )  # fmt: skip
-        assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
-        assert (
-            "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-            == chat.choices[0].message.content
-        )
-        with pytest.raises(openai.BadRequestError):
-            api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
