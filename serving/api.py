@@ -3,6 +3,7 @@
 `/v1/completions` and `/v1/chat/completions` (JSON, or SSE with `stream: true`: `data: {json}`
 events ending with `data: [DONE]`, and a usage chunk with `stream_options.include_usage`),
 `/v1/models`, `/health`, `/metrics` (Prometheus: every live replica's, see `serving.prometheus`),
+`/alerts` (acceptance drift, see `store.drift`),
 and the admin routes of `serving.admin` when a token is set. Text is
 tokenized here; the replica works in token ids. Each
 response carries the request's speculative-decoding numbers and the draft version that served it
@@ -24,7 +25,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import redis
@@ -41,6 +42,7 @@ from serving.errors import InvalidRequestError
 from serving.prometheus import render
 from serving.server import Finished, Replica, ServerBusyError
 from serving.server import Request as ReplicaRequest
+from store.drift import DriftAlert, read_alerts
 from store.load import read_metrics
 
 
@@ -124,14 +126,25 @@ def create_app(
     async def health() -> dict:
         return {"status": "ok", **replica.status()}
 
+    def standing_alerts() -> list[DriftAlert]:
+        return read_alerts(replica.client, replica.config.draft_name, replica.config.metrics)
+
     @app.get("/metrics")
     def metrics() -> Response:  # sync: FastAPI runs it on a worker thread, off the event loop
         try:
-            snapshots = read_metrics(replica.client)
+            snapshots, alerts = read_metrics(replica.client), standing_alerts()
         except redis.RedisError:
-            snapshots = {}  # this replica's own, below, still answer
+            snapshots, alerts = {}, []  # this replica's own, below, still answer
         snapshots[replica.config.replica_id] = replica.metrics_snapshot()
-        return Response(render(snapshots), media_type=CONTENT_TYPE_LATEST)
+        return Response(render(snapshots, alerts), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/alerts")
+    def alerts() -> dict:
+        try:
+            standing = standing_alerts()
+        except redis.RedisError as err:
+            raise APIError(503, f"the metric store is unavailable: {err}", code="store_unavailable") from err
+        return {"alerts": [asdict(a) | {"delay_seconds": a.delay_seconds} for a in standing]}
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -8,7 +8,8 @@ first token, time per output token, end to end). `snapshot()` adds the replica's
 swaps, refused versions, the last swap's load time, trace writes and drops) and returns it all
 as JSON-able families, which the replica's heartbeat publishes next to its load (`store.load`).
 `render()` merges the snapshots of all live replicas into one exposition, each sample labelled
-`replica`, so a scrape through any load balancer sees the whole deployment.
+`replica`, so a scrape through any load balancer sees the whole deployment. Standing drift
+alerts (`store.drift`) appear as `osd:drift_alert{domain,kind}`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import Metric
 
 from serving.stats import SpecStats
+from store.drift import DriftAlert
 
 PREFIX = "osd:"
 LABELS = ("draft_version", "domain")
@@ -127,8 +129,9 @@ class ReplicaMetrics:
         return families
 
 
-def render(snapshots: Mapping[str, Iterable[dict]]) -> bytes:
-    """One Prometheus text exposition of replica -> snapshot, each sample labelled `replica`."""
+def render(snapshots: Mapping[str, Iterable[dict]], alerts: Iterable[DriftAlert] = ()) -> bytes:
+    """One Prometheus text exposition of replica -> snapshot, each sample labelled `replica`, and
+    the standing drift alerts as `osd:drift_alert{domain,kind}`."""
     merged: dict[str, Metric] = {}
     for replica, families in sorted(snapshots.items()):
         for family in families:
@@ -137,8 +140,11 @@ def render(snapshots: Mapping[str, Iterable[dict]]) -> bytes:
                 metric.add_sample(name, {**labels, "replica": replica}, value)
     replicas = Metric(PREFIX + "replicas", "Replicas whose metrics this exposition holds.", "gauge")
     replicas.add_sample(PREFIX + "replicas", {}, float(len(snapshots)))
+    drift = Metric(PREFIX + "drift_alert", "Standing acceptance-drift alerts (1 each).", "gauge")
+    for alert in alerts:
+        drift.add_sample(PREFIX + "drift_alert", {"domain": alert.domain, "kind": alert.kind}, 1.0)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Fixed([*merged.values(), replicas]))
+    registry.register(_Fixed([*merged.values(), replicas, drift]))
     return generate_latest(registry)
 
 

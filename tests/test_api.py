@@ -4,6 +4,8 @@ routes and errors (the official `openai` client against a real `osd serve` is in
 from __future__ import annotations
 
 import json
+import time
+from collections import Counter
 
 import pytest
 from fastapi.testclient import TestClient
@@ -93,6 +95,20 @@ def test_metrics_count_the_requests_served_in_prometheus_format(client):
     (drafts,) = [s for s in families["osd:spec_decode_num_drafts"].samples if s.labels["domain"] == "py"]
     assert drafts.labels["draft_version"] == "draft:base" and drafts.value >= 1
     assert {"osd:time_to_first_token_seconds", "osd:traces_dropped", "osd:draft_swaps"} <= set(families)
+
+
+def test_a_drop_in_a_domain_s_acceptance_is_an_alert_in_json_and_in_metrics(served, client):
+    recorder, now = served[0].recorder, time.time()
+    for i in range(100):  # ~17 minutes of history, then acceptance falls from 0.6 to 0.2
+        accepted = 180 if i < 90 else 60
+        recorder.record("draft:v1", "shift", Counter(accepted=accepted, drafted=300), at=now - (100 - i) * 10)
+    recorder.flush()
+    alerts = client.get("/alerts").json()["alerts"]
+    (drop,) = [a for a in alerts if a["domain"] == "shift"]
+    assert drop["kind"] == "drop" and 0 <= drop["delay_seconds"] <= 50
+    assert drop["baseline"] == pytest.approx(0.6, abs=0.02) and drop["current"] < 0.45
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    assert {"domain": "shift", "kind": "drop"} in [s.labels for s in families["osd:drift_alert"].samples]
 
 
 def test_chat_completion_and_its_stream(client):

@@ -6,6 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.prometheus import ReplicaMetrics, render
 from serving.stats import SpecStats
+from store.drift import DriftAlert
 
 STATE = dict.fromkeys(
     ["num_requests_running", "num_requests_waiting", "draft_swaps", "draft_refused",
@@ -68,3 +69,9 @@ def test_vllm_spec_decode_counters_per_version_and_domain_from_every_replica():
     assert got[("osd:draft_swaps_total", (("replica", "rb"),))] == 2
     assert got[("osd:draft_info", (("draft_version", "draft:v2"), ("replica", "rb")))] == 1
     assert got[("osd:replicas", ())] == 2
+
+
+def test_standing_drift_alerts_are_a_gauge_per_domain_and_kind():
+    alert = DriftAlert("python", "drop", at=100, baseline=0.6, current=0.3, onset=90)
+    got = samples(render({}, [alert]))
+    assert got[("osd:drift_alert", (("domain", "python"), ("kind", "drop")))] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -191,3 +192,25 @@ def test_the_trainer_waits_while_servers_are_busy(redis_client, model_dirs, traf
     time.sleep(0.1)  # the replica's load expired: it no longer counts
     assert read_load(redis_client) == []
     assert not redis_client.smembers(REPLICAS)  # and its name is forgotten
+
+
+def test_a_drift_alert_puts_its_domain_s_traces_first(redis_client, model_dirs, traffic, tmp_path):
+    metrics = MetricsConfig(prefix="t:trainer:drift")
+    write(redis_client, traffic[:40])
+    trainer = OnlineTrainer(
+        config(tmp_path, drift_check_seconds=0.01), model_dirs["llama"]["small"], redis_client,
+        stream=STREAM, metrics=metrics,
+    )  # fmt: skip
+    recorder, now = MetricsRecorder(redis_client, metrics), time.time()
+    for i in range(100):  # prose acceptance falls from 0.6 to 0.2; code holds
+        counts = {"prose": 180 if i < 90 else 60, "code": 180}
+        for domain, accepted in counts.items():
+            recorder.record(
+                "draft:v1", domain, Counter(accepted=accepted, drafted=300), at=now - (100 - i) * 10
+            )
+    recorder.close()
+    trainer.poll()
+    trainer.check_drift()
+    assert trainer.prioritised == {"prose"}
+    batch = trainer.buffer.batch(8, trainer.generator, trainer.prioritised)
+    assert {e.trace.domain for e in batch} == {"prose"}  # untrained prose traces go first

@@ -76,6 +76,7 @@ class Trainer:
             "loss": self.trainer.last_loss,
             "buffer": len(self.trainer.buffer),
             "untrained": self.trainer.buffer.untrained,
+            "prioritised_domains": sorted(self.trainer.prioritised),
             "history": state.history[-5:],
             "time": time.time(),
         }

@@ -2,9 +2,10 @@
 
 Every new trace is trained on at least once: a batch takes untrained traces first (oldest first)
 and fills up with replayed ones (no new trace, no step), drawn with weights that halve every
-`half_life` arrivals. The buffer keeps at most `cap` traces, evicting the oldest trained ones;
-the trainer reads from the stream only while fewer than a batch of untrained traces wait, so
-untrained ones are never evicted.
+`half_life` arrivals, and multiplied by `boost` for traces of prioritised domains (those with a
+drift alert; their untrained traces also go first). The buffer keeps at most `cap` traces,
+evicting the oldest trained ones; the trainer reads from the stream only while fewer than a batch
+of untrained traces wait, so untrained ones are never evicted.
 (OSD's research loop instead cleared its buffer every I requests.)
 """
 
@@ -52,16 +53,25 @@ class ReplayBuffer:
             del self._entries[oldest.entry_id]
         return True
 
-    def batch(self, size: int, generator: torch.Generator) -> list[Entry]:
-        """Up to `size` entries: untrained first, then replayed by recency weight. Empty when no
-        untrained entry waits: replay alone does not train (it would only overfit the past)."""
-        chosen = [e for e in self._entries.values() if not e.trained][:size]
+    def batch(
+        self,
+        size: int,
+        generator: torch.Generator,
+        priority: frozenset[str] = frozenset(),
+        boost: float = 1.0,
+    ) -> list[Entry]:
+        """Up to `size` entries: untrained first (those of `priority` domains before the rest), then
+        replayed by recency weight, times `boost` in `priority` domains. Empty when no untrained
+        entry waits: replay alone does not train (it would only overfit the past)."""
+        untrained = [e for e in self._entries.values() if not e.trained]
+        chosen = sorted(untrained, key=lambda e: e.trace.domain not in priority)[:size]  # stable
         if not chosen:
             return []
         replayable = [e for e in self._entries.values() if e.trained]
         if len(chosen) < size and replayable:
             ages = torch.tensor([self._arrivals - e.arrival for e in replayable], dtype=torch.float64)
-            weights = torch.pow(0.5, ages / self.half_life)
+            boosts = torch.tensor([boost if e.trace.domain in priority else 1.0 for e in replayable])
+            weights = torch.pow(0.5, ages / self.half_life) * boosts
             count = min(size - len(chosen), len(replayable))
             picks = torch.multinomial(weights, count, replacement=False, generator=generator)
             chosen += [replayable[i] for i in picks.tolist()]

@@ -45,6 +45,8 @@ class TrainerConfig:
     sched_idle: bool = True  # Linux: the training thread runs only on otherwise idle CPU (SCHED_IDLE)
     niceness: int = 10  # where SCHED_IDLE is off or missing: the training thread's nice increment
     read_count: int = 64  # traces per read from the stream
+    drift_check_seconds: float = 10.0  # how often the drift alerts are read
+    drift_boost: float = 4.0  # replay weight of traces from domains with a drift alert
 
     def __post_init__(self):
         checks = {
@@ -59,6 +61,8 @@ class TrainerConfig:
             "watch_requests": self.watch_requests >= 1,
             "jsd_beta": 0.0 < self.jsd_beta < 1.0,
             "watch_delta": self.watch_delta >= 0,
+            "drift_check_seconds": self.drift_check_seconds > 0,
+            "drift_boost": self.drift_boost >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -22,6 +22,7 @@ from distill.acceptance import trace_acceptance
 from distill.batches import make_batch
 from distill.lora import adapter_weights, load_adapter_weights, wrap_lora
 from distill.losses import token_weights, topk_loss, weighted_mean
+from store.drift import read_alerts
 from store.load import read_load
 from store.metrics import MetricsConfig, read_series
 from store.registry import DraftVersion, Registry
@@ -59,6 +60,8 @@ class OnlineTrainer:
         self.state = TrainerState()
         self.watching: tuple[DraftVersion, float] | None = None  # the publish being watched, and when
         self.last_loss: float | None = None
+        self.prioritised: frozenset[str] = frozenset()  # domains with a drift alert
+        self._next_drift_check = 0.0
         restored = load_checkpoint(config.checkpoint_dir)
         if restored is not None:
             weights, optimizer_state, self.state = restored
@@ -108,6 +111,7 @@ class OnlineTrainer:
             time.sleep(self.config.pause_seconds)
             return "throttled"
         self.poll()
+        self.check_drift()
         if self.train_step() is None:
             if self.pending_acks:  # traffic paused: commit what was trained, so that it is acked now
                 self.checkpoint()
@@ -139,8 +143,21 @@ class OnlineTrainer:
         self.reader.ack(gate_only)
         return len(deliveries)
 
+    def check_drift(self) -> None:
+        """Every `drift_check_seconds`: prioritise the traces of domains whose acceptance dropped."""
+        if time.monotonic() < self._next_drift_check:
+            return
+        self._next_drift_check = time.monotonic() + self.config.drift_check_seconds
+        alerts = read_alerts(self.client, self.config.draft_name, self.metrics)
+        prioritised = frozenset(a.domain for a in alerts if a.kind == "drop")
+        if prioritised != self.prioritised:
+            log.info("prioritising traces of %s (drift alerts)", sorted(prioritised) or "no domain")
+        self.prioritised = prioritised
+
     def train_step(self) -> float | None:
-        entries = self.buffer.batch(self.config.batch_size, self.generator)
+        entries = self.buffer.batch(
+            self.config.batch_size, self.generator, self.prioritised, self.config.drift_boost
+        )
         if not entries:
             return None
         batch = make_batch([e.trace for e in entries], self.config.max_seq_len)

@@ -1,0 +1,134 @@
+"""Acceptance drift: per-domain alerts computed from the pre-aggregated metric series.
+
+Pure functions over `store.metrics.MetricPoint`s (never raw traces). Per domain, the buckets are
+summed over draft versions into (accepted, drafted), and two drafted-weighted EWMAs of the
+acceptance rate follow them: a fast one (the current rate) and a slow one (the baseline). The
+baseline is frozen while an alert stands, so a lasting drop cannot become its own baseline.
+
+- **drop**: the current rate is more than `delta` below the baseline, both resting on at least
+  `min_drafted` drafted tokens. The alert carries its onset (the first bucket of the run whose own
+  rate fell below baseline - delta) and its delay (alert time - onset). A **recovered** event
+  clears it when the current rate is back within delta / 2 of the baseline.
+- **new_domain**: a domain first seen within the last `new_domain_seconds` (with `min_drafted`
+  drafted tokens) that has no specialised draft.
+
+`read_alerts` applies this to the last `window_seconds` of the series in Redis.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import redis
+
+from store.metrics import MetricPoint, MetricsConfig, read_series
+from store.registry import Registry
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    delta: float = 0.15  # alert when acceptance falls this far below its baseline
+    fast_halflife: float = 2.0  # buckets
+    slow_halflife: float = 20.0  # buckets
+    min_drafted: int = 200  # drafted tokens each average needs before it counts
+    new_domain_seconds: float = 600.0
+    window_seconds: float = 3600.0  # history read_alerts looks at
+
+    def __post_init__(self):
+        if not 0 < self.delta < 1 or not 0 < self.fast_halflife < self.slow_halflife or self.min_drafted < 1:
+            raise ValueError("need 0 < delta < 1, 0 < fast_halflife < slow_halflife and min_drafted >= 1")
+
+
+@dataclass(frozen=True)
+class DriftAlert:
+    domain: str
+    kind: Literal["drop", "recovered", "new_domain"]
+    at: int  # bucket start (unix seconds) when it fired
+    baseline: float | None
+    current: float | None
+    onset: int | None = None  # drop: the bucket where the fall began
+    message: str = ""
+
+    @property
+    def delay_seconds(self) -> int | None:
+        return None if self.onset is None else self.at - self.onset
+
+
+def domain_series(points: Iterable[MetricPoint]) -> dict[str, list[tuple[int, int, int]]]:
+    """domain -> [(bucket start, accepted, drafted)], oldest first, summed over draft versions."""
+    sums: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for point in points:
+        entry = sums[point.domain][point.start]
+        entry[0] += point.counts["accepted"]
+        entry[1] += point.counts["drafted"]
+    return {domain: [(s, a, d) for s, (a, d) in sorted(buckets.items())] for domain, buckets in sums.items()}
+
+
+def drop_events(domain: str, series: list[tuple[int, int, int]], config: DriftConfig) -> list[DriftAlert]:
+    """The drop and recovered events over one domain's series, in order (they alternate)."""
+    fast_keep, slow_keep = 0.5 ** (1 / config.fast_halflife), 0.5 ** (1 / config.slow_halflife)
+    fast, slow = [0.0, 0.0], [0.0, 0.0]  # (accepted, drafted), decayed
+    alerts, alerting, onset = [], False, None
+    for start, accepted, drafted in series:
+        fast = [fast[0] * fast_keep + accepted, fast[1] * fast_keep + drafted]
+        if slow[1] < config.min_drafted or fast[1] < config.min_drafted:
+            slow = [slow[0] * slow_keep + accepted, slow[1] * slow_keep + drafted]
+            continue
+        baseline, current = slow[0] / slow[1], fast[0] / fast[1]
+        if drafted and accepted / drafted < baseline - config.delta:
+            onset = start if onset is None else onset
+        elif not alerting:
+            onset = None
+        if not alerting and current < baseline - config.delta:
+            alerting, onset = True, start if onset is None else onset
+            message = (
+                f"acceptance {current:.2f} is {baseline - current:.2f} below its baseline {baseline:.2f}"
+            )
+            alerts.append(DriftAlert(domain, "drop", start, baseline, current, onset, message))
+        elif alerting and current >= baseline - config.delta / 2:
+            alerting, onset = False, None
+            alerts.append(DriftAlert(domain, "recovered", start, baseline, current))
+        if not alerting:  # the baseline is frozen while an alert stands
+            slow = [slow[0] * slow_keep + accepted, slow[1] * slow_keep + drafted]
+    return alerts
+
+
+def active_alerts(
+    points: Iterable[MetricPoint], now: float, specialised: set[str], config: DriftConfig = DriftConfig()
+) -> list[DriftAlert]:
+    """The alerts standing at `now`: uncleared drops, and new domains without a specialised draft."""
+    standing = []
+    for domain, series in sorted(domain_series(points).items()):
+        events = drop_events(domain, series, config)
+        if events and events[-1].kind == "drop":
+            standing.append(events[-1])
+        first, drafted = series[0][0], sum(d for _, _, d in series)
+        if (
+            now - first <= config.new_domain_seconds
+            and drafted >= config.min_drafted
+            and domain not in specialised
+        ):
+            message = f"new domain {domain!r} has no specialised draft; the shared draft serves it"
+            standing.append(DriftAlert(domain, "new_domain", first, None, None, message=message))
+    return standing
+
+
+def read_alerts(
+    client: redis.Redis,
+    draft_name: str = "draft",
+    metrics: MetricsConfig | None = None,
+    config: DriftConfig = DriftConfig(),
+    now: float | None = None,
+) -> list[DriftAlert]:
+    """The alerts standing now, from the last `config.window_seconds` of metric series; a domain
+    counts as specialised when the registry has a live version of `draft_name` for it."""
+    now = time.time() if now is None else now
+    points = read_series(client, metrics or MetricsConfig(), since=now - config.window_seconds)
+    registry = Registry(client)
+    domains = {p.domain for p in points}
+    specialised = {d for d in domains if registry.live_version(draft_name, d) is not None}
+    return active_alerts(points, now, specialised, config)
