@@ -83,15 +83,19 @@ class DraftVersion:
         return cls(**json.loads(raw))
 
 
-# KEYS: live, versions zset, new meta, old meta (or the same key) ; ARGV: new version, new meta,
-# old meta (or ""), event JSON, channel. Moves live and rewrites both statuses in one step.
+# KEYS: live, versions zset, new meta, old meta (or the same key), history ; ARGV: new version,
+# new meta, old meta (or ""), event JSON, channel, history length. Moves live, rewrites both
+# statuses and records the event in one step.
 _PROMOTE = """
 if ARGV[3] ~= '' then redis.call('SET', KEYS[4], ARGV[3]) end
 redis.call('SET', KEYS[3], ARGV[2])
 redis.call('SET', KEYS[1], ARGV[1])
+redis.call('LPUSH', KEYS[5], ARGV[4])
+redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[6]) - 1)
 redis.call('PUBLISH', ARGV[5], ARGV[4])
 return 1
 """
+HISTORY_LENGTH = 1_000  # registry events kept for the dashboard's markers
 
 
 class Registry:
@@ -187,8 +191,9 @@ class Registry:
                 self._key(name, domain, "versions"),
                 self._key(name, domain, "v", version),
                 self._key(name, domain, "v", old.version if old else version),
+                self.history_key,
             ],
-            args=[version, live.to_json(), old_meta, json.dumps(message), EVENTS_CHANNEL],
+            args=[version, live.to_json(), old_meta, json.dumps(message), EVENTS_CHANNEL, HISTORY_LENGTH],
         )
         self._apply_retention(name, domain)
         return live
@@ -213,10 +218,32 @@ class Registry:
         """Mark a candidate rejected (e.g. by the gate), with the reason kept in `extra`."""
         meta = self.get(name, domain, version)
         rejected = replace(meta, status="rejected", extra=meta.extra | {"reason": reason})
-        self.client.set(self._key(name, domain, "v", version), rejected.to_json())
         message = {"event": "reject", "name": name, "domain": domain, "version": version, "reason": reason}
-        self.client.publish(EVENTS_CHANNEL, json.dumps(message | {"time": time.time()}))
+        event = json.dumps(message | {"time": time.time(), "gate_acceptance": meta.gate_acceptance})
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self._key(name, domain, "v", version), rejected.to_json())
+        pipe.lpush(self.history_key, event)
+        pipe.ltrim(self.history_key, 0, HISTORY_LENGTH - 1)
+        pipe.publish(EVENTS_CHANNEL, event)
+        pipe.execute()
         return rejected
+
+    @property
+    def history_key(self) -> str:
+        return f"{self.prefix}:history"
+
+    def history(self, since: float = 0.0) -> list[dict]:
+        """Publish, rollback and reject events since `since` (unix seconds), oldest first; the last
+        HISTORY_LENGTH are kept."""
+        events = []
+        for raw in reversed(self.client.lrange(self.history_key, 0, -1)):
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("time", 0) >= since:
+                events.append(event)
+        return events
 
     def get(self, name: str, domain: str, version: int) -> DraftVersion:
         raw = self.client.get(self._key(name, domain, "v", version))

@@ -187,3 +187,20 @@ def next_message(pubsub, timeout: float = 5.0) -> dict:
         if message is not None:
             return message
     raise AssertionError("no message")
+
+
+def test_publishes_rollbacks_and_rejections_are_kept_in_a_history(redis_client):
+    registry = Registry(redis_client)
+    registry.publish("draft", weights(1))
+    registry.publish("draft", weights(2))
+    candidate = registry.add("draft", weights(3), gate_acceptance=0.41)
+    registry.reject("draft", "-", candidate.version, "gate: 0.41 < live 0.45")
+    registry.rollback("draft", reason="watch")
+    events = registry.history()
+    assert [(e["event"], e["version"]) for e in events] == [
+        ("publish", 1), ("publish", 2), ("reject", 3), ("rollback", 1),
+    ]  # fmt: skip
+    assert events[2]["gate_acceptance"] == 0.41 and events[3]["previous"] == 2
+    assert registry.history(since=events[3]["time"]) == events[3:]
+    redis_client.lpush(registry.history_key, b"\x80\x04not json")  # never unpickled: skipped
+    assert len(registry.history()) == 4
