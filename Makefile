@@ -7,9 +7,11 @@ TORCH_VERSION := 2.13.0
 
 .PHONY: demo test bench clean system
 
-# System parts: redis-server from Debian's packages when it is missing (machines here run as root).
+# System parts from Debian's packages when missing (machines here run as root): redis-server, and
+# chromium with its driver for the dashboard's browser test.
 system:
-	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
+	@command -v redis-server >/dev/null && command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq redis-server chromium chromium-driver >/dev/null)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -3,7 +3,7 @@
 `/v1/completions` and `/v1/chat/completions` (JSON, or SSE with `stream: true`: `data: {json}`
 events ending with `data: [DONE]`, and a usage chunk with `stream_options.include_usage`),
 `/v1/models`, `/health`, `/metrics` (Prometheus: every live replica's, see `serving.prometheus`),
-`/alerts` (acceptance drift, see `store.drift`),
+`/alerts` (acceptance drift, see `store.drift`), `/dashboard` (see `serving.dashboard`),
 and the admin routes of `serving.admin` when a token is set. Text is
 tokenized here; the replica works in token ids. Each
 response carries the request's speculative-decoding numbers and the draft version that served it
@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase
 
 from serving.admin import TrainerControl, admin_router
+from serving.dashboard import dashboard_router
 from serving.errors import InvalidRequestError
 from serving.prometheus import render
 from serving.server import Finished, Replica, ServerBusyError
@@ -101,9 +102,11 @@ def create_app(
 ) -> FastAPI:
     """The HTTP app for one replica serving `model_name`; the admin routes only with a token."""
     app = FastAPI(title="OSD Serve", version="0.1.0")
-    context = replica.context
+    context, config = replica.context, replica.config
+    app.include_router(
+        dashboard_router(replica.client, config.draft_name, config.domain, config.metrics, trainer)
+    )
     if admin_token:
-        config = replica.config
         app.include_router(
             admin_router(admin_token, replica.registry, config.draft_name, config.domain, trainer)
         )

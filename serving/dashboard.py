@@ -1,0 +1,155 @@
+"""The operator dashboard: `/dashboard` (a page and its script, served by the app itself) and
+`/dashboard/data` (everything the page draws, as JSON).
+
+The data come pre-aggregated from the store, never from raw traces: the metric series of the
+chosen range (`store.metrics`, 10 s buckets) are summed into at most `BINS` display bins, overall,
+per domain and per draft version, with latency percentiles read off the histogram bins; the
+registry's history gives the publish, rollback and reject markers; the draft versions, the
+standing drift alerts (`store.drift`) and the trainer's status complete it. `aggregate` is pure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict
+from importlib import resources
+
+import redis
+from fastapi import APIRouter, Query
+from fastapi.responses import HTMLResponse, Response
+
+from serving.admin import TrainerControl
+from store.drift import read_alerts
+from store.metrics import LATENCY_EDGES, MetricPoint, MetricsConfig, read_series
+from store.registry import Registry
+
+RANGES = {"5m": 300, "1h": 3600, "24h": 86400}
+BINS = 120
+
+
+def percentile(counts: Counter, histogram: str, q: float) -> float | None:
+    """The q-quantile (0..1) of a latency histogram in `counts` (`<histogram>:<bin>` keys), as the
+    upper edge of the bin it falls in; None without observations."""
+    bins = sorted((int(k.split(":")[1]), v) for k, v in counts.items() if k.startswith(histogram + ":"))
+    total = sum(v for _, v in bins)
+    if not total:
+        return None
+    seen = 0
+    for index, count in bins:
+        seen += count
+        if seen >= q * total:
+            return LATENCY_EDGES[index]
+    return LATENCY_EDGES[bins[-1][0]]
+
+
+def summary(counts: Counter, seconds: float) -> dict:
+    """What one display bin shows of summed counters."""
+    drafted, accepted, steps = counts["drafted"], counts["accepted"], counts["steps"]
+    return {
+        "requests": counts["requests"],
+        "acceptance": accepted / drafted if drafted else None,
+        "mean_accepted_length": (accepted + steps) / steps if steps else None,
+        "tokens_per_s": counts["tokens"] / seconds,
+        "ttft_p50": percentile(counts, "ttft", 0.5),
+        "ttft_p99": percentile(counts, "ttft", 0.99),
+        "tpot_p50": percentile(counts, "tpot", 0.5),
+        "tpot_p99": percentile(counts, "tpot", 0.99),
+    }
+
+
+def aggregate(points: Iterable[MetricPoint], start: float, end: float, bins: int = BINS) -> dict:
+    """Series of `bins` equal bins over [start, end): overall, by domain, by version (acceptance
+    only for the last two), and per-position acceptance by version over the whole range."""
+    width = (end - start) / bins
+    overall: dict[int, Counter] = defaultdict(Counter)
+    by_domain: dict[str, dict[int, Counter]] = defaultdict(lambda: defaultdict(Counter))
+    by_version: dict[str, dict[int, Counter]] = defaultdict(lambda: defaultdict(Counter))
+    positions: dict[str, Counter] = defaultdict(Counter)
+    for point in points:
+        index = int((point.start - start) // width)
+        if not 0 <= index < bins:
+            continue
+        overall[index].update(point.counts)
+        by_domain[point.domain][index].update(point.counts)
+        by_version[point.version][index].update(point.counts)
+        positions[point.version].update({k: v for k, v in point.counts.items() if k.startswith("pos_")})
+
+    def times(index: int) -> float:
+        return start + index * width
+
+    def acceptance(series: dict[int, Counter]) -> list[dict]:
+        return [
+            {"t": times(i), "acceptance": c["accepted"] / c["drafted"]}
+            for i, c in sorted(series.items())
+            if c["drafted"]
+        ]
+
+    def per_position(counts: Counter) -> list[float | None]:
+        n = max((int(k.split(":")[1]) for k in counts), default=0)
+        return [
+            counts[f"pos_accepted:{i}"] / counts[f"pos_drafted:{i}"] if counts[f"pos_drafted:{i}"] else None
+            for i in range(1, n + 1)
+        ]
+
+    return {
+        "bin_seconds": width,
+        "overall": [{"t": times(i)} | summary(c, width) for i, c in sorted(overall.items())],
+        "by_domain": {d: acceptance(s) for d, s in sorted(by_domain.items())},
+        "by_version": {v: acceptance(s) for v, s in sorted(by_version.items())},
+        "positions": {v: per_position(c) for v, c in sorted(positions.items())},
+    }
+
+
+def dashboard_router(
+    client: redis.Redis,
+    draft_name: str,
+    domain: str,
+    metrics: MetricsConfig,
+    trainer: TrainerControl | None = None,
+) -> APIRouter:
+    router = APIRouter()
+    registry = Registry(client)
+
+    @router.get("/dashboard", response_class=HTMLResponse)
+    def page() -> str:
+        return _asset("dashboard.html")
+
+    @router.get("/dashboard/dashboard.js")
+    def script() -> Response:
+        return Response(_asset("dashboard.js"), media_type="text/javascript")
+
+    @router.get("/dashboard/data")
+    def data(range: str = Query("1h", pattern="^(5m|1h|24h)$")) -> dict:
+        now = time.time()
+        start = now - RANGES[range]
+        try:
+            points = read_series(client, metrics, since=start - metrics.bucket_seconds)
+            body = aggregate(points, start, now)
+            body["events"] = [e for e in registry.history(since=start) if e.get("name") == draft_name]
+            body["versions"] = [asdict(v) for v in reversed(registry.versions(draft_name, domain))]
+            body["alerts"] = [
+                asdict(a) | {"delay_seconds": a.delay_seconds}
+                for a in read_alerts(client, draft_name, metrics, now=now)
+            ]
+            body["store"] = "ok"
+        except redis.RedisError as err:
+            body = aggregate([], start, now) | {"events": [], "versions": [], "alerts": [], "store": str(err)}
+        body["trainer"] = _trainer_status(trainer)
+        return body | {"now": now, "range": range, "draft_name": draft_name}
+
+    return router
+
+
+def _trainer_status(trainer: TrainerControl | None) -> dict | None:
+    if trainer is None:
+        return None
+    try:
+        return trainer.status()
+    except Exception as err:  # the trainer is restarting or gone: the page says so
+        return {"state": f"unavailable: {err}"}
+
+
+def _asset(name: str) -> str:
+    return resources.files("serving").joinpath("static", name).read_text()

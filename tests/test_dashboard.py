@@ -1,0 +1,88 @@
+"""The dashboard's aggregation (pure) and its routes over a tiny replica: the page, its script,
+and the data after requests, a publish and a drift."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from fastapi.testclient import TestClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from deploy.demo.build import build_demo_models
+from serving.api import create_app
+from serving.dashboard import aggregate, percentile
+from serving.server import Replica, ReplicaConfig
+from store.metrics import LATENCY_EDGES, MetricPoint, MetricsConfig, latency_bin
+from store.registry import Registry
+from store.traces import StreamConfig
+from tiny_models import TINY_DEMO
+
+
+def point(start: int, version: str, domain: str, **counts) -> MetricPoint:
+    return MetricPoint(start, version, domain, Counter(counts))
+
+
+def test_aggregate_sums_buckets_into_bins_overall_by_domain_and_by_version():
+    points = [
+        point(0, "draft:v1", "py", drafted=10, accepted=5, steps=4, tokens=9, requests=1,
+              **{"pos_drafted:1": 4, "pos_accepted:1": 3}),
+        point(10, "draft:v1", "c", drafted=10, accepted=1, steps=5, tokens=6, requests=1),
+        point(60, "draft:v2", "py", drafted=20, accepted=18, steps=4, tokens=22, requests=2),
+        point(500, "draft:v2", "py", drafted=1, accepted=1, steps=1, tokens=2),  # outside the range
+    ]  # fmt: skip
+    data = aggregate(points, start=0, end=120, bins=4)  # 30 s bins
+    assert data["bin_seconds"] == 30
+    first, third = data["overall"]
+    assert (first["t"], first["requests"], first["acceptance"]) == (0, 2, 0.3)
+    assert first["mean_accepted_length"] == pytest.approx((6 + 9) / 9) and first["tokens_per_s"] == 0.5
+    assert (third["t"], third["acceptance"]) == (60, 0.9)
+    assert data["by_domain"]["c"] == [{"t": 0, "acceptance": 0.1}]
+    assert [p["acceptance"] for p in data["by_version"]["draft:v2"]] == [0.9]
+    assert data["positions"]["draft:v1"] == [0.75]
+
+
+def test_percentiles_are_read_off_the_latency_histogram():
+    counts = Counter({f"ttft:{latency_bin(0.01)}": 98, f"ttft:{latency_bin(1.0)}": 2})
+    assert percentile(counts, "ttft", 0.5) == LATENCY_EDGES[latency_bin(0.01)]
+    assert percentile(counts, "ttft", 0.99) == LATENCY_EDGES[latency_bin(1.0)]
+    assert percentile(counts, "tpot", 0.5) is None
+
+
+@pytest.fixture
+def client(tiny_demo, redis_client):
+    models = build_demo_models(TINY_DEMO, tiny_demo)
+    config = ReplicaConfig(
+        target=str(models.target), draft=str(models.draft), num_speculative_tokens=2, poll_seconds=0.1,
+        stream=StreamConfig(stream="t:dash"),
+        metrics=MetricsConfig(prefix="t:dash:metrics", flush_seconds=0.05),
+    )  # fmt: skip
+    replica = Replica(config, redis_client)
+    with TestClient(create_app(replica, AutoTokenizer.from_pretrained(models.target), "demo")) as test_client:
+        yield test_client, replica, models
+    replica.close()
+
+
+def test_the_page_its_script_and_its_data(client):
+    http, replica, models = client
+    page = http.get("/dashboard")
+    assert page.status_code == 200 and '<script src="/dashboard/dashboard.js">' in page.text
+    assert "http" not in page.text.replace("http-equiv", "")  # no asset from the internet
+    assert http.get("/dashboard/dashboard.js").headers["content-type"].startswith("text/javascript")
+    weights = AutoModelForCausalLM.from_pretrained(models.draft).state_dict()
+    Registry(replica.client).publish("draft", {n: t.clone() for n, t in weights.items()})
+    body = {
+        "model": "demo",
+        "prompt": "def f():",
+        "max_tokens": 8,
+        "temperature": 0,
+        "metadata": {"domain": "py"},
+    }
+    assert http.post("/v1/completions", json=body).status_code == 200
+    replica.recorder.flush()
+    data = http.get("/dashboard/data", params={"range": "5m"}).json()
+    assert data["store"] == "ok" and data["range"] == "5m"
+    assert data["overall"][-1]["requests"] >= 1 and "py" in data["by_domain"]
+    assert [(e["event"], e["version"]) for e in data["events"]] == [("publish", 1)]
+    assert data["versions"][0]["status"] == "live" and data["trainer"] is None
+    assert http.get("/dashboard/data", params={"range": "2d"}).status_code == 400

@@ -1,0 +1,91 @@
+"""The dashboard in headless Chromium (Debian's `chromium` and `chromedriver`, via Selenium)
+against a real server on loopback: charts with data points, a publish marker, a drift alert
+after a forced domain shift, and a rollback refused without the admin token."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import Counter
+
+import httpx
+import pytest
+from http_server import serving
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from deploy.demo.build import build_demo_models
+from serving.api import create_app
+from serving.server import Replica, ReplicaConfig
+from store.metrics import MetricsConfig
+from store.registry import Registry
+from store.traces import StreamConfig
+from tiny_models import TINY_DEMO
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("chromium") and shutil.which("chromedriver")),
+    reason="needs Debian's chromium and chromium-driver (make test installs them)",
+)
+
+
+@pytest.fixture
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1800"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def site(tiny_demo, redis_client):
+    models = build_demo_models(TINY_DEMO, tiny_demo)
+    config = ReplicaConfig(
+        target=str(models.target), draft=str(models.draft), num_speculative_tokens=2, poll_seconds=0.1,
+        stream=StreamConfig(stream="t:browser"),
+        metrics=MetricsConfig(prefix="t:browser:metrics", flush_seconds=0.05),
+    )  # fmt: skip
+    replica = Replica(config, redis_client)
+    app = create_app(replica, AutoTokenizer.from_pretrained(models.target), "demo", admin_token="secret")
+    with serving(app) as base:
+        yield base, replica, models
+    replica.close()
+
+
+def count(driver, selector: str) -> int:
+    return len(driver.find_elements(By.CSS_SELECTOR, selector))
+
+
+def test_the_dashboard_renders_data_markers_alerts_and_guards_rollback(site, browser, tmp_path):
+    base, replica, models = site
+    weights = AutoModelForCausalLM.from_pretrained(models.draft).state_dict()
+    Registry(replica.client).publish("draft", {n: t.clone() for n, t in weights.items()})
+    for i in range(4):
+        body = {"model": "demo", "prompt": f"def f{i}():", "max_tokens": 12, "temperature": 0,
+                "metadata": {"domain": "python"}}  # fmt: skip
+        assert httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code == 200
+    now = time.time()  # a forced domain shift: "shift" acceptance falls from 0.6 to 0.2
+    for i in range(100):
+        accepted = 180 if i < 90 else 60
+        replica.recorder.record(
+            "draft:v1", "shift", Counter(accepted=accepted, drafted=300), at=now - (100 - i) * 10
+        )
+    replica.recorder.flush()
+
+    browser.get(f"{base}/dashboard")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: count(d, "#acceptance .point") > 0 and count(d, "#throughput .point") > 0)
+    assert count(browser, "#acceptance .marker-publish") == 1  # the publish, with its tooltip
+    wait.until(lambda d: count(d, '#alerts .alert[data-kind="drop"]') == 1)
+    assert "shift" in browser.find_element(By.CSS_SELECTOR, "#alerts").text
+    browser.save_screenshot(str(tmp_path / "dashboard.png"))
+
+    browser.find_element(By.ID, "rollback").click()  # no token typed
+    browser.switch_to.alert.accept()  # "Roll back the live draft version...?"
+    wait.until(lambda d: "refused (401)" in d.find_element(By.ID, "message").text)
+    assert Registry(replica.client).live_version("draft") == 1  # nothing rolled back
