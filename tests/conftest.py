@@ -80,3 +80,28 @@ def tiny_demo(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("demo-cache")
     build_demo_models(TINY_DEMO, cache)
     return cache
+
+
+@pytest.fixture
+def tiny_replica(tiny_demo, redis_client):
+    """`make(name, **overrides)`: a serving replica of the tiny demo pair (k = 2) with stream and
+    metric keys of its own, closed after the test; yields (make, the demo models)."""
+    from serving.server import Replica, ReplicaConfig
+    from store.metrics import MetricsConfig
+    from store.traces import StreamConfig
+
+    models = build_demo_models(TINY_DEMO, tiny_demo)
+    made: list[Replica] = []
+
+    def make(name: str, **overrides) -> Replica:
+        settings = dict(
+            target=str(models.target), draft=str(models.draft), num_speculative_tokens=2, poll_seconds=0.1,
+            stream=StreamConfig(stream=f"t:{name}"),
+            metrics=MetricsConfig(prefix=f"t:{name}:metrics", flush_seconds=0.05),
+        )  # fmt: skip
+        made.append(Replica(ReplicaConfig(**settings | overrides), redis_client))
+        return made[-1]
+
+    yield make, models
+    for replica in made:
+        replica.close()

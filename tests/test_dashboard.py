@@ -9,14 +9,10 @@ import pytest
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from deploy.demo.build import build_demo_models
 from serving.api import create_app
 from serving.dashboard import aggregate, percentile
-from serving.server import Replica, ReplicaConfig
-from store.metrics import LATENCY_EDGES, MetricPoint, MetricsConfig, latency_bin
+from store.metrics import LATENCY_EDGES, MetricPoint, latency_bin
 from store.registry import Registry
-from store.traces import StreamConfig
-from tiny_models import TINY_DEMO
 
 
 def point(start: int, version: str, domain: str, **counts) -> MetricPoint:
@@ -50,17 +46,11 @@ def test_percentiles_are_read_off_the_latency_histogram():
 
 
 @pytest.fixture
-def client(tiny_demo, redis_client):
-    models = build_demo_models(TINY_DEMO, tiny_demo)
-    config = ReplicaConfig(
-        target=str(models.target), draft=str(models.draft), num_speculative_tokens=2, poll_seconds=0.1,
-        stream=StreamConfig(stream="t:dash"),
-        metrics=MetricsConfig(prefix="t:dash:metrics", flush_seconds=0.05),
-    )  # fmt: skip
-    replica = Replica(config, redis_client)
+def client(tiny_replica):
+    make, models = tiny_replica
+    replica = make("dash")
     with TestClient(create_app(replica, AutoTokenizer.from_pretrained(models.target), "demo")) as test_client:
         yield test_client, replica, models
-    replica.close()
 
 
 def test_the_page_its_script_and_its_data(client):

@@ -17,13 +17,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from deploy.demo.build import build_demo_models
 from serving.api import create_app
-from serving.server import Replica, ReplicaConfig
-from store.metrics import MetricsConfig
 from store.registry import Registry
-from store.traces import StreamConfig
-from tiny_models import TINY_DEMO
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("chromium") and shutil.which("chromedriver")),
@@ -43,18 +38,12 @@ def browser():
 
 
 @pytest.fixture
-def site(tiny_demo, redis_client):
-    models = build_demo_models(TINY_DEMO, tiny_demo)
-    config = ReplicaConfig(
-        target=str(models.target), draft=str(models.draft), num_speculative_tokens=2, poll_seconds=0.1,
-        stream=StreamConfig(stream="t:browser"),
-        metrics=MetricsConfig(prefix="t:browser:metrics", flush_seconds=0.05),
-    )  # fmt: skip
-    replica = Replica(config, redis_client)
+def site(tiny_replica):
+    make, models = tiny_replica
+    replica = make("browser")
     app = create_app(replica, AutoTokenizer.from_pretrained(models.target), "demo", admin_token="secret")
     with serving(app) as base:
         yield base, replica, models
-    replica.close()
 
 
 def count(driver, selector: str) -> int:

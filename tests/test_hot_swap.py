@@ -13,30 +13,20 @@ from http_server import serving
 from polling import wait_for
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from deploy.demo.build import build_demo_models
 from serving.api import create_app
-from serving.server import Replica, ReplicaConfig
-from store.metrics import MetricsConfig
 from store.registry import Registry
-from store.traces import StreamConfig
-from tiny_models import TINY_DEMO
 
 TOKEN = "swap-test-token"
 BODY = {"model": "demo", "prompt": "def main():\n    ", "max_tokens": 24, "temperature": 0, "stream": True}
 
 
 @pytest.fixture
-def stack(tiny_demo, redis_client):
-    models = build_demo_models(TINY_DEMO, tiny_demo)
-    config = ReplicaConfig(
-        target=str(models.target), draft=str(models.draft), num_speculative_tokens=2, poll_seconds=0.1,
-        stream=StreamConfig(stream="t:swap"), metrics=MetricsConfig(prefix="t:swap:metrics"),
-    )  # fmt: skip
-    replica = Replica(config, redis_client)
+def stack(tiny_replica):
+    make, models = tiny_replica
+    replica = make("swap")
     app = create_app(replica, AutoTokenizer.from_pretrained(models.target), "demo", admin_token=TOKEN)
     with serving(app) as base:
-        yield replica, Registry(redis_client), models, base
-    replica.close()
+        yield replica, Registry(replica.client), models, base
 
 
 def perturbed(models, seed: int) -> dict[str, torch.Tensor]:

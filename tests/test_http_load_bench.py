@@ -12,26 +12,16 @@ from http_server import serving
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.http_load import closed_loop, count_to, summarize, swap_run
-from deploy.demo.build import build_demo_models
 from serving.api import create_app
-from serving.server import Replica, ReplicaConfig
-from store.metrics import MetricsConfig
 from store.registry import Registry
-from store.traces import StreamConfig
-from tiny_models import TINY_DEMO
 
 
 @pytest.fixture
-def tiny_server(tiny_demo, redis_client):
-    models = build_demo_models(TINY_DEMO, tiny_demo)
-    config = ReplicaConfig(
-        target=str(models.target), draft=str(models.draft), num_speculative_tokens=2, poll_seconds=0.1,
-        stream=StreamConfig(stream="t:load"), metrics=MetricsConfig(prefix="t:load:metrics"),
-    )  # fmt: skip
-    replica = Replica(config, redis_client)
+def tiny_server(tiny_replica):
+    make, models = tiny_replica
+    replica = make("load")
     with serving(create_app(replica, AutoTokenizer.from_pretrained(models.target), "demo")) as base:
         yield replica, models, base
-    replica.close()
 
 
 PROMPTS = [[5, 17, 42, 9], [3, 77, 12, 8, 19]]
