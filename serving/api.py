@@ -25,7 +25,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import redis
@@ -147,7 +147,7 @@ def create_app(
             standing = standing_alerts()
         except redis.RedisError as err:
             raise APIError(503, f"the metric store is unavailable: {err}", code="store_unavailable") from err
-        return {"alerts": [asdict(a) | {"delay_seconds": a.delay_seconds} for a in standing]}
+        return {"alerts": [a.to_json() for a in standing]}
 
     @app.get("/v1/models")
     async def models() -> dict:

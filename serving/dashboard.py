@@ -21,7 +21,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
 from serving.admin import TrainerControl
-from store.drift import read_alerts
+from store.drift import DriftConfig, read_alerts
 from store.metrics import LATENCY_EDGES, MetricPoint, MetricsConfig, read_series
 from store.registry import Registry
 
@@ -124,15 +124,13 @@ def dashboard_router(
     def data(range: str = Query("1h", pattern="^(5m|1h|24h)$")) -> dict:
         now = time.time()
         start = now - RANGES[range]
-        try:
-            points = read_series(client, metrics, since=start - metrics.bucket_seconds)
+        try:  # one read serves the charts and the drift alerts (which look back window_seconds)
+            since = min(start - metrics.bucket_seconds, now - DriftConfig().window_seconds)
+            points = read_series(client, metrics, since=since)
             body = aggregate(points, start, now)
             body["events"] = [e for e in registry.history(since=start) if e.get("name") == draft_name]
             body["versions"] = [asdict(v) for v in reversed(registry.versions(draft_name, domain))]
-            body["alerts"] = [
-                asdict(a) | {"delay_seconds": a.delay_seconds}
-                for a in read_alerts(client, draft_name, metrics, now=now)
-            ]
+            body["alerts"] = [a.to_json() for a in read_alerts(client, draft_name, now=now, points=points)]
             body["store"] = "ok"
         except redis.RedisError as err:
             body = aggregate([], start, now) | {"events": [], "versions": [], "alerts": [], "store": str(err)}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import redis
@@ -56,6 +56,9 @@ class DriftAlert:
     @property
     def delay_seconds(self) -> int | None:
         return None if self.onset is None else self.at - self.onset
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"delay_seconds": self.delay_seconds}
 
 
 def domain_series(points: Iterable[MetricPoint]) -> dict[str, list[tuple[int, int, int]]]:
@@ -123,11 +126,16 @@ def read_alerts(
     metrics: MetricsConfig | None = None,
     config: DriftConfig = DriftConfig(),
     now: float | None = None,
+    points: list[MetricPoint] | None = None,
 ) -> list[DriftAlert]:
-    """The alerts standing now, from the last `config.window_seconds` of metric series; a domain
-    counts as specialised when the registry has a live version of `draft_name` for it."""
+    """The alerts standing now, from the last `config.window_seconds` of metric series (`points`
+    when the caller has read them already, else read here); a domain counts as specialised when
+    the registry has a live version of `draft_name` for it."""
     now = time.time() if now is None else now
-    points = read_series(client, metrics or MetricsConfig(), since=now - config.window_seconds)
+    since = now - config.window_seconds
+    if points is None:
+        points = read_series(client, metrics or MetricsConfig(), since=since)
+    points = [p for p in points if p.start >= since]
     registry = Registry(client)
     domains = {p.domain for p in points}
     specialised = {d for d in domains if registry.live_version(draft_name, d) is not None}
