@@ -28,6 +28,7 @@ from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.results import write_report
+from benchmarks.speed import rotate
 from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
 from deploy.demo.offline_distill import DistillSpec, distill_demo_draft
 from deploy.demo.workloads import Phase, WorkloadSpec, request_stream
@@ -223,22 +224,10 @@ def phase_boundaries(phases: tuple[Phase, ...]) -> set[int]:
 
 
 def probe_speed(engines: dict[str, SpecEngine], prompts: list, max_new_tokens: int) -> dict:
-    """Greedy tokens/s of each engine on the same prompts, in rotation; outputs must agree."""
-    seconds, tokens = dict.fromkeys(engines, 0.0), 0
-    for prompt in prompts:
-        outputs = {}
-        for name, engine in engines.items():
-            began = time.perf_counter()
-            outputs[name] = engine.generate(prompt, max_new_tokens, stop_token_ids=[]).token_ids
-            seconds[name] += time.perf_counter() - began
-        if len({tuple(o) for o in outputs.values()}) != 1:
-            raise RuntimeError(f"greedy outputs differ across drafts: {outputs}")
-        tokens += len(outputs["online"])
-    per_s = {name: tokens / s for name, s in seconds.items()}
-    return {
-        "prompts": len(prompts),
-        "tokens": tokens,
-        "tokens_per_s": {name: round(v, 1) for name, v in per_s.items()},
+    """Greedy tokens/s of each engine on the same prompts, in rotation, and the ratios that matter."""
+    speed = rotate(engines, prompts, max_new_tokens)
+    per_s = speed["tokens_per_s"]
+    return speed | {
         "online_vs_static": round(per_s["online"] / per_s["static"], 3),
         "online_vs_no_speculation": round(per_s["online"] / per_s["no_speculation"], 3),
         "offline_vs_static": round(per_s["offline"] / per_s["static"], 3),

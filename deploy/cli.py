@@ -12,23 +12,12 @@ from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
-DEMO_ARGS = ["--prompts", "3", "--max-new-tokens", "64", "--k", "3", "--repeats", "1"]
-
 
 def demo(argv: list[str]) -> None:
-    """Interim demo, until the served demo lands: the demo pair (built or reused) on held-out code
-    prompts, our engine against HF, with the initial draft and with the offline-distilled one."""
-    from benchmarks import engine as engine_bench
+    """`osd demo ...`: see deploy/demo/run.py."""
+    from deploy.demo.run import main as demo_main
 
-    parser = argparse.ArgumentParser(prog="osd demo")
-    parser.add_argument("--quick", action="store_true", help="the small demo pair (about 2 minutes to build)")
-    args, rest = parser.parse_known_args(argv)
-    Console().print(
-        "[bold]OSD Serve demo[/bold] (interim): speculative decoding on the demo pair,"
-        " initial vs distilled draft.\n"
-        "The first run builds the demo models (full: about 15 minutes on 2 CPU cores; --quick: about 2)."
-    )
-    engine_bench.main(DEMO_ARGS + ["--demo", "quick" if args.quick else "full"] + rest)
+    demo_main(argv)
 
 
 def demo_models(argv: list[str]) -> None:
@@ -109,8 +98,8 @@ BENCHMARKS = {
     "store": "store_bench",
     "online": "online",
     "overhead": "overhead",
-    "e2e": "e2e",
     "http": "http_load",
+    "dashboard": "dashboard_load",
 }
 COMMANDS = {"demo": demo, "demo-models": demo_models, "bench": bench, "serve": serve}
 

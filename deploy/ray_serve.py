@@ -22,6 +22,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -32,6 +33,7 @@ from serving.api import create_app
 from serving.engine import ProposerName
 from serving.server import Replica, ReplicaConfig
 from store.redis_server import open_redis
+from store.traces import StreamConfig
 from trainer.actor import TrainerActor
 from trainer.config import TrainerConfig
 
@@ -61,11 +63,17 @@ class ServiceConfig:
     trainer_gpus: float = 0.0
     trainer_resources: dict[str, float] = field(default_factory=dict)
     trainer_dir: str = str(Path.home() / ".cache" / "osd" / "trainer")
+    trainer_settings: dict[str, Any] = field(default_factory=dict)  # TrainerConfig fields to override
+    held_out_fraction: float = StreamConfig.held_out_fraction  # traces the trainer's gate keeps apart
     admin_token_env: str = "OSD_ADMIN_TOKEN"
 
     def __post_init__(self):
         if self.replicas < 1 or self.k < 0 or self.max_queue < 1:
             raise ValueError("need replicas >= 1, k >= 0 and max_queue >= 1")
+        settable = {f.name for f in dataclasses.fields(TrainerConfig)} - {"checkpoint_dir", "lora"}
+        if unknown := sorted(set(self.trainer_settings) - settable):
+            raise ValueError(f"unknown trainer_settings {unknown}; known: {sorted(settable)}")
+        StreamConfig(held_out_fraction=self.held_out_fraction)  # its own checks
 
     @classmethod
     def from_args(cls, args: Mapping) -> ServiceConfig:
@@ -136,13 +144,17 @@ def build(args: Mapping | ServiceConfig) -> serve.Application:
     ).bind(config)
 
 
+def trainer_config(config: ServiceConfig) -> TrainerConfig:
+    """The trainer's settings: its directory, the target's context as the longest trace it trains
+    on, then `trainer_settings`."""
+    context = getattr(AutoConfig.from_pretrained(config.target), "max_position_embeddings", None)
+    settings = ({"max_seq_len": context} if context else {}) | config.trainer_settings
+    return TrainerConfig(checkpoint_dir=Path(config.trainer_dir), **settings)
+
+
 def start_trainer(config: ServiceConfig):
     """The named trainer actor, created unless it runs already; returns once it has started."""
-    context = getattr(AutoConfig.from_pretrained(config.target), "max_position_embeddings", None)
-    trainer = TrainerConfig(
-        checkpoint_dir=Path(config.trainer_dir), **({"max_seq_len": context} if context else {})
-    )
-    actor = TrainerActor.options(
+    options = TrainerActor.options(
         name=TRAINER_NAME,
         namespace=NAMESPACE,
         lifetime="detached",
@@ -150,7 +162,9 @@ def start_trainer(config: ServiceConfig):
         num_cpus=config.trainer_cpus,
         num_gpus=config.trainer_gpus,
         resources=config.trainer_resources,
-    ).remote(trainer, config.draft, config.redis)
+    )
+    stream = StreamConfig(held_out_fraction=config.held_out_fraction)
+    actor = options.remote(trainer_config(config), config.draft, config.redis, stream=stream)
     ray.get(actor.status.remote())  # started: its starting draft is in the registry
     return actor
 

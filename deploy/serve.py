@@ -19,6 +19,9 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -30,6 +33,7 @@ from deploy.ray_serve import NAMESPACE, TRAINER_NAME, ServiceConfig, build
 from store.redis_server import RedisConfig, connect, redacted
 
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # Serve's logs: warnings and errors only
+WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # no model-loading bars from the replicas and trainer
 
 
 def parser() -> argparse.ArgumentParser:
@@ -81,41 +85,75 @@ def service_config(args: argparse.Namespace, console: Console) -> ServiceConfig:
     )  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    console = Console()
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the stack listens, and the admin token it was started with."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_token: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt, even where a parent shell left SIGINT ignored."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
+
+
+@contextmanager
+def running(
+    config: ServiceConfig, endpoint: Endpoint, redis_dir: Path, console: Console
+) -> Iterator[ServiceConfig]:
+    """The whole stack, up: Redis (config.redis_url, else $OSD_REDIS_URL, else the embedded
+    redis-server with its data in `redis_dir`), local Ray on loopback, the trainer and the replicas.
+    Yields the config with its Redis URL settled; on exit (or Ctrl-C) stops it all (`stop`)."""
+    stop_on_signals()
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and SIGTERM stop cleanly, even when a
-        signal.signal(sig, signal.default_int_handler)  # parent shell left SIGINT ignored
-    config = service_config(args, console)
-    url = args.redis_url or config.redis_url or os.environ.get("OSD_REDIS_URL")  # None: start one
-    _, local_redis = connect(RedisConfig(url, args.redis_dir))
+    url = config.redis_url or os.environ.get("OSD_REDIS_URL")  # None: start one
+    _, local_redis = connect(RedisConfig(url, redis_dir))
     try:
         config = dataclasses.replace(config, redis_url=url or local_redis.url)
-        env = {config.admin_token_env: args.admin_token} if args.admin_token else {}
+        env = WORKER_ENV | ({config.admin_token_env: endpoint.admin_token} if endpoint.admin_token else {})
         with console.status("starting Ray"):
             ray.init(
                 include_dashboard=False, _node_ip_address="127.0.0.1",
                 runtime_env={"env_vars": env}, configure_logging=False,
             )  # fmt: skip
             serve.start(
-                http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly",
+                http_options={"host": endpoint.host, "port": endpoint.port}, proxy_location="HeadOnly",
                 logging_config=QUIET,
             )  # fmt: skip
         with console.status(f"starting the trainer and {config.replicas} replica(s): loading the models"):
             serve.run(build(config), name="osd", route_prefix="/", logging_config=QUIET)
-        console.print(
-            f"[bold]OSD Serve[/bold]: {config.served_model!r} at http://{args.host}:{args.port}/v1 "
-            f"({config.replicas} replica(s); health: /health; metrics: /metrics; "
-            f"admin: {'/admin' if args.admin_token else 'off'}; redis: {redacted(config.redis)}; "
-            f"trainer: {'on' if config.learns else 'off'}; Ctrl-C stops)"
-        )
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        console.print("stopping")
+        yield config
     finally:
         stop(local_redis)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    console = Console()
+    config = service_config(args, console)
+    if args.redis_url:
+        config = dataclasses.replace(config, redis_url=args.redis_url)
+    endpoint = Endpoint(args.host, args.port, args.admin_token)
+    try:
+        with running(config, endpoint, args.redis_dir, console) as config:
+            console.print(
+                f"[bold]OSD Serve[/bold]: {config.served_model!r} at {endpoint.base_url}/v1 "
+                f"({config.replicas} replica(s); health: /health; metrics: /metrics; "
+                f"dashboard: /dashboard; admin: {'/admin' if args.admin_token else 'off'}; "
+                f"redis: {redacted(config.redis)}; trainer: {'on' if config.learns else 'off'}; "
+                "Ctrl-C stops)"
+            )
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("stopping")
 
 
 def stop(local_redis) -> None:

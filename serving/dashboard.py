@@ -2,14 +2,18 @@
 `/dashboard/data` (everything the page draws, as JSON).
 
 The data come pre-aggregated from the store, never from raw traces: the metric series of the
-chosen range (`store.metrics`, 10 s buckets) are summed into at most `BINS` display bins, overall,
+chosen range (`store.metrics`: 10 s buckets, or its 5-minute rollups for the day) are summed into
+at most `BINS` display bins of whole buckets, overall,
 per domain and per draft version, with latency percentiles read off the histogram bins; the
 registry's history gives the publish, rollback and reject markers; the draft versions, the
-standing drift alerts (`store.drift`) and the trainer's status complete it. `aggregate` is pure.
+standing drift alerts (`store.drift`) and the trainer's status complete it. The speedup over plain
+decoding comes from the speedup model with each bin's measured tau and the k and c the replicas
+report in their heartbeats. `aggregate` and `with_speedup` are pure.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -21,7 +25,9 @@ from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
 from serving.admin import TrainerControl
+from serving.prometheus import gauge
 from store.drift import DriftConfig, read_alerts
+from store.load import read_metrics
 from store.metrics import LATENCY_EDGES, MetricPoint, MetricsConfig, read_series
 from store.registry import Registry
 
@@ -57,6 +63,26 @@ def summary(counts: Counter, seconds: float) -> dict:
         "tpot_p50": percentile(counts, "tpot", 0.5),
         "tpot_p99": percentile(counts, "tpot", 0.99),
     }
+
+
+def bin_layout(seconds: float, now: float, resolution: int, bins: int = BINS) -> tuple[float, float, int]:
+    """(start, end, count) of at most `bins` display bins ending with the one that holds `now` and
+    covering the last `seconds` to within a bin; each is a whole number of the series' buckets
+    (`resolution` seconds) and aligned to them, so that every bin sums whole buckets."""
+    width = math.ceil(seconds / bins / resolution) * resolution
+    end = math.ceil(now / width) * width
+    count = math.ceil(seconds / width)
+    return end - count * width, end, count
+
+
+def with_speedup(overall: list[dict], k: float, c: float) -> list[dict]:
+    """Each bin with the speedup over plain decoding that the speedup model gives for its measured
+    tau: S = tau / (k c + 1), tau = (1 - alpha^(k+1)) / (1 - alpha) being the tokens per step."""
+    return [
+        b
+        | {"speedup": None if b["mean_accepted_length"] is None else b["mean_accepted_length"] / (k * c + 1)}
+        for b in overall
+    ]
 
 
 def aggregate(points: Iterable[MetricPoint], start: float, end: float, bins: int = BINS) -> dict:
@@ -123,17 +149,26 @@ def dashboard_router(
     @router.get("/dashboard/data")
     def data(range: str = Query("1h", pattern="^(5m|1h|24h)$")) -> dict:
         now = time.time()
-        start = now - RANGES[range]
-        try:  # one read serves the charts and the drift alerts (which look back window_seconds)
-            since = min(start - metrics.bucket_seconds, now - DriftConfig().window_seconds)
-            points = read_series(client, metrics, since=since)
-            body = aggregate(points, start, now)
+        rollup = RANGES[range] / BINS >= metrics.rollup_seconds
+        resolution = metrics.rollup_seconds if rollup else metrics.bucket_seconds
+        start, end, bins = bin_layout(RANGES[range], now, resolution)
+        drift_since = now - DriftConfig().window_seconds
+        try:  # the drift alerts look back window_seconds in the fine series; short ranges share the read
+            recent = read_series(client, metrics, since=drift_since if rollup else min(start, drift_since))
+            points = read_series(client, metrics, since=start, rollup=True) if rollup else recent
+            body = aggregate(points, start, end, bins)
+            snapshots = read_metrics(client)
+            ks, cs = gauge(snapshots, "num_speculative_tokens"), gauge(snapshots, "draft_cost_ratio")
+            if ks and cs:  # the replicas' mean k and c
+                body["speculation"] = {"k": sum(ks) / len(ks), "c": sum(cs) / len(cs)}
+                body["overall"] = with_speedup(body["overall"], **body["speculation"])
             body["events"] = [e for e in registry.history(since=start) if e.get("name") == draft_name]
             body["versions"] = [asdict(v) for v in reversed(registry.versions(draft_name, domain))]
-            body["alerts"] = [a.to_json() for a in read_alerts(client, draft_name, now=now, points=points)]
+            body["alerts"] = [a.to_json() for a in read_alerts(client, draft_name, now=now, points=recent)]
             body["store"] = "ok"
         except redis.RedisError as err:
-            body = aggregate([], start, now) | {"events": [], "versions": [], "alerts": [], "store": str(err)}
+            empty = {"events": [], "versions": [], "alerts": [], "store": str(err)}
+            body = aggregate([], start, end, bins) | empty
         body["trainer"] = _trainer_status(trainer)
         return body | {"now": now, "range": range, "draft_name": draft_name}
 

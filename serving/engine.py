@@ -12,6 +12,7 @@ is always the first input of the next verify forward.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -261,3 +262,22 @@ def _ids(values: Iterable[int], what: str) -> list[int]:
     if not all(_is_int(t) for t in ids):
         raise InvalidRequestError(f"{what} must be a sequence of integer token ids")
     return ids
+
+
+def decode_seconds_per_token(model: PreTrainedModel, prompt: Sequence[int], tokens: int = 48) -> float:
+    """Plain decoding time per token of `model` through this engine (median of three runs)."""
+    engine = SpecEngine(model, NullProposer(), num_speculative_tokens=0)
+    engine.generate(prompt, 4, stop_token_ids=[])  # warm-up
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        engine.generate(prompt, tokens, stop_token_ids=[])
+        runs.append((time.perf_counter() - start) / tokens)
+    return sorted(runs)[1]
+
+
+def cost_ratio(
+    target: PreTrainedModel, draft: PreTrainedModel, prompt: Sequence[int], tokens: int = 48
+) -> float:
+    """c of the speedup model: a draft decoding step's time over a target decoding step's."""
+    return decode_seconds_per_token(draft, prompt, tokens) / decode_seconds_per_token(target, prompt, tokens)

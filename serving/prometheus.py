@@ -42,6 +42,8 @@ STATE = {
     "traces_written": ("counter", "Traces Redis acknowledged."),
     "traces_dropped": ("counter", "Traces dropped, oldest first, while Redis was slow or down."),
     "traces_queued": ("gauge", "Traces waiting to be written."),
+    "num_speculative_tokens": ("gauge", "k: draft tokens proposed per step."),
+    "draft_cost_ratio": ("gauge", "c: a draft decoding step's time over a target's, measured at start."),
 }
 
 
@@ -127,6 +129,17 @@ class ReplicaMetrics:
             }
         )
         return families
+
+
+def gauge(snapshots: Mapping[str, Iterable[dict]], name: str) -> list[float]:
+    """The value of the unlabelled gauge `name` (without the prefix) in each replica's snapshot."""
+    return [
+        sample[2]
+        for families in snapshots.values()
+        for family in families
+        if family["name"] == PREFIX + name
+        for sample in family["samples"]
+    ]
 
 
 def render(snapshots: Mapping[str, Iterable[dict]], alerts: Iterable[DriftAlert] = ()) -> bytes:

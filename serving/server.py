@@ -38,7 +38,7 @@ from pathlib import Path
 import redis
 
 from distill.lora import LoraSpec, merged_adapter
-from serving.engine import Generation, ProposerName, SpecEngine, Step
+from serving.engine import Generation, ProposerName, SpecEngine, Step, cost_ratio
 from serving.errors import EngineError, IncompatibleDraftError, InvalidRequestError
 from serving.prometheus import ReplicaMetrics
 from serving.proposers import DraftModelProposer
@@ -154,6 +154,13 @@ class Replica:
         self.target_id = config.target_id or Path(config.target).name
         self.context = base.max_length  # prompt plus new tokens
         self.base_draft = getattr(base.proposer, "model", None)  # None unless the proposer is a draft
+        self.k = base.k
+        # c of the speedup model, timed once on any 32 ids (a swap keeps the architecture); n-gram
+        # lookup is about free.
+        prompt = [i % base.vocab_size for i in range(1, 33)]
+        self.cost_ratio = 0.0
+        if self.base_draft is not None:
+            self.cost_ratio = cost_ratio(base.target, self.base_draft, prompt, tokens=16)
         self.registry = Registry(client)
         self.swaps = self.refused = 0
         self.last_swap_seconds: float | None = None  # load and check, off the decode path
@@ -237,6 +244,8 @@ class Replica:
             "traces_written": traces.written,
             "traces_dropped": traces.dropped,
             "traces_queued": traces.queued,
+            "num_speculative_tokens": self.k,
+            "draft_cost_ratio": self.cost_ratio,
         }
         return self.metrics.snapshot(self._served.version, state)
 

@@ -7,7 +7,10 @@ next successful flush writes them. The dashboard and the drift detector read wit
 
 Keys: `osd:metrics:<bucket start, unix seconds>` is a hash per bucket, expiring after
 `retention_seconds`, with fields `<version>|<domain>|<counter>`; `osd:metrics:buckets` is a ZSET
-index of bucket starts. Counters: requests, steps, drafted, accepted, tokens, `pos_drafted:i` and
+index of bucket starts. Every flush also adds the same counters to coarser **rollup** buckets
+(`rollup_seconds`, 5 minutes: `osd:metrics:rollup:<start>`, indexed by
+`osd:metrics:rollup:buckets`), so that a day of history is read from 288 hashes, not 8640.
+Counters: requests, steps, drafted, accepted, tokens, `pos_drafted:i` and
 `pos_accepted:i` for draft position i (1-based), and `ttft:b` / `tpot:b`, histogram bin b of time
 to first token and time per output token (bin edges `LATENCY_EDGES`, seconds).
 """
@@ -34,19 +37,21 @@ LATENCY_EDGES = tuple(1e-4 * 1.25**i for i in range(64))
 class MetricsConfig:
     prefix: str = "osd:metrics"
     bucket_seconds: int = 10
+    rollup_seconds: int = 300  # a multiple of bucket_seconds
     retention_seconds: int = 7 * 24 * 3600
     flush_seconds: float = 1.0
 
     def __post_init__(self):
-        if self.bucket_seconds < 1 or self.retention_seconds < self.bucket_seconds:
-            raise ValueError("need bucket_seconds >= 1 and retention_seconds >= bucket_seconds")
+        if self.bucket_seconds < 1 or self.retention_seconds < self.rollup_seconds:
+            raise ValueError("need bucket_seconds >= 1 and retention_seconds >= rollup_seconds")
+        if self.rollup_seconds % self.bucket_seconds:
+            raise ValueError("rollup_seconds must be a multiple of bucket_seconds")
 
-    @property
-    def index_key(self) -> str:
-        return f"{self.prefix}:buckets"
+    def index_key(self, rollup: bool = False) -> str:
+        return f"{self.prefix}:{'rollup:' if rollup else ''}buckets"
 
-    def bucket_key(self, start: int) -> str:
-        return f"{self.prefix}:{start}"
+    def bucket_key(self, start: int, rollup: bool = False) -> str:
+        return f"{self.prefix}:{'rollup:' if rollup else ''}{start}"
 
 
 def latency_bin(seconds: float) -> int:
@@ -104,14 +109,16 @@ class MetricsRecorder:
             pending, self._pending = self._pending, defaultdict(Counter)
         if not pending:
             return True
-        pipe = self.client.pipeline(transaction=False)
+        config, pipe = self.config, self.client.pipeline(transaction=False)
         for (start, version, domain), counters in pending.items():
-            key = self.config.bucket_key(start)
-            for name, value in counters.items():
-                pipe.hincrby(key, f"{version}|{domain}|{name}", value)
-            pipe.expire(key, self.config.retention_seconds)
-            pipe.zadd(self.config.index_key, {str(start): start})
-        pipe.zremrangebyscore(self.config.index_key, "-inf", time.time() - self.config.retention_seconds)
+            for rollup, bucket in ((False, start), (True, start - start % config.rollup_seconds)):
+                key = config.bucket_key(bucket, rollup)
+                for name, value in counters.items():
+                    pipe.hincrby(key, f"{version}|{domain}|{name}", value)
+                pipe.expire(key, config.retention_seconds)
+                pipe.zadd(config.index_key(rollup), {str(bucket): bucket})
+        for rollup in (False, True):
+            pipe.zremrangebyscore(config.index_key(rollup), "-inf", time.time() - config.retention_seconds)
         try:
             pipe.execute()
         except redis.RedisError as err:
@@ -178,18 +185,21 @@ def read_series(
     config: MetricsConfig = MetricsConfig(),
     since: float = 0.0,
     until: float | None = None,
+    rollup: bool = False,
 ) -> list[MetricPoint]:
-    """Every (bucket, version, domain) point with since <= bucket start <= until, oldest first."""
-    starts = [
-        int(s) for s in client.zrangebyscore(config.index_key, since, "+inf" if until is None else until)
-    ]
+    """Every (bucket, version, domain) point with since <= bucket start <= until, oldest first; of
+    the rollup buckets when `rollup`."""
+    index = config.index_key(rollup)
+    starts = [int(s) for s in client.zrangebyscore(index, since, "+inf" if until is None else until)]
     pipe = client.pipeline(transaction=False)
     for start in starts:
-        pipe.hgetall(config.bucket_key(start))
+        pipe.hgetall(config.bucket_key(start, rollup))
     points: dict[tuple[int, str, str], MetricPoint] = {}
     for start, fields in zip(starts, pipe.execute() if starts else [], strict=True):
         for raw_field, raw_value in fields.items():
             version, domain, name = raw_field.decode().split("|", 2)
-            point = points.setdefault((start, version, domain), MetricPoint(start, version, domain))
+            point = points.get((start, version, domain))
+            if point is None:
+                point = points[start, version, domain] = MetricPoint(start, version, domain)
             point.counts[name] += int(raw_value)
     return sorted(points.values(), key=lambda p: (p.start, p.version, p.domain))

@@ -185,6 +185,7 @@ class Registry:
         live = replace(new, status="live")
         message = {"event": event, "name": name, "domain": domain, "version": version, "time": time.time()}
         message |= {"previous": None if old is None else old.version, "reason": reason}
+        message |= {"gate_acceptance": new.gate_acceptance}
         self._promote(
             keys=[
                 self._key(name, domain, "live"),

@@ -7,10 +7,12 @@ from collections import Counter
 
 import pytest
 from fastapi.testclient import TestClient
+from polling import wait_for
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from benchmarks import dashboard_load
 from serving.api import create_app
-from serving.dashboard import aggregate, percentile
+from serving.dashboard import BINS, aggregate, bin_layout, percentile, with_speedup
 from store.metrics import LATENCY_EDGES, MetricPoint, latency_bin
 from store.registry import Registry
 
@@ -36,6 +38,14 @@ def test_aggregate_sums_buckets_into_bins_overall_by_domain_and_by_version():
     assert data["by_domain"]["c"] == [{"t": 0, "acceptance": 0.1}]
     assert [p["acceptance"] for p in data["by_version"]["draft:v2"]] == [0.9]
     assert data["positions"]["draft:v1"] == [0.75]
+    sped = with_speedup(data["overall"], k=3, c=0.5)  # tau / (k c + 1)
+    assert sped[0]["speedup"] == pytest.approx(first["mean_accepted_length"] / 2.5)
+
+
+def test_display_bins_hold_whole_buckets():
+    assert bin_layout(300, now=1000.5, resolution=10) == (710, 1010, 30)  # 10 s bins, not 2.5 s
+    assert bin_layout(3600, now=7205, resolution=10) == (3630, 7230, 120)  # 30 s bins
+    assert bin_layout(86400, now=100_000, resolution=300) == (14400, 100800, 96)  # 900 s of rollups
 
 
 def test_percentiles_are_read_off_the_latency_histogram():
@@ -75,4 +85,20 @@ def test_the_page_its_script_and_its_data(client):
     assert data["overall"][-1]["requests"] >= 1 and "py" in data["by_domain"]
     assert [(e["event"], e["version"]) for e in data["events"]] == [("publish", 1)]
     assert data["versions"][0]["status"] == "live" and data["trainer"] is None
+    # The speedup model's k and c come from the replicas' heartbeats: k = 2 here, c measured.
+    assert wait_for(lambda: "speculation" in http.get("/dashboard/data").json(), timeout=10)
+    data = http.get("/dashboard/data", params={"range": "5m"}).json()
+    k, c = data["speculation"]["k"], data["speculation"]["c"]
+    assert k == 2 and c == replica.cost_ratio > 0
+    last = data["overall"][-1]
+    assert last["speedup"] == pytest.approx(last["mean_accepted_length"] / (k * c + 1))
     assert http.get("/dashboard/data", params={"range": "2d"}).status_code == 400
+
+
+def test_a_long_history_is_drawn_from_at_most_the_display_bins():
+    report = dashboard_load.main(["--requests", "3000", "--repeats", "1"])
+    rows = {row["range"]: row for row in report["ranges"]}
+    assert 2900 <= rows["24h"]["requests_in_range"] <= 3000  # the oldest may fall out as time moves
+    in_range = [rows[name]["requests_in_range"] for name in ("5m", "1h", "24h")]
+    assert in_range == sorted(in_range) and in_range[0] < in_range[2]
+    assert all(row["max_points_per_series"] <= BINS for row in rows.values())

@@ -11,12 +11,11 @@ from collections import Counter
 import httpx
 import pytest
 from http_server import serving
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from deploy.demo.screenshot import browser as headless_chromium
 from serving.api import create_app
 from store.registry import Registry
 
@@ -28,11 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def browser():
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1800"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+    driver = headless_chromium()
     yield driver
     driver.quit()
 

@@ -4,6 +4,7 @@ Ray's own schemas and name settings that `deploy.ray_serve.ServiceConfig` accept
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -11,8 +12,14 @@ import jsonschema
 import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
+from rich.console import Console
+from transformers import AutoConfig
 
-from deploy.ray_serve import ServiceConfig, build
+from deploy.demo.build import build_demo_models
+from deploy.ray_serve import ServiceConfig, build, trainer_config
+from deploy.serve import parser as serve_parser
+from deploy.serve import service_config
+from tiny_models import TINY_DEMO
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 
@@ -60,3 +67,26 @@ def test_service_config_refuses_unknown_or_missing_settings():
         ServiceConfig.from_args({"draft": "d"})
     with pytest.raises(ValueError, match="replicas"):
         ServiceConfig.from_args({"target": "t", "replicas": 0})
+    with pytest.raises(ValueError, match="unknown trainer_settings \\['gate'\\]"):
+        ServiceConfig.from_args({"target": "t", "trainer_settings": {"gate": 1}})
+    with pytest.raises(ValueError, match="held_out_fraction"):
+        ServiceConfig.from_args({"target": "t", "held_out_fraction": 1.5})
+
+
+def test_trainer_settings_override_the_trainer_config(tiny_demo, tmp_path):
+    target = str(build_demo_models(TINY_DEMO, tiny_demo).target)
+    context = AutoConfig.from_pretrained(target).max_position_embeddings
+    assert trainer_config(ServiceConfig(target=target)).max_seq_len == context
+    settings = {"gate_every": 7, "max_seq_len": 64}
+    trainer = trainer_config(ServiceConfig(target, trainer_dir=str(tmp_path), trainer_settings=settings))
+    assert (trainer.gate_every, trainer.max_seq_len, trainer.checkpoint_dir) == (7, 64, tmp_path)
+
+
+def test_osd_serve_flags_and_config_files_make_the_service_config(tmp_path):
+    flags = ["--target", "t", "--draft", "d", "--replicas", "2", "--k", "4", "--no-trainer"]
+    config = service_config(serve_parser().parse_args([*flags, "--trainer-dir", str(tmp_path)]), Console())
+    assert (config.target, config.draft, config.replicas, config.k) == ("t", "d", 2, 4)
+    assert not config.learns and config.trainer_dir == str(tmp_path)
+    assert config.replica_cpus * config.replicas <= os.cpu_count()
+    from_yaml = service_config(serve_parser().parse_args(["--config", str(DEPLOY / "serve.yaml")]), Console())
+    assert from_yaml == check_serve_config(yaml.safe_load((DEPLOY / "serve.yaml").read_text()))

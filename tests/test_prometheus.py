@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.prometheus import ReplicaMetrics, render
+from serving.prometheus import ReplicaMetrics, gauge, render
 from serving.stats import SpecStats
 from store.drift import DriftAlert
 
@@ -12,7 +12,7 @@ STATE = dict.fromkeys(
     ["num_requests_running", "num_requests_waiting", "draft_swaps", "draft_refused",
      "draft_swap_load_seconds", "traces_written", "traces_dropped", "traces_queued"],
     0.0,
-)  # fmt: skip
+) | {"num_speculative_tokens": 3, "draft_cost_ratio": 0.25}  # fmt: skip
 
 
 def one_request(metrics: ReplicaMetrics, version: str, domain: str) -> None:
@@ -36,11 +36,9 @@ def test_vllm_spec_decode_counters_per_version_and_domain_from_every_replica():
     one_request(a, "draft:v1", "python")
     one_request(a, "draft:v1", "python")
     one_request(b, "draft:v2", "c")
-    got = samples(
-        render(
-            {"ra": a.snapshot("draft:v1", STATE), "rb": b.snapshot("draft:v2", STATE | {"draft_swaps": 2})}
-        )
-    )
+    swapped = STATE | {"draft_swaps": 2}
+    snapshots = {"ra": a.snapshot("draft:v1", STATE), "rb": b.snapshot("draft:v2", swapped)}
+    got = samples(render(snapshots))
     labels_a = (("domain", "python"), ("draft_version", "draft:v1"), ("replica", "ra"))
     assert got[("osd:spec_decode_num_drafts_total", labels_a)] == 6
     assert got[("osd:spec_decode_num_draft_tokens_total", labels_a)] == 18
@@ -69,6 +67,8 @@ def test_vllm_spec_decode_counters_per_version_and_domain_from_every_replica():
     assert got[("osd:draft_swaps_total", (("replica", "rb"),))] == 2
     assert got[("osd:draft_info", (("draft_version", "draft:v2"), ("replica", "rb")))] == 1
     assert got[("osd:replicas", ())] == 2
+    assert got[("osd:draft_cost_ratio", (("replica", "rb"),))] == 0.25
+    assert gauge(snapshots, "num_speculative_tokens") == [3, 3]
 
 
 def test_standing_drift_alerts_are_a_gauge_per_domain_and_kind():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import pytest
 
@@ -53,15 +54,23 @@ def test_recorded_requests_come_back_per_bucket_version_and_domain(redis_client)
     assert points[t0, "v2", "python"].acceptance_rate == 1.0
     assert [p.start for p in read_series(redis_client, config, since=t0 + 5)] == [t0 + 10]
     assert redis_client.ttl(config.bucket_key(t0)) > 0  # retention
+    rollups = read_series(redis_client, config, since=0, rollup=True)  # the same counters, in 5 min buckets
+    assert all(p.start % config.rollup_seconds == 0 for p in rollups)
+    requests = Counter()
+    for p in rollups:
+        requests[p.version, p.domain] += p.counts["requests"]
+    assert requests == {("v1", "python"): 2, ("v2", "python"): 1, ("v1", "prose"): 1}
 
 
 def test_buckets_past_retention_leave_the_index(redis_client):
-    config = MetricsConfig(prefix="m:old", bucket_seconds=10, retention_seconds=60, flush_seconds=60)
+    config = MetricsConfig(
+        prefix="m:old", bucket_seconds=10, rollup_seconds=30, retention_seconds=60, flush_seconds=60
+    )
     recorder = MetricsRecorder(redis_client, config)
     recorder.record("v1", "c", counters(4, 2), at=time.time() - 3600)
     recorder.record("v1", "c", counters(4, 2))
     recorder.close()
-    assert len(read_series(redis_client, config)) == 1
+    assert len(read_series(redis_client, config)) == len(read_series(redis_client, config, rollup=True)) == 1
 
 
 def test_counters_survive_a_failed_flush(redis_client):

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import ray
@@ -67,6 +68,10 @@ class Trainer:
 
     def status(self) -> dict:
         state = self.trainer.state
+        try:
+            backlog = asdict(self.trainer.reader.backlog())  # the stream's length, pending and lag
+        except redis.RedisError:
+            backlog = None
         return {
             "state": self.state,
             "pid": os.getpid(),
@@ -77,6 +82,7 @@ class Trainer:
             "buffer": len(self.trainer.buffer),
             "untrained": self.trainer.buffer.untrained,
             "prioritised_domains": sorted(self.trainer.prioritised),
+            "backlog": backlog,
             "history": state.history[-5:],
             "time": time.time(),
         }

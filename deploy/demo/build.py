@@ -33,8 +33,7 @@ from transformers import LlamaForCausalLM
 from deploy.demo.corpus import Corpus, CorpusSpec, Document, build_corpus
 from deploy.demo.pretrain import ModelSpec, TrainSpec, evaluate, pretrain, token_streams
 from deploy.demo.tokenizer import train_tokenizer
-from serving.engine import SpecEngine
-from serving.proposers import NullProposer
+from serving.engine import cost_ratio
 
 RECIPE_VERSION = 1  # bump when the build's code changes what a recipe produces
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "osd" / "demo"
@@ -193,18 +192,6 @@ def _corpus_summary(corpus: Corpus, train_tokens: dict, held_out_tokens: dict) -
     }
 
 
-def decode_seconds_per_token(model: LlamaForCausalLM, prompt: list[int], tokens: int = 48) -> float:
-    """Plain decoding time per token through the engine (median of three runs)."""
-    engine = SpecEngine(model, NullProposer(), num_speculative_tokens=0)
-    engine.generate(prompt, 4, stop_token_ids=[])  # warm-up
-    runs = []
-    for _ in range(3):
-        start = time.perf_counter()
-        engine.generate(prompt, tokens, stop_token_ids=[])
-        runs.append((time.perf_counter() - start) / tokens)
-    return sorted(runs)[1]
-
-
 def _build(preset: DemoPreset, out: Path, console: Console) -> dict:
     start = time.perf_counter()
     with progress_bars(console) as progress:
@@ -233,7 +220,7 @@ def _build(preset: DemoPreset, out: Path, console: Console) -> dict:
         report = evaluate(target, draft, held_out_streams, preset.eval_windows, preset.target_train.block)
         progress.update(evaluation, advance=1, note="cost ratio c")
         prompt = held_out_streams["prose"][:32].tolist()
-        c = decode_seconds_per_token(draft, prompt) / decode_seconds_per_token(target, prompt)
+        c = cost_ratio(target, draft, prompt)
         progress.update(evaluation, advance=1, note="")
 
     for name, model in (("target", target), ("draft", draft)):

@@ -55,14 +55,33 @@ function bars(svg, values) {
     const h = (H - 24) * v;
     const r = el("rect", { x: 40 + i * w + 4, y: H - 18 - h, width: w - 8, height: h, fill: "#4a90d9", class: "point" }, svg);
     el("title", {}, r, `position ${i + 1}: ${v.toFixed(3)}`);
+    el("text", { x: 40 + i * w + w / 2 - 12, y: H - 22 - h, "font-size": 11 }, svg, v.toFixed(2));
     el("text", { x: 40 + i * w + w / 2 - 4, y: H - 4, "font-size": 10 }, svg, i + 1);
   });
 }
 
 const series = (rows, key) => rows.filter(r => r[key] != null).map(r => [r.t, r[key]]);
 
+// The x range: the chosen range, cut to begin where its data begin (a young deployment fills the width).
+function timeRange(data) {
+  const start = data.now - { "5m": 300, "1h": 3600, "24h": 86400 }[data.range];
+  const first = Math.min(...data.overall.map(r => r.t), ...data.events.map(e => e.time));
+  return [Number.isFinite(first) ? Math.max(start, first - data.bin_seconds) : start, data.now];
+}
+
+// A trainer status value as text: gate and watch decisions and the backlog in words.
+function describe(key, value) {
+  if (value == null) return "-";
+  if (key === "backlog") return `${value.length} in the stream, ${value.pending} pending, ${value.lag ?? "?"} not yet read`;
+  if (key === "history") return value.map(h => h.kind === "gate"
+    ? `step ${h.step}: ${h.publish ? "publish" : "hold"}, ${h.reason} (candidate ${h.candidate?.toFixed(3)}, live ${h.live?.toFixed(3)}, ${h.positions} positions)`
+    : `v${h.version}: ${h.action}, ${h.reason}`).reverse().join("<br>");
+  if (typeof value === "number") return Number.isInteger(value) ? value : value.toFixed(4);
+  return Array.isArray(value) ? value.join(", ") || "none" : value;
+}
+
 function render(data) {
-  const t0 = data.now - { "5m": 300, "1h": 3600, "24h": 86400 }[data.range], t1 = data.now;
+  const [t0, t1] = timeRange(data);
   const ev = data.events;
   const acc = [{ name: "overall", color: COLORS[0], points: series(data.overall, "acceptance") }]
     .concat(Object.entries(data.by_domain).map(([d, rows], i) => ({ name: d, color: COLORS[1 + i % 7], points: series(rows, "acceptance") })));
@@ -71,7 +90,12 @@ function render(data) {
   const ver = Object.entries(data.by_version).map(([v, rows], i) => ({ name: v, color: COLORS[(i + 1) % 8], points: series(rows, "acceptance") }));
   chart(document.getElementById("versions-chart"), ver, ev, t0, t1, 1);
   legend("versions-legend", ver);
-  chart(document.getElementById("tau"), [{ name: "τ", color: COLORS[1], points: series(data.overall, "mean_accepted_length") }], ev, t0, t1);
+  const tau = [{ name: "τ (tokens per step)", color: COLORS[1], points: series(data.overall, "mean_accepted_length") },
+    { name: "speedup vs AR, τ / (k·c + 1)", color: COLORS[3], points: series(data.overall, "speedup") }];
+  chart(document.getElementById("tau"), tau, ev, t0, t1);
+  legend("tau-legend", tau);
+  const s = data.speculation;
+  document.getElementById("speculation").textContent = s ? `(k = ${s.k.toFixed(1)}, measured c = ${s.c.toFixed(3)})` : "";
   chart(document.getElementById("throughput"), [{ name: "tokens/s", color: COLORS[3], points: series(data.overall, "tokens_per_s") }], ev, t0, t1);
   const lat = ["ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"].map((k, i) => ({ name: k, color: COLORS[i + 1], points: series(data.overall, k) }));
   chart(document.getElementById("latency"), lat, ev, t0, t1);
@@ -84,9 +108,8 @@ function render(data) {
     : "none";
   const t = data.trainer;
   document.getElementById("trainer").innerHTML = t
-    ? ["state", "step", "loss", "trained_traces", "untrained", "buffer", "live_version", "prioritised_domains"]
-        .map(k => `<tr><th>${k}</th><td>${JSON.stringify(t[k] ?? null)}</td></tr>`).join("") +
-      `<tr><th>last gate decisions</th><td>${(t.history || []).map(h => JSON.stringify(h)).join("<br>")}</td></tr>`
+    ? ["state", "step", "loss", "trained_traces", "untrained", "buffer", "backlog", "live_version", "prioritised_domains", "history"]
+        .map(k => `<tr><th>${k === "history" ? "last decisions" : k.replace("_", " ")}</th><td>${describe(k, t[k])}</td></tr>`).join("")
     : "<tr><td class='muted'>no trainer attached</td></tr>";
   const liveAcc = Object.fromEntries(Object.entries(data.by_version).map(([v, rows]) => [v, rows.length ? rows[rows.length - 1].acceptance : null]));
   document.getElementById("versions").innerHTML = "<tr><th>version</th><th>parent</th><th>created</th><th>gate acceptance</th><th>live acceptance</th><th>status</th><th></th></tr>" +

@@ -1,0 +1,28 @@
+"""Decode speed side by side: engines that share a target, on the same prompts, in rotation (each
+prompt through every engine before the next), so that a slow spell of the machine hits all alike."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from serving.engine import SpecEngine
+
+
+def rotate(engines: dict[str, SpecEngine], prompts: Sequence[Sequence[int]], max_new_tokens: int) -> dict:
+    """Greedy tokens/s of each engine on `prompts`; raises if their outputs differ (lossless)."""
+    seconds, tokens = dict.fromkeys(engines, 0.0), 0
+    for prompt in prompts:
+        outputs = {}
+        for name, engine in engines.items():
+            began = time.perf_counter()
+            outputs[name] = engine.generate(prompt, max_new_tokens, stop_token_ids=[]).token_ids
+            seconds[name] += time.perf_counter() - began
+        if len({tuple(o) for o in outputs.values()}) != 1:
+            raise RuntimeError(f"greedy outputs differ across engines: {outputs}")
+        tokens += len(next(iter(outputs.values())))
+    return {
+        "prompts": len(prompts),
+        "tokens": tokens,
+        "tokens_per_s": {name: round(tokens / s, 1) for name, s in seconds.items()},
+    }

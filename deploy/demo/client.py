@@ -1,0 +1,122 @@
+"""The demo's clients: a workload sent over HTTP with the openai client, as users send it.
+
+`concurrency` client threads take the workload's requests in order; each sends one request
+(greedy or sampled as the request says, its domain in `metadata`), waits for the whole response,
+records what it saw (`Served`), then thinks for `think_seconds` before its next one. The think
+time is the idle time real traffic has; the trainer trains in it. Requests are never retried, so
+every failure is counted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import openai
+
+from deploy.demo.workloads import Request
+
+
+@dataclass(frozen=True)
+class Served:
+    """One request as the client saw it. Times are unix seconds; latency is end-to-end."""
+
+    index: int  # position in the workload
+    phase: int
+    domain: str
+    prompt: tuple[int, ...]
+    start: float
+    end: float
+    error: str | None = None
+    draft_version: str | None = None
+    drafted: int = 0
+    accepted: int = 0
+    tokens: int = 0
+    ttft: float | None = None  # as the server measured it
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def latency(self) -> float:
+        return self.end - self.start
+
+
+def send(client: openai.OpenAI, model: str, index: int, request: Request) -> Served:
+    """One completion request; a failure is returned as a `Served` with its error, never raised."""
+    start = time.time()
+    prompt = request.prompt
+    fields = dict(index=index, phase=request.phase, domain=prompt.domain, prompt=prompt.token_ids)
+    try:
+        response = client.completions.create(
+            model=model,
+            prompt=list(prompt.token_ids),
+            max_tokens=request.max_new_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            extra_body={"metadata": {"domain": prompt.domain}},
+        )
+    except openai.OpenAIError as err:
+        return Served(**fields, start=start, end=time.time(), error=f"{type(err).__name__}: {err}")
+    metrics = (response.model_extra or {}).get("metrics") or {}
+    return Served(
+        **fields,
+        start=start,
+        end=time.time(),
+        draft_version=metrics.get("draft_version"),
+        drafted=metrics.get("spec_drafted", 0),
+        accepted=metrics.get("spec_accepted", 0),
+        tokens=response.usage.completion_tokens if response.usage else 0,
+        ttft=metrics.get("time_to_first_token"),
+    )
+
+
+class Clients:
+    """The client threads, started by `start`; `stop` makes them finish their current request and
+    exit. `on_served` is called (from the client threads) with each result."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        requests: Iterable[Request],
+        concurrency: int,
+        think_seconds: float,
+        on_served: Callable[[Served], None],
+    ):
+        if concurrency < 1 or think_seconds < 0:
+            raise ValueError(f"need concurrency >= 1 and think_seconds >= 0: {concurrency}, {think_seconds}")
+        self.client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="demo", max_retries=0, timeout=300)
+        self.model, self.think_seconds, self.on_served = model, think_seconds, on_served
+        self._queue = iter(enumerate(requests))
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"client-{i}", daemon=True) for i in range(concurrency)
+        ]
+
+    def start(self) -> Clients:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _next(self) -> tuple[int, Request] | None:
+        with self._lock:
+            return next(self._queue, None)
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and (item := self._next()) is not None:
+            self.on_served(send(self.client, self.model, *item))
+            self._stop.wait(self.think_seconds)
+
+    @property
+    def running(self) -> bool:
+        return any(thread.is_alive() for thread in self._threads)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)

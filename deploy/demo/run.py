@@ -1,0 +1,340 @@
+"""`osd demo`: the main job, end to end, on embedded defaults.
+
+It builds (or reuses) the demo pair, starts the stack as `osd serve` does (the embedded
+redis-server, local Ray on loopback, the trainer actor and two server replicas), prints the
+dashboard's address, and sends the demo workload over HTTP with the openai client: phases of
+domains (prose, then code), `concurrency` clients that think between requests, so that the trainer
+has spare cycles. A live display shows the phase, the requests done, the acceptance of the last
+requests, the draft version serving them and the trainer; publishes, rollbacks, refusals and drift
+alerts are printed as they happen. Then, with the trainer paused, it measures decoding speed on
+the last prompts of the run, with no speculation, the starting draft and the live draft, and ends
+with the summary (`deploy.demo.report`), as tables and with `--json` as JSON and a PNG plot.
+
+State (Redis's data and the trainer's checkpoint) lives under `--state-dir`, so a second run
+starts from the draft the first one left live; `--fresh` starts over. `--keep-running` leaves the
+stack up afterwards. Ctrl-C stops everything at any point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from benchmarks.results import write_report
+from benchmarks.speed import rotate
+from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, DemoModels, build_demo_models, cached
+from deploy.demo.client import Clients, Served
+from deploy.demo.report import acceptance, plot, speedup_summary, summarise, tables
+from deploy.demo.screenshot import dashboard_screenshot
+from deploy.demo.workloads import Phase, WorkloadSpec, request_stream
+from deploy.ray_serve import NAMESPACE, TRAINER_NAME, ActorControl, ServiceConfig
+from deploy.serve import Endpoint, running, stop_on_signals
+from serving.engine import SpecEngine
+from serving.proposers import DraftModelProposer, NullProposer
+from store.drift import read_alerts
+from store.redis_server import open_redis
+from store.registry import Registry
+
+DEFAULT_STATE_DIR = Path.home() / ".cache" / "osd" / "demo-state"
+DRAFT = "draft"  # the registry name the trainer publishes under
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """One demo run: the workload, the clients, the stack's settings and how long it takes."""
+
+    preset: str
+    phases: tuple[Phase, ...]
+    build_minutes: float  # building the pair from an empty cache, on 2 CPU cores
+    run_minutes: float  # the rest, on 2 CPU cores
+    concurrency: int = 4
+    think_seconds: float = 1.0
+    max_new_tokens: int = 48
+    window: int = 16
+    k: int = 3
+    replicas: int = 2
+    probe_prompts: int = 8  # the last prompts of the run, for the speed measurement
+    held_out_fraction: float = 0.1
+    trainer_settings: dict = field(default_factory=dict)
+
+
+PLANS = {
+    "full": DemoPlan(
+        preset="full",
+        phases=(Phase("prose", 48), Phase("python", 224), Phase("c", 96), Phase("python", 64)),
+        build_minutes=11,
+        run_minutes=6,
+        trainer_settings={
+            "gate_every": 30,
+            "gate_min_positions": 300,
+            "watch_requests": 12,
+            "learning_rate": 1e-3,
+        },  # fmt: skip
+    ),
+    "quick": DemoPlan(
+        preset="quick",
+        phases=(Phase("prose", 16), Phase("c", 112), Phase("python", 32)),
+        build_minutes=2,
+        run_minutes=2.5,
+        trainer_settings={
+            "gate_every": 20,
+            "gate_min_positions": 200,
+            "watch_requests": 8,
+            "learning_rate": 1e-3,
+        },  # fmt: skip
+    ),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="osd demo", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="the small pair and a short workload (under 5 min)")
+    p.add_argument("--json", type=Path, help="write the summary here, and a PNG plot next to it")
+    p.add_argument("--screenshot", type=Path, help="save a PNG of the dashboard here after the run")
+    p.add_argument("--keep-running", action="store_true", help="leave the stack up afterwards (Ctrl-C stops)")
+    p.add_argument("--fresh", action="store_true", help="forget the drafts and traces of earlier runs")
+    p.add_argument("--concurrency", type=int, help="clients (default 4)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--seed", type=int, default=0, help="the workload's seed")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the demo models live")
+    p.add_argument(
+        "--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="Redis data and trainer checkpoints"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parser().parse_args(argv)
+    plan = PLANS["quick" if args.quick else "full"]
+    if args.concurrency is not None:
+        if args.concurrency < 1:
+            parser().error(f"--concurrency must be at least 1, got {args.concurrency}")
+        plan = dataclasses.replace(plan, concurrency=args.concurrency)
+    console = Console(soft_wrap=True)  # long lines whole, also in logs
+    build = 0 if cached(PRESETS[plan.preset], args.cache_dir) else plan.build_minutes
+    console.print(
+        f"[bold]OSD Serve demo[/bold] ({plan.preset}): a target and a draft that learns online while "
+        f"serving.\nExpected duration on 2 CPU cores: about {math.ceil(build + plan.run_minutes)} minutes"
+        + (f" ({build:g} to build the demo models once, then {plan.run_minutes:g} to run)." if build else ".")
+    )
+    stop_on_signals()
+    try:
+        return demo(args, plan, console)
+    except KeyboardInterrupt:
+        console.print("stopping")
+        return None
+
+
+def demo(args: argparse.Namespace, plan: DemoPlan, console: Console) -> dict:
+    """Build or reuse the models, start the stack, run, report; with --keep-running, wait for Ctrl-C."""
+    models = build_demo_models(PRESETS[plan.preset], args.cache_dir, console=console)
+    state = args.state_dir / plan.preset
+    if args.fresh:
+        shutil.rmtree(state, ignore_errors=True)
+    token = os.environ.get("OSD_ADMIN_TOKEN") or secrets.token_urlsafe(12)
+    endpoint = Endpoint(port=args.port, admin_token=token)
+    cpus = os.cpu_count() or 1
+    config = ServiceConfig(
+        target=str(models.target), draft=str(models.draft), k=plan.k, model_name=f"osd-demo-{plan.preset}",
+        replicas=plan.replicas, replica_cpus=min(1.0, cpus / plan.replicas),
+        torch_threads=max(1, cpus // plan.replicas), trainer_dir=str(state / "trainer"),
+        trainer_settings=plan.trainer_settings, held_out_fraction=plan.held_out_fraction,
+    )  # fmt: skip
+    with running(config, endpoint, state / "redis", console) as config:
+        report = run(plan, models, config, endpoint, args.seed, console)
+        if args.json:
+            write_report(args.json, report)
+            plot(report, args.json.with_suffix(".png"))
+            console.print(f"summary: {args.json}; plot: {args.json.with_suffix('.png')}")
+        if args.screenshot:
+            try:
+                dashboard_screenshot(endpoint.base_url, args.screenshot)
+                console.print(f"dashboard screenshot: {args.screenshot}")
+            except RuntimeError as err:
+                console.print(f"[red]{err}[/red]")
+        if args.keep_running:
+            console.print(
+                f"The stack stays up: API {endpoint.base_url}/v1, dashboard "
+                f"{endpoint.base_url}/dashboard (admin token {token}). Ctrl-C stops it."
+            )
+            while True:
+                time.sleep(3600)
+    return report
+
+
+def run(
+    plan: DemoPlan, models: DemoModels, config: ServiceConfig, endpoint: Endpoint, seed: int, console: Console
+) -> dict:
+    """The workload against the running stack, the speed measurement and the report."""
+    client = open_redis(config.redis)
+    registry, trainer = Registry(client), ActorControl(TRAINER_NAME, NAMESPACE)
+    tokenizer = AutoTokenizer.from_pretrained(models.target)
+    spec = WorkloadSpec(phases=plan.phases, max_new_tokens=plan.max_new_tokens, seed=seed)
+    requests = list(request_stream(spec, models.held_out_corpus(), tokenizer))
+    first_live = registry.live(DRAFT)
+    console.print(
+        f"Dashboard: {endpoint.base_url}/dashboard   API: {endpoint.base_url}/v1 ({config.served_model!r})\n"
+        f"Workload: {len(requests)} requests in phases "
+        + " -> ".join(f"{p.domain} ({p.requests})" for p in plan.phases)
+        + f", {plan.concurrency} clients, {plan.max_new_tokens} tokens each; "
+        f"starting from draft v{first_live.version}"
+    )
+    board = Board(plan, len(requests), first_live.version)
+    clients = Clients(
+        endpoint.base_url, config.served_model, requests, plan.concurrency, plan.think_seconds, board.add
+    )
+    began = time.time()
+    with Live(board.render(), console=console, refresh_per_second=2) as live:
+        clients.start()
+        try:
+            while clients.running:
+                time.sleep(0.5)
+                board.watch(registry, client, trainer, began, live.console)
+                live.update(board.render())
+        finally:
+            clients.stop()
+    console.print()
+    board.watch(registry, client, trainer, began, console)
+    live_version = registry.live(DRAFT)
+    trainer.pause()
+    try:
+        with console.status("measuring decoding speed: no speculation, starting draft, live draft"):
+            prompts = [s.prompt for s in sorted(board.served, key=lambda s: s.end)[-plan.probe_prompts :]]
+            speedup = measure_speed(models, registry, live_version, plan, prompts)
+    finally:
+        trainer.resume()
+    report = summarise(board.served, plan.phases, plan.window, board.events, board.alerts, speedup)
+    report = {
+        "demo": plan.preset,
+        "concurrency": plan.concurrency,
+        "think_seconds": plan.think_seconds,
+        "max_new_tokens": plan.max_new_tokens,
+        "k": plan.k,
+        "replicas": plan.replicas,
+        "started_from": first_live.label,
+        "ended_with": live_version.label,
+    } | report
+    for table in tables(report):
+        console.print(table)
+    console.print(
+        f"requests {report['requests']}, failed {report['failed']}; published "
+        f"{_versions(report['published'])}, rolled back {_versions(report['rolled_back'])}, refused "
+        f"{_versions(report['refused'])}; drift alerts {len(report['alerts'])}.\n"
+        f"Speedup vs no speculation on the last {speedup['prompts']} prompts (greedy, outputs identical): "
+        f"live draft {speedup['live_vs_ar']:.2f}x, starting draft {speedup['initial_vs_ar']:.2f}x "
+        f"({speedup['tokens_per_s']['no speculation']:.0f} tokens/s without speculation)."
+    )
+    return report
+
+
+def _versions(versions: list) -> str:
+    return ", ".join(f"v{v}" for v in versions) or "none"
+
+
+def measure_speed(
+    models: DemoModels, registry: Registry, live, plan: DemoPlan, prompts: list[tuple[int, ...]]
+) -> dict:
+    """Greedy tokens/s on `prompts` with no speculation, the starting draft and the live draft, in
+    rotation, on one thread as a replica decodes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        target = AutoModelForCausalLM.from_pretrained(models.target).eval()
+        initial = AutoModelForCausalLM.from_pretrained(models.draft).eval()
+        online = AutoModelForCausalLM.from_pretrained(models.draft).eval()
+        online.load_state_dict(registry.load(live))
+        engines = {
+            "no speculation": SpecEngine(target, NullProposer(), 0),
+            "initial draft": SpecEngine(target, DraftModelProposer(initial), plan.k),
+            "live draft": SpecEngine(target, DraftModelProposer(online), plan.k),
+        }
+        measured = rotate(engines, prompts, plan.max_new_tokens)
+    finally:
+        torch.set_num_threads(threads)
+    return speedup_summary(measured, f"{DRAFT}:v1", live.label)
+
+
+class Board:
+    """The live display's state: filled by the client threads (`add`) and by `watch`."""
+
+    def __init__(self, plan: DemoPlan, total: int, version: int):
+        self.plan, self.total = plan, total
+        self.served: list[Served] = []
+        self.recent: deque[Served] = deque(maxlen=plan.window)
+        self.events: list[dict] = []
+        self.alerts: list[dict] = []
+        self.version, self.trainer = f"{DRAFT}:v{version}", "starting"
+        self._lock = threading.Lock()
+        self._seen_alerts: set[tuple] = set()
+        self._next_slow = 0.0
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+        )
+        self.task = self.progress.add_task("requests", total=total)
+
+    def add(self, served: Served) -> None:
+        with self._lock:
+            self.served.append(served)
+            if served.ok:
+                self.recent.append(served)
+                self.version = served.draft_version or self.version
+        self.progress.update(self.task, advance=1)
+
+    def watch(
+        self, registry: Registry, client, trainer: ActorControl, since: float, console: Console
+    ) -> None:
+        """New registry events at once; the trainer and the drift alerts every 2 s."""
+        seen = len(self.events)
+        self.events = registry.history(since)
+        for event in self.events[seen:]:
+            console.print(f"[{time.strftime('%H:%M:%S')}] {describe(event)}")
+        if time.monotonic() < self._next_slow:
+            return
+        self._next_slow = time.monotonic() + 2.0
+        status = trainer.status()
+        self.trainer = f"{status['state']}, step {status['step']}, {status['trained_traces']} traces"
+        for alert in read_alerts(client, DRAFT):
+            key = (alert.domain, alert.kind, alert.at)
+            if key not in self._seen_alerts:
+                self._seen_alerts.add(key)
+                self.alerts.append(alert.to_json() | {"time": time.time()})
+                console.print(f"[{time.strftime('%H:%M:%S')}] drift alert: {alert.message}")
+
+    def render(self) -> Group:
+        with self._lock:
+            failed = sum(not s.ok for s in self.served)
+            recent = acceptance(list(self.recent))
+            phase = self.served[-1].phase if self.served else 0
+        domain = self.plan.phases[phase].domain
+        self.progress.update(self.task, description=f"phase {phase + 1}/{len(self.plan.phases)} {domain}")
+        live = "-" if recent is None else f"{recent:.2f}"
+        return Group(
+            self.progress,
+            f"acceptance (last {self.plan.window}) [bold]{live}[/bold]   draft {self.version}   "
+            f"failed {failed}   trainer: {self.trainer}",
+        )
+
+
+def describe(event: dict) -> str:
+    """A registry event as a line of the live display."""
+    version, gate = event["version"], event.get("gate_acceptance")
+    if event["event"] == "publish":
+        return f"published v{version}" + (f" (gate: expected acceptance {gate:.2f})" if gate else "")
+    if event["event"] == "rollback":
+        return f"rolled back v{event['previous']} to v{version}: {event.get('reason', '')}"
+    return f"refused v{version}: {event.get('reason', '')}"
