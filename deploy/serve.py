@@ -104,6 +104,12 @@ def stop_on_signals() -> None:
         signal.signal(sig, signal.default_int_handler)
 
 
+def wait_for_ctrl_c() -> None:
+    """Block until Ctrl-C or SIGTERM (KeyboardInterrupt, see `stop_on_signals`)."""
+    while True:
+        time.sleep(3600)
+
+
 @contextmanager
 def running(
     config: ServiceConfig, endpoint: Endpoint, redis_dir: Path, console: Console
@@ -150,8 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"redis: {redacted(config.redis)}; trainer: {'on' if config.learns else 'off'}; "
                 "Ctrl-C stops)"
             )
-            while True:
-                time.sleep(3600)
+            wait_for_ctrl_c()
     except KeyboardInterrupt:
         console.print("stopping")
 

@@ -184,8 +184,8 @@ class Registry:
             old_meta = replace(old, status=old_status, extra=extra).to_json()
         live = replace(new, status="live")
         message = {"event": event, "name": name, "domain": domain, "version": version, "time": time.time()}
-        message |= {"previous": None if old is None else old.version, "reason": reason}
-        message |= {"gate_acceptance": new.gate_acceptance}
+        previous = None if old is None else old.version
+        message |= {"previous": previous, "reason": reason, "gate_acceptance": new.gate_acceptance}
         self._promote(
             keys=[
                 self._key(name, domain, "live"),

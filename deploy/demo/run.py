@@ -29,7 +29,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
 import torch
+from ray.exceptions import RayError
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -43,7 +45,7 @@ from deploy.demo.report import acceptance, plot, speedup_summary, summarise, tab
 from deploy.demo.screenshot import dashboard_screenshot
 from deploy.demo.workloads import Phase, WorkloadSpec, request_stream
 from deploy.ray_serve import NAMESPACE, TRAINER_NAME, ActorControl, ServiceConfig
-from deploy.serve import Endpoint, running, stop_on_signals
+from deploy.serve import Endpoint, running, stop_on_signals, wait_for_ctrl_c
 from serving.engine import SpecEngine
 from serving.proposers import DraftModelProposer, NullProposer
 from store.drift import read_alerts
@@ -172,8 +174,7 @@ def demo(args: argparse.Namespace, plan: DemoPlan, console: Console) -> dict:
                 f"The stack stays up: API {endpoint.base_url}/v1, dashboard "
                 f"{endpoint.base_url}/dashboard (admin token {token}). Ctrl-C stops it."
             )
-            while True:
-                time.sleep(3600)
+            wait_for_ctrl_c()
     return report
 
 
@@ -273,7 +274,7 @@ class Board:
     """The live display's state: filled by the client threads (`add`) and by `watch`."""
 
     def __init__(self, plan: DemoPlan, total: int, version: int):
-        self.plan, self.total = plan, total
+        self.plan = plan
         self.served: list[Served] = []
         self.recent: deque[Served] = deque(maxlen=plan.window)
         self.events: list[dict] = []
@@ -298,22 +299,26 @@ class Board:
     def watch(
         self, registry: Registry, client, trainer: ActorControl, since: float, console: Console
     ) -> None:
-        """New registry events at once; the trainer and the drift alerts every 2 s."""
-        seen = len(self.events)
-        self.events = registry.history(since)
-        for event in self.events[seen:]:
-            console.print(f"[{time.strftime('%H:%M:%S')}] {describe(event)}")
-        if time.monotonic() < self._next_slow:
-            return
-        self._next_slow = time.monotonic() + 2.0
-        status = trainer.status()
-        self.trainer = f"{status['state']}, step {status['step']}, {status['trained_traces']} traces"
-        for alert in read_alerts(client, DRAFT):
-            key = (alert.domain, alert.kind, alert.at)
-            if key not in self._seen_alerts:
-                self._seen_alerts.add(key)
-                self.alerts.append(alert.to_json() | {"time": time.time()})
-                console.print(f"[{time.strftime('%H:%M:%S')}] drift alert: {alert.message}")
+        """New registry events at once; the trainer and the drift alerts every 2 s. A store or
+        trainer that does not answer is shown as such; the run goes on."""
+        try:
+            seen = len(self.events)
+            self.events = [e for e in registry.history(since) if e.get("name") == DRAFT]
+            for event in self.events[seen:]:
+                console.print(f"[{time.strftime('%H:%M:%S')}] {describe(event)}")
+            if time.monotonic() < self._next_slow:
+                return
+            self._next_slow = time.monotonic() + 2.0
+            status = trainer.status()
+            self.trainer = f"{status['state']}, step {status['step']}, {status['trained_traces']} traces"
+            for alert in read_alerts(client, DRAFT):
+                key = (alert.domain, alert.kind, alert.at)
+                if key not in self._seen_alerts:
+                    self._seen_alerts.add(key)
+                    self.alerts.append(alert.to_json() | {"time": time.time()})
+                    console.print(f"[{time.strftime('%H:%M:%S')}] drift alert: {alert.message}")
+        except (redis.RedisError, RayError) as err:
+            self.trainer = f"not answering ({type(err).__name__})"
 
     def render(self) -> Group:
         with self._lock:
