@@ -24,6 +24,7 @@ from serving.errors import IncompatibleDraftError, InvalidRequestError
 from serving.models import (
     context_length,
     forward,
+    forward_hidden,
     load_causal_lm,
     resolve_device,
     resolve_dtype,
@@ -44,6 +45,8 @@ class Generation:
     top_ids, top_logprobs [T, K]: with generate(top_logprobs=K), the target's K most likely
     tokens and their log-probs (temperature 1, before any sampling processing) at each of the T
     output positions: the distributions the trainer distills from.
+    hidden [T, H]: with generate(hidden_states=True), the target's final hidden state at the
+    position whose logits gave each output token (what draft heads read).
     """
 
     token_ids: list[int]
@@ -51,6 +54,7 @@ class Generation:
     finish_reason: Literal["stop", "length"]
     top_ids: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,7 @@ class SpecEngine:
         seed: int | None = None,
         stop_token_ids: Iterable[int] | None = None,
         top_logprobs: int = 0,
+        hidden_states: bool = False,
     ) -> Generation:
         """Generate up to max_new_tokens after prompt_ids.
 
@@ -130,8 +135,9 @@ class SpecEngine:
         at temperature 0, and distributed as its processed p when sampling.
         """
         *_, last = self.stream(
-            prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids, top_logprobs
-        )
+            prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids, top_logprobs,
+            hidden_states,
+        )  # fmt: skip
         return last.generation  # the last step carries it
 
     def stream(
@@ -144,6 +150,7 @@ class SpecEngine:
         seed: int | None = None,
         stop_token_ids: Iterable[int] | None = None,
         top_logprobs: int = 0,
+        hidden_states: bool = False,
     ) -> Iterator[Step]:
         """generate, one decode step at a time: the request is checked now (InvalidRequestError), and
         each iteration yields the tokens one step emitted; the last carries the Generation. Closing
@@ -164,7 +171,7 @@ class SpecEngine:
             generator.seed()
         else:
             generator.manual_seed(seed)
-        return self._decode(prompt, max_new_tokens, params, stop_ids, generator, top_logprobs)
+        return self._decode(prompt, max_new_tokens, params, stop_ids, generator, top_logprobs, hidden_states)
 
     @torch.inference_mode()
     def _decode(
@@ -175,23 +182,27 @@ class SpecEngine:
         stop_ids: frozenset[int],
         generator: torch.Generator,
         top_logprobs: int,
+        hidden_states: bool,
     ) -> Iterator[Step]:
         """The decode loop."""
         cache = DynamicCache(config=self.target.config)
         if prompt.shape[0] > 1:
             forward(self.target, prompt[:-1], cache, last_only=True)
         draft_state = self.proposer.new_state()
+        wants_hidden = getattr(self.proposer, "wants_hidden", False)
+        with_hidden = wants_hidden or hidden_states
         # The sequence lives in one buffer: tokens[:length] is emitted, drafts go right after it.
         tokens = torch.cat([prompt, prompt.new_empty(max_new_tokens)])  # [L + max_new_tokens]
         length, output, stats = prompt.shape[0], [], SpecStats()
         tops: list[torch.return_types.topk] = []  # per step: the target's top-K at each emitted position
+        hiddens: list[torch.Tensor] = []  # per step: the target's hidden state at each emitted position
 
         def finish(new: list[int], reason: Literal["stop", "length"]) -> Step:
-            if not top_logprobs:
-                return Step(new, Generation(output, stats, reason))
-            top_ids = torch.cat([top.indices for top in tops])[: len(output)]
-            top_values = torch.cat([top.values for top in tops])[: len(output)]
-            return Step(new, Generation(output, stats, reason, top_ids, top_values))
+            n = len(output)
+            top_ids = torch.cat([top.indices for top in tops])[:n] if top_logprobs else None
+            top_values = torch.cat([top.values for top in tops])[:n] if top_logprobs else None
+            hidden = torch.cat(hiddens)[:n] if hidden_states else None
+            return Step(new, Generation(output, stats, reason, top_ids, top_values, hidden))
 
         while True:
             remaining = max_new_tokens - len(output)
@@ -200,7 +211,11 @@ class SpecEngine:
             )
             drafted = proposal.tokens.shape[0]
             tokens[length : length + drafted] = proposal.tokens
-            logits = forward(self.target, tokens[length - 1 : length + drafted], cache)  # [1+k, V]
+            inputs = tokens[length - 1 : length + drafted]
+            if with_hidden:  # heads draft from the target's hidden state: no pass of their own
+                logits, hidden = forward_hidden(self.target, inputs, cache)  # [1+k, V], [1+k, H]
+            else:
+                logits = forward(self.target, inputs, cache)  # [1+k, V]
             verification = rejection_sample(
                 process_logits(logits, params).unsqueeze(0),  # [1, 1+k, V]
                 proposal.tokens.unsqueeze(0),
@@ -209,9 +224,13 @@ class SpecEngine:
             )
             accepted = int(verification.num_accepted[0])
             emitted = verification.tokens[0, : accepted + 1]
+            if wants_hidden:  # the state whose logits gave the last emitted token
+                self.proposer.observe(draft_state, hidden[accepted])
             stats.record(drafted, accepted)
             if top_logprobs:
                 tops.append(torch.log_softmax(logits[: accepted + 1].float(), dim=-1).topk(top_logprobs))
+            if hidden_states:
+                hiddens.append(hidden[: accepted + 1])
             truncate_cache(cache, length + accepted)
             tokens[length : length + accepted + 1] = emitted
             length += accepted + 1

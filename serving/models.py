@@ -72,3 +72,14 @@ def forward(
     kwargs = {"logits_to_keep": 1} if last_only and _accepts_logits_to_keep(type(model)) else {}
     logits = model(input_ids=input_ids.unsqueeze(0), cache=cache, use_cache=True, **kwargs).logits[0]
     return logits[-1:] if last_only else logits
+
+
+def forward_hidden(
+    model: PreTrainedModel, input_ids: torch.Tensor, cache: Cache
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`forward`, also returning the final hidden states that the LM head reads: (logits [n, V],
+    hidden [n, H]). Runs the base model and the LM head apart, so it fits models whose logits are
+    the LM head of the last hidden state (Llama, Qwen, GPT-2, ...)."""
+    hidden = model.base_model(input_ids=input_ids.unsqueeze(0), cache=cache, use_cache=True)
+    hidden = hidden.last_hidden_state[0]  # [n, H]
+    return model.get_output_embeddings()(hidden), hidden

@@ -1,7 +1,9 @@
-"""Proposers: where draft tokens come from. One `Proposer` protocol, three implementations.
+"""Proposers: where draft tokens come from. One `Proposer` protocol, four implementations.
 
 A proposer is shared by all requests (it holds weights); per-request state, such as a draft
 model's KV cache, lives in the object `new_state()` returns and is passed back on every call.
+A proposer with `wants_hidden = True` (draft heads) also gets, after each verification, the
+target's final hidden state at the position whose logits gave the last emitted token (`observe`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Protocol
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from distill.heads import DraftHeads
 from serving.errors import IncompatibleDraftError
 from serving.models import context_length, forward, truncate_cache
 from serving.sampling import SamplingParams, process_logits, sample
@@ -163,21 +166,72 @@ class DraftModelProposer:
 
     @torch.no_grad()
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        current = self.model.state_dict()
-        unknown = sorted(set(weights) - set(current))
-        if unknown:
-            raise IncompatibleDraftError(f"weights name tensors the draft does not have: {unknown[:5]}")
-        wrong = [
-            f"{name}: {tuple(t.shape)} != {tuple(current[name].shape)}"
-            for name, t in weights.items()
-            if t.shape != current[name].shape
-        ]
-        if wrong:
-            raise IncompatibleDraftError(
-                f"weights do not fit the draft (vocabulary or size differs): {wrong[:5]}"
-            )
-        given_storage = {current[name].data_ptr() for name in weights}
-        missing = sorted(n for n in set(current) - set(weights) if current[n].data_ptr() not in given_storage)
-        if missing:  # tied tensors (shared storage) may be given once
-            raise IncompatibleDraftError(f"weights lack tensors the draft needs: {missing[:5]}")
-        self.model.load_state_dict(dict(weights), strict=False)
+        load_checked(self.model, weights, "draft")
+
+
+@dataclass
+class HeadsState:
+    """The target's hidden state [H] at the position whose logits gave the last emitted token."""
+
+    hidden: torch.Tensor | None = None
+
+
+class HeadsProposer:
+    """Draft heads (`distill.heads`) draft up to K tokens from the target's hidden state, in a chain:
+    head i's guess (argmax when greedy, else sampled from its processed distribution q, returned as
+    probs for the rejection sampler) is what head i+1 reads after it (Hydra). The first step of a
+    request, with no hidden state yet, drafts nothing."""
+
+    wants_hidden = True
+
+    def __init__(self, heads: DraftHeads):
+        self.heads = heads
+
+    def new_state(self) -> HeadsState:
+        return HeadsState()
+
+    def observe(self, state: HeadsState, hidden: torch.Tensor) -> None:
+        state.hidden = hidden
+
+    @torch.inference_mode()
+    def propose(self, state: HeadsState, token_ids, k, params, generator) -> Proposal:
+        k = min(k, self.heads.spec.num_heads)
+        if state.hidden is None or k <= 0:
+            return _empty(token_ids.device)
+        hidden, before = state.hidden.unsqueeze(0), token_ids[-1:].unsqueeze(0)  # [1, H], [1, 1]
+        tokens, probs = [], []
+        for i in range(k):
+            logits = self.heads.head(i, hidden, before)  # [1, V]
+            if params.greedy:
+                token = logits.argmax(-1)  # [1]
+            else:
+                probs.append(process_logits(logits, params))  # [1, V]
+                token = sample(probs[-1], generator)  # [1]
+            tokens.append(token)
+            before = torch.cat([before, token.unsqueeze(0)], dim=1)  # [1, i + 2]
+        return Proposal(tokens=torch.cat(tokens), probs=torch.cat(probs) if probs else None)
+
+    @torch.no_grad()
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        load_checked(self.heads, weights, "heads")
+
+
+def load_checked(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], what: str) -> None:
+    """Load `weights` into `module` after checking that they name its tensors with its shapes;
+    IncompatibleDraftError otherwise, with the module untouched."""
+    current = module.state_dict()
+    unknown = sorted(set(weights) - set(current))
+    if unknown:
+        raise IncompatibleDraftError(f"weights name tensors the {what} does not have: {unknown[:5]}")
+    wrong = [
+        f"{name}: {tuple(t.shape)} != {tuple(current[name].shape)}"
+        for name, t in weights.items()
+        if t.shape != current[name].shape
+    ]
+    if wrong:
+        raise IncompatibleDraftError(f"weights do not fit the {what} (vocabulary or sizes): {wrong[:5]}")
+    given_storage = {current[name].data_ptr() for name in weights}
+    missing = sorted(n for n in set(current) - set(weights) if current[n].data_ptr() not in given_storage)
+    if missing:  # tied tensors (shared storage) may be given once
+        raise IncompatibleDraftError(f"weights lack tensors the {what} needs: {missing[:5]}")
+    module.load_state_dict(dict(weights), strict=False)

@@ -46,7 +46,7 @@ from serving.tracing import trace_of
 from store.load import forget, publish_load
 from store.metrics import MetricsConfig, MetricsRecorder, request_counters
 from store.registry import ALL_DOMAINS, CorruptWeightsError, DraftVersion, LiveWatcher, Registry
-from store.traces import StreamConfig, TraceWriter
+from store.traces import StreamConfig, TraceWriter, in_fraction
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class ReplicaConfig:
     replica_id: str = field(default_factory=lambda: f"replica-{uuid.uuid4().hex[:8]}")
     max_queue: int = 64  # waiting requests beyond this are refused with ServerBusyError
     trace_top_k: int = 16  # the target's top-K logged per position
+    hidden_fraction: float = 0.0  # requests whose traces carry the target's hidden states (for heads)
     load_ttl_seconds: float = 10.0  # a heartbeat not refreshed for this long counts as gone
     heartbeat_seconds: float = 1.0
     poll_seconds: float = 2.0  # registry poll, a fallback to pub/sub
@@ -82,6 +83,8 @@ class ReplicaConfig:
     def __post_init__(self):
         if self.max_queue < 1 or self.trace_top_k < 1:
             raise ValueError("max_queue and trace_top_k must be >= 1")
+        if not 0.0 <= self.hidden_fraction <= 1.0:
+            raise ValueError(f"hidden_fraction must lie in [0, 1], got {self.hidden_fraction}")
         if not 0 < self.heartbeat_seconds < self.load_ttl_seconds:
             raise ValueError("need 0 < heartbeat_seconds < load_ttl_seconds")
 
@@ -280,9 +283,10 @@ class Replica:
 
     def _serve(self, job: _Job) -> None:
         served, request = self._served, job.request  # the version this request starts and finishes on
+        hidden = in_fraction(f"hidden:{request.request_id}", self.config.hidden_fraction)
         steps = served.engine.stream(
             request.prompt_ids, request.max_new_tokens, request.temperature, request.top_p, request.top_k,
-            request.seed, request.stop_token_ids, self.config.trace_top_k,
+            request.seed, request.stop_token_ids, self.config.trace_top_k, hidden,
         )  # fmt: skip
         first = None
         for step in steps:

@@ -36,4 +36,5 @@ def trace_of(
         drafted=np.asarray(generation.stats.drafted_per_step, np.uint8),
         accepted=np.asarray(generation.stats.accepted_per_step, np.uint8),
         sampling=sampling,
+        hidden=None if generation.hidden is None else generation.hidden.float().numpy().astype(np.float16),
     )

@@ -185,10 +185,15 @@ def _views(buffer: bytes, layout: list[tuple[np.dtype, tuple[int, ...]]]) -> lis
     return views
 
 
-def is_held_out(request_id: str, fraction: float) -> bool:
-    """Whether a request belongs to the gate set: a fixed hash of its id, the same everywhere."""
-    digest = hashlib.sha256(request_id.encode()).digest()
+def in_fraction(key: str, fraction: float) -> bool:
+    """Whether `key` lies in a fixed `fraction` of all keys: a hash of it, the same everywhere."""
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+def is_held_out(request_id: str, fraction: float) -> bool:
+    """Whether a request belongs to the gate set."""
+    return in_fraction(request_id, fraction)
 
 
 # Trim the stream to about ARGV[2] entries (MAXLEN ~, whole radix nodes), oldest first, and add

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_heads import random_heads
 
 from serving.engine import SpecEngine
-from serving.proposers import DraftModelProposer, NgramProposer
+from serving.proposers import DraftModelProposer, HeadsProposer, NgramProposer
 from serving.sampling import SamplingParams, process_logits
 from tiny_models import build
 
 VOCAB = 8
-SAMPLES = 5_000
+SAMPLES = 4_000
 PROMPT = [3, 1, 4, 1, 5]
 
 
@@ -62,12 +63,17 @@ def noise_bound(expected: torch.Tensor) -> float:
         ("draft", SamplingParams(1.0)),
         ("draft", SamplingParams(0.8, top_p=0.9, top_k=5)),
         ("ngram", SamplingParams(1.2, top_p=0.95)),
+        ("hydra heads", SamplingParams(0.9, top_k=6)),
     ],
     ids=str,
 )
 def test_first_two_tokens_follow_target(pair, proposer, params):
     target, draft = pair
-    chosen = DraftModelProposer(draft) if proposer == "draft" else NgramProposer()
+    chosen = {
+        "draft": lambda: DraftModelProposer(draft),
+        "ngram": NgramProposer,
+        "hydra heads": lambda: HeadsProposer(random_heads(target, "hydra")),
+    }[proposer]()
     engine = SpecEngine(target, chosen, num_speculative_tokens=3)
     expected = joint_first_two(target, params)
     observed = empirical_first_two(engine, params)

@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face models (Llama, Qwen2, GPT-2) built with from_config, and a tiny demo preset."""
+"""Tiny random Hugging Face models (Llama, Qwen2, GPT-2) built with from_config, random draft heads
+for them, and a tiny demo preset."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrain
 from deploy.demo.build import DemoPreset
 from deploy.demo.corpus import CorpusSpec
 from deploy.demo.pretrain import ModelSpec, TrainSpec
+from distill.heads import DraftHeads, HeadsSpec
 
 VOCAB = 128
 CONTEXT = 256
@@ -75,3 +77,13 @@ TINY_DEMO = DemoPreset(
     draft_train=TrainSpec(domains=("prose",), steps=2, batch=2, block=32, warmup=1),
     eval_windows=2,
 )
+
+
+def random_heads(target, kind: str, seed: int = 0, num_heads: int = 3) -> DraftHeads:
+    """Heads with random blocks, so that their guesses differ from the LM head's own."""
+    heads = DraftHeads.for_target(HeadsSpec(kind, num_heads), target)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in heads.blocks:
+            block.weight.copy_(torch.randn(block.weight.shape, generator=generator) * 0.3)
+    return heads

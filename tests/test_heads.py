@@ -1,0 +1,107 @@
+"""Draft heads (Medusa, Hydra): their weights alone round-trip through safetensors, drafting with
+them keeps greedy decoding exactly the target's on every test architecture, and the hidden states
+they read are logged in the traces of a sampled fraction of requests."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from distill.heads import (
+    DraftHeads,
+    HeadsSpec,
+    NoHiddenStatesError,
+    heads_acceptance,
+    heads_batch,
+    heads_loss,
+)
+from serving.engine import SpecEngine
+from serving.errors import IncompatibleDraftError
+from serving.proposers import HeadsProposer, NullProposer
+from serving.server import Replica, ReplicaConfig, Request
+from serving.tracing import trace_of
+from store.traces import StreamConfig, TraceReader
+from tiny_models import ARCHS, build, random_heads
+
+PROMPT = [5, 3, 8, 1, 9, 2, 7]
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_heads_weights_are_theirs_alone_and_round_trip(kind):
+    target = build("llama", 1, 32, seed=0)
+    heads = random_heads(target, kind)
+    state = heads.state_dict()
+    assert set(state) == {f"blocks.{i}.{p}" for i in range(3) for p in ("weight", "bias")}  # no LM head
+    widths = [block.in_features for block in heads.blocks]
+    assert widths == ([32] * 3 if kind == "medusa" else [64, 96, 128])  # Hydra reads earlier tokens
+    fresh = DraftHeads.for_target(HeadsSpec(kind, 3), target)
+    proposer = HeadsProposer(fresh)
+    proposer.load_weights(load(save(state)))
+    hidden, following = torch.randn(4, 32), torch.randint(0, 64, (4, 3))
+    assert torch.equal(fresh(hidden, following), heads(hidden, following))  # [4, K, V]
+    with pytest.raises(IncompatibleDraftError, match="do not fit"):
+        proposer.load_weights(random_heads(build("llama", 1, 48, seed=0), kind).state_dict())
+    with pytest.raises(IncompatibleDraftError, match="does not have"):
+        proposer.load_weights({"lm_head.weight": torch.zeros(64, 32)})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_greedy_with_heads_is_the_targets_greedy(arch, kind):
+    target = build(arch, 2, 32, seed=1)
+    expected = SpecEngine(target, NullProposer(), 0).generate(PROMPT, 24, stop_token_ids=[]).token_ids
+    engine = SpecEngine(target, HeadsProposer(random_heads(target, kind)), num_speculative_tokens=3)
+    out = engine.generate(PROMPT, 24, stop_token_ids=[])
+    assert out.token_ids == expected
+    assert out.stats.drafted > 0  # the heads drafted
+
+
+def test_hidden_states_are_those_that_gave_each_token_and_sampled_traces_carry_them(redis_client, model_dirs):
+    target_dir = model_dirs["llama"]["target"]
+    engine = SpecEngine.from_pretrained(target_dir, model_dirs["llama"]["small"], num_speculative_tokens=3)
+    out = engine.generate(PROMPT, 12, stop_token_ids=[], hidden_states=True)
+    lm_head = engine.target.get_output_embeddings()
+    assert out.hidden.shape == (12, engine.target.config.hidden_size)
+    with torch.no_grad():  # greedy: each row gave its token
+        assert lm_head(out.hidden).argmax(-1).tolist() == out.token_ids
+
+    stream = StreamConfig(stream="t:hidden")
+    config = ReplicaConfig(target=str(target_dir), hidden_fraction=1.0, stream=stream, replica_id="r-hidden")
+    replica = Replica(config, redis_client)
+    asyncio.run(replica.complete(Request(PROMPT, 12, stop_token_ids=[])))
+    replica.close()
+    (delivery,) = TraceReader(redis_client, "c", stream).read(count=10)
+    assert delivery.trace.hidden.dtype == np.float16
+    assert np.allclose(delivery.trace.hidden, out.hidden.numpy(), atol=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_training_heads_on_traces_fits_them_to_the_targets_distributions(kind):
+    target = build("llama", 2, 32, seed=3, init_std=0.15).requires_grad_(False)  # peaked: learnable
+    engine = SpecEngine(target, NullProposer(), 0)
+    generator = torch.Generator().manual_seed(0)
+    traces = []
+    for i in range(20):
+        prompt = torch.randint(0, 128, (6,), generator=generator).tolist()
+        out = engine.generate(prompt, 20, stop_token_ids=[], top_logprobs=16, hidden_states=True)
+        traces.append(trace_of(f"r{i}", "-", "tiny", "none", prompt, out, {}))
+    batch = heads_batch(traces, 3)
+    assert batch.hidden.shape == (20 * 17, 32) and batch.top_ids.shape == (20 * 17, 3, 16)
+    heads = DraftHeads.for_target(HeadsSpec(kind, 3), target)
+    before = heads_acceptance(heads, batch)
+    optimizer = torch.optim.Adam(heads.parameters(), lr=1e-2)
+    for _ in range(150):
+        optimizer.zero_grad()
+        heads_loss(heads, batch).backward()
+        optimizer.step()
+    after = heads_acceptance(heads, batch)
+    assert (after > before + 0.08).all(), (before, after)
+
+    no_hidden = [dataclasses.replace(t, hidden=None) for t in traces]
+    with pytest.raises(NoHiddenStatesError, match="hidden_fraction"):
+        heads_batch(no_hidden, 3)
