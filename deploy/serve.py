@@ -30,6 +30,7 @@ from ray import serve
 from rich.console import Console
 
 from deploy.ray_serve import NAMESPACE, TRAINER_NAME, ServiceConfig, build
+from serving.engine import PROPOSERS
 from store.redis_server import RedisConfig, connect, redacted
 
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # Serve's logs: warnings and errors only
@@ -43,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--demo", choices=["quick", "full"], help="serve the demo pair (built if missing)")
     models.add_argument("--config", type=Path, help="YAML with the settings of ServiceConfig")
     p.add_argument("--draft", help="draft model (same vocabulary); without it, --proposer ngram or none")
-    p.add_argument("--proposer", choices=["draft", "ngram", "none"])
+    p.add_argument("--proposer", choices=PROPOSERS, help="default: draft with --draft, else none")
     p.add_argument("--k", type=int, default=3, help="speculative tokens per step")
     p.add_argument("--model-name", help="the model id clients ask for (default: the target's directory name)")
     p.add_argument(

@@ -67,6 +67,11 @@ class DraftHeads(nn.Module):
         lm_head, embeddings = target.get_output_embeddings(), target.get_input_embeddings()
         return cls(spec, lm_head, embeddings).to(lm_head.weight.device, lm_head.weight.dtype)
 
+    def like(self) -> DraftHeads:
+        """Fresh (untrained) heads of the same spec over the same shared target modules."""
+        lm_head = self._shared[0]
+        return DraftHeads(self.spec, *self._shared).to(lm_head.weight.device, lm_head.weight.dtype)
+
     def head(self, i: int, hidden: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
         """Head i's logits [N, V] from hidden [N, H] and the tokens before its guess, before [N, >= i]
         (x_{t+1} .. x_{t+i}; Medusa heads ignore them)."""

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from distill.heads import DraftHeads, HeadsSpec
 from serving.errors import IncompatibleDraftError, InvalidRequestError
 from serving.models import (
     context_length,
@@ -31,11 +32,12 @@ from serving.models import (
     truncate_cache,
     vocab_size,
 )
-from serving.proposers import DraftModelProposer, NgramProposer, NullProposer, Proposer
+from serving.proposers import DraftModelProposer, HeadsProposer, NgramProposer, NullProposer, Proposer
 from serving.sampling import SamplingParams, process_logits, rejection_sample
 from serving.stats import SpecStats
 
-ProposerName = Literal["draft", "ngram", "none"]
+ProposerName = Literal["draft", "ngram", "none", "medusa", "hydra"]
+PROPOSERS: tuple[ProposerName, ...] = ("draft", "ngram", "none", "medusa", "hydra")
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,8 @@ class SpecEngine:
         proposer defaults to "draft" when a draft is given and "none" otherwise.
         """
         proposer = proposer or ("draft" if draft is not None else "none")
-        if proposer not in ("draft", "ngram", "none"):
-            raise ValueError(f"proposer must be 'draft', 'ngram' or 'none', got {proposer!r}")
+        if proposer not in PROPOSERS:
+            raise ValueError(f"proposer must be one of {PROPOSERS}, got {proposer!r}")
         if (proposer == "draft") != (draft is not None):
             raise ValueError("a draft model is needed by proposer='draft' and used by no other proposer")
         device = resolve_device(device)
@@ -112,6 +114,12 @@ class SpecEngine:
                     f"{target!r} has {vocab_size(target_model)}; they must share one tokenizer"
                 )
             chosen: Proposer = DraftModelProposer(draft_model)
+        elif proposer in (
+            "medusa",
+            "hydra",
+        ):  # untrained heads (guessing as the LM head does) until a version loads
+            spec = HeadsSpec(proposer, max(1, num_speculative_tokens))
+            chosen = HeadsProposer(DraftHeads.for_target(spec, target_model))
         else:
             chosen = NgramProposer() if proposer == "ngram" else NullProposer()
         return cls(target_model, chosen, num_speculative_tokens)

@@ -36,12 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+import torch
 
+from distill.heads import HeadsSpec
 from distill.lora import LoraSpec, merged_adapter
 from serving.engine import Generation, ProposerName, SpecEngine, Step, cost_ratio
 from serving.errors import EngineError, IncompatibleDraftError, InvalidRequestError
 from serving.prometheus import ReplicaMetrics
-from serving.proposers import DraftModelProposer
+from serving.proposers import DraftModelProposer, HeadsProposer, Proposer
 from serving.tracing import trace_of
 from store.load import forget, publish_load
 from store.metrics import MetricsConfig, MetricsRecorder, request_counters
@@ -157,6 +159,8 @@ class Replica:
         self.target_id = config.target_id or Path(config.target).name
         self.context = base.max_length  # prompt plus new tokens
         self.base_draft = getattr(base.proposer, "model", None)  # None unless the proposer is a draft
+        self.base_heads = getattr(base.proposer, "heads", None)  # None unless it is draft heads
+        learns = self.base_draft is not None or self.base_heads is not None  # registry versions apply
         self.k = base.k
         # c of the speedup model, timed once on any 32 ids (a swap keeps the architecture); n-gram
         # lookup is about free.
@@ -167,7 +171,7 @@ class Replica:
         self.registry = Registry(client)
         self.swaps = self.refused = 0
         self.last_swap_seconds: float | None = None  # load and check, off the decode path
-        self._served = _Served(base, "none" if self.base_draft is None else f"{config.draft_name}:base")
+        self._served = _Served(base, f"{config.draft_name}:base" if learns else "none")
         self.writer = TraceWriter(client, config.stream)
         self.recorder = MetricsRecorder(client, config.metrics)
         self.metrics = ReplicaMetrics()
@@ -175,7 +179,7 @@ class Replica:
         self._in_flight = 0
         self._closed = False
         self.watcher = None
-        if self.base_draft is not None:
+        if learns:
             self.watcher = LiveWatcher(
                 self.registry, config.draft_name, self._swap, config.domain, config.poll_seconds
             )
@@ -348,25 +352,36 @@ class Replica:
             )
 
     # The watcher's thread.
+    def _proposer_for(self, meta: DraftVersion, weights: dict[str, torch.Tensor]) -> Proposer:
+        """A proposer with `meta`'s weights, built next to the served one; IncompatibleDraftError when
+        the version is of another kind than this replica serves (heads for a draft, or the reverse)."""
+        if self.base_heads is not None:
+            spec = self.base_heads.spec
+            if meta.kind != "heads" or HeadsSpec(**meta.extra.get("heads", {})) != spec:
+                raise IncompatibleDraftError(f"this replica serves {spec}; {meta.label} is {meta.kind}")
+            proposer = HeadsProposer(self.base_heads.like())
+            proposer.load_weights(weights)
+            return proposer
+        if meta.kind == "heads":
+            raise IncompatibleDraftError(f"this replica serves a draft model; {meta.label} is draft heads")
+        if meta.kind == "lora":
+            return DraftModelProposer(
+                merged_adapter(copy.deepcopy(self.base_draft), LoraSpec(**meta.extra["lora"]), weights)
+            )
+        model = copy.deepcopy(self.base_draft)
+        DraftModelProposer(model).load_weights(weights)
+        return DraftModelProposer(model)
+
     def _swap(self, meta: DraftVersion) -> None:
         """Load `meta` into a fresh draft next to the served one, then serve it to new requests."""
         began = time.perf_counter()
         try:
-            weights = self.registry.load(meta)
-            if meta.kind == "lora":
-                model = merged_adapter(
-                    copy.deepcopy(self.base_draft), LoraSpec(**meta.extra["lora"]), weights
-                )
-            else:
-                model = copy.deepcopy(self.base_draft)
-                DraftModelProposer(model).load_weights(weights)
+            proposer = self._proposer_for(meta, self.registry.load(meta))
         except (CorruptWeightsError, IncompatibleDraftError, KeyError, TypeError, ValueError) as err:
             self.refused += 1
             log.error("refused draft %s, serving %s on: %s", meta.label, self._served.version, err)
             return
-        engine = SpecEngine(
-            self._served.engine.target, DraftModelProposer(model), self.config.num_speculative_tokens
-        )
+        engine = SpecEngine(self._served.engine.target, proposer, self.config.num_speculative_tokens)
         self._served = _Served(engine, meta.label)
         self.swaps += 1
         self.last_swap_seconds = time.perf_counter() - began

@@ -63,7 +63,7 @@ class DraftVersion:
     train_steps: int
     gate_acceptance: float | None
     status: Status
-    kind: Literal["full", "lora"]
+    kind: Literal["full", "lora", "heads"]
     sha256: str
     size_bytes: int
     chunks: int  # weight chunks in Redis; 0 when the weights live at `uri`
@@ -125,7 +125,7 @@ class Registry:
         parent: int | None = None,
         train_steps: int = 0,
         gate_acceptance: float | None = None,
-        kind: Literal["full", "lora"] = "full",
+        kind: Literal["full", "lora", "heads"] = "full",
         extra: dict | None = None,
     ) -> DraftVersion:
         """Store weights as a new candidate version (not live)."""

@@ -10,7 +10,9 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from polling import wait_for
 from safetensors.torch import load, save
+from transformers import AutoModelForCausalLM
 
 from distill.heads import (
     DraftHeads,
@@ -25,6 +27,7 @@ from serving.errors import IncompatibleDraftError
 from serving.proposers import HeadsProposer, NullProposer
 from serving.server import Replica, ReplicaConfig, Request
 from serving.tracing import trace_of
+from store.registry import Registry
 from store.traces import StreamConfig, TraceReader
 from tiny_models import ARCHS, build, random_heads
 
@@ -105,3 +108,27 @@ def test_training_heads_on_traces_fits_them_to_the_targets_distributions(kind):
     no_hidden = [dataclasses.replace(t, hidden=None) for t in traces]
     with pytest.raises(NoHiddenStatesError, match="hidden_fraction"):
         heads_batch(no_hidden, 3)
+
+
+def test_a_heads_replica_serves_losslessly_and_swaps_in_published_heads_only(redis_client, model_dirs):
+    target_dir = str(model_dirs["llama"]["target"])
+    expected = SpecEngine.from_pretrained(target_dir).generate(PROMPT, 12, stop_token_ids=[]).token_ids
+    config = ReplicaConfig(target=target_dir, proposer="hydra", num_speculative_tokens=3, poll_seconds=0.1,
+                           stream=StreamConfig(stream="t:heads"), replica_id="r-heads")  # fmt: skip
+    replica = Replica(config, redis_client)
+
+    def served() -> tuple[list[int], str]:
+        finished = asyncio.run(replica.complete(Request(PROMPT, 12, stop_token_ids=[])))
+        return finished.generation.token_ids, finished.draft_version
+
+    assert served() == (expected, "draft:base")
+    registry, spec = Registry(redis_client), replica.base_heads.spec
+    trained = random_heads(AutoModelForCausalLM.from_pretrained(target_dir), "hydra").state_dict()
+    registry.publish("draft", trained, kind="heads", extra={"heads": dataclasses.asdict(spec)})
+    assert wait_for(lambda: replica.draft_version == "draft:v1", timeout=10)
+    assert served() == (expected, "draft:v1")  # new heads, the target's own output
+    draft_model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]["small"]).state_dict()
+    registry.publish("draft", draft_model)  # a draft model's weights: not for a heads replica
+    assert wait_for(lambda: replica.refused == 1, timeout=10)
+    assert served() == (expected, "draft:v1")
+    replica.close()
