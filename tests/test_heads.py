@@ -28,8 +28,10 @@ from serving.proposers import HeadsProposer, NullProposer
 from serving.server import Replica, ReplicaConfig, Request
 from serving.tracing import trace_of
 from store.registry import Registry
-from store.traces import StreamConfig, TraceReader
+from store.traces import StreamConfig, TraceReader, TraceWriter
 from tiny_models import ARCHS, build, random_heads
+from trainer.config import TrainerConfig
+from trainer.loop import OnlineTrainer
 
 PROMPT = [5, 3, 8, 1, 9, 2, 7]
 
@@ -132,3 +134,33 @@ def test_a_heads_replica_serves_losslessly_and_swaps_in_published_heads_only(red
     assert wait_for(lambda: replica.refused == 1, timeout=10)
     assert served() == (expected, "draft:v1")
     replica.close()
+
+
+def test_the_online_trainer_learns_gates_and_publishes_heads_skipping_traces_without_hidden_states(
+    redis_client, tmp_path
+):
+    target = build("llama", 2, 32, seed=3, init_std=0.15)  # peaked distributions: learnable
+    target.save_pretrained(tmp_path / "target")
+    engine = SpecEngine(target, NullProposer(), 0)
+    stream = StreamConfig(stream="t:heads-trainer", held_out_fraction=0.25)
+    writer, generator = TraceWriter(redis_client, stream), torch.Generator().manual_seed(1)
+    for i in range(100):
+        prompt = torch.randint(0, 128, (6,), generator=generator).tolist()
+        out = engine.generate(prompt, 20, temperature=1.0, seed=i, stop_token_ids=[], top_logprobs=16,
+                              hidden_states=i % 10 != 0)  # fmt: skip
+        writer.append(trace_of(f"req-{i}", "code", "tiny", "draft:v1", prompt, out, {}))
+    writer.close()
+    config = TrainerConfig(
+        heads=HeadsSpec("hydra", 3), checkpoint_dir=tmp_path / "ckpt", batch_size=8, learning_rate=1e-2,
+        gate_every=10**6, gate_min_positions=200, max_in_flight=100,
+    )  # fmt: skip
+    trainer = OnlineTrainer(config, tmp_path / "target", redis_client, stream=stream)
+    assert trainer.registry.live("draft").kind == "heads"  # the starting heads, published as the baseline
+    for _ in range(80):
+        trainer.poll()
+        trainer.train_step()
+    assert trainer.skipped == 10  # every trace without hidden states, acked and left out
+    decision = trainer.maybe_publish()
+    assert decision.publish, decision.reason
+    live = trainer.registry.live("draft")
+    assert (live.version, live.kind, live.extra["heads"]) == (2, "heads", {"kind": "hydra", "num_heads": 3})

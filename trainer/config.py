@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from distill.heads import HeadsSpec
 from distill.lora import LoraSpec
 from distill.losses import LossName, Selection
 
@@ -18,6 +19,7 @@ class TrainerConfig:
     jsd_beta: float = 0.5
     selection: Selection = "all"
     lora: LoraSpec | None = None  # None: full fine-tuning of the draft
+    heads: HeadsSpec | None = None  # train draft heads on the target's hidden states instead
     # How.
     learning_rate: float = 3e-4
     weight_decay: float = 0.0

@@ -7,21 +7,14 @@ series and server load read. trainer.actor runs it in its own process.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections import defaultdict, deque
-from dataclasses import asdict
 from pathlib import Path
 
 import redis
 import torch
-from transformers import AutoModelForCausalLM
 
-from distill.acceptance import trace_acceptance
-from distill.batches import make_batch
-from distill.lora import adapter_weights, load_adapter_weights, wrap_lora
-from distill.losses import token_weights, topk_loss, weighted_mean
 from store.drift import read_alerts
 from store.load import read_load
 from store.metrics import MetricsConfig, read_series
@@ -31,6 +24,7 @@ from trainer.buffer import ReplayBuffer
 from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from trainer.config import TrainerConfig
 from trainer.gate import GateDecision, Tally, WatchVerdict, gate, watch
+from trainer.learners import learner_for
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +33,18 @@ class OnlineTrainer:
     def __init__(
         self,
         config: TrainerConfig,
-        base_draft: str | Path,
+        base: str | Path,
         client: redis.Redis,
         consumer: str = "trainer-0",
         stream: StreamConfig | None = None,
         metrics: MetricsConfig | None = None,
     ):
+        """`base`: the starting draft model, or with `config.heads` the target the heads read."""
         self.config, self.client, self.metrics = config, client, metrics or MetricsConfig()
-        model = AutoModelForCausalLM.from_pretrained(str(base_draft))
-        self.model = wrap_lora(model, config.lora) if config.lora else model
-        self.live_model = copy.deepcopy(self.model).eval()  # what servers run now, for the gate
+        self.learner = learner_for(config, base)
+        self.model = self.learner.build()
+        self.live_model = self.learner.build().eval()  # what servers run now, for the gate
+        self.learner.load(self.live_model, self.learner.weights(self.model))
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.reader = TraceReader(client, consumer, stream or StreamConfig())
@@ -61,31 +57,18 @@ class OnlineTrainer:
         self.watching: tuple[DraftVersion, float] | None = None  # the publish being watched, and when
         self.last_loss: float | None = None
         self.prioritised: frozenset[str] = frozenset()  # domains with a drift alert
+        self.skipped = 0  # traces the learner cannot use (heads: no hidden states)
         self._next_drift_check = 0.0
         restored = load_checkpoint(config.checkpoint_dir)
         if restored is not None:
             weights, optimizer_state, self.state = restored
-            self._load_weights(self.model, weights)
+            self.learner.load(self.model, weights)
             self.optimizer.load_state_dict(optimizer_state)
             log.info("trainer resumed at step %d", self.state.step)
         self._sync_live()
 
-    # Weights: the full draft, or only its LoRA adapter.
-    def weights(self, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-        model = model or self.model
-        if self.config.lora:
-            return adapter_weights(model)
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def _load_weights(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-        if self.config.lora:
-            load_adapter_weights(model, weights)
-        else:
-            model.load_state_dict(weights)
-
-    def _adapter_spec(self) -> dict:
-        """What a server needs to rebuild a LoRA version: the adapter's spec (nothing for full weights)."""
-        return {} if self.config.lora is None else {"lora": asdict(self.config.lora)}
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.learner.weights(self.model)
 
     def _sync_live(self) -> None:
         """Agree with the registry on the live version; publish the starting draft as the first."""
@@ -95,13 +78,13 @@ class OnlineTrainer:
                 self.config.draft_name,
                 self.weights(),
                 domain=self.config.domain,
-                kind="lora" if self.config.lora else "full",
-                extra={"origin": "starting draft", **self._adapter_spec()},
+                kind=self.learner.kind,
+                extra={"origin": "starting draft", **self.learner.extra},
             )
         if live.version != self.state.live_version:
-            self._load_weights(self.live_model, self.registry.load(live))
+            self.learner.load(self.live_model, self.registry.load(live))
             if self.state.live_version is None:
-                self._load_weights(self.model, self.registry.load(live))
+                self.learner.load(self.model, self.registry.load(live))
             self.state.live_version = live.version
 
     # One iteration.
@@ -135,7 +118,10 @@ class OnlineTrainer:
         deliveries = self.reader.read(count=self.config.read_count)
         gate_only = []
         for delivery in deliveries:
-            if delivery.held_out:
+            if not self.learner.usable(delivery.trace):
+                self._skip(delivery.trace)
+                gate_only.append(delivery.entry_id)  # nothing to learn from: acked at once
+            elif delivery.held_out:
                 self.gate_set[delivery.trace.domain].append(delivery.trace)
                 gate_only.append(delivery.entry_id)  # evaluated on, never trained on
             else:
@@ -160,16 +146,8 @@ class OnlineTrainer:
         )
         if not entries:
             return None
-        batch = make_batch([e.trace for e in entries], self.config.max_seq_len)
         self.model.train()
-        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        weights = token_weights(
-            self.config.selection, batch.mask, logits.detach(), batch.emitted, batch.top_logprobs
-        )
-        per_position = topk_loss(
-            self.config.loss, logits, batch.top_ids, batch.top_logprobs, batch.emitted, self.config.jsd_beta
-        )
-        loss = weighted_mean(per_position, weights)
+        loss = self.learner.loss(self.model, [e.trace for e in entries])
         self.optimizer.zero_grad()
         loss.backward()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -196,7 +174,7 @@ class OnlineTrainer:
             if not traces:
                 continue
             for tallies, model in ((candidate, self.model), (live, self.live_model)):
-                per_trace = trace_acceptance(model, list(traces), self.config.max_seq_len)
+                per_trace = self.learner.acceptance(model, list(traces))
                 tallies[domain] = Tally(sum(s for s, _ in per_trace), sum(n for _, n in per_trace))
         return gate(candidate, live, self.config.gate_margin, self.config.gate_min_positions)
 
@@ -215,8 +193,8 @@ class OnlineTrainer:
             parent=self.state.live_version,
             train_steps=self.state.step,
             gate_acceptance=decision.candidate,
-            kind="lora" if self.config.lora else "full",
-            extra={"gate": decision.record(), **self._adapter_spec()},
+            kind=self.learner.kind,
+            extra={"gate": decision.record(), **self.learner.extra},
         )
         if not decision.publish:
             self.registry.reject(
@@ -224,7 +202,7 @@ class OnlineTrainer:
             )
             return decision
         published = self.registry.promote(self.config.draft_name, self.config.domain, candidate.version)
-        self._load_weights(self.live_model, weights)
+        self.learner.load(self.live_model, weights)
         self.state.live_version = published.version
         self.watching = (published, time.time())
         log.info("published %s: %s", published.label, decision.reason)
@@ -249,8 +227,8 @@ class OnlineTrainer:
         if verdict.action == "rollback":
             self.registry.rollback(published.name, published.domain, to=parent.version, reason=verdict.reason)
             weights = self.registry.load(parent)
-            self._load_weights(self.live_model, weights)
-            self._load_weights(self.model, weights)  # train on from the version that worked
+            self.learner.load(self.live_model, weights)
+            self.learner.load(self.model, weights)  # train on from the version that worked
             self.state.live_version = parent.version
             log.warning("rolled back %s: %s", published.label, verdict.reason)
         if verdict.action != "wait":
@@ -264,6 +242,16 @@ class OnlineTrainer:
             )
             self.watching = None
         return verdict
+
+    def _skip(self, trace: Trace) -> None:
+        """Count a trace the learner cannot use; say why on the first and every 1000th."""
+        if self.skipped % 1000 == 0:
+            log.warning(
+                "skipping trace %s: head training needs the target's hidden states, which only the "
+                "traces of a sampled fraction of requests carry (set the replicas' hidden_fraction "
+                "above 0); %d skipped so far", trace.request_id, self.skipped + 1,
+            )  # fmt: skip
+        self.skipped += 1
 
     def _remember(self, event: dict) -> None:
         self.state.history = (self.state.history + [event | {"time": time.time()}])[-50:]
