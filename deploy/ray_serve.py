@@ -29,6 +29,7 @@ import torch
 from ray import serve
 from transformers import AutoConfig, AutoTokenizer
 
+from distill.heads import HeadsSpec
 from serving.api import create_app
 from serving.engine import ProposerName
 from serving.server import Replica, ReplicaConfig
@@ -65,15 +66,18 @@ class ServiceConfig:
     trainer_dir: str = str(Path.home() / ".cache" / "osd" / "trainer")
     trainer_settings: dict[str, Any] = field(default_factory=dict)  # TrainerConfig fields to override
     held_out_fraction: float = StreamConfig.held_out_fraction  # traces the trainer's gate keeps apart
+    hidden_fraction: float | None = None  # traces that log hidden states: default 0.25 with heads, else 0
     admin_token_env: str = "OSD_ADMIN_TOKEN"
 
     def __post_init__(self):
         if self.replicas < 1 or self.k < 0 or self.max_queue < 1:
             raise ValueError("need replicas >= 1, k >= 0 and max_queue >= 1")
-        settable = {f.name for f in dataclasses.fields(TrainerConfig)} - {"checkpoint_dir", "lora"}
+        settable = {f.name for f in dataclasses.fields(TrainerConfig)} - {"checkpoint_dir", "lora", "heads"}
         if unknown := sorted(set(self.trainer_settings) - settable):
             raise ValueError(f"unknown trainer_settings {unknown}; known: {sorted(settable)}")
         StreamConfig(held_out_fraction=self.held_out_fraction)  # its own checks
+        if self.hidden_fraction is not None and not 0.0 <= self.hidden_fraction <= 1.0:
+            raise ValueError(f"hidden_fraction must lie in [0, 1], got {self.hidden_fraction}")
 
     @classmethod
     def from_args(cls, args: Mapping) -> ServiceConfig:
@@ -95,8 +99,17 @@ class ServiceConfig:
         return self.model_name or Path(self.target).name
 
     @property
+    def heads(self) -> HeadsSpec | None:
+        """The draft heads served and trained (proposer medusa or hydra, one head per draft token)."""
+        return HeadsSpec(self.proposer, max(1, self.k)) if self.proposer in ("medusa", "hydra") else None
+
+    @property
+    def traced_hidden(self) -> float:
+        return self.hidden_fraction if self.hidden_fraction is not None else 0.25 if self.heads else 0.0
+
+    @property
     def learns(self) -> bool:
-        return self.trainer and self.draft is not None
+        return self.trainer and (self.draft is not None or self.heads is not None)
 
 
 @serve.deployment
@@ -111,7 +124,7 @@ class OSDServer:
         replica = ReplicaConfig(
             target=config.target, draft=config.draft, proposer=config.proposer,
             num_speculative_tokens=config.k, device=config.device, dtype=config.dtype,
-            max_queue=config.max_queue,
+            max_queue=config.max_queue, hidden_fraction=config.traced_hidden,
             replica_id=f"replica-{serve.get_replica_context().replica_tag}",
         )  # fmt: skip
         self.replica = Replica(replica, open_redis(config.redis))
@@ -149,7 +162,7 @@ def trainer_config(config: ServiceConfig) -> TrainerConfig:
     on, then `trainer_settings`."""
     context = getattr(AutoConfig.from_pretrained(config.target), "max_position_embeddings", None)
     settings = ({"max_seq_len": context} if context else {}) | config.trainer_settings
-    return TrainerConfig(checkpoint_dir=Path(config.trainer_dir), **settings)
+    return TrainerConfig(checkpoint_dir=Path(config.trainer_dir), heads=config.heads, **settings)
 
 
 def start_trainer(config: ServiceConfig):
@@ -164,7 +177,8 @@ def start_trainer(config: ServiceConfig):
         resources=config.trainer_resources,
     )
     stream = StreamConfig(held_out_fraction=config.held_out_fraction)
-    actor = options.remote(trainer_config(config), config.draft, config.redis, stream=stream)
+    base = config.target if config.heads else config.draft  # heads read the target's hidden states
+    actor = options.remote(trainer_config(config), base, config.redis, stream=stream)
     ray.get(actor.status.remote())  # started: its starting draft is in the registry
     return actor
 

@@ -19,6 +19,7 @@ from deploy.demo.build import build_demo_models
 from deploy.ray_serve import ServiceConfig, build, trainer_config
 from deploy.serve import parser as serve_parser
 from deploy.serve import service_config
+from distill.heads import HeadsSpec
 from tiny_models import TINY_DEMO
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
@@ -80,6 +81,10 @@ def test_trainer_settings_override_the_trainer_config(tiny_demo, tmp_path):
     settings = {"gate_every": 7, "max_seq_len": 64}
     trainer = trainer_config(ServiceConfig(target, trainer_dir=str(tmp_path), trainer_settings=settings))
     assert (trainer.gate_every, trainer.max_seq_len, trainer.checkpoint_dir) == (7, 64, tmp_path)
+    assert trainer.heads is None
+    heads = ServiceConfig(target, proposer="hydra", k=4)  # draft heads: trained on the target's hidden states
+    assert heads.learns and heads.traced_hidden == 0.25
+    assert trainer_config(heads).heads == HeadsSpec("hydra", 4)
 
 
 def test_osd_serve_flags_and_config_files_make_the_service_config(tmp_path):
