@@ -12,6 +12,7 @@ is always the first input of the next verify forward.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,15 +27,28 @@ from serving.models import (
     context_length,
     forward,
     forward_hidden,
+    forward_tree,
+    keep_cache_positions,
     load_causal_lm,
     resolve_device,
     resolve_dtype,
+    tree_support,
     truncate_cache,
     vocab_size,
 )
-from serving.proposers import DraftModelProposer, HeadsProposer, NgramProposer, NullProposer, Proposer
+from serving.proposers import (
+    DraftModelProposer,
+    HeadsProposer,
+    NgramProposer,
+    NullProposer,
+    Proposal,
+    Proposer,
+)
 from serving.sampling import SamplingParams, process_logits, rejection_sample
 from serving.stats import SpecStats
+from serving.tree import greedy_path, node_depths, static_tree
+
+log = logging.getLogger(__name__)
 
 ProposerName = Literal["draft", "ngram", "none", "medusa", "hydra"]
 PROPOSERS: tuple[ProposerName, ...] = ("draft", "ngram", "none", "medusa", "hydra")
@@ -57,6 +71,17 @@ class Generation:
     top_ids: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """What one verification kept: the emitted tokens [a + 1] (a accepted drafts and the target's
+    next), the target's logits [a + 1, V] and hidden states [a + 1, H] (when asked) that gave them."""
+
+    drafted: int  # drafts proposed (a tree: its depth)
+    emitted: torch.Tensor
+    logits: torch.Tensor
+    hidden: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -93,10 +118,13 @@ class SpecEngine:
         num_speculative_tokens: int = 4,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        tree: tuple[int, ...] | None = None,
     ) -> SpecEngine:
         """Load a target (local directory or hub id) and a proposer.
 
-        proposer defaults to "draft" when a draft is given and "none" otherwise.
+        proposer defaults to "draft" when a draft is given and "none" otherwise. `tree`: for
+        heads, the branching of a static tree (serving.tree.static_tree) verified in one forward
+        for greedy requests; when the target cannot verify trees, chain mode, with the reason logged.
         """
         proposer = proposer or ("draft" if draft is not None else "none")
         if proposer not in PROPOSERS:
@@ -119,7 +147,12 @@ class SpecEngine:
             "hydra",
         ):  # untrained heads (guessing as the LM head does) until a version loads
             spec = HeadsSpec(proposer, max(1, num_speculative_tokens))
-            chosen = HeadsProposer(DraftHeads.for_target(spec, target_model))
+            if tree and (reason := tree_support(target_model)):
+                log.warning("tree mode off, heads draft chains: %s cannot verify trees: %s", target, reason)
+                tree = None
+            chosen = HeadsProposer(
+                DraftHeads.for_target(spec, target_model), static_tree(tree) if tree else None
+            )
         else:
             chosen = NgramProposer() if proposer == "ngram" else NullProposer()
         return cls(target_model, chosen, num_speculative_tokens)
@@ -217,29 +250,18 @@ class SpecEngine:
             proposal = self.proposer.propose(
                 draft_state, tokens[:length], min(self.k, remaining - 1), params, generator
             )
-            drafted = proposal.tokens.shape[0]
-            tokens[length : length + drafted] = proposal.tokens
-            inputs = tokens[length - 1 : length + drafted]
-            if with_hidden:  # heads draft from the target's hidden state: no pass of their own
-                logits, hidden = forward_hidden(self.target, inputs, cache)  # [1+k, V], [1+k, H]
+            if proposal.parents is None:
+                verified = self._verify_chain(proposal, tokens, length, cache, params, generator, with_hidden)
             else:
-                logits = forward(self.target, inputs, cache)  # [1+k, V]
-            verification = rejection_sample(
-                process_logits(logits, params).unsqueeze(0),  # [1, 1+k, V]
-                proposal.tokens.unsqueeze(0),
-                None if proposal.probs is None else proposal.probs.unsqueeze(0),
-                generator,
-            )
-            accepted = int(verification.num_accepted[0])
-            emitted = verification.tokens[0, : accepted + 1]
+                verified = self._verify_tree(proposal, tokens, length, cache, params)
+            emitted, accepted = verified.emitted, verified.emitted.shape[0] - 1
             if wants_hidden:  # the state whose logits gave the last emitted token
-                self.proposer.observe(draft_state, hidden[accepted])
-            stats.record(drafted, accepted)
+                self.proposer.observe(draft_state, verified.hidden[-1])
+            stats.record(verified.drafted, accepted)
             if top_logprobs:
-                tops.append(torch.log_softmax(logits[: accepted + 1].float(), dim=-1).topk(top_logprobs))
+                tops.append(torch.log_softmax(verified.logits.float(), dim=-1).topk(top_logprobs))
             if hidden_states:
-                hiddens.append(hidden[: accepted + 1])
-            truncate_cache(cache, length + accepted)
+                hiddens.append(verified.hidden)
             tokens[length : length + accepted + 1] = emitted
             length += accepted + 1
             new: list[int] = []
@@ -253,6 +275,59 @@ class SpecEngine:
                 yield finish(new, "length")
                 return
             yield Step(new)
+
+    def _verify_chain(
+        self,
+        proposal: Proposal,
+        tokens: torch.Tensor,
+        length: int,
+        cache: DynamicCache,
+        params: SamplingParams,
+        generator: torch.Generator,
+        with_hidden: bool,
+    ) -> _Verified:
+        """One forward over the last emitted token and the k drafts after it, then the rejection
+        sampler; the cache is cut back to what was kept."""
+        drafted = proposal.tokens.shape[0]
+        tokens[length : length + drafted] = proposal.tokens
+        inputs = tokens[length - 1 : length + drafted]
+        if with_hidden:  # heads draft from the target's hidden state: no pass of their own
+            logits, hidden = forward_hidden(self.target, inputs, cache)  # [1+k, V], [1+k, H]
+        else:
+            logits, hidden = forward(self.target, inputs, cache), None  # [1+k, V]
+        verification = rejection_sample(
+            process_logits(logits, params).unsqueeze(0),  # [1, 1+k, V]
+            proposal.tokens.unsqueeze(0),
+            None if proposal.probs is None else proposal.probs.unsqueeze(0),
+            generator,
+        )
+        accepted = int(verification.num_accepted[0])
+        truncate_cache(cache, length + accepted)
+        kept = slice(0, accepted + 1)
+        return _Verified(
+            drafted, verification.tokens[0, kept], logits[kept], None if hidden is None else hidden[kept]
+        )
+
+    def _verify_tree(
+        self,
+        proposal: Proposal,
+        tokens: torch.Tensor,
+        length: int,
+        cache: DynamicCache,
+        params: SamplingParams,
+    ) -> _Verified:
+        """One forward over the last emitted token and every tree node (serving.tree), then the
+        greedy walk; the cache keeps the sequence and the accepted path."""
+        if not params.greedy:
+            raise RuntimeError("tree proposals are verified for greedy requests only")
+        inputs = torch.cat([tokens[length - 1 : length], proposal.tokens])  # [1 + N]
+        logits, hidden = forward_tree(self.target, inputs, cache, proposal.parents)  # [1+N, V], [1+N, H]
+        argmax = logits.argmax(-1)
+        path = greedy_path(proposal.parents, proposal.tokens.tolist(), argmax.tolist())
+        nodes = torch.tensor(path, dtype=torch.long, device=inputs.device)
+        keep_cache_positions(cache, torch.cat([torch.arange(length, device=inputs.device), length + nodes]))
+        rows = torch.cat([nodes.new_zeros(1), 1 + nodes])  # the root and the path: each gave the next token
+        return _Verified(max(node_depths(proposal.parents)), argmax[rows], logits[rows], hidden[rows])
 
     def _check_prompt(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Validate a request's prompt and length; return the prompt as ids [L] on the device."""

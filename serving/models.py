@@ -10,10 +10,11 @@ import functools
 import inspect
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer
 
 from serving.errors import ModelLoadError
+from serving.tree import node_depths, tree_attention
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -83,3 +84,44 @@ def forward_hidden(
     hidden = model.base_model(input_ids=input_ids.unsqueeze(0), cache=cache, use_cache=True)
     hidden = hidden.last_hidden_state[0]  # [n, H]
     return model.get_output_embeddings()(hidden), hidden
+
+
+def forward_tree(
+    model: PreTrainedModel, input_ids: torch.Tensor, cache: Cache, parents: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`forward_hidden` for a root token and the N tree nodes after it, input_ids [1 + N] (see
+    serving.tree): each attends to the cache, its ancestors and itself, at position root + depth."""
+    past = cache.get_seq_length()
+    positions = torch.tensor([[past + d for d in (0, *node_depths(parents))]], device=input_ids.device)
+    mask = tree_attention(parents, past, model.dtype, input_ids.device)
+    out = model.base_model(
+        input_ids=input_ids.unsqueeze(0), attention_mask=mask, position_ids=positions, cache=cache,
+        use_cache=True,
+    )  # fmt: skip
+    hidden = out.last_hidden_state[0]  # [1 + N, H]
+    return model.get_output_embeddings()(hidden), hidden
+
+
+def keep_cache_positions(cache: Cache, keep: torch.Tensor) -> None:
+    """Keep only the cached positions `keep` [n] (ascending), in that order: after a tree
+    verification, the sequence's and the accepted path's."""
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer:
+            raise TypeError(f"cannot select positions of a {type(layer).__name__} cache layer")
+        layer.keys = layer.keys.index_select(-2, keep)
+        layer.values = layer.values.index_select(-2, keep)
+
+
+def tree_support(model: PreTrainedModel) -> str | None:
+    """None when `model` verifies trees exactly (a 4D mask with explicit positions gives the logits
+    of the plain causal forward on a chain-shaped tree); else the reason it does not."""
+    ids = torch.arange(1, 4, device=model.device) % vocab_size(model)
+    try:
+        with torch.no_grad():
+            chain = forward(model, ids, DynamicCache(config=model.config))
+            tree, _ = forward_tree(model, ids, DynamicCache(config=model.config), parents=(-1, 0))
+    except (TypeError, ValueError, RuntimeError) as err:
+        return f"its forward refuses a 4D attention mask: {err}"
+    if not torch.allclose(chain, tree, atol=1e-4):
+        return "a 4D attention mask changes its logits"
+    return None

@@ -19,6 +19,7 @@ from distill.heads import DraftHeads
 from serving.errors import IncompatibleDraftError
 from serving.models import context_length, forward, truncate_cache
 from serving.sampling import SamplingParams, process_logits, sample
+from serving.tree import Tree
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Proposal:
 
     tokens: torch.Tensor
     probs: torch.Tensor | None = None
+    parents: tuple[int, ...] | None = None  # a tree (serving.tree), greedy only: node j's parent, -1 the root
 
 
 class Proposer(Protocol):
@@ -177,15 +179,19 @@ class HeadsState:
 
 
 class HeadsProposer:
-    """Draft heads (`distill.heads`) draft up to K tokens from the target's hidden state, in a chain:
-    head i's guess (argmax when greedy, else sampled from its processed distribution q, returned as
-    probs for the rejection sampler) is what head i+1 reads after it (Hydra). The first step of a
-    request, with no hidden state yet, drafts nothing."""
+    """Draft heads (`distill.heads`) draft from the target's hidden state; the first step of a
+    request, with no hidden state yet, drafts nothing.
+
+    Chain mode: up to K tokens, head i's guess (argmax when greedy, else sampled from its processed
+    distribution q, returned as probs for the rejection sampler) being what head i+1 reads after
+    it (Hydra). Tree mode (`tree`, greedy requests only; sampled ones still get a chain): the
+    static tree's nodes, each the rank-r candidate of its depth's head under its parent's path,
+    verified in one forward (serving.tree)."""
 
     wants_hidden = True
 
-    def __init__(self, heads: DraftHeads):
-        self.heads = heads
+    def __init__(self, heads: DraftHeads, tree: Tree | None = None):
+        self.heads, self.tree = heads, tree
 
     def new_state(self) -> HeadsState:
         return HeadsState()
@@ -198,6 +204,8 @@ class HeadsProposer:
         k = min(k, self.heads.spec.num_heads)
         if state.hidden is None or k <= 0:
             return _empty(token_ids.device)
+        if self.tree is not None and params.greedy:
+            return self._tree(state.hidden, token_ids[-1], self.tree.up_to(k))
         hidden, before = state.hidden.unsqueeze(0), token_ids[-1:].unsqueeze(0)  # [1, H], [1, 1]
         tokens, probs = [], []
         for i in range(k):
@@ -210,6 +218,23 @@ class HeadsProposer:
             tokens.append(token)
             before = torch.cat([before, token.unsqueeze(0)], dim=1)  # [1, i + 2]
         return Proposal(tokens=torch.cat(tokens), probs=torch.cat(probs) if probs else None)
+
+    def _tree(self, hidden: torch.Tensor, root: torch.Tensor, tree: Tree) -> Proposal:
+        """The tree's tokens, depth by depth: each parent's path (from the root) goes through the
+        depth's head once, and its children take their ranks among the head's candidates."""
+        paths: dict[int, list[int]] = {-1: [int(root)]}  # node -> tokens from the root to it
+        tokens = [0] * len(tree.parents)
+        for depth in range(1, max(tree.depths) + 1):
+            nodes = [j for j, d in enumerate(tree.depths) if d == depth]
+            parents = sorted({tree.parents[j] for j in nodes})
+            before = torch.tensor([paths[p] for p in parents], device=hidden.device)  # [P, depth]
+            logits = self.heads.head(depth - 1, hidden.expand(len(parents), -1), before)  # [P, V]
+            top = logits.topk(1 + max(tree.ranks[j] for j in nodes), dim=-1).indices.tolist()
+            for j in nodes:
+                parent = tree.parents[j]
+                tokens[j] = top[parents.index(parent)][tree.ranks[j]]
+                paths[j] = paths[parent] + [tokens[j]]
+        return Proposal(tokens=torch.tensor(tokens, device=hidden.device), parents=tree.parents)
 
     @torch.no_grad()
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:

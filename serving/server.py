@@ -76,6 +76,7 @@ class ReplicaConfig:
     max_queue: int = 64  # waiting requests beyond this are refused with ServerBusyError
     trace_top_k: int = 16  # the target's top-K logged per position
     hidden_fraction: float = 0.0  # requests whose traces carry the target's hidden states (for heads)
+    heads_tree: tuple[int, ...] | None = None  # heads: a static tree's branching, for greedy requests
     load_ttl_seconds: float = 10.0  # a heartbeat not refreshed for this long counts as gone
     heartbeat_seconds: float = 1.0
     poll_seconds: float = 2.0  # registry poll, a fallback to pub/sub
@@ -155,6 +156,7 @@ class Replica:
             config.num_speculative_tokens,
             config.device,
             config.dtype,
+            config.heads_tree,
         )
         self.target_id = config.target_id or Path(config.target).name
         self.context = base.max_length  # prompt plus new tokens
@@ -359,7 +361,7 @@ class Replica:
             spec = self.base_heads.spec
             if meta.kind != "heads" or HeadsSpec(**meta.extra.get("heads", {})) != spec:
                 raise IncompatibleDraftError(f"this replica serves {spec}; {meta.label} is {meta.kind}")
-            proposer = HeadsProposer(self.base_heads.like())
+            proposer = HeadsProposer(self.base_heads.like(), self._served.engine.proposer.tree)
             proposer.load_weights(weights)
             return proposer
         if meta.kind == "heads":

@@ -24,9 +24,11 @@ from distill.heads import (
 )
 from serving.engine import SpecEngine
 from serving.errors import IncompatibleDraftError
+from serving.models import tree_support
 from serving.proposers import HeadsProposer, NullProposer
 from serving.server import Replica, ReplicaConfig, Request
 from serving.tracing import trace_of
+from serving.tree import greedy_path, static_tree, tree_attention
 from store.registry import Registry
 from store.traces import StreamConfig, TraceReader, TraceWriter
 from tiny_models import ARCHS, build, random_heads
@@ -57,13 +59,46 @@ def test_heads_weights_are_theirs_alone_and_round_trip(kind):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("kind", ["medusa", "hydra"])
-def test_greedy_with_heads_is_the_targets_greedy(arch, kind):
+@pytest.mark.parametrize("tree", [None, static_tree((3, 2, 2))], ids=["chain", "tree"])
+def test_greedy_with_heads_is_the_targets_greedy(arch, kind, tree):
     target = build(arch, 2, 32, seed=1)
     expected = SpecEngine(target, NullProposer(), 0).generate(PROMPT, 24, stop_token_ids=[]).token_ids
-    engine = SpecEngine(target, HeadsProposer(random_heads(target, kind)), num_speculative_tokens=3)
-    out = engine.generate(PROMPT, 24, stop_token_ids=[])
+    engine = SpecEngine(target, HeadsProposer(random_heads(target, kind), tree), num_speculative_tokens=3)
+    out = engine.generate(PROMPT, 24, stop_token_ids=[], top_logprobs=4, hidden_states=True)
     assert out.token_ids == expected
     assert out.stats.drafted > 0  # the heads drafted
+    reference = SpecEngine(target, NullProposer(), 0).generate(PROMPT, 24, stop_token_ids=[], top_logprobs=4)
+    assert torch.equal(out.top_ids, reference.top_ids)  # the logged distributions are the same too
+    with torch.no_grad():
+        assert target.get_output_embeddings()(out.hidden).argmax(-1).tolist() == expected
+
+
+def test_a_static_tree_its_attention_and_the_greedy_walk():
+    tree = static_tree((3, 2, 1))  # 3 candidates, 2 under the first, 1 under the first of those
+    assert (tree.parents, tree.ranks, tree.depths) == (
+        (-1, -1, -1, 0, 0, 3),
+        (0, 1, 2, 0, 1, 0),
+        (1, 1, 1, 2, 2, 3),
+    )
+    assert tree.up_to(2).parents == (-1, -1, -1, 0, 0)
+    mask = tree_attention(tree.parents, past=2, dtype=torch.float32, device="cpu")[0, 0] == 0  # [7, 9]
+    assert mask[:, :3].all()  # the cache and the root
+    assert mask[6].tolist() == [
+        True,
+        True,
+        True,
+        True,
+        False,
+        False,
+        True,
+        False,
+        True,
+    ]  # node 5: 0, 3, itself
+    assert mask[2].tolist() == [True, True, True, False, True, False, False, False, False]  # node 1: itself
+    tokens = [7, 8, 9, 4, 5, 6]
+    assert greedy_path(tree.parents, tokens, [7, 4, 0, 0, 6, 0, 1]) == [0, 3, 5]
+    assert greedy_path(tree.parents, tokens, [9, 0, 0, 0, 0, 0, 0]) == [2]
+    assert greedy_path(tree.parents, tokens, [1, 0, 0, 0, 0, 0, 0]) == []
 
 
 def test_hidden_states_are_those_that_gave_each_token_and_sampled_traces_carry_them(redis_client, model_dirs):
@@ -115,8 +150,10 @@ def test_training_heads_on_traces_fits_them_to_the_targets_distributions(kind):
 def test_a_heads_replica_serves_losslessly_and_swaps_in_published_heads_only(redis_client, model_dirs):
     target_dir = str(model_dirs["llama"]["target"])
     expected = SpecEngine.from_pretrained(target_dir).generate(PROMPT, 12, stop_token_ids=[]).token_ids
-    config = ReplicaConfig(target=target_dir, proposer="hydra", num_speculative_tokens=3, poll_seconds=0.1,
-                           stream=StreamConfig(stream="t:heads"), replica_id="r-heads")  # fmt: skip
+    config = ReplicaConfig(
+        target=target_dir, proposer="hydra", num_speculative_tokens=3, heads_tree=(3, 2, 2), poll_seconds=0.1,
+        stream=StreamConfig(stream="t:heads"), replica_id="r-heads",
+    )  # fmt: skip
     replica = Replica(config, redis_client)
 
     def served() -> tuple[list[int], str]:
@@ -164,3 +201,10 @@ def test_the_online_trainer_learns_gates_and_publishes_heads_skipping_traces_wit
     assert decision.publish, decision.reason
     live = trainer.registry.live("draft")
     assert (live.version, live.kind, live.extra["heads"]) == (2, "heads", {"kind": "hydra", "num_heads": 3})
+
+
+def test_tree_mode_is_checked_against_the_target(model_dirs):
+    target = build("llama", 1, 32, seed=0)
+    assert tree_support(target) is None  # Llama verifies trees through a 4D mask exactly
+    engine = SpecEngine.from_pretrained(str(model_dirs["llama"]["target"]), proposer="medusa", tree=(3, 2))
+    assert engine.proposer.tree == static_tree((3, 2))
