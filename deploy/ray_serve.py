@@ -67,6 +67,7 @@ class ServiceConfig:
     trainer_settings: dict[str, Any] = field(default_factory=dict)  # TrainerConfig fields to override
     held_out_fraction: float = StreamConfig.held_out_fraction  # traces the trainer's gate keeps apart
     hidden_fraction: float | None = None  # traces that log hidden states: default 0.25 with heads, else 0
+    heads_tree: tuple[int, ...] | None = None  # heads: a static tree's branching (greedy requests)
     admin_token_env: str = "OSD_ADMIN_TOKEN"
 
     def __post_init__(self):
@@ -125,6 +126,7 @@ class OSDServer:
             target=config.target, draft=config.draft, proposer=config.proposer,
             num_speculative_tokens=config.k, device=config.device, dtype=config.dtype,
             max_queue=config.max_queue, hidden_fraction=config.traced_hidden,
+            heads_tree=tuple(config.heads_tree) if config.heads_tree else None,
             replica_id=f"replica-{serve.get_replica_context().replica_tag}",
         )  # fmt: skip
         self.replica = Replica(replica, open_redis(config.redis))

@@ -45,7 +45,13 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--config", type=Path, help="YAML with the settings of ServiceConfig")
     p.add_argument("--draft", help="draft model (same vocabulary); without it, --proposer ngram or none")
     p.add_argument("--proposer", choices=PROPOSERS, help="default: draft with --draft, else none")
-    p.add_argument("--k", type=int, default=3, help="speculative tokens per step")
+    p.add_argument(
+        "--k", type=int, default=3, help="speculative tokens per step (heads: the number of heads)"
+    )
+    p.add_argument(
+        "--heads-tree", type=lambda text: tuple(int(n) for n in text.split(",")),
+        help="medusa/hydra: verify a static tree for greedy requests, e.g. 3,2,2 (candidates per depth)",
+    )  # fmt: skip
     p.add_argument("--model-name", help="the model id clients ask for (default: the target's directory name)")
     p.add_argument(
         "--replicas", type=int, default=1, help="server replicas (each decodes one request at a time)"
@@ -79,7 +85,8 @@ def service_config(args: argparse.Namespace, console: Console) -> ServiceConfig:
         target, draft, name = str(models.target), str(models.draft), name or f"osd-demo-{args.demo}"
     cpus = os.cpu_count() or 1
     return ServiceConfig(
-        target=target, draft=draft, proposer=args.proposer, k=args.k, model_name=name,
+        target=target, draft=draft, proposer=args.proposer, k=args.k, heads_tree=args.heads_tree,
+        model_name=name,
         replicas=args.replicas, replica_cpus=min(1.0, cpus / args.replicas),
         torch_threads=max(1, cpus // args.replicas), trainer=not args.no_trainer,
         trainer_dir=str(args.trainer_dir),

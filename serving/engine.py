@@ -3,8 +3,11 @@
 Each step the proposer drafts k tokens, one target forward scores the last emitted token plus
 the k drafts (k+1 positions), the rejection sampler keeps a prefix and adds one token, and the
 target's KV cache is cut back to what was kept. With the null proposer (k = 0) the very same
-loop is plain autoregressive decoding. `stream` yields what each step emitted (for streaming
-responses); `generate` is the same loop, consumed to the end.
+loop is plain autoregressive decoding. Draft heads (`HeadsProposer`) read the target's hidden
+state from that forward, so they cost no pass of their own; for greedy requests they may propose
+a static tree instead of a chain, verified in the same one forward (serving.tree): the greedy
+walk keeps a path and the cache keeps that path's positions. `stream` yields what each step
+emitted (for streaming responses); `generate` is the same loop, consumed to the end.
 
 Cache invariant: the target cache holds every token of the sequence except the last one, which
 is always the first input of the next verify forward.
