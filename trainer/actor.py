@@ -34,13 +34,13 @@ class Trainer:
     def __init__(
         self,
         config: TrainerConfig,
-        base_draft: str | Path,
+        base: str | Path,  # the starting draft, or with config.heads the target
         redis_url: str,
         consumer: str = "trainer-0",
         stream: StreamConfig | None = None,
     ):
         torch.set_num_threads(config.torch_threads)
-        self.trainer = OnlineTrainer(config, base_draft, open_redis(redis_url), consumer, stream)
+        self.trainer = OnlineTrainer(config, base, open_redis(redis_url), consumer, stream)
         self.state = "starting"
         self._stop, self._paused = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
@@ -77,6 +77,7 @@ class Trainer:
             "pid": os.getpid(),
             "step": state.step,
             "trained_traces": state.trained_traces,
+            "skipped_traces": self.trainer.skipped,  # heads: traces without hidden states
             "live_version": state.live_version,
             "loss": self.trainer.last_loss,
             "buffer": len(self.trainer.buffer),

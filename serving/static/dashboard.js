@@ -108,7 +108,7 @@ function render(data) {
     : "none";
   const t = data.trainer;
   document.getElementById("trainer").innerHTML = t
-    ? ["state", "step", "loss", "trained_traces", "untrained", "buffer", "backlog", "live_version", "prioritised_domains", "history"]
+    ? ["state", "step", "loss", "trained_traces", "skipped_traces", "untrained", "buffer", "backlog", "live_version", "prioritised_domains", "history"]
         .map(k => `<tr><th>${k === "history" ? "last decisions" : k.replace("_", " ")}</th><td>${describe(k, t[k])}</td></tr>`).join("")
     : "<tr><td class='muted'>no trainer attached</td></tr>";
   const liveAcc = Object.fromEntries(Object.entries(data.by_version).map(([v, rows]) => [v, rows.length ? rows[rows.length - 1].acceptance : null]));
