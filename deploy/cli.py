@@ -100,6 +100,7 @@ BENCHMARKS = {
     "overhead": "overhead",
     "http": "http_load",
     "dashboard": "dashboard_load",
+    "heads": "heads",
 }
 COMMANDS = {"demo": demo, "demo-models": demo_models, "bench": bench, "serve": serve}
 

@@ -14,6 +14,8 @@ from polling import wait_for
 from safetensors.torch import load, save
 from transformers import AutoModelForCausalLM
 
+from benchmarks import heads as heads_bench
+from deploy.demo.build import PRESETS
 from distill.heads import (
     DraftHeads,
     HeadsSpec,
@@ -31,7 +33,7 @@ from serving.tracing import trace_of
 from serving.tree import greedy_path, static_tree, tree_attention
 from store.registry import Registry
 from store.traces import StreamConfig, TraceReader, TraceWriter
-from tiny_models import ARCHS, build, random_heads
+from tiny_models import ARCHS, TINY_DEMO, build, random_heads
 from trainer.config import TrainerConfig
 from trainer.loop import OnlineTrainer
 
@@ -208,3 +210,15 @@ def test_tree_mode_is_checked_against_the_target(model_dirs):
     assert tree_support(target) is None  # Llama verifies trees through a 4D mask exactly
     engine = SpecEngine.from_pretrained(str(model_dirs["llama"]["target"]), proposer="medusa", tree=(3, 2))
     assert engine.proposer.tree == static_tree((3, 2))
+
+
+def test_the_heads_benchmark_compares_every_method_on_the_tiny_demo(tiny_demo, tmp_path, monkeypatch):
+    monkeypatch.setitem(PRESETS, "tiny", TINY_DEMO)
+    args = ["--demo", "tiny", "--cache-dir", str(tiny_demo), "--prompts", "8", "--epochs", "1",
+            "--eval-prompts", "2", "--max-new-tokens", "8", "--k", "2", "--tree", "2,1"]  # fmt: skip
+    report = heads_bench.main([*args, "--json", str(tmp_path / "heads.json")])
+    methods = {row["method"]: row for row in report["methods"]}
+    assert set(methods) == {"no speculation", "draft model", "n-gram", "medusa heads", "hydra heads",
+                            "hydra heads, tree 2,1"}  # fmt: skip
+    assert all(row["tokens_per_s"] > 0 for row in methods.values())  # and every output was the same
+    assert methods["no speculation"]["mean_accepted_length"] == 1.0
