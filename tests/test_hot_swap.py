@@ -1,5 +1,6 @@
 """Hot-swap under load over HTTP: clients stream without pause while three versions are published
-and one rolled back; and a client that disconnects mid-stream frees its slot."""
+and one rolled back, for a draft model and for Hydra heads (verified as a tree, these greedy
+requests); and a client that disconnects mid-stream frees its slot."""
 
 from __future__ import annotations
 
@@ -15,24 +16,36 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serving.api import create_app
 from store.registry import Registry
+from tiny_models import random_heads
 
 TOKEN = "swap-test-token"
 BODY = {"model": "demo", "prompt": "def main():\n    ", "max_tokens": 24, "temperature": 0, "stream": True}
 
 
-@pytest.fixture
-def stack(tiny_replica):
+@pytest.fixture(params=["draft", "heads"])
+def stack(request, tiny_replica):
+    """(replica, registry, publish(seed): a new version of what it serves, base URL)."""
     make, models = tiny_replica
-    replica = make("swap")
+    if request.param == "draft":
+        replica = make("swap")
+        draft = AutoModelForCausalLM.from_pretrained(models.draft).state_dict()
+
+        def publish(seed: int) -> None:
+            generator = torch.Generator().manual_seed(seed)
+            noise = {n: t + 0.02 * torch.randn(t.shape, generator=generator) for n, t in draft.items()}
+            Registry(replica.client).publish("draft", noise)
+    else:
+        replica = make("swap-heads", draft=None, proposer="hydra", heads_tree=(2, 1))
+        target = AutoModelForCausalLM.from_pretrained(models.target)
+
+        def publish(seed: int) -> None:
+            heads = random_heads(target, "hydra", seed, num_heads=2).state_dict()
+            extra = {"heads": {"kind": "hydra", "num_heads": 2}}
+            Registry(replica.client).publish("draft", heads, kind="heads", extra=extra)
+
     app = create_app(replica, AutoTokenizer.from_pretrained(models.target), "demo", admin_token=TOKEN)
     with serving(app) as base:
-        yield replica, Registry(replica.client), models, base
-
-
-def perturbed(models, seed: int) -> dict[str, torch.Tensor]:
-    weights = AutoModelForCausalLM.from_pretrained(models.draft).state_dict()
-    generator = torch.Generator().manual_seed(seed)
-    return {n: t + 0.02 * torch.randn(t.shape, generator=generator) for n, t in weights.items()}
+        yield replica, publish, base
 
 
 def stream_once(http: httpx.Client) -> tuple[str, str]:
@@ -45,7 +58,7 @@ def stream_once(http: httpx.Client) -> tuple[str, str]:
 
 
 def test_clients_stream_through_three_publishes_and_a_rollback_with_no_failure(stack):
-    replica, registry, models, base = stack
+    replica, publish, base = stack
     done, failures, stopping = [], [], threading.Event()
 
     def client() -> None:
@@ -66,7 +79,7 @@ def test_clients_stream_through_three_publishes_and_a_rollback_with_no_failure(s
     try:
         served_some()
         for version, seed in ((1, 11), (2, 12), (3, 13)):
-            registry.publish("draft", perturbed(models, seed))
+            publish(seed)
             wait_for(lambda v=version: replica.draft_version == f"draft:v{v}", timeout=30)
             served_some()
         rollback = httpx.post(
@@ -88,7 +101,7 @@ def test_clients_stream_through_three_publishes_and_a_rollback_with_no_failure(s
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(stack):
-    replica, _, _, base = stack
+    replica, _, base = stack
     appended = replica.writer.stats().appended
     with httpx.Client(base_url=base, timeout=60) as http:
         long = BODY | {"max_tokens": None}  # the rest of the context: 120 tokens
