@@ -18,9 +18,8 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from rich.console import Console
-from rich.table import Table
 
-from benchmarks.results import write_report
+from benchmarks.results import print_rows, write_report
 from serving.dashboard import RANGES, dashboard_router
 from store.metrics import MetricsConfig, MetricsRecorder, request_counters
 from store.redis_server import LocalRedis
@@ -94,12 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
         "fill_seconds": round(fill_seconds, 1),
         "ranges": rows,
     }
-    table = Table(title=f"/dashboard/data with {args.requests} requests over 24 h")
-    for column in ("range", "requests in range", "time p50 s", "answer bytes", "max points per series"):
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
-    console.print(table)
+    print_rows(
+        console,
+        f"/dashboard/data with {args.requests} requests over 24 h",
+        ("range", "requests in range", "time p50 s", "answer bytes", "max points per series"),
+        rows,
+    )
     if args.json:
         write_report(args.json, report)
     return report

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks.results import write_report
+from benchmarks.results import print_rows, write_report
 from benchmarks.speed import rotate
 from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
 from deploy.demo.corpus import build_corpus
@@ -154,12 +153,12 @@ def main(argv: list[str] | None = None) -> dict:
         "methods": rows_out,
         "seconds": round(time.perf_counter() - began, 1),
     }
-    table = Table(title=f"greedy, held-out {args.domain}, k={args.k} (outputs identical to plain decoding)")
-    for column in ("method", "α", "τ", "tokens/s", "vs plain"):
-        table.add_column(column, justify="right")
-    for row in rows_out:
-        table.add_row(*(str(v) for v in row.values()))
-    console.print(table)
+    print_rows(
+        console,
+        f"greedy, held-out {args.domain}, k={args.k} (outputs identical to plain decoding)",
+        ("method", "α", "τ", "tokens/s", "vs plain"),
+        rows_out,
+    )
     if args.json:
         write_report(args.json, report)
     return report

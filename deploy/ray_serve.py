@@ -29,7 +29,7 @@ import torch
 from ray import serve
 from transformers import AutoConfig, AutoTokenizer
 
-from distill.heads import HeadsSpec
+from distill.heads import HeadsSpec, heads_spec
 from serving.api import create_app
 from serving.engine import ProposerName
 from serving.server import Replica, ReplicaConfig
@@ -102,7 +102,7 @@ class ServiceConfig:
     @property
     def heads(self) -> HeadsSpec | None:
         """The draft heads served and trained (proposer medusa or hydra, one head per draft token)."""
-        return HeadsSpec(self.proposer, max(1, self.k)) if self.proposer in ("medusa", "hydra") else None
+        return heads_spec(self.proposer, self.k)
 
     @property
     def traced_hidden(self) -> float:

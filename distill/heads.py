@@ -47,6 +47,11 @@ class HeadsSpec:
             raise ValueError(f"num_heads must be at least 1, got {self.num_heads}")
 
 
+def heads_spec(proposer: str | None, k: int) -> HeadsSpec | None:
+    """The heads a proposer name stands for ("medusa" or "hydra": one head per draft token), else None."""
+    return HeadsSpec(proposer, max(1, k)) if proposer in ("medusa", "hydra") else None
+
+
 class DraftHeads(nn.Module):
     """K Medusa or Hydra heads over a target's hidden size; see the module docstring."""
 

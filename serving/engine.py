@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from distill.heads import DraftHeads, HeadsSpec
+from distill.heads import DraftHeads, heads_spec
 from serving.errors import IncompatibleDraftError, InvalidRequestError
 from serving.models import (
     context_length,
@@ -149,7 +149,7 @@ class SpecEngine:
             "medusa",
             "hydra",
         ):  # untrained heads (guessing as the LM head does) until a version loads
-            spec = HeadsSpec(proposer, max(1, num_speculative_tokens))
+            spec = heads_spec(proposer, num_speculative_tokens)
             if tree and (reason := tree_support(target_model)):
                 log.warning("tree mode off, heads draft chains: %s cannot verify trees: %s", target, reason)
                 tree = None

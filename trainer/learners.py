@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM
 
 from distill.acceptance import trace_acceptance
 from distill.batches import make_batch
-from distill.heads import DraftHeads, HeadsSpec, heads_acceptance, heads_batch, heads_loss
+from distill.heads import DraftHeads, HeadsSpec, heads_batch, heads_loss
 from distill.lora import adapter_weights, load_adapter_weights, wrap_lora
-from distill.losses import token_weights, topk_loss, weighted_mean
+from distill.losses import token_weights, topk_acceptance, topk_loss, weighted_mean
 from store.traces import Trace
 from trainer.config import TrainerConfig
 
@@ -105,17 +105,22 @@ class HeadsLearner:
     def loss(self, module: DraftHeads, traces: Sequence[Trace]) -> torch.Tensor:
         return heads_loss(module, heads_batch(traces, self.spec.num_heads), self.config.loss)
 
+    @torch.no_grad()
     def acceptance(self, module: DraftHeads, traces: Sequence[Trace]) -> list[tuple[float, int]]:
-        """Each trace's summed acceptance over its rows and heads; (0, 0) for one it cannot use."""
-        tallies = []
-        for trace in traces:
-            if not self.usable(trace):
-                tallies.append((0.0, 0))
-                continue
-            batch = heads_batch([trace], self.spec.num_heads)
-            rows = batch.hidden.shape[0]
-            tallies.append((float(heads_acceptance(module, batch).sum()) * rows, rows * self.spec.num_heads))
-        return tallies
+        """Each trace's summed acceptance over its rows and heads, from one batch of all of them;
+        (0, 0) for a trace it cannot use."""
+        k = self.spec.num_heads
+        usable = [t for t in traces if self.usable(t)]
+        if not usable:
+            return [(0.0, 0)] * len(traces)
+        batch = heads_batch(usable, k)
+        logits = module(batch.hidden, batch.following)  # [N, K, V]
+        per_row = topk_acceptance(logits, batch.top_ids, batch.top_logprobs).sum(-1)  # [N]
+        sums = iter(per_row.split([len(t.output_ids) - k for t in usable]))
+        return [
+            (float(next(sums).sum()), (len(t.output_ids) - k) * k) if self.usable(t) else (0.0, 0)
+            for t in traces
+        ]
 
     def weights(self, module: DraftHeads) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
