@@ -1,7 +1,8 @@
 """Engine benchmark: our engine against Hugging Face generate, side by side, on one target/draft pair.
 
 One process, one set of prompts, the same number of new tokens (no early stop) for every method:
-- ours: AR (the null proposer), speculative decoding with the draft and with n-gram lookup, at each k;
+- ours: AR (the null proposer), speculative decoding with the draft, with n-gram lookup and with
+  Hydra draft heads (demo pair only), at each k;
 - HF: `generate` (AR), and assisted generation with the same draft at the same k. Its candidate
   generator is held at exactly k (constant schedule, no confidence early exit), checked every step.
 
@@ -14,8 +15,9 @@ step (n-gram lookup often finds fewer). HF assisted generation's counts are obse
 a forward pre-hook on the target sees the tokens each step verifies, a streamer those it emits.
 
 Without --target it runs on the demo pair (built or reused, see deploy/demo) and held-out
-prompts of --domain, once with the initial draft (poor on code: low α) and once with the draft
-distilled offline on that domain (high α); the distilled draft is made on first use.
+prompts of --domain, once with the initial draft and untrained heads (poor on code: low α) and
+once with the draft and heads trained offline on that domain (high α; `deploy.demo.offline_distill`,
+made on first use). The heads' c is one drafted token's time over a target decoding step.
 
     osd bench engine --json benchmarks/results/engine_cpu.json
 """
@@ -40,11 +42,18 @@ from transformers.utils import logging as hf_logging
 
 from benchmarks.results import write_report
 from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
-from deploy.demo.offline_distill import DistillSpec, distill_demo_draft
+from deploy.demo.offline_distill import (
+    DistillSpec,
+    distill_demo_draft,
+    distill_demo_heads,
+    heads_distill_spec,
+    load_demo_heads,
+)
 from deploy.demo.workloads import fixed_prompts
-from serving.engine import SpecEngine
+from distill.heads import DraftHeads, HeadsSpec
+from serving.engine import SpecEngine, heads_cost_ratio
 from serving.models import forward, resolve_device, resolve_dtype, truncate_cache
-from serving.proposers import DraftModelProposer, NgramProposer, NullProposer, Proposer
+from serving.proposers import DraftModelProposer, HeadsProposer, NgramProposer, NullProposer, Proposer
 
 Sample = tuple[list[int], int, int, int]  # new token ids, drafted, accepted, steps
 Generate = Callable[[list[int], int, int], Sample]  # (prompt, max_new_tokens, seed) -> Sample
@@ -53,7 +62,7 @@ Generate = Callable[[list[int], int, int], Sample]  # (prompt, max_new_tokens, s
 @dataclass(frozen=True)
 class Method:
     engine: str  # "ours" or "hf"
-    proposer: str  # "none" (AR), "ngram" or "draft"
+    proposer: str  # "none" (AR), "ngram", "draft" or "heads"
     k: int
     generate: Generate
     model: str = "target"  # "draft" only for timing the draft alone, for c
@@ -200,11 +209,17 @@ def hf(target: PreTrainedModel, draft: PreTrainedModel | None, k: int, temperatu
 
 
 def methods(
-    target: PreTrainedModel, draft: PreTrainedModel | None, ks: list[int], temperature: float
+    target: PreTrainedModel,
+    draft: PreTrainedModel | None,
+    heads: DraftHeads | None,
+    ks: list[int],
+    temperature: float,
 ) -> list[Method]:
     """Every method compared, for one decoding mode."""
     found = [Method("ours", "none", 0, ours(target, NullProposer(), 0, temperature))]
     found += [Method("ours", "ngram", k, ours(target, NgramProposer(), k, temperature)) for k in ks]
+    if heads is not None:
+        found += [Method("ours", "heads", k, ours(target, HeadsProposer(heads), k, temperature)) for k in ks]
     found.append(Method("hf", "none", 0, hf(target, None, 0, temperature)))
     if draft is not None:
         found += [
@@ -239,15 +254,16 @@ def measure(
 
 
 def make_rows(
-    decoding: str, chosen: list[Method], results: dict, tokens: int, c: float | None, verify_cost: dict
+    decoding: str, chosen: list[Method], results: dict, tokens: int, costs: dict, verify_cost: dict
 ) -> list[Row]:
+    """One row per method; `costs`: c per proposer."""
     tokens_per_s = {m.label: [tokens / s for s in results[m.label][0]] for m in chosen}
     ar = {m.engine: statistics.median(tokens_per_s[m.label]) for m in chosen if m.k == 0}
     rows = []
     for m in chosen:
         drafted, accepted, steps = (sum(sample[i] for sample in results[m.label][1]) for i in (1, 2, 3))
         alpha = None if m.k == 0 else accepted / drafted if drafted else 0.0
-        cost = None if m.k == 0 else 0.0 if m.proposer == "ngram" else c
+        cost = None if m.k == 0 else costs[m.proposer]
         bound = 1.0 if m.k == 0 else modelled_speedup(alpha, m.k, cost)
         median = statistics.median(tokens_per_s[m.label])
         tau, k_bar = (accepted + steps) / steps, drafted / steps
@@ -293,16 +309,28 @@ def comparisons(rows: list[Row], ks: list[int]) -> tuple[dict, dict]:
     return vs_assisted, vs_generate
 
 
-def run(args: argparse.Namespace, target_dir: str, draft_dir: str | None, prompts: list[list[int]]) -> dict:
-    """Benchmark one pair on `prompts` (token ids)."""
+def run(
+    args: argparse.Namespace,
+    target_dir: str,
+    draft_dir: str | None,
+    prompts: list[list[int]],
+    heads_from: Path | HeadsSpec | None = None,
+) -> dict:
+    """Benchmark one pair on `prompts` (token ids); with heads saved at a path, or untrained ones of
+    a spec."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     base = SpecEngine.from_pretrained(target_dir, draft=draft_dir, device=device, dtype=dtype)
     target, draft = base.target, base.proposer.model if draft_dir else None
+    heads = None
+    if isinstance(heads_from, Path):
+        heads = load_demo_heads(heads_from, target).to(device, dtype)
+    elif heads_from is not None:
+        heads = DraftHeads.for_target(heads_from, target).to(device, dtype).eval()
     seeds = [args.seed + i for i in range(len(prompts))]
     tokens = len(prompts) * args.max_new_tokens
     decodings = {"greedy": 0.0} | ({"sampled": args.temperature} if args.temperature > 0 else {})
-    chosen = {name: methods(target, draft, args.k, t) for name, t in decodings.items()}
+    chosen = {name: methods(target, draft, heads, args.k, t) for name, t in decodings.items()}
     # c: a draft decoding step over a target decoding step, both with our engine, timed in the greedy run.
     draft_ar = [Method("ours", "none", 0, ours(draft, NullProposer(), 0, 0.0), "draft")] if draft else []
     timed = {name: group + (draft_ar if name == "greedy" else []) for name, group in chosen.items()}
@@ -321,11 +349,13 @@ def run(args: argparse.Namespace, target_dir: str, draft_dir: str | None, prompt
         return statistics.median(results["greedy"][method.label][0])
 
     c = seconds(draft_ar[0]) / seconds(chosen["greedy"][0]) if draft_ar else None
+    c_heads = heads_cost_ratio(target, heads, prompts[0]) if heads is not None else None
+    costs = {"ngram": 0.0, "draft": c, "heads": c_heads}
     verify_cost = measure_verify_cost(target, prompts[0], args.k)
     rows = [
         row
         for name in decodings
-        for row in make_rows(name, chosen[name], results[name], tokens, c, verify_cost)
+        for row in make_rows(name, chosen[name], results[name], tokens, costs, verify_cost)
     ]
     outputs = [[sample[0] for sample in results["greedy"][m.label][1]] for m in chosen["greedy"]]
     vs = {name: comparisons([r for r in rows if r.decoding == name], args.k) for name in decodings}
@@ -339,6 +369,7 @@ def run(args: argparse.Namespace, target_dir: str, draft_dir: str | None, prompt
         },
         "target": str(target_dir),
         "draft": None if draft_dir is None else str(draft_dir),
+        "heads": None if heads is None else str(heads_from) if isinstance(heads_from, Path) else "untrained",
         "dtype": str(dtype).removeprefix("torch."),
         "prompts": len(prompts),
         "prompt_len": round(statistics.mean(map(len, prompts)), 1),
@@ -347,6 +378,7 @@ def run(args: argparse.Namespace, target_dir: str, draft_dir: str | None, prompt
         "temperature": args.temperature,
         "seed": args.seed,
         "draft_cost_ratio_c": None if c is None else round(c, 4),
+        "heads_cost_ratio_c": None if c_heads is None else round(c_heads, 4),
         "verify_cost_v": {str(k): v for k, v in verify_cost.items()},
         "outputs_identical": all(out == outputs[0] for out in outputs),
         "speedup_vs_hf_assisted": {name: vs[name][0] for name in decodings},
@@ -361,10 +393,14 @@ def _number(value: float | None, digits: int = 2) -> str:
 
 def print_table(report: dict, console: Console) -> None:
     names = {("ours", "none"): "ours AR", ("ours", "ngram"): "ours n-gram", ("ours", "draft"): "ours draft"}
+    names[("ours", "heads")] = "ours heads"
     names |= {("hf", "none"): "HF generate", ("hf", "draft"): "HF assisted"}
     for decoding in report["speedup_vs_hf_generate"]:
         table = Table(
-            title=f"{decoding}: {report['target']} / {report['draft']}, c={report['draft_cost_ratio_c']}",
+            title=(
+                f"{decoding}: {report['target']} / {report['draft']}, c={report['draft_cost_ratio_c']}; "
+                f"heads {report['heads']}, c={report['heads_cost_ratio_c']}"
+            ),
             caption=(
                 "k̄: tokens drafted per step; S(α,k,c) takes c = 0 for n-gram lookup; "
                 f"S_v = τ / (k̄c + v(k̄)), verify cost v = {report['verify_cost_v']}"
@@ -422,17 +458,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def demo_inputs(args: argparse.Namespace) -> tuple[str, list[str], list[list[int]]]:
-    """The demo target, its initial and offline-distilled drafts, and held-out prompts of args.domain."""
+Pairing = tuple[str | None, Path | HeadsSpec | None]  # a draft, and heads saved at a path or untrained
+
+
+def demo_inputs(args: argparse.Namespace) -> tuple[str, list[Pairing], list[list[int]]]:
+    """The demo target; its initial draft with untrained Hydra heads, then the draft and the heads
+    trained offline on args.domain; and held-out prompts of args.domain."""
     preset = PRESETS[args.demo]
     models = build_demo_models(preset, args.cache_dir)
     distilled = models.root / f"draft-distilled-{args.domain}"
     if not (distilled / "distilled.json").exists():
         distill_demo_draft(models, preset, DistillSpec(domain=args.domain))
+    heads = HeadsSpec("hydra", max(args.k))
+    trained = distill_demo_heads(models, preset, heads_distill_spec(args.domain), heads)
     tokenizer = AutoTokenizer.from_pretrained(models.target)
     span = (max(1, args.prompt_len - 16), args.prompt_len)
     held_out = fixed_prompts(models.held_out_corpus(), tokenizer, args.domain, args.prompts, args.seed, span)
-    return str(models.target), [str(models.draft), str(distilled)], [list(p.token_ids) for p in held_out]
+    pairings = [(str(models.draft), heads), (str(distilled), trained)]
+    return str(models.target), pairings, [list(p.token_ids) for p in held_out]
 
 
 def random_prompts(args: argparse.Namespace, vocab_size: int) -> list[list[int]]:
@@ -451,13 +494,13 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if args.target:
         vocab_size = AutoConfig.from_pretrained(args.target).vocab_size
-        target, drafts, prompts = args.target, [args.draft], random_prompts(args, vocab_size)
+        target, pairings, prompts = args.target, [(args.draft, None)], random_prompts(args, vocab_size)
     else:
-        target, drafts, prompts = demo_inputs(args)
+        target, pairings, prompts = demo_inputs(args)
     console = Console()
     report = {"benchmark": "engine", "runs": []}
-    for draft in drafts:
-        report["runs"].append(run(args, target, draft, prompts))
+    for draft, heads in pairings:
+        report["runs"].append(run(args, target, draft, prompts, heads))
         print_table(report["runs"][-1], console)
     if args.json:
         write_report(args.json, report)

@@ -1,14 +1,14 @@
 """Draft heads against the draft model and n-gram lookup on the demo pair, offline-trained.
 
-Medusa and Hydra heads (K = --k) are trained on the target's greedy continuations of --prompts
-prompts cut from the *training* files of --domain: the target's hidden state at each output
-position, the tokens that followed, and the target's top-16 at the positions each head guesses
-(`distill.heads.heads_loss`, forward KL on the top-16, as the online trainer does). Then, on
-held-out prompts of the domain, greedy, in one process: plain decoding, the demo draft, n-gram
-lookup, Medusa and Hydra heads in chain mode, and Hydra heads verified as a static tree
-(--tree). Every method's output must equal plain decoding's. Per method: acceptance α (accepted
-/ drafted; a tree counts its depth as drafted), τ (tokens per target forward), and tokens/s
-(engines in rotation, `benchmarks.speed`), with the ratio to plain decoding.
+Medusa and Hydra heads (K = --k) are trained offline on the target's greedy continuations of
+--prompts prompts cut from the *training* files of --domain (`deploy.demo.offline_distill`: the
+target's hidden state at each output position against its top-16 at the positions each head
+guesses, as the online trainer does; cached beside the demo pair). Then, on held-out prompts of
+the domain, greedy, in one process: plain decoding, the demo draft, n-gram lookup, Medusa and
+Hydra heads in chain mode, and Hydra heads verified as a static tree (--tree). Every method's
+output must equal plain decoding's. Per method: acceptance α (accepted / drafted; a tree counts
+its depth as drafted), τ (tokens per target forward), and tokens/s (engines in rotation,
+`benchmarks.speed`), with the ratio to plain decoding.
 
     osd bench heads --json benchmarks/results/heads_cpu.json
 """
@@ -16,6 +16,8 @@ lookup, Medusa and Hydra heads in chain mode, and Hydra heads verified as a stat
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -26,15 +28,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from benchmarks.results import print_rows, write_report
 from benchmarks.speed import rotate
 from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
-from deploy.demo.corpus import build_corpus
-from deploy.demo.pretrain import sample_batch, target_continuations, token_streams
+from deploy.demo.offline_distill import distill_demo_heads, heads_distill_spec, load_demo_heads
 from deploy.demo.workloads import fixed_prompts
-from distill.heads import DraftHeads, HeadsBatch, HeadsSpec, heads_acceptance, heads_loss
+from distill.heads import HeadsSpec
 from serving.engine import SpecEngine
 from serving.proposers import DraftModelProposer, HeadsProposer, NgramProposer, NullProposer
 from serving.tree import static_tree
-
-TOP_K = 16
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,33 +51,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-@torch.no_grad()
-def training_rows(target, sequences: torch.Tensor, prompt_tokens: int, k: int) -> HeadsBatch:
-    """HeadsBatch rows from full greedy sequences [n, L]: every output position with k more after it."""
-    hidden = target.base_model(input_ids=sequences[:, :-1]).last_hidden_state  # [n, L-1, H]
-    top = torch.log_softmax(target.get_output_embeddings()(hidden).float(), -1).topk(TOP_K)  # [n, L-1, 16]
-    starts = range(prompt_tokens - 1, sequences.shape[1] - 1 - k)  # the hidden state giving token t+1
-    rows = [
-        (hidden[:, t], sequences[:, t + 1 : t + 1 + k], sequences[:, t + 2 : t + 2 + k],
-         top.indices[:, t + 1 : t + 1 + k], top.values[:, t + 1 : t + 1 + k])
-        for t in starts
-    ]  # fmt: skip
-    return HeadsBatch(*(torch.cat(parts) for parts in zip(*rows, strict=True)))
-
-
-def train_heads(heads: DraftHeads, rows: HeadsBatch, epochs: int, batch: int = 256) -> float:
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=3e-3)
-    generator, loss = torch.Generator().manual_seed(0), torch.tensor(float("nan"))
-    for _ in range(epochs):
-        for index in torch.randperm(rows.hidden.shape[0], generator=generator).split(batch):
-            part = HeadsBatch(*(getattr(rows, f)[index] for f in HeadsBatch.__dataclass_fields__))
-            loss = heads_loss(heads, part)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return float(loss.detach())
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     console, began = Console(), time.perf_counter()
@@ -87,25 +59,14 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(models.target)
     target = AutoModelForCausalLM.from_pretrained(models.target).eval().requires_grad_(False)
     torch.set_num_threads(1)  # as a replica decodes
-    with console.status(f"target continuations of {args.prompts} {args.domain} training prompts"):
-        corpus = build_corpus(preset.corpus)
-        stream = token_streams({args.domain: corpus.train[args.domain]}, tokenizer)[args.domain]
-        prompts = sample_batch([stream], args.prompts, 47, torch.Generator().manual_seed(0))
-        sequences = target_continuations(target, prompts, args.max_new_tokens)
-        rows = training_rows(target, sequences, prompts.shape[1], args.k)
     held_out = [p.token_ids for p in fixed_prompts(models.held_out_corpus(), tokenizer, args.domain,
                                                     args.eval_prompts, seed=1)]  # fmt: skip
+    spec = dataclasses.replace(heads_distill_spec(args.domain), prompts=args.prompts, epochs=args.epochs)
     heads, training = {}, {}
     for kind in ("medusa", "hydra"):
-        with console.status(f"training {kind} heads on {rows.hidden.shape[0]} positions"):
-            heads[kind] = DraftHeads.for_target(HeadsSpec(kind, args.k), target)
-            before = heads_acceptance(heads[kind], rows).tolist()
-            loss = train_heads(heads[kind], rows, args.epochs)
-            after = heads_acceptance(heads[kind], rows).tolist()
-            training[kind] = {
-                "final_loss": round(loss, 4),
-                "acceptance_per_head": {"before": before, "after": after},
-            }
+        path = distill_demo_heads(models, preset, spec, HeadsSpec(kind, args.k), console)
+        heads[kind] = load_demo_heads(path, target)
+        training[kind] = json.loads((path / "distilled.json").read_text())
     draft = AutoModelForCausalLM.from_pretrained(models.draft).eval()
     tree = static_tree(tuple(int(n) for n in args.tree.split(",")))
     engines = {
@@ -146,7 +107,6 @@ def main(argv: list[str] | None = None) -> dict:
         "domain": args.domain,
         "k": args.k,
         "tree": args.tree,
-        "training_positions": rows.hidden.shape[0],
         "training": training,
         "eval_prompts": len(held_out),
         "max_new_tokens": args.max_new_tokens,

@@ -4,9 +4,15 @@ One process, no HTTP: each request is served by the engine with the live draft (
 between requests when the registry's live version changes), its trace goes to a local Redis
 through the store, and the trainer (`trainer.loop.OnlineTrainer`, in process) then takes
 --steps-per-query iterations. Each request's trace is scored as it is served, before any training
-on it, for three drafts by expected acceptance (sum min(p, q) on the logged top-K): the static
-initial draft, the online draft as served, and the offline-distilled draft (the upper bound,
-distilled on --offline-domain); every --window requests make one row.
+on it, for three drafts by expected acceptance (sum min(p, q) on the logged top-K) and by greedy
+agreement: the static initial draft (no online training), the online draft as served, and the
+draft distilled offline on --offline-domain (the upper bound); every --window requests make one
+row.
+
+--proposer medusa or hydra runs the same with draft heads (K = --k) in place of the draft model:
+every trace logs the target's hidden states, the static heads are untrained, and the offline ones
+are trained on the domain's training prompts (`deploy.demo.offline_distill`). Heads are scored
+per head, teacher-forced (head i reads the tokens that really came before its guess).
 
 At the end of each phase, --probe fresh prompts of the phase's domain (a workload of another seed)
 are served greedily by four engines sharing the target, in rotation so that a slow spell of the
@@ -14,6 +20,7 @@ machine hits all alike: no speculation, and speculation with the static, online 
 drafts. Their outputs must be identical (lossless); their tokens/s give the end-to-end gain.
 
     osd bench online --json benchmarks/results/online_cpu.json
+    osd bench online --proposer hydra --json benchmarks/results/online_hydra_cpu.json
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -30,17 +38,24 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from benchmarks.results import write_report
 from benchmarks.speed import rotate
 from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
-from deploy.demo.offline_distill import DistillSpec, distill_demo_draft
+from deploy.demo.offline_distill import (
+    DistillSpec,
+    distill_demo_draft,
+    distill_demo_heads,
+    heads_distill_spec,
+    load_demo_heads,
+)
 from deploy.demo.workloads import Phase, WorkloadSpec, request_stream
-from distill.acceptance import trace_acceptance
+from distill.heads import DraftHeads, heads_spec
 from serving.engine import SpecEngine
-from serving.proposers import DraftModelProposer, NullProposer
+from serving.proposers import DraftModelProposer, HeadsProposer, NullProposer, Proposer
 from serving.tracing import trace_of
 from store.metrics import MetricsConfig, MetricsRecorder, request_counters
 from store.redis_server import LocalRedis
 from store.registry import Registry
 from store.traces import StreamConfig, TraceWriter
 from trainer.config import TrainerConfig
+from trainer.learners import Learner
 from trainer.loop import OnlineTrainer
 
 
@@ -59,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     p.add_argument("--phases", default="prose:100,python:300,c:100,python:150", help="domain:requests,...")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--k", type=int, default=3, help="speculative tokens per step")
+    p.add_argument("--proposer", choices=("draft", "medusa", "hydra"), default="draft", help="what learns")
+    p.add_argument("--k", type=int, default=3, help="speculative tokens per step (heads: K)")
     p.add_argument("--window", type=int, default=25, help="requests per scoring window")
     p.add_argument("--steps-per-query", type=int, default=2, help="trainer iterations after each request")
     p.add_argument("--offline-domain", default="python", help="the domain of the offline-distilled draft")
@@ -75,15 +91,18 @@ def main(argv: list[str] | None = None) -> dict:
     console = Console()
     preset = PRESETS[args.demo]
     models = build_demo_models(preset, args.cache_dir, console=console)
-    offline_dir = models.root / f"draft-distilled-{args.offline_domain}"
-    if not (offline_dir / "distilled.json").exists():
-        distill_demo_draft(models, preset, DistillSpec(domain=args.offline_domain), console)
+    heads = heads_spec(args.proposer, args.k)
+    if heads is None:
+        offline_dir = models.root / f"draft-distilled-{args.offline_domain}"
+        if not (offline_dir / "distilled.json").exists():
+            distill_demo_draft(models, preset, DistillSpec(domain=args.offline_domain), console)
+    else:
+        recipe = heads_distill_spec(args.offline_domain)
+        offline_dir = distill_demo_heads(models, preset, recipe, heads, console)
     tokenizer = AutoTokenizer.from_pretrained(models.target)
     spec = WorkloadSpec(phases=parse_phases(args.phases), max_new_tokens=args.max_new_tokens, seed=args.seed)
     corpus = models.held_out_corpus()
     requests = list(request_stream(spec, corpus, tokenizer))
-    static = AutoModelForCausalLM.from_pretrained(models.draft).eval()
-    offline = AutoModelForCausalLM.from_pretrained(offline_dir).eval()
     max_len = preset.target.context
 
     with LocalRedis() as server, tempfile.TemporaryDirectory() as scratch:
@@ -97,20 +116,26 @@ def main(argv: list[str] | None = None) -> dict:
             gate_min_positions=args.gate_min_positions,
             watch_requests=10,
             max_in_flight=10**6,
+            heads=heads,
         )
-        trainer = OnlineTrainer(config, models.draft, client, stream=stream, metrics=metrics)
+        base = models.target if heads else models.draft
+        trainer = OnlineTrainer(config, base, client, stream=stream, metrics=metrics)
         registry = Registry(client)
-        engine = SpecEngine.from_pretrained(models.target, draft=models.draft, num_speculative_tokens=args.k)
-        speed_engines = {
-            "no_speculation": SpecEngine(engine.target, NullProposer(), 0),
-            "static": SpecEngine(engine.target, DraftModelProposer(static), args.k),
-            "online": engine,
-            "offline": SpecEngine(engine.target, DraftModelProposer(offline), args.k),
+        learner = trainer.learner
+        target = AutoModelForCausalLM.from_pretrained(models.target).eval()
+        drafts = {
+            "static": learner.build().eval(),
+            "online": learner.build().eval(),
+            "offline": load_demo_heads(offline_dir, target)
+            if heads
+            else AutoModelForCausalLM.from_pretrained(offline_dir).eval(),
         }
+        engines = {name: SpecEngine(target, proposer_of(module), args.k) for name, module in drafts.items()}
+        engine = engines["online"]
+        speed_engines = {"no_speculation": SpecEngine(target, NullProposer(), 0), **engines}
         speeds, phase_ends = [], phase_boundaries(spec.phases)
         writer, recorder = TraceWriter(client, stream), MetricsRecorder(client, metrics)
         live = registry.live(config.draft_name, config.domain)
-        drafts = {"static": static, "online": engine.proposer.model, "offline": offline}
         events, windows, window = [], [], Window()
         started = time.perf_counter()
         with Progress(console=console, transient=True) as progress:
@@ -129,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
                     seed=request.seed,
                     stop_token_ids=[],
                     top_logprobs=16,
+                    hidden_states=heads is not None,
                 )
                 sampling = {"temperature": request.temperature, "top_p": request.top_p, "seed": request.seed}
                 trace = trace_of(
@@ -141,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
                     out.stats.drafted_per_position, out.stats.accepted_per_position, None, None,
                 )  # fmt: skip
                 recorder.record(live.label, request.prompt.domain, counters)
-                window.add(trace, out.stats, drafts, max_len)  # scored before any training on it
+                window.add(trace, out.stats, drafts, learner)  # scored before any training on it
                 writer.flush()
                 recorder.flush()
                 for _ in range(args.steps_per_query):
@@ -165,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "online",
         "demo": args.demo,
+        "proposer": args.proposer,
         "phases": [vars(p) for p in spec.phases],
         "k": args.k,
         "window": args.window,
@@ -192,12 +219,12 @@ class Window:
         # draft (expected acceptance on the top-K) or draft_greedy (argmax agreement) -> [sum, positions]
         self.expected: dict[str, list[float]] = {}
 
-    def add(self, trace, stats, drafts: dict, max_len: int) -> None:
+    def add(self, trace, stats, drafts: dict, learner: Learner) -> None:
         self.requests += 1
         self.accepted, self.drafted = self.accepted + stats.accepted, self.drafted + stats.drafted
-        for name, model in drafts.items():
+        for name, module in drafts.items():
             for measure, greedy in ((name, False), (f"{name}_greedy", True)):
-                ((total, positions),) = trace_acceptance(model, [trace], max_len, greedy=greedy)
+                ((total, positions),) = learner.acceptance(module, [trace], greedy=greedy)
                 tally = self.expected.setdefault(measure, [0.0, 0])
                 tally[0], tally[1] = tally[0] + total, tally[1] + positions
 
@@ -209,6 +236,10 @@ class Window:
             **{name: total / positions for name, (total, positions) in self.expected.items()},
             "served_acceptance_rate": self.accepted / self.drafted if self.drafted else None,
         }
+
+
+def proposer_of(module: torch.nn.Module) -> Proposer:
+    return HeadsProposer(module) if isinstance(module, DraftHeads) else DraftModelProposer(module)
 
 
 MEASURES = ("static", "online", "offline", "static_greedy", "online_greedy", "offline_greedy")
@@ -293,7 +324,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xlabel("requests served")
     ax.set_ylabel("greedy acceptance per position (window)")
     ax.set_ylim(0, 1)
-    ax.set_title("online distillation: green = publish, red = rollback")
+    ax.set_title(f"online distillation ({report['proposer']}): green = publish, red = rollback")
     ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

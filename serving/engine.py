@@ -386,3 +386,21 @@ def cost_ratio(
 ) -> float:
     """c of the speedup model: a draft decoding step's time over a target decoding step's."""
     return decode_seconds_per_token(draft, prompt, tokens) / decode_seconds_per_token(target, prompt, tokens)
+
+
+def heads_cost_ratio(
+    target: PreTrainedModel, heads: DraftHeads, prompt: Sequence[int], tokens: int = 48
+) -> float:
+    """c for draft heads: a greedy chain proposal of all K heads, per token drafted, over a target
+    decoding step (the heads read a hidden state, so none is computed here)."""
+    proposer, k = HeadsProposer(heads), heads.spec.num_heads
+    state = proposer.new_state()
+    proposer.observe(state, torch.zeros(target.config.hidden_size, dtype=target.dtype, device=target.device))
+    ids, greedy = torch.tensor(list(prompt), device=target.device), SamplingParams()
+    proposer.propose(state, ids, k, greedy, None)  # warm-up
+    runs = max(1, tokens // k)
+    start = time.perf_counter()
+    for _ in range(runs):
+        proposer.propose(state, ids, k, greedy, None)
+    per_token = (time.perf_counter() - start) / (runs * k)
+    return per_token / decode_seconds_per_token(target, prompt, tokens)

@@ -43,7 +43,7 @@ STATE = {
     "traces_dropped": ("counter", "Traces dropped, oldest first, while Redis was slow or down."),
     "traces_queued": ("gauge", "Traces waiting to be written."),
     "num_speculative_tokens": ("gauge", "k: draft tokens proposed per step."),
-    "draft_cost_ratio": ("gauge", "c: a draft decoding step's time over a target's, measured at start."),
+    "draft_cost_ratio": ("gauge", "c: a drafted token's time over a target step, measured at start."),
 }
 
 

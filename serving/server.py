@@ -40,7 +40,7 @@ import torch
 
 from distill.heads import HeadsSpec
 from distill.lora import LoraSpec, merged_adapter
-from serving.engine import Generation, ProposerName, SpecEngine, Step, cost_ratio
+from serving.engine import Generation, ProposerName, SpecEngine, Step, cost_ratio, heads_cost_ratio
 from serving.errors import EngineError, IncompatibleDraftError, InvalidRequestError
 from serving.prometheus import ReplicaMetrics
 from serving.proposers import DraftModelProposer, HeadsProposer, Proposer
@@ -170,6 +170,8 @@ class Replica:
         self.cost_ratio = 0.0
         if self.base_draft is not None:
             self.cost_ratio = cost_ratio(base.target, self.base_draft, prompt, tokens=16)
+        elif self.base_heads is not None:
+            self.cost_ratio = heads_cost_ratio(base.target, self.base_heads, prompt, tokens=16)
         self.registry = Registry(client)
         self.swaps = self.refused = 0
         self.last_swap_seconds: float | None = None  # load and check, off the decode path

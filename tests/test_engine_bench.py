@@ -85,33 +85,22 @@ def test_run_takes_explicit_prompts(model_dirs):
     assert report["speedup_vs_hf_assisted"] == {"greedy": {}}
 
 
-def test_demo_pair_runs_initial_and_distilled_drafts(tmp_path, monkeypatch):
-    """Without --target: the demo pair, held-out prompts, and both drafts (tiny preset for speed)."""
+def test_demo_pair_runs_initial_and_distilled_drafts_and_heads(tiny_demo, monkeypatch):
+    """Without --target: the demo pair, held-out prompts, the initial draft with untrained heads and
+    both trained offline on the domain (tiny preset for speed)."""
     monkeypatch.setitem(PRESETS, "tiny", TINY_DEMO)
-    report = main_bench(
-        [
-            "--demo",
-            "tiny",
-            "--cache-dir",
-            str(tmp_path),
-            "--k",
-            "1",
-            "--prompts",
-            "2",
-            "--prompt-len",
-            "12",
-            "--max-new-tokens",
-            "4",
-            "--repeats",
-            "1",
-            "--temperature",
-            "0",
-        ]
-    )
-    initial, distilled = report["runs"]
+    args = ["--demo", "tiny", "--cache-dir", str(tiny_demo), "--k", "1", "--prompts", "2", "--prompt-len",
+            "12", "--max-new-tokens", "4", "--repeats", "1", "--temperature", "0.7"]  # fmt: skip
+    initial, distilled = main_bench(args)["runs"]
     assert initial["draft"].endswith("draft") and distilled["draft"].endswith("draft-distilled-python")
+    assert initial["heads"] == "untrained" and distilled["heads"].endswith("heads-distilled-python-hydra-k1")
     assert initial["target"] == distilled["target"] and initial["prompts"] == 2
     assert initial["outputs_identical"] and distilled["outputs_identical"]
+    for run_ in (initial, distilled):
+        assert 0 < run_["heads_cost_ratio_c"] < run_["draft_cost_ratio_c"]  # heads: a few small matmuls
+        heads = [r for r in run_["rows"] if r["proposer"] == "heads"]
+        assert [r["decoding"] for r in heads] == ["greedy", "sampled"]
+        assert all(r["cost_ratio_c"] == run_["heads_cost_ratio_c"] for r in heads)
 
 
 def test_cli_rejects_unknown_commands(capsys):

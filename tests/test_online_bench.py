@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.online import PRESETS, parse_phases
 from deploy.cli import main
 from tiny_models import TINY_DEMO
@@ -14,14 +16,16 @@ def test_parse_phases():
     assert [(p.domain, p.requests) for p in phases] == [("prose", 3), ("python", 5)]
 
 
-def test_online_bench_scores_every_window_and_plots(tiny_demo, tmp_path, monkeypatch):
+@pytest.mark.parametrize("proposer", ["draft", "hydra"])
+def test_online_bench_scores_every_window_and_plots(tiny_demo, tmp_path, monkeypatch, proposer):
     monkeypatch.setitem(PRESETS, "tiny", TINY_DEMO)
     out = tmp_path / "online.json"
     args = ["--demo", "tiny", "--cache-dir", str(tiny_demo), "--phases", "prose:6,python:12",
             "--window", "6", "--max-new-tokens", "8", "--k", "2", "--gate-min-positions", "8",
-            "--probe", "2"]  # fmt: skip
+            "--probe", "2", "--proposer", proposer]  # fmt: skip
     main(["bench", "online", *args, "--json", str(out)])
     report = json.loads(out.read_text())
+    assert report["proposer"] == proposer
     assert [w["requests"] for w in report["windows"]] == [6, 12, 18]
     assert [w["domain"] for w in report["windows"]] == ["prose", "python", "python"]
     for window in report["windows"]:

@@ -36,8 +36,11 @@ class Learner(Protocol):
     def loss(self, module: torch.nn.Module, traces: Sequence[Trace]) -> torch.Tensor:
         """The training loss of `module` on usable traces."""
 
-    def acceptance(self, module: torch.nn.Module, traces: Sequence[Trace]) -> list[tuple[float, int]]:
-        """Per trace: (summed expected acceptance, positions), as `distill.acceptance.trace_acceptance`."""
+    def acceptance(
+        self, module: torch.nn.Module, traces: Sequence[Trace], greedy: bool = False
+    ) -> list[tuple[float, int]]:
+        """Per trace: (summed expected acceptance, positions), as `distill.acceptance.trace_acceptance`;
+        greedy: whether the module's argmax is the token the target emitted, instead."""
 
     def weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """What a version stores."""
@@ -72,8 +75,10 @@ class DraftLearner:
         )
         return weighted_mean(per_position, weights)
 
-    def acceptance(self, module: torch.nn.Module, traces: Sequence[Trace]) -> list[tuple[float, int]]:
-        return trace_acceptance(module, list(traces), self.config.max_seq_len)
+    def acceptance(
+        self, module: torch.nn.Module, traces: Sequence[Trace], greedy: bool = False
+    ) -> list[tuple[float, int]]:
+        return trace_acceptance(module, list(traces), self.config.max_seq_len, greedy=greedy)
 
     def weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         if self.config.lora:
@@ -106,16 +111,21 @@ class HeadsLearner:
         return heads_loss(module, heads_batch(traces, self.spec.num_heads), self.config.loss)
 
     @torch.no_grad()
-    def acceptance(self, module: DraftHeads, traces: Sequence[Trace]) -> list[tuple[float, int]]:
-        """Each trace's summed acceptance over its rows and heads, from one batch of all of them;
-        (0, 0) for a trace it cannot use."""
+    def acceptance(
+        self, module: DraftHeads, traces: Sequence[Trace], greedy: bool = False
+    ) -> list[tuple[float, int]]:
+        """Each trace's summed acceptance over its rows and heads (teacher-forced: head i reads the
+        tokens that really came), from one batch of all of them; (0, 0) for a trace it cannot use."""
         k = self.spec.num_heads
         usable = [t for t in traces if self.usable(t)]
         if not usable:
             return [(0.0, 0)] * len(traces)
         batch = heads_batch(usable, k)
         logits = module(batch.hidden, batch.following)  # [N, K, V]
-        per_row = topk_acceptance(logits, batch.top_ids, batch.top_logprobs).sum(-1)  # [N]
+        if greedy:
+            per_row = (logits.argmax(-1) == batch.emitted).float().sum(-1)  # [N]
+        else:
+            per_row = topk_acceptance(logits, batch.top_ids, batch.top_logprobs).sum(-1)
         sums = iter(per_row.split([len(t.output_ids) - k for t in usable]))
         return [
             (float(next(sums).sum()), (len(t.output_ids) - k) * k) if self.usable(t) else (0.0, 0)
