@@ -91,14 +91,16 @@ def main(argv: list[str] | None = None) -> dict:
     console = Console()
     preset = PRESETS[args.demo]
     models = build_demo_models(preset, args.cache_dir, console=console)
+    target = AutoModelForCausalLM.from_pretrained(models.target).eval()
     heads = heads_spec(args.proposer, args.k)
     if heads is None:
         offline_dir = models.root / f"draft-distilled-{args.offline_domain}"
         if not (offline_dir / "distilled.json").exists():
             distill_demo_draft(models, preset, DistillSpec(domain=args.offline_domain), console)
+        offline = AutoModelForCausalLM.from_pretrained(offline_dir)
     else:
         recipe = heads_distill_spec(args.offline_domain)
-        offline_dir = distill_demo_heads(models, preset, recipe, heads, console)
+        offline = load_demo_heads(distill_demo_heads(models, preset, recipe, heads, console), target)
     tokenizer = AutoTokenizer.from_pretrained(models.target)
     spec = WorkloadSpec(phases=parse_phases(args.phases), max_new_tokens=args.max_new_tokens, seed=args.seed)
     corpus = models.held_out_corpus()
@@ -122,14 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         trainer = OnlineTrainer(config, base, client, stream=stream, metrics=metrics)
         registry = Registry(client)
         learner = trainer.learner
-        target = AutoModelForCausalLM.from_pretrained(models.target).eval()
-        drafts = {
-            "static": learner.build().eval(),
-            "online": learner.build().eval(),
-            "offline": load_demo_heads(offline_dir, target)
-            if heads
-            else AutoModelForCausalLM.from_pretrained(offline_dir).eval(),
-        }
+        drafts = {"static": learner.build(), "online": learner.build(), "offline": offline}
+        drafts = {name: module.eval() for name, module in drafts.items()}
         engines = {name: SpecEngine(target, proposer_of(module), args.k) for name, module in drafts.items()}
         engine = engines["online"]
         speed_engines = {"no_speculation": SpecEngine(target, NullProposer(), 0), **engines}
@@ -310,9 +306,10 @@ def plot(report: dict, path: Path) -> None:
     windows = report["windows"]
     x = [w["requests"] for w in windows]
     fig, ax = plt.subplots(figsize=(9, 4.5))
+    noun = "draft" if report["proposer"] == "draft" else f"{report['proposer']} heads"
     for key, style in (("offline", "--"), ("online", "-"), ("static", ":")):
         values = [w[f"{key}_greedy"] for w in windows]
-        ax.plot(x, values, style, label=f"{key} draft", marker="o", markersize=3)
+        ax.plot(x, values, style, label=f"{key} {noun}", marker="o", markersize=3)
     for event in report["events"]:
         color = "tab:green" if event["event"] == "publish" else "tab:red"
         ax.axvline(event["request"], color=color, alpha=0.4, linewidth=1)
@@ -322,7 +319,7 @@ def plot(report: dict, path: Path) -> None:
         ax.axvline(start, color="grey", linewidth=0.5)
         start += phase["requests"]
     ax.set_xlabel("requests served")
-    ax.set_ylabel("greedy acceptance per position (window)")
+    ax.set_ylabel("greedy acceptance per " + ("position" if noun == "draft" else "head") + " (window)")
     ax.set_ylim(0, 1)
     ax.set_title(f"online distillation ({report['proposer']}): green = publish, red = rollback")
     ax.legend(loc="upper right")

@@ -10,9 +10,13 @@ alerts are printed as they happen. Then, with the trainer paused, it measures de
 the last prompts of the run, with no speculation, the starting draft and the live draft, and ends
 with the summary (`deploy.demo.report`), as tables and with `--json` as JSON and a PNG plot.
 
-State (Redis's data and the trainer's checkpoint) lives under `--state-dir`, so a second run
-starts from the draft the first one left live; `--fresh` starts over. `--keep-running` leaves the
-stack up afterwards. Ctrl-C stops everything at any point.
+`--proposer medusa|hydra` runs the same with draft heads over the target in place of the draft
+model (K = k heads; every request logs the target's hidden states, so that the heads learn from
+all of them).
+
+State (Redis's data and the trainer's checkpoint) lives under `--state-dir`, one folder per preset
+and proposer, so a second run starts from the draft the first one left live; `--fresh` starts
+over. `--keep-running` leaves the stack up afterwards. Ctrl-C stops everything at any point.
 """
 
 from __future__ import annotations
@@ -46,8 +50,9 @@ from deploy.demo.screenshot import dashboard_screenshot
 from deploy.demo.workloads import Phase, WorkloadSpec, request_stream
 from deploy.ray_serve import NAMESPACE, TRAINER_NAME, ActorControl, ServiceConfig
 from deploy.serve import Endpoint, running, stop_on_signals, wait_for_ctrl_c
+from distill.heads import DraftHeads
 from serving.engine import SpecEngine
-from serving.proposers import DraftModelProposer, NullProposer
+from serving.proposers import DraftModelProposer, HeadsProposer, NullProposer
 from store.drift import read_alerts
 from store.redis_server import open_redis
 from store.registry import Registry
@@ -111,6 +116,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-running", action="store_true", help="leave the stack up afterwards (Ctrl-C stops)")
     p.add_argument("--fresh", action="store_true", help="forget the drafts and traces of earlier runs")
     p.add_argument("--concurrency", type=int, help="clients (default 4)")
+    p.add_argument(
+        "--proposer", choices=("draft", "medusa", "hydra"), default="draft", help="what drafts and learns"
+    )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--seed", type=int, default=0, help="the workload's seed")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the demo models live")
@@ -145,17 +153,20 @@ def main(argv: list[str] | None = None) -> dict | None:
 def demo(args: argparse.Namespace, plan: DemoPlan, console: Console) -> dict:
     """Build or reuse the models, start the stack, run, report; with --keep-running, wait for Ctrl-C."""
     models = build_demo_models(PRESETS[plan.preset], args.cache_dir, console=console)
-    state = args.state_dir / plan.preset
+    heads = args.proposer != "draft"
+    state = args.state_dir / (f"{plan.preset}-{args.proposer}" if heads else plan.preset)
     if args.fresh:
         shutil.rmtree(state, ignore_errors=True)
     token = os.environ.get("OSD_ADMIN_TOKEN") or secrets.token_urlsafe(12)
     endpoint = Endpoint(port=args.port, admin_token=token)
     cpus = os.cpu_count() or 1
     config = ServiceConfig(
-        target=str(models.target), draft=str(models.draft), k=plan.k, model_name=f"osd-demo-{plan.preset}",
-        replicas=plan.replicas, replica_cpus=min(1.0, cpus / plan.replicas),
-        torch_threads=max(1, cpus // plan.replicas), trainer_dir=str(state / "trainer"),
+        target=str(models.target), draft=None if heads else str(models.draft), k=plan.k,
+        model_name=f"osd-demo-{plan.preset}", replicas=plan.replicas,
+        replica_cpus=min(1.0, cpus / plan.replicas), torch_threads=max(1, cpus // plan.replicas),
+        trainer_dir=str(state / "trainer"),
         trainer_settings=plan.trainer_settings, held_out_fraction=plan.held_out_fraction,
+        proposer=args.proposer if heads else None, hidden_fraction=1.0 if heads else None,
     )  # fmt: skip
     with running(config, endpoint, state / "redis", console) as config:
         report = run(plan, models, config, endpoint, args.seed, console)
@@ -216,7 +227,7 @@ def run(
     try:
         with console.status("measuring decoding speed: no speculation, starting draft, live draft"):
             prompts = [s.prompt for s in sorted(board.served, key=lambda s: s.end)[-plan.probe_prompts :]]
-            speedup = measure_speed(models, registry, live_version, plan, prompts)
+            speedup = measure_speed(models, config, plan, registry, live_version, prompts)
     finally:
         trainer.resume()
     report = summarise(board.served, plan.phases, plan.window, board.events, board.alerts, speedup)
@@ -226,6 +237,7 @@ def run(
         "think_seconds": plan.think_seconds,
         "max_new_tokens": plan.max_new_tokens,
         "k": plan.k,
+        "proposer": config.proposer or "draft",
         "replicas": plan.replicas,
         "started_from": first_live.label,
         "ended_with": live_version.label,
@@ -248,21 +260,36 @@ def _versions(versions: list) -> str:
 
 
 def measure_speed(
-    models: DemoModels, registry: Registry, live, plan: DemoPlan, prompts: list[tuple[int, ...]]
+    models: DemoModels,
+    config: ServiceConfig,
+    plan: DemoPlan,
+    registry: Registry,
+    live,
+    prompts: list[tuple[int, ...]],
 ) -> dict:
-    """Greedy tokens/s on `prompts` with no speculation, the starting draft and the live draft, in
-    rotation, on one thread as a replica decodes."""
+    """Greedy tokens/s on `prompts` with no speculation, the starting draft (or heads) and the live
+    one, in rotation, on one thread as a replica decodes."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         target = AutoModelForCausalLM.from_pretrained(models.target).eval()
-        initial = AutoModelForCausalLM.from_pretrained(models.draft).eval()
-        online = AutoModelForCausalLM.from_pretrained(models.draft).eval()
-        online.load_state_dict(registry.load(live))
+
+        def proposer(weights: dict | None) -> DraftModelProposer | HeadsProposer:
+            heads = config.heads
+            module = (
+                DraftHeads.for_target(heads, target)
+                if heads
+                else AutoModelForCausalLM.from_pretrained(models.draft)
+            )
+            if weights is not None:
+                module.load_state_dict(weights)
+            module.eval()
+            return HeadsProposer(module) if heads else DraftModelProposer(module)
+
         engines = {
             "no speculation": SpecEngine(target, NullProposer(), 0),
-            "initial draft": SpecEngine(target, DraftModelProposer(initial), plan.k),
-            "live draft": SpecEngine(target, DraftModelProposer(online), plan.k),
+            "initial draft": SpecEngine(target, proposer(None), plan.k),
+            "live draft": SpecEngine(target, proposer(registry.load(live)), plan.k),
         }
         measured = rotate(engines, prompts, plan.max_new_tokens)
     finally:
