@@ -223,3 +223,23 @@ def test_the_heads_benchmark_compares_every_method_on_the_tiny_demo(tiny_demo, t
                             "hydra heads, tree 2,1"}  # fmt: skip
     assert all(row["tokens_per_s"] > 0 for row in methods.values())  # and every output was the same
     assert methods["no speculation"]["mean_accepted_length"] == 1.0
+
+
+def test_the_demo_measures_the_speed_of_published_heads(tiny_demo, redis_client):
+    """`osd demo --proposer hydra`'s closing measurement rebuilds the starting and the live heads
+    (and `rotate` checks that their outputs are plain decoding's)."""
+    from deploy.demo.build import build_demo_models
+    from deploy.demo.run import PLANS, measure_speed
+    from deploy.ray_serve import ServiceConfig
+
+    models = build_demo_models(TINY_DEMO, tiny_demo)
+    config = ServiceConfig(target=str(models.target), proposer="hydra", k=2)
+    plan = dataclasses.replace(PLANS["quick"], max_new_tokens=6)
+    target = AutoModelForCausalLM.from_pretrained(models.target)
+    registry = Registry(redis_client)
+    weights = random_heads(target, "hydra", num_heads=2).state_dict()
+    extra = {"heads": {"kind": "hydra", "num_heads": 2}}
+    live = registry.publish("draft", weights, kind="heads", extra=extra)
+    speed = measure_speed(models, config, plan, registry, live, [PROMPT, PROMPT[:4]])
+    assert set(speed["tokens_per_s"]) == {"no speculation", "initial draft", "live draft"}
+    assert speed["live_draft"] == "draft:v1" and speed["live_vs_ar"] > 0
