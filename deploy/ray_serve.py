@@ -36,7 +36,7 @@ from serving.server import Replica, ReplicaConfig
 from store.redis_server import open_redis
 from store.traces import StreamConfig
 from trainer.actor import TrainerActor
-from trainer.config import TrainerConfig
+from trainer.config import AdapterPolicy, TrainerConfig
 
 TRAINER_NAME, NAMESPACE = "osd-trainer", "osd"
 
@@ -68,17 +68,22 @@ class ServiceConfig:
     held_out_fraction: float = StreamConfig.held_out_fraction  # traces the trainer's gate keeps apart
     hidden_fraction: float | None = None  # traces that log hidden states: default 0.25 with heads, else 0
     heads_tree: tuple[int, ...] | None = None  # heads: a static tree's branching (greedy requests)
+    adapters: bool = False  # a LoRA adapter per busy domain over the draft, and a router to pick them
+    adapter_min_traces: int = AdapterPolicy.min_traces  # traces naming a domain before its adapter
     admin_token_env: str = "OSD_ADMIN_TOKEN"
 
     def __post_init__(self):
         if self.replicas < 1 or self.k < 0 or self.max_queue < 1:
             raise ValueError("need replicas >= 1, k >= 0 and max_queue >= 1")
-        settable = {f.name for f in dataclasses.fields(TrainerConfig)} - {"checkpoint_dir", "lora", "heads"}
+        fixed = {"checkpoint_dir", "lora", "heads", "adapters"}  # set by the fields of this config
+        settable = {f.name for f in dataclasses.fields(TrainerConfig)} - fixed
         if unknown := sorted(set(self.trainer_settings) - settable):
             raise ValueError(f"unknown trainer_settings {unknown}; known: {sorted(settable)}")
         StreamConfig(held_out_fraction=self.held_out_fraction)  # its own checks
         if self.hidden_fraction is not None and not 0.0 <= self.hidden_fraction <= 1.0:
             raise ValueError(f"hidden_fraction must lie in [0, 1], got {self.hidden_fraction}")
+        if self.adapters and (self.draft is None or self.heads is not None):
+            raise ValueError("adapters need a draft model (LoRA adapters over it), not heads")
 
     @classmethod
     def from_args(cls, args: Mapping) -> ServiceConfig:
@@ -126,7 +131,7 @@ class OSDServer:
             target=config.target, draft=config.draft, proposer=config.proposer,
             num_speculative_tokens=config.k, device=config.device, dtype=config.dtype,
             max_queue=config.max_queue, hidden_fraction=config.traced_hidden,
-            heads_tree=tuple(config.heads_tree) if config.heads_tree else None,
+            heads_tree=tuple(config.heads_tree) if config.heads_tree else None, adapters=config.adapters,
             replica_id=f"replica-{serve.get_replica_context().replica_tag}",
         )  # fmt: skip
         self.replica = Replica(replica, open_redis(config.redis))
@@ -164,7 +169,10 @@ def trainer_config(config: ServiceConfig) -> TrainerConfig:
     on, then `trainer_settings`."""
     context = getattr(AutoConfig.from_pretrained(config.target), "max_position_embeddings", None)
     settings = ({"max_seq_len": context} if context else {}) | config.trainer_settings
-    return TrainerConfig(checkpoint_dir=Path(config.trainer_dir), heads=config.heads, **settings)
+    adapters = AdapterPolicy(min_traces=config.adapter_min_traces) if config.adapters else None
+    return TrainerConfig(
+        checkpoint_dir=Path(config.trainer_dir), heads=config.heads, adapters=adapters, **settings
+    )
 
 
 def start_trainer(config: ServiceConfig):

@@ -52,6 +52,11 @@ def parser() -> argparse.ArgumentParser:
         "--heads-tree", type=lambda text: tuple(int(n) for n in text.split(",")),
         help="medusa/hydra: verify a static tree for greedy requests, e.g. 3,2,2 (candidates per depth)",
     )  # fmt: skip
+    p.add_argument(
+        "--adapters", action="store_true",
+        help="train a LoRA adapter of the draft per busy domain (metadata.domain), and a router for "
+        "requests that name none",
+    )  # fmt: skip
     p.add_argument("--model-name", help="the model id clients ask for (default: the target's directory name)")
     p.add_argument(
         "--replicas", type=int, default=1, help="server replicas (each decodes one request at a time)"
@@ -86,7 +91,7 @@ def service_config(args: argparse.Namespace, console: Console) -> ServiceConfig:
     cpus = os.cpu_count() or 1
     return ServiceConfig(
         target=target, draft=draft, proposer=args.proposer, k=args.k, heads_tree=args.heads_tree,
-        model_name=name,
+        adapters=args.adapters, model_name=name,
         replicas=args.replicas, replica_cpus=min(1.0, cpus / args.replicas),
         torch_threads=max(1, cpus // args.replicas), trainer=not args.no_trainer,
         trainer_dir=str(args.trainer_dir),

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+ROUTER = "router"  # the registry name routers are published under
 _PRIME, _MODULUS = 1_000_003, 2_147_483_647  # the n-gram hash, the same in every process
 
 
@@ -96,19 +97,14 @@ class DomainRouter(nn.Module):
         return router.eval()
 
 
-def fit(router: DomainRouter, x: torch.Tensor, labels: torch.Tensor, steps: int, lr: float = 0.5) -> float:
-    """`steps` full-batch steps of softmax regression on features x [N, buckets] and label indices
-    [N]; returns the last loss. L2 regularised so that rare n-grams do not dominate."""
-    optimizer = torch.optim.SGD(router.parameters(), lr=lr)
+def fit(router: DomainRouter, x: torch.Tensor, labels: torch.Tensor, steps: int, lr: float = 0.05) -> float:
+    """`steps` full-batch Adam steps of softmax regression on features x [N, buckets] and label
+    indices [N]; returns the last loss. Lightly L2-regularised, so that rare n-grams do not rule."""
+    optimizer = torch.optim.Adam(router.parameters(), lr=lr)
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
         loss = nn.functional.cross_entropy(router(x), labels) + 1e-4 * router.linear.weight.pow(2).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return float(loss)
-
-
-@torch.no_grad()
-def accuracy(router: DomainRouter, x: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((router(x).argmax(-1) == labels).float().mean()) if len(labels) else 0.0
+    return loss.item()

@@ -16,6 +16,13 @@ that fails to load (corrupt blob, wrong vocabulary or shapes) is refused and cou
 replica keeps serving the one it has. At start-up the replica loads the live version, if any,
 before it takes requests.
 
+Per-domain adapters (`adapters`): the watcher follows every domain of the draft's name, and each
+domain's live LoRA adapter is merged into its own copy of the base draft, so that switching
+between domains from one request to the next costs nothing. A request goes to the adapter of the
+domain it names, else to the one the live router (`distill.router`) picks with at least
+`router_min_confidence`, else to the shared draft. A domain whose adapter fails to load keeps
+what it had, or the shared draft.
+
 Redis failures degrade, never fail, serving: traces queue and drop oldest-first in the writer,
 metric counters wait for the next flush, and a failed load publication is logged and retried on
 the next beat.
@@ -40,6 +47,7 @@ import torch
 
 from distill.heads import HeadsSpec
 from distill.lora import LoraSpec, merged_adapter
+from distill.router import ROUTER, DomainRouter
 from serving.engine import Generation, ProposerName, SpecEngine, Step, cost_ratio, heads_cost_ratio
 from serving.errors import EngineError, IncompatibleDraftError, InvalidRequestError
 from serving.prometheus import ReplicaMetrics
@@ -77,6 +85,8 @@ class ReplicaConfig:
     trace_top_k: int = 16  # the target's top-K logged per position
     hidden_fraction: float = 0.0  # requests whose traces carry the target's hidden states (for heads)
     heads_tree: tuple[int, ...] | None = None  # heads: a static tree's branching, for greedy requests
+    adapters: bool = False  # serve each domain's own live version, and route by the live router
+    router_min_confidence: float = 0.6  # a less confident routing gets the shared draft
     load_ttl_seconds: float = 10.0  # a heartbeat not refreshed for this long counts as gone
     heartbeat_seconds: float = 1.0
     poll_seconds: float = 2.0  # registry poll, a fallback to pub/sub
@@ -182,13 +192,20 @@ class Replica:
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=config.max_queue)
         self._in_flight = 0
         self._closed = False
-        self.watcher = None
+        self._adapters: dict[str, _Served] = {}  # domain -> its own version (with `adapters`)
+        self._router: tuple[DomainRouter, str] | None = None  # the live router and its label
+        self.watcher = self.router_watcher = None
         if learns:
+            watched = None if config.adapters else config.domain
             self.watcher = LiveWatcher(
-                self.registry, config.draft_name, self._swap, config.domain, config.poll_seconds
+                self.registry, config.draft_name, self._swap, watched, config.poll_seconds
             )
             if not self.watcher.started.wait(timeout=60):  # the live version first, then requests
                 log.warning("no answer from the registry yet; serving %s meanwhile", self._served.version)
+        if learns and config.adapters:
+            self.router_watcher = LiveWatcher(
+                self.registry, ROUTER, self._load_router, ALL_DOMAINS, config.poll_seconds
+            )
         self._thread = threading.Thread(
             target=self._decode_loop, name=f"decode-{config.replica_id}", daemon=True
         )
@@ -235,6 +252,8 @@ class Replica:
         return {
             "replica": self.config.replica_id,
             "draft_version": self._served.version,
+            "adapters": {domain: served.version for domain, served in sorted(self._adapters.items())},
+            "router": None if self._router is None else self._router[1],
             "in_flight": self._in_flight,
             "queued": self._queue.qsize(),
             "swaps": self.swaps,
@@ -267,8 +286,9 @@ class Replica:
         self._thread.join(timeout)
         self._changed.set()
         self._heartbeat.join(timeout)
-        if self.watcher is not None:
-            self.watcher.stop()
+        for watcher in (self.watcher, self.router_watcher):
+            if watcher is not None:
+                watcher.stop()
         self.writer.close(timeout)
         self.recorder.close()
 
@@ -290,7 +310,8 @@ class Replica:
                 self._changed.set()
 
     def _serve(self, job: _Job) -> None:
-        served, request = self._served, job.request  # the version this request starts and finishes on
+        request = job.request
+        served, domain = self._route(request)  # the version this request starts and finishes on
         hidden = in_fraction(f"hidden:{request.request_id}", self.config.hidden_fraction)
         steps = served.engine.stream(
             request.prompt_ids, request.max_new_tokens, request.temperature, request.top_p, request.top_k,
@@ -306,9 +327,21 @@ class Replica:
         done = time.perf_counter()
         finished = Finished(step.generation, served.version, first - job.enqueued, done - job.enqueued)
         job.put(finished)
-        self._log(request, finished)
+        self._log(request, finished, domain)
 
-    def _log(self, request: Request, finished: Finished) -> None:
+    def _route(self, request: Request) -> tuple[_Served, str]:
+        """The version for a request, and the domain its metrics count under: the adapter of the
+        domain it names, else of the router's confident guess, else the shared draft."""
+        domain, router = request.domain, self._router
+        if domain == ALL_DOMAINS and router is not None:
+            routing = router[0].route(request.prompt_ids)
+            if routing.domain is not None and routing.confidence >= self.config.router_min_confidence:
+                domain = routing.domain
+        return self._adapters.get(domain, self._served), domain
+
+    def _log(self, request: Request, finished: Finished, domain: str) -> None:
+        """The trace (under the domain the request named: what the router learns from) and the
+        metrics (under the domain it was served as)."""
         generation, stats = finished.generation, finished.generation.stats
         sampling = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
         if request.seed is not None:
@@ -324,9 +357,9 @@ class Replica:
             stats.steps, stats.drafted, stats.accepted, tokens, stats.drafted_per_position,
             stats.accepted_per_position, finished.ttft_seconds, per_token,
         )  # fmt: skip
-        self.recorder.record(finished.draft_version, request.domain, counters)
+        self.recorder.record(finished.draft_version, domain, counters)
         self.metrics.observe(
-            finished.draft_version, request.domain, stats, len(request.prompt_ids), tokens,
+            finished.draft_version, domain, stats, len(request.prompt_ids), tokens,
             generation.finish_reason, finished.ttft_seconds, finished.seconds,
         )  # fmt: skip
 
@@ -383,10 +416,24 @@ class Replica:
             proposer = self._proposer_for(meta, self.registry.load(meta))
         except (CorruptWeightsError, IncompatibleDraftError, KeyError, TypeError, ValueError) as err:
             self.refused += 1
-            log.error("refused draft %s, serving %s on: %s", meta.label, self._served.version, err)
+            kept = self._adapters.get(meta.domain, self._served).version
+            log.error("refused draft %s, serving %s on: %s", meta.label, kept, err)
             return
         engine = SpecEngine(self._served.engine.target, proposer, self.config.num_speculative_tokens)
-        self._served = _Served(engine, meta.label)
+        if meta.domain == self.config.domain:
+            self._served = _Served(engine, meta.label)
+        else:
+            self._adapters = self._adapters | {meta.domain: _Served(engine, meta.label)}
         self.swaps += 1
         self.last_swap_seconds = time.perf_counter() - began
-        log.info("serving draft %s (loaded in %.3f s)", self._served.version, self.last_swap_seconds)
+        log.info("serving draft %s (loaded in %.3f s)", meta.label, self.last_swap_seconds)
+
+    def _load_router(self, meta: DraftVersion) -> None:
+        try:
+            router = DomainRouter.from_registry(self.registry.load(meta), meta.extra)
+        except (CorruptWeightsError, KeyError, TypeError, ValueError) as err:
+            self.refused += 1
+            log.error("refused router %s, routing on with what it had: %s", meta.label, err)
+            return
+        self._router = (router, meta.label)
+        log.info("routing with %s over %s", meta.label, list(router.domains))

@@ -14,6 +14,7 @@ Keys, for name N and domain D (`-` when the draft serves every domain):
     osd:registry:N:D:v:<n>         metadata JSON
     osd:registry:N:D:v:<n>:blob:<i> weight chunks (absent for file URIs)
     osd:registry:N:D:live          the live version number
+    osd:registry:N:domains         SET of the domains N has versions for
     osd:registry:events            pub/sub channel of JSON events
 """
 
@@ -38,6 +39,7 @@ from safetensors.torch import save as save_safetensors
 log = logging.getLogger(__name__)
 
 Status = Literal["candidate", "live", "rejected", "retired"]
+Kind = Literal["full", "lora", "heads", "router"]  # a draft model or adapter, draft heads, the router
 EVENTS_CHANNEL = "osd:registry:events"
 ALL_DOMAINS = "-"
 CHUNK_BYTES = 4 << 20
@@ -63,7 +65,7 @@ class DraftVersion:
     train_steps: int
     gate_acceptance: float | None
     status: Status
-    kind: Literal["full", "lora", "heads"]
+    kind: Kind
     sha256: str
     size_bytes: int
     chunks: int  # weight chunks in Redis; 0 when the weights live at `uri`
@@ -72,8 +74,10 @@ class DraftVersion:
 
     @property
     def label(self) -> str:
-        """How traces and metric series name this version: "<name>:v<n>"."""
-        return f"{self.name}:v{self.version}"
+        """How traces and metric series name this version: "<name>:v<n>", or "<name>/<domain>:v<n>"
+        for a domain's own version."""
+        scope = self.name if self.domain == ALL_DOMAINS else f"{self.name}/{self.domain}"
+        return f"{scope}:v{self.version}"
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -117,6 +121,14 @@ class Registry:
     def _key(self, name: str, domain: str, *parts: object) -> str:
         return ":".join([self.prefix, name, domain, *map(str, parts)])
 
+    def _domains_key(self, name: str) -> str:
+        return f"{self.prefix}:{name}:domains"
+
+    def domains(self, name: str) -> list[str]:
+        """The domains `name` has versions for, sorted."""
+        members = self.client.smembers(self._domains_key(name))
+        return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+
     def add(
         self,
         name: str,
@@ -125,7 +137,7 @@ class Registry:
         parent: int | None = None,
         train_steps: int = 0,
         gate_acceptance: float | None = None,
-        kind: Literal["full", "lora", "heads"] = "full",
+        kind: Kind = "full",
         extra: dict | None = None,
     ) -> DraftVersion:
         """Store weights as a new candidate version (not live)."""
@@ -163,6 +175,7 @@ class Registry:
             )
         pipe.set(self._key(name, domain, "v", version), meta.to_json())
         pipe.zadd(self._key(name, domain, "versions"), {str(version): version})
+        pipe.sadd(self._domains_key(name), domain)
         pipe.execute()
         return meta
 
@@ -312,30 +325,33 @@ class Registry:
 
 
 class LiveWatcher:
-    """Calls `on_change(version)` from a daemon thread whenever (name, domain)'s live version changes:
-    at start, on each pub/sub announcement, and on a poll every `poll_seconds` as a fallback."""
+    """Calls `on_change(version)` from a daemon thread whenever (name, domain)'s live version changes,
+    or with domain None that of any domain of `name`: at start, on each pub/sub announcement, and
+    on a poll every `poll_seconds` as a fallback."""
 
     def __init__(
         self,
         registry: Registry,
         name: str,
         on_change: Callable[[DraftVersion], None],
-        domain: str = ALL_DOMAINS,
+        domain: str | None = ALL_DOMAINS,
         poll_seconds: float = 2.0,
     ):
         self.registry, self.name, self.domain = registry, name, domain
         self.on_change, self.poll_seconds = on_change, poll_seconds
-        self.seen: int | None = None  # the last live version handed to on_change
+        self.seen: dict[str, int] = {}  # per domain, the last live version handed to on_change
         self.started = threading.Event()  # set once the first look at the live version is over
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"live-watcher-{name}", daemon=True)
         self._thread.start()
 
     def _check(self) -> None:
-        version = self.registry.live_version(self.name, self.domain)
-        if version is not None and version != self.seen:
-            self.seen = version  # a version on_change refuses is not offered again
-            self.on_change(self.registry.get(self.name, self.domain, version))
+        domains = self.registry.domains(self.name) if self.domain is None else [self.domain]
+        for domain in domains:
+            version = self.registry.live_version(self.name, domain)
+            if version is not None and version != self.seen.get(domain):
+                self.seen[domain] = version  # a version on_change refuses is not offered again
+                self.on_change(self.registry.get(self.name, domain, version))
 
     def _run(self) -> None:
         pubsub, next_poll = None, 0.0

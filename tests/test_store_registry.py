@@ -180,6 +180,30 @@ def test_a_refused_version_is_not_offered_again_and_watching_goes_on(redis_clien
     watcher.stop()
 
 
+def test_each_domain_has_its_own_versions_labels_and_live_pointer(redis_client):
+    registry = Registry(redis_client)
+    shared = registry.publish("draft", weights(1))
+    python = registry.publish("draft", weights(2), domain="python", kind="lora")
+    assert (shared.label, python.label) == ("draft:v1", "draft/python:v1")
+    assert registry.domains("draft") == ["-", "python"] and registry.domains("other") == []
+    registry.publish("draft", weights(3), domain="python", kind="lora")
+    assert registry.live_version("draft") == 1 and registry.live_version("draft", "python") == 2
+
+
+def test_a_watcher_of_every_domain_sees_each_domains_changes(redis_client):
+    registry = Registry(redis_client)
+    seen: list[str] = []
+    registry.publish("draft", weights(1))
+    watcher = LiveWatcher(registry, "draft", lambda m: seen.append(m.label), domain=None, poll_seconds=30)
+    wait_for(lambda: seen == ["draft:v1"])
+    registry.publish("draft", weights(2), domain="c")  # a domain that did not exist at start-up
+    wait_for(lambda: seen == ["draft:v1", "draft/c:v1"])
+    registry.publish("draft", weights(3), domain="python")
+    wait_for(lambda: seen[-1] == "draft/python:v1")
+    assert sorted(seen) == ["draft/c:v1", "draft/python:v1", "draft:v1"]
+    watcher.stop()
+
+
 def next_message(pubsub, timeout: float = 5.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -22,6 +22,7 @@ import torch
 
 from store.redis_server import open_redis
 from store.traces import StreamConfig
+from trainer.adapters import DomainTrainers
 from trainer.config import TrainerConfig
 from trainer.loop import OnlineTrainer
 
@@ -40,7 +41,8 @@ class Trainer:
         stream: StreamConfig | None = None,
     ):
         torch.set_num_threads(config.torch_threads)
-        self.trainer = OnlineTrainer(config, base, open_redis(redis_url), consumer, stream)
+        kind = DomainTrainers if config.adapters else OnlineTrainer
+        self.trainer = kind(config, base, open_redis(redis_url), consumer, stream)
         self.state = "starting"
         self._stop, self._paused = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
@@ -67,26 +69,12 @@ class Trainer:
                 self._stop.wait(1.0)
 
     def status(self) -> dict:
-        state = self.trainer.state
         try:
             backlog = asdict(self.trainer.reader.backlog())  # the stream's length, pending and lag
         except redis.RedisError:
             backlog = None
-        return {
-            "state": self.state,
-            "pid": os.getpid(),
-            "step": state.step,
-            "trained_traces": state.trained_traces,
-            "skipped_traces": self.trainer.skipped,  # heads: traces without hidden states
-            "live_version": state.live_version,
-            "loss": self.trainer.last_loss,
-            "buffer": len(self.trainer.buffer),
-            "untrained": self.trainer.buffer.untrained,
-            "prioritised_domains": sorted(self.trainer.prioritised),
-            "backlog": backlog,
-            "history": state.history[-5:],
-            "time": time.time(),
-        }
+        return {"state": self.state, "pid": os.getpid(), **self.trainer.status(), "backlog": backlog,
+                "time": time.time()}  # fmt: skip
 
     def pause(self) -> None:
         """Stop training after the current step (status says "paused"); traces queue up meanwhile."""

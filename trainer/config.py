@@ -8,6 +8,31 @@ from pathlib import Path
 from distill.heads import HeadsSpec
 from distill.lora import LoraSpec
 from distill.losses import LossName, Selection
+from distill.router import RouterSpec
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How the trainer learns the domain router (`trainer.router`)."""
+
+    spec: RouterSpec = RouterSpec()
+    rows: int = 2_000  # the most recent tagged prompts kept for training
+    held_out_rows: int = 500
+    held_out_fraction: float = 0.2
+    refit_every: int = 50  # new tagged prompts between fits
+    min_held_out: int = 20  # held-out prompts needed before a router is published
+    steps: int = 200  # full-batch steps per fit
+
+
+@dataclass(frozen=True)
+class AdapterPolicy:
+    """Per-domain LoRA adapters over the shared draft (`trainer.adapters`)."""
+
+    min_traces: int = 100  # traces naming a domain before it gets an adapter
+    max_domains: int = 8
+    # The LM head too: a domain's drafts differ from the shared one mostly in which tokens they favour.
+    lora: LoraSpec = LoraSpec(rank=16, alpha=32, target_modules=("q_proj", "v_proj", "lm_head"))
+    router: RouterConfig = RouterConfig()
 
 
 @dataclass(frozen=True)
@@ -20,6 +45,7 @@ class TrainerConfig:
     selection: Selection = "all"
     lora: LoraSpec | None = None  # None: full fine-tuning of the draft
     heads: HeadsSpec | None = None  # train draft heads on the target's hidden states instead
+    adapters: AdapterPolicy | None = None  # one LoRA adapter per busy domain, and the router
     # How.
     learning_rate: float = 3e-4
     weight_decay: float = 0.0

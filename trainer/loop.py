@@ -18,7 +18,7 @@ import torch
 from store.drift import read_alerts
 from store.load import read_load
 from store.metrics import MetricsConfig, read_series
-from store.registry import DraftVersion, Registry
+from store.registry import ALL_DOMAINS, DraftVersion, Registry
 from store.traces import StreamConfig, Trace, TraceReader
 from trainer.buffer import ReplayBuffer
 from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
@@ -70,6 +70,20 @@ class OnlineTrainer:
     def weights(self) -> dict[str, torch.Tensor]:
         return self.learner.weights(self.model)
 
+    def status(self) -> dict:
+        """What the trainer panel shows (the actor adds its state and the stream's backlog)."""
+        return {
+            "step": self.state.step,
+            "trained_traces": self.state.trained_traces,
+            "skipped_traces": self.skipped,  # heads: traces without hidden states
+            "live_version": self.state.live_version,
+            "loss": self.last_loss,
+            "buffer": len(self.buffer),
+            "untrained": self.buffer.untrained,
+            "prioritised_domains": sorted(self.prioritised),
+            "history": self.state.history[-5:],
+        }
+
     def _sync_live(self) -> None:
         """Agree with the registry on the live version; publish the starting draft as the first."""
         live = self.registry.live(self.config.draft_name, self.config.domain)
@@ -112,13 +126,16 @@ class OnlineTrainer:
         return in_flight > self.config.max_in_flight
 
     def poll(self) -> int:
-        """Read traces while fewer than a batch of untrained ones wait; held-out ones go to the gate set."""
+        """Read traces while fewer than a batch of untrained ones wait; held-out ones go to the gate set.
+        A trainer of one domain (`config.domain`) passes over the others' traces."""
         if self.buffer.untrained >= self.config.batch_size:
             return 0
         deliveries = self.reader.read(count=self.config.read_count)
         gate_only = []
         for delivery in deliveries:
-            if not self.learner.usable(delivery.trace):
+            if self.config.domain not in (ALL_DOMAINS, delivery.trace.domain):
+                gate_only.append(delivery.entry_id)  # another domain's: its own trainer learns from it
+            elif not self.learner.usable(delivery.trace):
                 self._skip(delivery.trace)
                 gate_only.append(delivery.entry_id)  # nothing to learn from: acked at once
             elif delivery.held_out:
