@@ -5,19 +5,33 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
-from serving.engine import SpecEngine
+from serving.engine import Generation
 
 
-def rotate(engines: dict[str, SpecEngine], prompts: Sequence[Sequence[int]], max_new_tokens: int) -> dict:
-    """Greedy tokens/s of each engine on `prompts`; raises if their outputs differ (lossless)."""
+class Decoder(Protocol):
+    """A `serving.engine.SpecEngine`, or anything that picks one per prompt."""
+
+    def generate(
+        self, prompt: Sequence[int], max_new_tokens: int, *, stop_token_ids: list[int]
+    ) -> Generation: ...
+
+
+def rotate(engines: dict[str, Decoder], prompts: Sequence[Sequence[int]], max_new_tokens: int) -> dict:
+    """Greedy tokens/s and acceptance α of each engine on `prompts`; raises if their outputs differ
+    (lossless)."""
     seconds, tokens = dict.fromkeys(engines, 0.0), 0
+    drafted, accepted = dict.fromkeys(engines, 0), dict.fromkeys(engines, 0)
     for prompt in prompts:
         outputs = {}
         for name, engine in engines.items():
             began = time.perf_counter()
-            outputs[name] = engine.generate(prompt, max_new_tokens, stop_token_ids=[]).token_ids
+            generation = engine.generate(prompt, max_new_tokens, stop_token_ids=[])
             seconds[name] += time.perf_counter() - began
+            outputs[name] = generation.token_ids
+            drafted[name] += generation.stats.drafted
+            accepted[name] += generation.stats.accepted
         if len({tuple(o) for o in outputs.values()}) != 1:
             raise RuntimeError(f"greedy outputs differ across engines: {outputs}")
         tokens += len(next(iter(outputs.values())))
@@ -25,4 +39,5 @@ def rotate(engines: dict[str, SpecEngine], prompts: Sequence[Sequence[int]], max
         "prompts": len(prompts),
         "tokens": tokens,
         "tokens_per_s": {name: round(tokens / s, 1) for name, s in seconds.items()},
+        "acceptance": {n: round(accepted[n] / drafted[n], 4) if drafted[n] else None for n in engines},
     }

@@ -94,6 +94,7 @@ def serve(argv: list[str]) -> None:
 
 
 BENCHMARKS = {
+    "adapters": "adapters",
     "engine": "engine",
     "store": "store_bench",
     "online": "online",

@@ -24,7 +24,13 @@ class LoraSpec:
 
 
 def wrap_lora(draft: PreTrainedModel, spec: LoraSpec = LoraSpec()) -> PeftModel:
-    """The draft with fresh LoRA adapters on spec.target_modules; only the adapters train."""
+    """The draft with fresh LoRA adapters on spec.target_modules; only the adapters train. An LM
+    head tied to the input embeddings is untied first when it is adapted, so that the adapter (and
+    its merge) changes the output layer alone."""
+    head = draft.get_output_embeddings()
+    if "lm_head" in spec.target_modules and head.weight is draft.get_input_embeddings().weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        draft.config.tie_word_embeddings = False
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
@@ -37,12 +43,13 @@ def wrap_lora(draft: PreTrainedModel, spec: LoraSpec = LoraSpec()) -> PeftModel:
 
 def adapter_weights(model: PeftModel) -> dict[str, torch.Tensor]:
     """The adapter's tensors only (what a registry version of kind "lora" holds)."""
-    return {name: t.detach().clone() for name, t in get_peft_model_state_dict(model).items()}
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)  # the LoRA tensors alone
+    return {name: t.detach().clone() for name, t in state.items()}
 
 
 def load_adapter_weights(model: PeftModel, weights: dict[str, torch.Tensor]) -> None:
     """Replace the adapter's tensors; raises ValueError when they do not fit this adapter."""
-    expected = get_peft_model_state_dict(model)
+    expected = get_peft_model_state_dict(model, save_embedding_layers=False)
     if set(weights) != set(expected):
         raise ValueError(f"adapter tensors differ: {sorted(set(weights) ^ set(expected))[:5]}")
     wrong = [n for n, t in weights.items() if t.shape != expected[n].shape]

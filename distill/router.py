@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 ROUTER = "router"  # the registry name routers are published under
+SHARED = "-"  # a request that names no domain; the shared draft's domain (store.registry.ALL_DOMAINS)
 _PRIME, _MODULUS = 1_000_003, 2_147_483_647  # the n-gram hash, the same in every process
 
 
@@ -95,6 +96,18 @@ class DomainRouter(nn.Module):
             raise ValueError(f"router weights do not fit {len(router.domains)} domains: {expected}")
         router.load_state_dict(weights)
         return router.eval()
+
+
+def served_domain(
+    named: str, router: DomainRouter | None, prompt_ids: Sequence[int], min_confidence: float
+) -> str:
+    """The domain a request is served as: the one it names, else the router's guess when at least
+    `min_confidence` sure, else the shared one ("-")."""
+    if named != SHARED or router is None:
+        return named
+    routing = router.route(prompt_ids)
+    confident = routing.domain is not None and routing.confidence >= min_confidence
+    return routing.domain if confident else SHARED
 
 
 def fit(router: DomainRouter, x: torch.Tensor, labels: torch.Tensor, steps: int, lr: float = 0.05) -> float:

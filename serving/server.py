@@ -47,7 +47,7 @@ import torch
 
 from distill.heads import HeadsSpec
 from distill.lora import LoraSpec, merged_adapter
-from distill.router import ROUTER, DomainRouter
+from distill.router import ROUTER, DomainRouter, served_domain
 from serving.engine import Generation, ProposerName, SpecEngine, Step, cost_ratio, heads_cost_ratio
 from serving.errors import EngineError, IncompatibleDraftError, InvalidRequestError
 from serving.prometheus import ReplicaMetrics
@@ -332,11 +332,8 @@ class Replica:
     def _route(self, request: Request) -> tuple[_Served, str]:
         """The version for a request, and the domain its metrics count under: the adapter of the
         domain it names, else of the router's confident guess, else the shared draft."""
-        domain, router = request.domain, self._router
-        if domain == ALL_DOMAINS and router is not None:
-            routing = router[0].route(request.prompt_ids)
-            if routing.domain is not None and routing.confidence >= self.config.router_min_confidence:
-                domain = routing.domain
+        router = None if self._router is None else self._router[0]
+        domain = served_domain(request.domain, router, request.prompt_ids, self.config.router_min_confidence)
         return self._adapters.get(domain, self._served), domain
 
     def _log(self, request: Request, finished: Finished, domain: str) -> None:

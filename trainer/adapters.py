@@ -63,6 +63,7 @@ class DomainTrainers:
             self.config,
             domain=domain,
             lora=self.policy.lora,
+            learning_rate=self.policy.learning_rate,
             adapters=None,
             checkpoint_dir=self.config.checkpoint_dir / "domains" / domain,
         )

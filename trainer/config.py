@@ -30,6 +30,7 @@ class AdapterPolicy:
 
     min_traces: int = 100  # traces naming a domain before it gets an adapter
     max_domains: int = 8
+    learning_rate: float = 3e-3  # an adapter's (LoRA wants a higher rate than full fine-tuning)
     # The LM head too: a domain's drafts differ from the shared one mostly in which tokens they favour.
     lora: LoraSpec = LoraSpec(rank=16, alpha=32, target_modules=("q_proj", "v_proj", "lm_head"))
     router: RouterConfig = RouterConfig()
