@@ -163,14 +163,16 @@ def dashboard_router(
                 body["speculation"] = {"k": sum(ks) / len(ks), "c": sum(cs) / len(cs)}
                 body["overall"] = with_speedup(body["overall"], **body["speculation"])
             body["events"] = [e for e in registry.history(since=start) if e.get("name") == draft_name]
-            body["versions"] = [asdict(v) for v in reversed(registry.versions(draft_name, domain))]
+            versions = [v for d in registry.domains(draft_name) for v in registry.versions(draft_name, d)]
+            newest_first = sorted(versions, key=lambda v: -v.created)
+            body["versions"] = [asdict(v) | {"label": v.label} for v in newest_first]
             body["alerts"] = [a.to_json() for a in read_alerts(client, draft_name, now=now, points=recent)]
             body["store"] = "ok"
         except redis.RedisError as err:
             empty = {"events": [], "versions": [], "alerts": [], "store": str(err)}
             body = aggregate([], start, end, bins) | empty
         body["trainer"] = _trainer_status(trainer)
-        return body | {"now": now, "range": range, "draft_name": draft_name}
+        return body | {"now": now, "range": range, "draft_name": draft_name, "domain": domain}
 
     return router
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from polling import wait_for
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -71,6 +72,7 @@ def test_the_page_its_script_and_its_data(client):
     assert http.get("/dashboard/dashboard.js").headers["content-type"].startswith("text/javascript")
     weights = AutoModelForCausalLM.from_pretrained(models.draft).state_dict()
     Registry(replica.client).publish("draft", {n: t.clone() for n, t in weights.items()})
+    Registry(replica.client).add("draft", {"x": torch.zeros(1)}, domain="c")  # a domain's candidate
     body = {
         "model": "demo",
         "prompt": "def f():",
@@ -84,7 +86,9 @@ def test_the_page_its_script_and_its_data(client):
     assert data["store"] == "ok" and data["range"] == "5m"
     assert data["overall"][-1]["requests"] >= 1 and "py" in data["by_domain"]
     assert [(e["event"], e["version"]) for e in data["events"]] == [("publish", 1)]
-    assert data["versions"][0]["status"] == "live" and data["trainer"] is None
+    versions = [(v["label"], v["status"]) for v in data["versions"]]  # every domain's, newest first
+    assert versions == [("draft/c:v1", "candidate"), ("draft:v1", "live")]
+    assert data["domain"] == "-" and data["trainer"] is None
     # The speedup model's k and c come from the replicas' heartbeats: k = 2 here, c measured.
     assert wait_for(lambda: "speculation" in http.get("/dashboard/data").json(), timeout=10)
     data = http.get("/dashboard/data", params={"range": "5m"}).json()

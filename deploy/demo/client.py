@@ -45,8 +45,9 @@ class Served:
         return self.end - self.start
 
 
-def send(client: openai.OpenAI, model: str, index: int, request: Request) -> Served:
-    """One completion request; a failure is returned as a `Served` with its error, never raised."""
+def send(client: openai.OpenAI, model: str, index: int, request: Request, tagged: bool = True) -> Served:
+    """One completion request, naming its domain when `tagged`; a failure is returned as a `Served`
+    with its error, never raised."""
     start = time.time()
     prompt = request.prompt
     fields = dict(index=index, phase=request.phase, domain=prompt.domain, prompt=prompt.token_ids)
@@ -58,7 +59,7 @@ def send(client: openai.OpenAI, model: str, index: int, request: Request) -> Ser
             temperature=request.temperature,
             top_p=request.top_p,
             seed=request.seed,
-            extra_body={"metadata": {"domain": prompt.domain}},
+            extra_body={"metadata": {"domain": prompt.domain}} if tagged else None,
         )
     except openai.OpenAIError as err:
         return Served(**fields, start=start, end=time.time(), error=f"{type(err).__name__}: {err}")
@@ -87,11 +88,13 @@ class Clients:
         concurrency: int,
         think_seconds: float,
         on_served: Callable[[Served], None],
+        untagged_every: int = 0,  # every n-th request names no domain (the router's case); 0: none
     ):
         if concurrency < 1 or think_seconds < 0:
             raise ValueError(f"need concurrency >= 1 and think_seconds >= 0: {concurrency}, {think_seconds}")
         self.client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="demo", max_retries=0, timeout=300)
         self.model, self.think_seconds, self.on_served = model, think_seconds, on_served
+        self.untagged_every = untagged_every
         self._queue = iter(enumerate(requests))
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._threads = [
@@ -109,7 +112,9 @@ class Clients:
 
     def _run(self) -> None:
         while not self._stop.is_set() and (item := self._next()) is not None:
-            self.on_served(send(self.client, self.model, *item))
+            index, request = item
+            tagged = not self.untagged_every or index % self.untagged_every != 0
+            self.on_served(send(self.client, self.model, index, request, tagged))
             self._stop.wait(self.think_seconds)
 
     @property

@@ -12,7 +12,8 @@ with the summary (`deploy.demo.report`), as tables and with `--json` as JSON and
 
 `--proposer medusa|hydra` runs the same with draft heads over the target in place of the draft
 model (K = k heads; every request logs the target's hidden states, so that the heads learn from
-all of them).
+all of them). `--adapters` trains a LoRA adapter of the draft per domain instead of the shared
+draft, and the router; every fourth request then names no domain, for the router to place.
 
 State (Redis's data and the trainer's checkpoint) lives under `--state-dir`, one folder per preset
 and proposer, so a second run starts from the draft the first one left live; `--fresh` starts
@@ -51,14 +52,16 @@ from deploy.demo.workloads import Phase, WorkloadSpec, request_stream
 from deploy.ray_serve import NAMESPACE, TRAINER_NAME, ActorControl, ServiceConfig
 from deploy.serve import Endpoint, running, stop_on_signals, wait_for_ctrl_c
 from distill.heads import DraftHeads
+from distill.lora import LoraSpec, merged_adapter
 from serving.engine import SpecEngine
 from serving.proposers import DraftModelProposer, HeadsProposer, NullProposer
 from store.drift import read_alerts
 from store.redis_server import open_redis
-from store.registry import Registry
+from store.registry import DraftVersion, Registry
 
 DEFAULT_STATE_DIR = Path.home() / ".cache" / "osd" / "demo-state"
 DRAFT = "draft"  # the registry name the trainer publishes under
+ADAPTER_MIN_TRACES = 30  # with --adapters: a domain's requests before its adapter
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--proposer", choices=("draft", "medusa", "hydra"), default="draft", help="what drafts and learns"
     )
+    p.add_argument("--adapters", action="store_true", help="a LoRA adapter per domain, and the router")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--seed", type=int, default=0, help="the workload's seed")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the demo models live")
@@ -154,7 +158,10 @@ def demo(args: argparse.Namespace, plan: DemoPlan, console: Console) -> dict:
     """Build or reuse the models, start the stack, run, report; with --keep-running, wait for Ctrl-C."""
     models = build_demo_models(PRESETS[plan.preset], args.cache_dir, console=console)
     heads = args.proposer != "draft"
-    state = args.state_dir / (f"{plan.preset}-{args.proposer}" if heads else plan.preset)
+    if heads and args.adapters:
+        raise SystemExit("--adapters are LoRA adapters of the draft model; drop --proposer")
+    variant = args.proposer if heads else "adapters" if args.adapters else None
+    state = args.state_dir / (f"{plan.preset}-{variant}" if variant else plan.preset)
     if args.fresh:
         shutil.rmtree(state, ignore_errors=True)
     token = os.environ.get("OSD_ADMIN_TOKEN") or secrets.token_urlsafe(12)
@@ -167,6 +174,7 @@ def demo(args: argparse.Namespace, plan: DemoPlan, console: Console) -> dict:
         trainer_dir=str(state / "trainer"),
         trainer_settings=plan.trainer_settings, held_out_fraction=plan.held_out_fraction,
         proposer=args.proposer if heads else None, hidden_fraction=1.0 if heads else None,
+        adapters=args.adapters, adapter_min_traces=ADAPTER_MIN_TRACES,
     )  # fmt: skip
     with running(config, endpoint, state / "redis", console) as config:
         report = run(plan, models, config, endpoint, args.seed, console)
@@ -208,8 +216,9 @@ def run(
     )
     board = Board(plan, len(requests), first_live.version)
     clients = Clients(
-        endpoint.base_url, config.served_model, requests, plan.concurrency, plan.think_seconds, board.add
-    )
+        endpoint.base_url, config.served_model, requests, plan.concurrency, plan.think_seconds, board.add,
+        untagged_every=4 if config.adapters else 0,
+    )  # fmt: skip
     began = time.time()
     with Live(board.render(), console=console, refresh_per_second=2) as live:
         clients.start()
@@ -222,7 +231,8 @@ def run(
             clients.stop()
     console.print()
     board.watch(registry, client, trainer, began, console)
-    live_version = registry.live(DRAFT)
+    last_domain = plan.phases[-1].domain  # with adapters, the speed probe's prompts get its adapter
+    live_version = (config.adapters and registry.live(DRAFT, last_domain)) or registry.live(DRAFT)
     trainer.pause()
     try:
         with console.status("measuring decoding speed: no speculation, starting draft, live draft"):
@@ -264,7 +274,7 @@ def measure_speed(
     config: ServiceConfig,
     plan: DemoPlan,
     registry: Registry,
-    live,
+    live: DraftVersion,
     prompts: list[tuple[int, ...]],
 ) -> dict:
     """Greedy tokens/s on `prompts` with no speculation, the starting draft (or heads) and the live
@@ -274,22 +284,24 @@ def measure_speed(
     try:
         target = AutoModelForCausalLM.from_pretrained(models.target).eval()
 
-        def proposer(weights: dict | None) -> DraftModelProposer | HeadsProposer:
+        def proposer(version: DraftVersion | None) -> DraftModelProposer | HeadsProposer:
+            """The starting draft (or heads), or with `version` its weights loaded into it."""
             heads = config.heads
-            module = (
-                DraftHeads.for_target(heads, target)
-                if heads
-                else AutoModelForCausalLM.from_pretrained(models.draft)
-            )
-            if weights is not None:
-                module.load_state_dict(weights)
+            if heads:
+                module = DraftHeads.for_target(heads, target)
+            else:
+                module = AutoModelForCausalLM.from_pretrained(models.draft)
+            if version is not None and version.kind == "lora":
+                module = merged_adapter(module, LoraSpec(**version.extra["lora"]), registry.load(version))
+            elif version is not None:
+                module.load_state_dict(registry.load(version))
             module.eval()
             return HeadsProposer(module) if heads else DraftModelProposer(module)
 
         engines = {
             "no speculation": SpecEngine(target, NullProposer(), 0),
             "initial draft": SpecEngine(target, proposer(None), plan.k),
-            "live draft": SpecEngine(target, proposer(registry.load(live)), plan.k),
+            "live draft": SpecEngine(target, proposer(live), plan.k),
         }
         measured = rotate(engines, prompts, plan.max_new_tokens)
     finally:

@@ -76,6 +76,8 @@ function describe(key, value) {
   if (key === "history") return value.map(h => h.kind === "gate"
     ? `step ${h.step}: ${h.publish ? "publish" : "hold"}, ${h.reason} (candidate ${h.candidate?.toFixed(3)}, live ${h.live?.toFixed(3)}, ${h.positions} positions)`
     : `v${h.version}: ${h.action}, ${h.reason}`).reverse().join("<br>");
+  if (key === "domains") return Object.entries(value).map(([d, a]) => `${d}: v${a.live_version}, step ${a.step}, ${a.trained_traces} of ${a.seen} traces`).join("<br>") || "none yet";
+  if (key === "router") return `held-out accuracy ${value.accuracy.toFixed(3)} over ${value.domains.join(", ")} (${value.held_out} prompts)`;
   if (typeof value === "number") return Number.isInteger(value) ? value : value.toFixed(4);
   return Array.isArray(value) ? value.join(", ") || "none" : value;
 }
@@ -100,22 +102,22 @@ function render(data) {
   const lat = ["ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"].map((k, i) => ({ name: k, color: COLORS[i + 1], points: series(data.overall, k) }));
   chart(document.getElementById("latency"), lat, ev, t0, t1);
   legend("latency-legend", lat);
-  const live = data.versions.find(v => v.status === "live");
-  const label = live ? `${live.name}:v${live.version}` : Object.keys(data.positions).slice(-1)[0];
+  const live = data.versions.find(v => v.status === "live" && v.domain === data.domain);
+  const label = live ? live.label : Object.keys(data.positions).slice(-1)[0];
   bars(document.getElementById("positions"), data.positions[label] || []);
   document.getElementById("alerts").innerHTML = data.alerts.length
     ? data.alerts.map(a => `<div class="alert" data-kind="${a.kind}"><b>${a.kind}</b> in <b>${a.domain}</b>: ${a.message}${a.delay_seconds != null ? ` (detected ${a.delay_seconds} s after onset)` : ""}</div>`).join("")
     : "none";
   const t = data.trainer;
   document.getElementById("trainer").innerHTML = t
-    ? ["state", "step", "loss", "trained_traces", "skipped_traces", "untrained", "buffer", "backlog", "live_version", "prioritised_domains", "history"]
-        .map(k => `<tr><th>${k === "history" ? "last decisions" : k.replace("_", " ")}</th><td>${describe(k, t[k])}</td></tr>`).join("")
+    ? ["state", "step", "loss", "trained_traces", "skipped_traces", "untrained", "buffer", "backlog", "live_version", "prioritised_domains", "domains", "router", "history"]
+        .filter(k => k in t).map(k => `<tr><th>${k === "history" ? "last decisions" : k.replace("_", " ")}</th><td>${describe(k, t[k])}</td></tr>`).join("")
     : "<tr><td class='muted'>no trainer attached</td></tr>";
   const liveAcc = Object.fromEntries(Object.entries(data.by_version).map(([v, rows]) => [v, rows.length ? rows[rows.length - 1].acceptance : null]));
   document.getElementById("versions").innerHTML = "<tr><th>version</th><th>parent</th><th>created</th><th>gate acceptance</th><th>live acceptance</th><th>status</th><th></th></tr>" +
-    data.versions.map(v => `<tr><td>v${v.version}</td><td>${v.parent ?? ""}</td><td>${new Date(v.created * 1000).toLocaleString()}</td>` +
-      `<td>${v.gate_acceptance?.toFixed(3) ?? ""}</td><td>${liveAcc[v.name + ":v" + v.version]?.toFixed(3) ?? ""}</td><td>${v.status}</td>` +
-      `<td>${v.status === "live" ? '<button id="rollback">roll back</button>' : ""}</td></tr>`).join("");
+    data.versions.map(v => `<tr><td>${v.label}</td><td>${v.parent ?? ""}</td><td>${new Date(v.created * 1000).toLocaleString()}</td>` +
+      `<td>${v.gate_acceptance?.toFixed(3) ?? ""}</td><td>${liveAcc[v.label]?.toFixed(3) ?? ""}</td><td>${v.status}</td>` +
+      `<td>${v.status === "live" && v.domain === data.domain ? '<button id="rollback">roll back</button>' : ""}</td></tr>`).join("");
   const button = document.getElementById("rollback");
   if (button) button.onclick = rollback;
   document.getElementById("status").textContent = data.store === "ok" ? "" : `(store: ${data.store})`;
