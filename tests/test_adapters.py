@@ -160,3 +160,20 @@ def test_the_service_config_turns_adapters_on_for_a_draft_only(tiny_replica):
     assert trainer_config(config).adapters == AdapterPolicy(min_traces=7)
     with pytest.raises(ValueError, match="adapters need a draft model"):
         ServiceConfig(target=str(models.target), proposer="hydra", adapters=True)
+
+
+def test_the_adapters_benchmark_compares_every_method_on_the_tiny_demo(tiny_demo, monkeypatch):
+    from benchmarks import adapters as adapters_bench
+    from deploy.demo.build import PRESETS
+    from tiny_models import TINY_DEMO
+
+    monkeypatch.setitem(PRESETS, "tiny", TINY_DEMO)
+    args = ["--demo", "tiny", "--cache-dir", str(tiny_demo), "--requests", "12", "--min-traces", "4",
+            "--gate-min-positions", "20", "--eval-prompts", "2", "--max-new-tokens", "8"]  # fmt: skip
+    report = adapters_bench.main(args)  # outputs were identical across methods, or it would raise
+    methods = {(row["domain"], row["method"]) for row in report["rows"]}
+    assert methods == {(d, m) for d in ("prose", "python", "c") for m in (
+        "starting draft", "shared online draft", "adapter by tag", "adapter by router")}  # fmt: skip
+    sizes = report["sizes"]
+    assert set(sizes["adapters"]) == {"prose", "python", "c"}  # each domain got its adapter
+    assert all(a["bytes"] < sizes["draft_bytes"] for a in sizes["adapters"].values())
