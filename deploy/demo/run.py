@@ -206,15 +206,16 @@ def run(
     tokenizer = AutoTokenizer.from_pretrained(models.target)
     spec = WorkloadSpec(phases=plan.phases, max_new_tokens=plan.max_new_tokens, seed=seed)
     requests = list(request_stream(spec, models.held_out_corpus(), tokenizer))
-    first_live = registry.live(DRAFT)
+    live = registry.live(DRAFT)  # none yet with adapters: the base draft serves until they come
+    first = f"{DRAFT}:base" if live is None else live.label
     console.print(
         f"Dashboard: {endpoint.base_url}/dashboard   API: {endpoint.base_url}/v1 ({config.served_model!r})\n"
         f"Workload: {len(requests)} requests in phases "
         + " -> ".join(f"{p.domain} ({p.requests})" for p in plan.phases)
         + f", {plan.concurrency} clients, {plan.max_new_tokens} tokens each; "
-        f"starting from draft v{first_live.version}"
+        f"starting from {first}"
     )
-    board = Board(plan, len(requests), first_live.version)
+    board = Board(plan, len(requests), first)
     clients = Clients(
         endpoint.base_url, config.served_model, requests, plan.concurrency, plan.think_seconds, board.add,
         untagged_every=4 if config.adapters else 0,
@@ -232,12 +233,12 @@ def run(
     console.print()
     board.watch(registry, client, trainer, began, console)
     last_domain = plan.phases[-1].domain  # with adapters, the speed probe's prompts get its adapter
-    live_version = (config.adapters and registry.live(DRAFT, last_domain)) or registry.live(DRAFT)
+    ended = (config.adapters and registry.live(DRAFT, last_domain)) or registry.live(DRAFT)
     trainer.pause()
     try:
         with console.status("measuring decoding speed: no speculation, starting draft, live draft"):
             prompts = [s.prompt for s in sorted(board.served, key=lambda s: s.end)[-plan.probe_prompts :]]
-            speedup = measure_speed(models, config, plan, registry, live_version, prompts)
+            speedup = measure_speed(models, config, plan, registry, ended, prompts)
     finally:
         trainer.resume()
     report = summarise(board.served, plan.phases, plan.window, board.events, board.alerts, speedup)
@@ -249,8 +250,8 @@ def run(
         "k": plan.k,
         "proposer": config.proposer or "draft",
         "replicas": plan.replicas,
-        "started_from": first_live.label,
-        "ended_with": live_version.label,
+        "started_from": first,
+        "ended_with": speedup["live_draft"],
     } | report
     for table in tables(report):
         console.print(table)
@@ -274,7 +275,7 @@ def measure_speed(
     config: ServiceConfig,
     plan: DemoPlan,
     registry: Registry,
-    live: DraftVersion,
+    live: DraftVersion | None,
     prompts: list[tuple[int, ...]],
 ) -> dict:
     """Greedy tokens/s on `prompts` with no speculation, the starting draft (or heads) and the live
@@ -306,19 +307,19 @@ def measure_speed(
         measured = rotate(engines, prompts, plan.max_new_tokens)
     finally:
         torch.set_num_threads(threads)
-    return speedup_summary(measured, f"{DRAFT}:v1", live.label)
+    return speedup_summary(measured, f"{DRAFT}:base", f"{DRAFT}:base" if live is None else live.label)
 
 
 class Board:
     """The live display's state: filled by the client threads (`add`) and by `watch`."""
 
-    def __init__(self, plan: DemoPlan, total: int, version: int):
+    def __init__(self, plan: DemoPlan, total: int, version: str):
         self.plan = plan
         self.served: list[Served] = []
         self.recent: deque[Served] = deque(maxlen=plan.window)
         self.events: list[dict] = []
         self.alerts: list[dict] = []
-        self.version, self.trainer = f"{DRAFT}:v{version}", "starting"
+        self.version, self.trainer = version, "starting"
         self._lock = threading.Lock()
         self._seen_alerts: set[tuple] = set()
         self._next_slow = 0.0
