@@ -10,7 +10,8 @@ Evaluation: --eval-prompts fresh held-out prompts per domain, decoded greedily i
 identical) by: the starting draft; the shared online draft; each domain's adapter, chosen by the
 domain the request names; and the adapter the router picks for the same request sent untagged
 (the starting draft below --min-confidence). Per domain: acceptance α and tokens/s; the router's
-accuracy on these prompts; the size of an adapter against the draft's.
+accuracy on these prompts and the time it takes to pick; the size of an adapter against the
+draft's. Switching between adapters is a lookup: each is merged into its own draft copy.
 
     osd bench adapters --json benchmarks/results/adapters_cpu.json
 """
@@ -21,6 +22,7 @@ import argparse
 import copy
 import dataclasses
 import itertools
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -73,10 +75,13 @@ class Routed:
     router: DomainRouter | None
     engines: dict[str, SpecEngine]  # per domain, and SHARED for the starting draft
     min_confidence: float
-    chosen: list[str]
+    chosen: list[str]  # the domain picked for each request
+    seconds: list[float]  # the time each pick took
 
     def generate(self, prompt, max_new_tokens: int, *, stop_token_ids: list[int]) -> Generation:
+        began = time.perf_counter()
         domain = served_domain(SHARED, self.router, prompt, self.min_confidence)
+        self.seconds.append(time.perf_counter() - began)
         self.chosen.append(domain)
         engine = self.engines.get(domain, self.engines[SHARED])
         return engine.generate(prompt, max_new_tokens, stop_token_ids=stop_token_ids)
@@ -131,23 +136,24 @@ def main(argv: list[str] | None = None) -> dict:
                                                                              router_meta.extra)  # fmt: skip
         trained = {"shared": shared.status(), "adapters": adapters.status()}
 
-    rows, chosen = [], {}
+    rows, chosen, route_seconds = [], {}, []
     with console.status("decoding held-out prompts with every method, in rotation"):
         for i, domain in enumerate(domains):
             prompts = [p.token_ids for p in fixed_prompts(corpus, tokenizer, domain, args.eval_prompts,
                                                           seed=100 + i)]  # fmt: skip
             chosen[domain] = []
+            routed = Routed(router, engines, args.min_confidence, chosen[domain], route_seconds)
             methods = {
                 "starting draft": engines[SHARED],
                 "shared online draft": engines["shared"],
                 "adapter by tag": engines.get(domain, engines[SHARED]),
-                "adapter by router": Routed(router, engines, args.min_confidence, chosen[domain]),
+                "adapter by router": routed,
             }
             speed = rotate(methods, prompts, args.max_new_tokens)
             for method in methods:
                 rows.append({"domain": domain, "method": method, "acceptance": speed["acceptance"][method],
                              "tokens_per_s": speed["tokens_per_s"][method]})  # fmt: skip
-    routed = {d: sum(c == d for c in picks) / len(picks) for d, picks in chosen.items()}
+    own_share = {d: sum(c == d for c in picks) / len(picks) for d, picks in chosen.items()}
     report = {
         "benchmark": "adapters",
         "demo": args.demo,
@@ -159,14 +165,15 @@ def main(argv: list[str] | None = None) -> dict:
         "sizes": sizes,
         "router": {"version": None if router_meta is None else router_meta.label,
                    "fit": None if router_meta is None else router_meta.extra.get("fit"),
-                   "routed_to_own_domain": routed, "min_confidence": args.min_confidence},  # fmt: skip
+                   "routed_to_own_domain": own_share, "min_confidence": args.min_confidence,
+                   "route_ms_median": round(statistics.median(route_seconds) * 1e3, 3)},  # fmt: skip
         "trainers": trained,
         "rows": rows,
         "seconds": round(time.perf_counter() - began, 1),
     }
     print_rows(console, f"held-out prompts, greedy, k={args.k} (outputs identical)",
                ("domain", "method", "α", "tokens/s"), rows)  # fmt: skip
-    console.print(f"router: share of each domain's untagged prompts sent to its adapter {routed}; "
+    console.print(f"router: share of each domain's untagged prompts sent to its adapter {own_share}; "
                   f"sizes {sizes}")  # fmt: skip
     if args.json:
         write_report(args.json, report)

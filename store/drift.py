@@ -26,7 +26,7 @@ from typing import Literal
 import redis
 
 from store.metrics import MetricPoint, MetricsConfig, read_series
-from store.registry import Registry
+from store.registry import ALL_DOMAINS, Registry
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,7 @@ def active_alerts(
             now - first <= config.new_domain_seconds
             and drafted >= config.min_drafted
             and domain not in specialised
+            and domain != ALL_DOMAINS  # requests that name no domain are the shared draft's by design
         ):
             message = f"new domain {domain!r} has no specialised draft; the shared draft serves it"
             standing.append(DriftAlert(domain, "new_domain", first, None, None, message=message))

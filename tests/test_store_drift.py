@@ -64,8 +64,9 @@ def test_a_rise_is_no_alert_and_a_recovery_clears_a_drop():
 def test_standing_alerts_name_dropped_and_new_domains_without_a_draft():
     old = series([0.6] * 100 + [0.3] * 10, 3, "python")
     new = series([0.4] * 5, 4, "c", start=old[-5].start)
+    untagged = series([0.4] * 5, 5, "-", start=old[-5].start)  # requests naming no domain: not new
     now = old[-1].start
-    alerts = {(a.domain, a.kind) for a in active_alerts(old + new, now, specialised=set())}
+    alerts = {(a.domain, a.kind) for a in active_alerts(old + new + untagged, now, specialised=set())}
     assert alerts == {("python", "drop"), ("c", "new_domain")}
     assert {(a.domain, a.kind) for a in active_alerts(old + new, now, specialised={"c"})} == {
         ("python", "drop")

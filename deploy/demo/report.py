@@ -58,6 +58,13 @@ def requests_before(served: Sequence[Served], at: float) -> int:
     return sum(s.end <= at for s in served)
 
 
+def version_name(event: dict, version: int | None = None) -> int | str:
+    """A registry event's version: its number for the shared draft, "<domain> v<n>" for a domain's."""
+    version = event["version"] if version is None else version
+    domain = event.get("domain", "-")
+    return version if domain == "-" else f"{domain} v{version}"
+
+
 def summarise(
     served: Sequence[Served],
     phases: Sequence[Phase],
@@ -90,9 +97,9 @@ def summarise(
         "phases": per_phase,
         "first_window": window_stats(ok[:window]),
         "last_window": window_stats(ok[-window:]),
-        "published": [e["version"] for e in events if e["event"] == "publish"],
-        "rolled_back": [e["previous"] for e in events if e["event"] == "rollback"],
-        "refused": [e["version"] for e in events if e["event"] == "reject"],
+        "published": [version_name(e) for e in events if e["event"] == "publish"],
+        "rolled_back": [version_name(e, e["previous"]) for e in events if e["event"] == "rollback"],
+        "refused": [version_name(e) for e in events if e["event"] == "reject"],
         "events": [_placed(e, ok) for e in events],
         "alerts": [_placed(a, ok) for a in alerts],
         "series": [

@@ -267,7 +267,7 @@ def run(
 
 
 def _versions(versions: list) -> str:
-    return ", ".join(f"v{v}" for v in versions) or "none"
+    return ", ".join(f"v{v}" if isinstance(v, int) else v for v in versions) or "none"
 
 
 def measure_speed(
@@ -378,8 +378,9 @@ class Board:
 def describe(event: dict) -> str:
     """A registry event as a line of the live display."""
     version, gate = event["version"], event.get("gate_acceptance")
+    scope = "" if event.get("domain", "-") == "-" else f"{event['domain']} "  # a domain's adapter
     if event["event"] == "publish":
-        return f"published v{version}" + (f" (gate: expected acceptance {gate:.2f})" if gate else "")
+        return f"published {scope}v{version}" + (f" (gate: expected acceptance {gate:.2f})" if gate else "")
     if event["event"] == "rollback":
-        return f"rolled back v{event['previous']} to v{version}: {event.get('reason', '')}"
-    return f"refused v{version}: {event.get('reason', '')}"
+        return f"rolled back {scope}v{event['previous']} to v{version}: {event.get('reason', '')}"
+    return f"refused {scope}v{version}: {event.get('reason', '')}"
