@@ -17,7 +17,6 @@ from collections import Counter
 from pathlib import Path
 
 import redis
-from redis.exceptions import RedisError
 
 from store.metrics import MetricsConfig
 from store.registry import ALL_DOMAINS, Registry
@@ -76,10 +75,7 @@ class DomainTrainers:
         """Read and count new traces, spawn adapters that are due, refit the router when due, then
         give the next domain's trainer a turn; returns what that turn did (idle with none)."""
         self.observe()
-        try:
-            self.router.maybe_refit()
-        except (RedisError, ValueError) as err:  # the live router unreadable: fit from scratch next time
-            log.warning("router refit failed: %s", err)
+        self.router.maybe_refit()
         if not self.trainers:
             return "idle"
         domains = sorted(self.trainers)
@@ -87,6 +83,7 @@ class DomainTrainers:
         return self.trainers[domains[self._turn]].run_once()
 
     def observe(self) -> int:
+        """Count and ack a batch of new traces; start the adapters that are due."""
         deliveries = self.reader.read(count=self.config.read_count)
         for delivery in deliveries:
             domain = delivery.trace.domain

@@ -12,7 +12,7 @@ from collections import deque
 import torch
 
 from distill.router import ROUTER, DomainRouter, features, fit
-from store.registry import ALL_DOMAINS, Registry
+from store.registry import ALL_DOMAINS, CorruptWeightsError, Registry
 from store.traces import Trace, in_fraction
 from trainer.config import RouterConfig
 
@@ -47,10 +47,7 @@ class RouterLearner:
         if len(domains) < 2:
             return None  # one domain is no choice: every prompt would go to it
         self.new_rows = 0
-        live_meta = self.registry.live(ROUTER)
-        live = None
-        if live_meta is not None:
-            live = DomainRouter.from_registry(self.registry.load(live_meta), live_meta.extra)
+        live = self._live()
         warm = live is not None and set(live.domains) <= set(domains)
         router = live.with_domains(domains) if warm else DomainRouter(domains, self.config.spec)
         loss = fit(router, *stack(self.train, domains), self.config.steps)
@@ -58,14 +55,29 @@ class RouterLearner:
         score = domain_accuracy(router, held_x, held_domains)
         live_score = None if live is None else domain_accuracy(live, held_x, held_domains)
         self.last = {
-            "domains": domains, "loss": round(loss, 4), "accuracy": round(score, 4),
-            "live_accuracy": live_score, "held_out": len(held_domains), "rows": len(self.train),
-        }  # fmt: skip
+            "domains": domains,
+            "loss": round(loss, 4),
+            "accuracy": round(score, 4),
+            "live_accuracy": None if live_score is None else round(live_score, 4),
+            "held_out": len(held_domains),
+            "rows": len(self.train),
+        }
         if live_score is None or score >= live_score:
             meta = self.registry.publish(ROUTER, router.state_dict(), kind="router",
                                          extra=router.metadata() | {"fit": self.last})  # fmt: skip
             log.info("published router %s: held-out accuracy %.3f over %s", meta.label, score, domains)
         return self.last
+
+    def _live(self) -> DomainRouter | None:
+        """The live router, to start from and to beat; None when there is none or it is unreadable."""
+        meta = self.registry.live(ROUTER)
+        if meta is None:
+            return None
+        try:
+            return DomainRouter.from_registry(self.registry.load(meta), meta.extra)
+        except (CorruptWeightsError, KeyError, TypeError, ValueError) as err:
+            log.warning("live router %s unreadable, fitting a new one: %s", meta.label, err)
+            return None
 
 
 def stack(rows, domains: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
