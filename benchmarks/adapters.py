@@ -19,7 +19,6 @@ draft's. Switching between adapters is a lookup: each is merged into its own dra
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import itertools
 import statistics
@@ -36,10 +35,10 @@ from benchmarks.results import print_rows, write_report
 from benchmarks.speed import rotate
 from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
 from deploy.demo.workloads import Phase, WorkloadSpec, fixed_prompts, request_stream
-from distill.lora import LoraSpec, merged_adapter
 from distill.router import ROUTER, SHARED, DomainRouter, served_domain
 from serving.engine import Generation, SpecEngine
 from serving.proposers import DraftModelProposer, NullProposer
+from serving.server import version_draft
 from serving.tracing import trace_of
 from store.redis_server import LocalRedis
 from store.registry import Registry
@@ -187,18 +186,17 @@ def evaluation_engines(
     live adapter, merged into its own copy of the starting draft; and the sizes that costs."""
     base = AutoModelForCausalLM.from_pretrained(draft_dir).eval()
     engines = {SHARED: SpecEngine(target, DraftModelProposer(base), k)}
-    live = registry.live("draft")
-    online = copy.deepcopy(base)
-    online.load_state_dict(registry.load(live))
-    engines["shared"] = SpecEngine(target, DraftModelProposer(online), k)
+
+    def engine(meta) -> SpecEngine:
+        return SpecEngine(target, DraftModelProposer(version_draft(base, meta, registry.load(meta))), k)
+
+    engines["shared"] = engine(registry.live("draft"))
     adapter_bytes = {}
     for domain in domains:
         meta = registry.live("draft", domain)
-        if meta is None:
-            continue
-        merged = merged_adapter(copy.deepcopy(base), LoraSpec(**meta.extra["lora"]), registry.load(meta))
-        engines[domain] = SpecEngine(target, DraftModelProposer(merged.eval()), k)
-        adapter_bytes[domain] = {"version": meta.label, "bytes": meta.size_bytes}
+        if meta is not None:
+            engines[domain] = engine(meta)
+            adapter_bytes[domain] = {"version": meta.label, "bytes": meta.size_bytes}
     draft_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     return engines, {"draft_bytes": draft_bytes, "adapters": adapter_bytes}
 

@@ -398,13 +398,7 @@ class Replica:
             return proposer
         if meta.kind == "heads":
             raise IncompatibleDraftError(f"this replica serves a draft model; {meta.label} is draft heads")
-        if meta.kind == "lora":
-            return DraftModelProposer(
-                merged_adapter(copy.deepcopy(self.base_draft), LoraSpec(**meta.extra["lora"]), weights)
-            )
-        model = copy.deepcopy(self.base_draft)
-        DraftModelProposer(model).load_weights(weights)
-        return DraftModelProposer(model)
+        return DraftModelProposer(version_draft(self.base_draft, meta, weights))
 
     def _swap(self, meta: DraftVersion) -> None:
         """Load `meta` into a fresh draft next to the served one, then serve it to new requests."""
@@ -434,3 +428,15 @@ class Replica:
             return
         self._router = (router, meta.label)
         log.info("routing with %s over %s", meta.label, list(router.domains))
+
+
+def version_draft(
+    base: torch.nn.Module, meta: DraftVersion, weights: dict[str, torch.Tensor]
+) -> torch.nn.Module:
+    """A draft version as a plain model, built in a copy of `base`: a LoRA adapter merged into it,
+    or all its weights loaded (IncompatibleDraftError or ValueError when they do not fit)."""
+    model = copy.deepcopy(base)
+    if meta.kind == "lora":
+        return merged_adapter(model, LoraSpec(**meta.extra["lora"]), weights).eval()
+    DraftModelProposer(model).load_weights(weights)
+    return model.eval()

@@ -52,9 +52,9 @@ from deploy.demo.workloads import Phase, WorkloadSpec, request_stream
 from deploy.ray_serve import NAMESPACE, TRAINER_NAME, ActorControl, ServiceConfig
 from deploy.serve import Endpoint, running, stop_on_signals, wait_for_ctrl_c
 from distill.heads import DraftHeads
-from distill.lora import LoraSpec, merged_adapter
 from serving.engine import SpecEngine
 from serving.proposers import DraftModelProposer, HeadsProposer, NullProposer
+from serving.server import version_draft
 from store.drift import read_alerts
 from store.redis_server import open_redis
 from store.registry import DraftVersion, Registry
@@ -292,10 +292,10 @@ def measure_speed(
                 module = DraftHeads.for_target(heads, target)
             else:
                 module = AutoModelForCausalLM.from_pretrained(models.draft)
-            if version is not None and version.kind == "lora":
-                module = merged_adapter(module, LoraSpec(**version.extra["lora"]), registry.load(version))
-            elif version is not None:
+            if version is not None and heads:
                 module.load_state_dict(registry.load(version))
+            elif version is not None:
+                module = version_draft(module, version, registry.load(version))
             module.eval()
             return HeadsProposer(module) if heads else DraftModelProposer(module)
 
