@@ -2,7 +2,8 @@
 
 Gate: on the held-out traces of the last window, the candidate's expected acceptance must beat
 the live version's by `margin` overall, with at least `min_positions` positions, and may not fall
-more than `margin` below it on any domain. Watch: after a publish, the live acceptance measured
+more than `margin` below it on any domain held out as much (a handful of traces of a domain
+that passed is noise, not a veto). Watch: after a publish, the live acceptance measured
 by the servers on each domain is compared with the previous version's just before the swap;
 when the drafted-weighted difference falls below -delta, roll back.
 """
@@ -69,7 +70,10 @@ def gate(
     gain = total_c.rate - total_l.rate
     if gain < margin:
         return decision(False, f"gain {gain:+.4f} below the margin {margin}")
-    worse = [d for d, r in per_domain.items() if r["candidate"] < r["live"] - margin]
+    worse = [
+        d for d, r in per_domain.items()
+        if r["positions"] >= min_positions and r["candidate"] < r["live"] - margin
+    ]  # fmt: skip
     if worse:
         return decision(False, f"worse than live on {', '.join(worse)}")
     return decision(True, f"gain {gain:+.4f} over live")
