@@ -95,6 +95,7 @@ def serve(argv: list[str]) -> None:
 
 BENCHMARKS = {
     "adapters": "adapters",
+    "chaos": "chaos",
     "engine": "engine",
     "store": "store_bench",
     "online": "online",

@@ -39,6 +39,7 @@ from trainer.actor import TrainerActor
 from trainer.config import AdapterPolicy, TrainerConfig
 
 TRAINER_NAME, NAMESPACE = "osd-trainer", "osd"
+PATHS = ("target", "draft", "trainer_dir", "registry_dir")  # settings that may start with ~
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,10 @@ class ServiceConfig:
     trainer_gpus: float = 0.0
     trainer_resources: dict[str, float] = field(default_factory=dict)
     trainer_dir: str = str(Path.home() / ".cache" / "osd" / "trainer")
+    registry_dir: str | None = None  # drafts too large for Redis (over 256 MB) go here, on shared disk
     trainer_settings: dict[str, Any] = field(default_factory=dict)  # TrainerConfig fields to override
     held_out_fraction: float = StreamConfig.held_out_fraction  # traces the trainer's gate keeps apart
+    trace_max_len: int = StreamConfig.max_len  # the trace stream's cap, in entries (oldest trimmed)
     hidden_fraction: float | None = None  # traces that log hidden states: default 0.25 with heads, else 0
     heads_tree: tuple[int, ...] | None = None  # heads: a static tree's branching (greedy requests)
     adapters: bool = False  # a LoRA adapter per busy domain over the draft, and a router to pick them
@@ -75,11 +78,11 @@ class ServiceConfig:
     def __post_init__(self):
         if self.replicas < 1 or self.k < 0 or self.max_queue < 1:
             raise ValueError("need replicas >= 1, k >= 0 and max_queue >= 1")
-        fixed = {"checkpoint_dir", "lora", "heads", "adapters"}  # set by the fields of this config
+        fixed = {"checkpoint_dir", "registry_dir", "lora", "heads", "adapters"}  # set by fields here
         settable = {f.name for f in dataclasses.fields(TrainerConfig)} - fixed
         if unknown := sorted(set(self.trainer_settings) - settable):
             raise ValueError(f"unknown trainer_settings {unknown}; known: {sorted(settable)}")
-        StreamConfig(held_out_fraction=self.held_out_fraction)  # its own checks
+        _ = self.stream  # StreamConfig checks its own settings
         if self.hidden_fraction is not None and not 0.0 <= self.hidden_fraction <= 1.0:
             raise ValueError(f"hidden_fraction must lie in [0, 1], got {self.hidden_fraction}")
         if self.adapters and (self.draft is None or self.heads is not None):
@@ -93,12 +96,16 @@ class ServiceConfig:
             raise ValueError(f"unknown settings {unknown}; known: {sorted(known)}")
         if "target" not in args:
             raise ValueError("`target` is required: a model directory or hub id")
-        paths = {k: os.path.expanduser(args[k]) for k in ("target", "draft", "trainer_dir") if args.get(k)}
+        paths = {k: os.path.expanduser(args[k]) for k in PATHS if args.get(k)}
         return cls(**{**args, **paths})
 
     @property
     def redis(self) -> str:
         return self.redis_url or os.environ.get("OSD_REDIS_URL") or "redis://127.0.0.1:6379/0"
+
+    @property
+    def stream(self) -> StreamConfig:
+        return StreamConfig(held_out_fraction=self.held_out_fraction, max_len=self.trace_max_len)
 
     @property
     def served_model(self) -> str:
@@ -132,6 +139,7 @@ class OSDServer:
             num_speculative_tokens=config.k, device=config.device, dtype=config.dtype,
             max_queue=config.max_queue, hidden_fraction=config.traced_hidden,
             heads_tree=tuple(config.heads_tree) if config.heads_tree else None, adapters=config.adapters,
+            registry_dir=config.registry_dir, stream=config.stream,
             replica_id=f"replica-{serve.get_replica_context().replica_tag}",
         )  # fmt: skip
         self.replica = Replica(replica, open_redis(config.redis))
@@ -170,9 +178,11 @@ def trainer_config(config: ServiceConfig) -> TrainerConfig:
     context = getattr(AutoConfig.from_pretrained(config.target), "max_position_embeddings", None)
     settings = ({"max_seq_len": context} if context else {}) | config.trainer_settings
     adapters = AdapterPolicy(min_traces=config.adapter_min_traces) if config.adapters else None
+    registry_dir = Path(config.registry_dir) if config.registry_dir else None
     return TrainerConfig(
-        checkpoint_dir=Path(config.trainer_dir), heads=config.heads, adapters=adapters, **settings
-    )
+        checkpoint_dir=Path(config.trainer_dir), registry_dir=registry_dir, heads=config.heads,
+        adapters=adapters, **settings,
+    )  # fmt: skip
 
 
 def start_trainer(config: ServiceConfig):
@@ -186,9 +196,8 @@ def start_trainer(config: ServiceConfig):
         num_gpus=config.trainer_gpus,
         resources=config.trainer_resources,
     )
-    stream = StreamConfig(held_out_fraction=config.held_out_fraction)
     base = config.target if config.heads else config.draft  # heads read the target's hidden states
-    actor = options.remote(trainer_config(config), base, config.redis, stream=stream)
+    actor = options.remote(trainer_config(config), base, config.redis, stream=config.stream)
     ray.get(actor.status.remote())  # started: its starting draft is in the registry
     return actor
 

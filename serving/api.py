@@ -7,7 +7,8 @@ events ending with `data: [DONE]`, and a usage chunk with `stream_options.includ
 and the admin routes of `serving.admin` when a token is set. Text is
 tokenized here; the replica works in token ids. Each
 response carries the request's speculative-decoding numbers and the draft version that served it
-in an extra `metrics` field, as vLLM does. `metadata.domain` tags the request's trace.
+in an extra `metrics` field, as vLLM does. `metadata.domain` tags the request's trace, and the
+response's `id` is the trace's request id.
 
 Bad input gets a 4xx with an OpenAI-style body (`{"error": {"message", "type", "param",
 "code"}}`), never a 500: malformed JSON or bytes, unknown fields of the wrong type, an unknown
@@ -68,7 +69,7 @@ class Sampling(BaseModel):
     top_p: float = 1.0
     top_k: int = 0  # an extension, as in vLLM
     n: int = 1
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)  # torch takes a 64-bit seed
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -167,7 +168,8 @@ def create_app(
         return await respond(body, chat_prompt(tokenizer, body.messages), chat=True)
 
     async def respond(body: Sampling, prompt: list[int], chat: bool):
-        request = to_request(body, prompt, context, model_name)
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        request = to_request(body, prompt, context, model_name, request_id)
         pieces = decode_text(replica, request, tokenizer, stop_strings(body.stop))
         try:
             first = await anext(pieces)  # the request's own errors surface before any byte is sent
@@ -175,7 +177,7 @@ def create_app(
             raise APIError(400, str(err)) from err
         except ServerBusyError as err:
             raise APIError(503, str(err), code="server_busy") from err
-        shape = Shape(chat, model_name, len(prompt))
+        shape = Shape(chat, model_name, len(prompt), request.request_id)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(shape.sse(first, pieces, include_usage), media_type="text/event-stream")
@@ -187,8 +189,11 @@ def create_app(
     return app
 
 
-def to_request(body: Sampling, prompt: list[int], context: int, model_name: str) -> ReplicaRequest:
-    """Check what the engine does not know about (model, n, lengths) and build the replica's request."""
+def to_request(
+    body: Sampling, prompt: list[int], context: int, model_name: str, request_id: str
+) -> ReplicaRequest:
+    """Check what the engine does not know about (model, n, lengths) and build the replica's request,
+    whose id (the response's, and its trace's) is `request_id`."""
     if body.model != model_name:
         raise APIError(
             400, f"model {body.model!r} is not served here; try {model_name!r}", "model", "model_not_found"
@@ -211,8 +216,9 @@ def to_request(body: Sampling, prompt: list[int], context: int, model_name: str)
     domain = (body.metadata or {}).get("domain", "-")
     try:
         return ReplicaRequest(
-            prompt, max_tokens, body.temperature, body.top_p, body.top_k, body.seed, domain=domain
-        )
+            prompt, max_tokens, body.temperature, body.top_p, body.top_k, body.seed,
+            domain=domain, request_id=request_id,
+        )  # fmt: skip
     except InvalidRequestError as err:
         raise APIError(400, str(err), "metadata.domain") from err
 
@@ -265,9 +271,8 @@ async def decode_text(
 class Shape:
     """OpenAI response bodies for one request: whole, or as SSE chunks."""
 
-    def __init__(self, chat: bool, model: str, prompt_tokens: int):
-        self.chat, self.model, self.prompt_tokens = chat, model, prompt_tokens
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    def __init__(self, chat: bool, model: str, prompt_tokens: int, request_id: str):
+        self.chat, self.model, self.prompt_tokens, self.id = chat, model, prompt_tokens, request_id
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
         self.created = int(time.time())
 

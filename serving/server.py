@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
 import queue
 import re
 import threading
@@ -79,6 +80,7 @@ class ReplicaConfig:
     dtype: str | None = None
     target_id: str | None = None  # the name traces carry; default: the target's directory name
     draft_name: str = "draft"  # the registry name whose live version is served
+    registry_dir: str | None = None  # the registry's file directory (drafts too large for Redis)
     domain: str = ALL_DOMAINS
     replica_id: str = field(default_factory=lambda: f"replica-{uuid.uuid4().hex[:8]}")
     max_queue: int = 64  # waiting requests beyond this are refused with ServerBusyError
@@ -182,7 +184,7 @@ class Replica:
             self.cost_ratio = cost_ratio(base.target, self.base_draft, prompt, tokens=16)
         elif self.base_heads is not None:
             self.cost_ratio = heads_cost_ratio(base.target, self.base_heads, prompt, tokens=16)
-        self.registry = Registry(client)
+        self.registry = Registry(client, file_dir=config.registry_dir)
         self.swaps = self.refused = 0
         self.last_swap_seconds: float | None = None  # load and check, off the decode path
         self._served = _Served(base, f"{config.draft_name}:base" if learns else "none")
@@ -251,6 +253,7 @@ class Replica:
     def status(self) -> dict:
         return {
             "replica": self.config.replica_id,
+            "pid": os.getpid(),
             "draft_version": self._served.version,
             "adapters": {domain: served.version for domain, served in sorted(self._adapters.items())},
             "router": None if self._router is None else self._router[1],
@@ -274,6 +277,8 @@ class Replica:
             "traces_written": traces.written,
             "traces_dropped": traces.dropped,
             "traces_queued": traces.queued,
+            "traces_write_errors": traces.write_errors,
+            "trace_store_up": float(traces.connected),
             "num_speculative_tokens": self.k,
             "draft_cost_ratio": self.cost_ratio,
         }

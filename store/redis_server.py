@@ -8,6 +8,7 @@ second lost. `open_redis(url)` connects to an existing server instead (`redis://
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import socket
@@ -17,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 
@@ -86,6 +87,7 @@ class LocalRedis:
         port: int | None = None,
         host: str = "127.0.0.1",
         maxmemory: str | None = None,
+        password: str | None = None,
         binary: str = "redis-server",
         extra_args: Sequence[str] = (),
     ):
@@ -99,12 +101,16 @@ class LocalRedis:
         self.host = host
         self.port = port or free_port(host)
         self.maxmemory = maxmemory
+        if password is not None and not re.fullmatch(r'[^"\s]+', password):
+            raise ValueError("a Redis password may not contain quotes or white space")
+        self.password = password  # requirepass: clients then need it in the URL
         self.extra_args = list(extra_args)  # further redis-server options, e.g. ["--tls-port", "6380"]
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def client(self, **kwargs) -> redis.Redis:
         return open_redis(self.url, **kwargs)
@@ -126,6 +132,11 @@ class LocalRedis:
         ]  # fmt: skip
         if self.maxmemory:
             args += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction"]
+        if self.password:  # from a file only its owner reads, not the command line that `ps` shows
+            conf = self.data_dir / "auth.conf"
+            conf.touch(mode=0o600)
+            conf.write_text(f'requirepass "{self.password}"\n')
+            args.insert(1, str(conf))
         args += self.extra_args
         # Its own session: a Ctrl-C in the terminal reaches the owner, which stops it last, after
         # the replicas have flushed their traces.

@@ -5,8 +5,10 @@ URI for large drafts; a full model or only a LoRA adapter) and its metadata (JSO
 writes the weights and metadata first, then a Lua script moves `live` and updates statuses
 atomically and announces the change on a pub/sub channel. A reader therefore never sees a
 half-written version. Servers learn of changes through `LiveWatcher` (pub/sub, with a poll as a
-fallback, so a missed message costs latency only). A SHA-256 checksum is verified on every load;
-corrupt weights raise `CorruptWeightsError` and the caller keeps what it has. Nothing is unpickled.
+fallback, so a missed message costs latency only). A SHA-256 checksum is verified on every load,
+and every weight must be finite; corrupt weights raise `CorruptWeightsError` and the caller keeps
+what it has. Nothing is unpickled. File URIs are read, and deleted by retention, only inside the
+registry's `file_dir`: metadata read from Redis cannot point a server at any other file.
 
 Keys, for name N and domain D (`-` when the draft serves every domain):
     osd:registry:N:D:next          INCR counter of version numbers
@@ -46,7 +48,8 @@ CHUNK_BYTES = 4 << 20
 
 
 class CorruptWeightsError(ValueError):
-    """Stored weights that do not match their checksum, or are missing or unreadable."""
+    """Stored weights that do not match their checksum, are missing, unreadable or not finite, or
+    lie outside the registry's file directory."""
 
 
 class UnknownVersionError(KeyError):
@@ -103,7 +106,8 @@ HISTORY_LENGTH = 1_000  # registry events kept for the dashboard's markers
 
 
 class Registry:
-    """Draft versions in Redis. `file_dir` (optional) holds weights over `inline_limit` bytes as files."""
+    """Draft versions in Redis. `file_dir` (optional) holds weights over `inline_limit` bytes as files;
+    without it every version is inline and file URIs are refused."""
 
     def __init__(
         self,
@@ -180,7 +184,8 @@ class Registry:
         return meta
 
     def publish(self, name: str, weights: dict[str, torch.Tensor], **kwargs) -> DraftVersion:
-        """Add a version and make it live."""
+        """Add a version and make it live; its parent is, unless given, the live version it replaces."""
+        kwargs.setdefault("parent", self.live_version(name, kwargs.get("domain", ALL_DOMAINS)))
         meta = self.add(name, weights, **kwargs)
         return self.promote(name, meta.domain, meta.version, event="publish")
 
@@ -280,13 +285,10 @@ class Registry:
         return [DraftVersion.from_json(raw) for raw in (self.client.mget(keys) if keys else []) if raw]
 
     def load(self, meta: DraftVersion) -> dict[str, torch.Tensor]:
-        """The version's weights, checksum verified; CorruptWeightsError when they do not match."""
+        """The version's weights, checksum verified and all finite; CorruptWeightsError otherwise."""
         if meta.uri is not None:
-            parsed = urlparse(meta.uri)
-            if parsed.scheme != "file":
-                raise CorruptWeightsError(f"unsupported weights URI {meta.uri!r}")
             try:
-                blob = Path(parsed.path).read_bytes()
+                blob = self._weights_file(meta.uri).read_bytes()
             except OSError as err:
                 raise CorruptWeightsError(f"cannot read {meta.uri}: {err}") from err
         else:
@@ -300,9 +302,20 @@ class Registry:
         if hashlib.sha256(blob).hexdigest() != meta.sha256:
             raise CorruptWeightsError(f"{meta.name}/{meta.domain} v{meta.version}: checksum mismatch")
         try:
-            return load_safetensors(blob)
+            weights = load_safetensors(blob)
         except Exception as err:  # safetensors raises its own error types for malformed headers
             raise CorruptWeightsError(f"{meta.name}/{meta.domain} v{meta.version}: {err}") from err
+        if bad := [n for n, t in weights.items() if t.is_floating_point() and not t.isfinite().all()]:
+            raise CorruptWeightsError(f"{meta.label}: non-finite weights in {bad[:3]}")
+        return weights
+
+    def _weights_file(self, uri: str) -> Path:
+        """The file behind a `file://` URI, which must lie inside `file_dir` (CorruptWeightsError)."""
+        parsed = urlparse(uri)
+        path, root = Path(parsed.path).resolve(), self.file_dir
+        if parsed.scheme != "file" or root is None or not path.is_relative_to(root.resolve()):
+            raise CorruptWeightsError(f"weights URI {uri!r} is outside the registry's file directory")
+        return path
 
     def _apply_retention(self, name: str, domain: str) -> None:
         """Keep the newest `keep` versions, the live one and its parent (the rollback target);
@@ -321,7 +334,10 @@ class Registry:
             )
             pipe.execute()
             if meta.uri is not None:
-                Path(urlparse(meta.uri).path).unlink(missing_ok=True)
+                try:
+                    self._weights_file(meta.uri).unlink(missing_ok=True)
+                except CorruptWeightsError:
+                    log.warning("%s: not deleting %s, outside the file directory", meta.label, meta.uri)
 
 
 class LiveWatcher:

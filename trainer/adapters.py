@@ -45,7 +45,7 @@ class DomainTrainers:
         self.stream, self.metrics = stream or StreamConfig(), metrics
         self.policy = config.adapters
         self.reader = TraceReader(client, consumer, self._stream_of("router"))
-        self.registry = Registry(client)
+        self.registry = Registry(client, file_dir=config.registry_dir)
         self.router = RouterLearner(self.registry, self.policy.router)
         self.seen: Counter[str] = Counter()  # traces per named domain, since start
         self.trainers: dict[str, OnlineTrainer] = {}
@@ -113,8 +113,13 @@ class DomainTrainers:
             "prioritised_domains": sorted({d for t in trainers for d in t.prioritised}),
             "history": history[-5:],
             "domains": {
-                domain: {"step": t.state.step, "live_version": t.state.live_version, "loss": t.last_loss,
-                         "trained_traces": t.state.trained_traces, "seen": self.seen[domain]}
+                domain: {
+                    "step": t.state.step,
+                    "live_version": t.state.live_version,
+                    "loss": t.last_loss,
+                    "trained_traces": t.state.trained_traces,
+                    "seen": self.seen[domain],
+                }
                 for domain, t in sorted(self.trainers.items())
             },  # fmt: skip
             "router": self.router.last,

@@ -40,6 +40,7 @@ class AdapterPolicy:
 class TrainerConfig:
     draft_name: str = "draft"  # registry name of the draft being trained
     domain: str = "-"  # registry domain ("-": one draft for every domain)
+    registry_dir: Path | None = None  # where drafts too large for Redis go (store.registry)
     # What to learn.
     loss: LossName = "fkl"
     jsd_beta: float = 0.5

@@ -18,7 +18,7 @@ import torch
 from store.drift import read_alerts
 from store.load import read_load
 from store.metrics import MetricsConfig, read_series
-from store.registry import ALL_DOMAINS, DraftVersion, Registry
+from store.registry import ALL_DOMAINS, CorruptWeightsError, DraftVersion, Registry
 from store.traces import StreamConfig, Trace, TraceReader
 from trainer.buffer import ReplayBuffer
 from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
@@ -48,7 +48,7 @@ class OnlineTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.reader = TraceReader(client, consumer, stream or StreamConfig())
-        self.registry = Registry(client)
+        self.registry = Registry(client, file_dir=config.registry_dir)
         self.buffer = ReplayBuffer(config.buffer_cap, config.recency_half_life)
         self.gate_set: dict[str, deque[Trace]] = defaultdict(lambda: deque(maxlen=config.gate_window))
         self.pending_acks: list[bytes] = []
@@ -85,25 +85,45 @@ class OnlineTrainer:
         }
 
     def _sync_live(self) -> None:
-        """Agree with the registry on the live version; publish the starting draft as the first."""
-        live = self.registry.live(self.config.draft_name, self.config.domain)
+        """Agree with the registry on the live version: publish the starting draft as the first, and
+        follow what others make live. A newer version made live past the gate (by an operator, or
+        anything with access to the registry) is watched like a publish of ours, and one whose
+        weights do not load (non-finite, corrupt) is rolled back at once."""
+        name, domain, known = self.config.draft_name, self.config.domain, self.state.live_version
+        live = self.registry.live(name, domain)
         if live is None:
             live = self.registry.publish(
-                self.config.draft_name,
+                name,
                 self.weights(),
-                domain=self.config.domain,
+                domain=domain,
                 kind=self.learner.kind,
                 extra={"origin": "starting draft", **self.learner.extra},
             )
-        if live.version != self.state.live_version:
-            self.learner.load(self.live_model, self.registry.load(live))
-            if self.state.live_version is None:
-                self.learner.load(self.model, self.registry.load(live))
-            self.state.live_version = live.version
+        if live.version == known:
+            return
+        try:
+            weights = self.registry.load(live)
+        except CorruptWeightsError as err:
+            if known is None:
+                raise
+            reason = f"refused on load: {err}"
+            self.registry.rollback(name, domain, reason=reason)
+            log.warning("rolled back %s, %s", live.label, reason)
+            self._remember({"kind": "watch", "version": live.version, "action": "rollback", "reason": reason})
+            return
+        self.learner.load(self.live_model, weights)
+        if known is None:
+            self.learner.load(self.model, weights)
+        elif live.version > known and live.parent is not None:
+            self.watching = (live, time.time())
+        self.state.live_version = live.version
 
     # One iteration.
     def run_once(self) -> str:
-        """Do the next piece of work; returns what it did: throttled, idle or trained."""
+        """Do the next piece of work; returns what it did: throttled, idle or trained. Following and
+        watching the live version go on while serving is busy; training waits."""
+        self._sync_live()
+        self.maybe_watch()
         if self._busy():
             time.sleep(self.config.pause_seconds)
             return "throttled"
@@ -112,13 +132,11 @@ class OnlineTrainer:
         if self.train_step() is None:
             if self.pending_acks:  # traffic paused: commit what was trained, so that it is acked now
                 self.checkpoint()
-            self.maybe_watch()
             return "idle"
         if self.state.step % self.config.checkpoint_every == 0:
             self.checkpoint()
         if self.state.step % self.config.gate_every == 0:
             self.maybe_publish()
-        self.maybe_watch()
         return "trained"
 
     def _busy(self) -> bool:

@@ -18,6 +18,7 @@ from trainer.config import RouterConfig
 
 log = logging.getLogger(__name__)
 
+
 class RouterLearner:
     """`observe` the traces of tagged requests; `maybe_refit` now and then."""
 
