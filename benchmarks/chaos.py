@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -66,6 +65,8 @@ PROBE = [5, 17, 42, 9, 33, 8]  # token ids of the greedy probe
 
 @dataclass(frozen=True)
 class ChaosConfig:
+    """One run: the stack's size, the workload, how long faults last and the bounds checked."""
+
     replicas: int = 2
     rate: float = 4.0  # requests/s, paced (a client whose request runs late sends the next at once)
     clients: int = 4  # the most requests in flight
@@ -74,7 +75,7 @@ class ChaosConfig:
     redis_down_seconds: float = 10.0
     soak_seconds: float = 600.0
     recovery_timeout: float = 120.0
-    trace_max_len: int = 2_000  # the stream's cap: the soak shows Redis memory flattening at it
+    trace_max_len: int = 1_000  # the stream's cap: the soak shows Redis memory flattening at it
     rss_bound_mb: float = 64.0  # the most a replica's RSS may grow over the soak, after its warm-up
     trainer_settings: dict = field(
         default_factory=lambda: {
@@ -181,12 +182,10 @@ class Workload:
 
 @dataclass
 class Stack:
-    """A running stack: its HTTP address, its Redis, the `osd serve` process and its log."""
+    """A running stack: its HTTP address, its Redis and the models it serves."""
 
     base: str
     redis: LocalRedis
-    server: subprocess.Popen
-    log: Path
     models: DemoModels
 
     @property
@@ -276,7 +275,8 @@ def wait_until(condition: Callable[[], bool], timeout: float, every: float = 0.2
 
 @contextmanager
 def chaos_stack(models: DemoModels, workdir: Path, config: ChaosConfig) -> Iterator[Stack]:
-    """Redis (with its AOF in workdir) and `osd serve` on free loopback ports, until exit."""
+    """Redis (its AOF in workdir) and `osd serve` (its output in workdir/serve.log) on free loopback
+    ports, until exit."""
     with LocalRedis(data_dir=workdir / "redis") as server:
         settings = {
             "target": str(models.target), "draft": str(models.draft), "model_name": "demo",
@@ -285,10 +285,9 @@ def chaos_stack(models: DemoModels, workdir: Path, config: ChaosConfig) -> Itera
             "trace_max_len": config.trace_max_len, "trainer_settings": config.trainer_settings,
         }  # fmt: skip
         (workdir / "serve.yaml").write_text(yaml.safe_dump(settings))
-        log = workdir / "serve.log"
         flags = ["--config", str(workdir / "serve.yaml"), "--admin-token", TOKEN]
-        with osd_serve(flags, free_port(), log) as (process, base):
-            yield Stack(base, server, process, log, models)
+        with osd_serve(flags, free_port(), workdir / "serve.log") as (_, base):
+            yield Stack(base, server, models)
 
 
 @dataclass
@@ -373,17 +372,16 @@ def trainer_kill(stack: Stack, load: Workload, config: ChaosConfig, calm: float)
         lambda: (stack.trainer() or {}).get("pid") not in (None, before["pid"]), config.recovery_timeout
     )
     recovery = time.monotonic() - start if restarted else None
-    after = stack.trainer() or {}
     time.sleep(config.calm_seconds)
+    after = stack.trainer() or {}
     end = time.monotonic()
-    # Every trace is delivered and acked in the end: no lag, nothing pending (once the load stops,
-    # the caller checks again with `drained`).
     steps = [e["train_steps"] for e in map(asdict, registry.versions("draft")) if e["extra"].get("gate")]
     checks = {
         "pid_before": before["pid"], "pid_after": after.get("pid"),
         "step_before": before.get("step"), "step_after_restart": after.get("step"),
         "resumed_from_checkpoint": (after.get("step") or 0) >= before["step"] // every * every,
         "publishes_distinct_train_steps": len(steps) == len(set(steps)),
+        "backlog_after": after.get("backlog"),  # trimmed_unprocessed: traces never trained on
     }  # fmt: skip
     return account(stack, load, "trainer-kill", calm, start, end, dropped, recovery, checks)
 
@@ -484,10 +482,21 @@ def redis_oom(stack: Stack, load: Workload, config: ChaosConfig, calm: float) ->
     return account(stack, load, "redis-oom", calm, start, end, dropped, recovery, checks)
 
 
+def redis_mb(client: redis.Redis) -> dict[str, float]:
+    """Redis memory (MB) by what holds it: the trace stream, the registry, metric series, the rest."""
+    prefixes = {b"osd:traces": "stream", b"osd:registry": "registry", b"osd:metrics": "metrics"}
+    parts = dict.fromkeys([*prefixes.values(), "other"], 0)
+    for key in client.scan_iter(count=1_000):
+        part = next((p for prefix, p in prefixes.items() if key.startswith(prefix)), "other")
+        parts[part] += client.memory_usage(key, samples=0) or 0
+    return {part: round(size / 2**20, 2) for part, size in parts.items()}
+
+
 def soak(stack: Stack, load: Workload, config: ChaosConfig, calm: float) -> Result:
     pids = stack.replica_pids(config.replicas)
     processes = [psutil.Process(pid) for pid in pids.values()]
     dropped = sum(stack.metric("traces_dropped_total").values())
+    parts_before = redis_mb(stack.client)
     start = time.monotonic()
     samples = []
     while time.monotonic() < start + config.soak_seconds:
@@ -496,6 +505,8 @@ def soak(stack: Stack, load: Workload, config: ChaosConfig, calm: float) -> Resu
                         stack.client.xlen(DEFAULT_STREAM)))  # fmt: skip
         time.sleep(min(5.0, config.soak_seconds / 20))
     end = time.monotonic()
+    parts = redis_mb(stack.client)
+    metrics_growth = parts["metrics"] - parts_before["metrics"]  # kept for `retention_seconds` (7 days)
     warm = len(samples) // 4  # after a quarter: caches and allocator pools are warm
     growth = max(max(s[1][i] for s in samples[warm:]) - samples[warm][1][i] for i in range(len(processes)))
     capped = [s for s in samples if s[3] >= config.trace_max_len]
@@ -507,6 +518,9 @@ def soak(stack: Stack, load: Workload, config: ChaosConfig, calm: float) -> Resu
         "redis_mb_start": round(samples[0][2], 1), "redis_mb_at_cap": redis_at_cap and round(redis_at_cap, 1),
         "redis_mb_max": round(max(s[2] for s in samples), 1), "redis_mb_end": round(samples[-1][2], 1),
         "stream_len_max": max(s[3] for s in samples), "trace_max_len": config.trace_max_len,
+        "redis_parts_mb_start": parts_before, "redis_parts_mb_end": parts,
+        "registry_versions": len(Registry(stack.client).versions("draft")),
+        "metrics_mb_per_hour": round(metrics_growth / config.soak_seconds * 3600, 2),
     }  # fmt: skip
     return account(stack, load, "soak", calm, start, end, dropped, None, checks)
 

@@ -214,3 +214,25 @@ def test_a_drift_alert_puts_its_domain_s_traces_first(redis_client, model_dirs, 
     assert trainer.prioritised == {"prose"}
     batch = trainer.buffer.batch(8, trainer.generator, trainer.prioritised)
     assert {e.trace.domain for e in batch} == {"prose"}  # untrained prose traces go first
+
+
+def test_versions_made_live_past_the_gate_are_followed_watched_or_rolled_back(
+    redis_client, model_dirs, tmp_path
+):
+    trainer = OnlineTrainer(config(tmp_path), model_dirs["llama"]["small"], redis_client, stream=STREAM)
+    registry, start = trainer.registry, trainer.registry.live("draft")
+    weights = {n: t.clone() for n, t in trainer.weights().items()}
+    nan = registry.publish("draft", {n: torch.full_like(t, float("nan")) for n, t in weights.items()})
+    assert nan.parent == start.version  # a publish's parent defaults to the version it replaced
+    trainer.run_once()  # refused on load: rolled back at once, and remembered
+    assert registry.live_version("draft") == start.version == trainer.state.live_version
+    event = trainer.state.history[-1]
+    assert event["action"] == "rollback" and "non-finite" in event["reason"]
+
+    foreign = registry.publish("draft", {n: t * 1.01 for n, t in weights.items()})
+    trainer.run_once()
+    assert trainer.state.live_version == foreign.version and trainer.watching[0].version == foreign.version
+    registry.rollback("draft")  # an operator's rollback is followed, not watched
+    trainer.watching = None
+    trainer.run_once()
+    assert trainer.state.live_version == start.version and trainer.watching is None
