@@ -181,6 +181,7 @@ class Registry:
         pipe.zadd(self._key(name, domain, "versions"), {str(version): version})
         pipe.sadd(self._domains_key(name), domain)
         pipe.execute()
+        self._apply_retention(name, domain)  # rejected candidates too: a gate that never passes grows nothing
         return meta
 
     def publish(self, name: str, weights: dict[str, torch.Tensor], **kwargs) -> DraftVersion:

@@ -77,6 +77,7 @@ def test_retention_keeps_the_newest_versions_the_live_one_and_its_parent(redis_c
     registry.publish("draft", weights(2), parent=1)
     for seed in range(3, 8):
         registry.reject("draft", "-", registry.add("draft", weights(seed), parent=2).version, "gate")
+    assert [v.version for v in registry.versions("draft")] == [1, 2, 5, 6, 7]  # no publish needed
     registry.publish("draft", weights(8), parent=2)
     kept = [v.version for v in registry.versions("draft")]
     assert kept == [2, 6, 7, 8]  # the parent of the live version stays: it is the rollback target
