@@ -41,7 +41,7 @@ STATE = {
     ),
     "traces_written": ("counter", "Traces Redis acknowledged."),
     "traces_dropped": ("counter", "Traces dropped, oldest first, while Redis was slow or down."),
-    "traces_queued": ("gauge", "Traces waiting to be written."),
+    "traces_queued": ("gauge", "Traces not yet written: queued, or in a batch being written."),
     "traces_write_errors": ("counter", "Failed trace writes (each retried): Redis down, out of memory, ..."),
     "trace_store_up": ("gauge", "1 when the last trace write succeeded, else 0 (see the replica's log)."),
     "num_speculative_tokens": ("gauge", "k: draft tokens proposed per step."),

@@ -262,7 +262,7 @@ class WriterStats:
     appended: int  # traces handed to append()
     written: int  # traces Redis acknowledged
     dropped: int  # traces dropped, oldest first, while Redis was slow or down
-    queued: int  # traces waiting now
+    queued: int  # traces not yet written: waiting, or in a batch being written now
     write_errors: int  # failed write attempts (each retried)
     connected: bool  # whether the last write attempt succeeded
     last_error: str | None
@@ -322,7 +322,7 @@ class TraceWriter:
                 appended=self._appended,
                 written=self._written,
                 dropped=self._dropped,
-                queued=len(self._queue),
+                queued=len(self._queue) + self._in_flight,
                 write_errors=self._errors,
                 connected=self._connected,
                 last_error=self._last_error,

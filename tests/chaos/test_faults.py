@@ -92,3 +92,4 @@ def test_a_soak_stays_within_its_memory_bounds(results):
     checks = result.checks
     assert checks["replica_rss_growth_mb"] <= checks["rss_bound_mb"]
     assert checks["stream_len_max"] <= CONFIG.trace_max_len * 2 + 100  # MAXLEN ~ trims whole nodes
+    assert checks["registry_versions"] <= 10 + 2  # the newest `keep`, the live one and its parent
