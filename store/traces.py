@@ -19,9 +19,9 @@ int32), float16 log-probs and hidden states, uint8 per-step counts. Entries of a
 version, or malformed ones, are skipped, counted and acked.
 
 Retention: the writer trims the stream to about `max_len` entries (MAXLEN ~) every `trim_every`
-writes (at most a tenth of `max_len`), oldest first. Trimmed entries the trainer's group had not
-yet acked are counted (`TraceBacklog.trimmed_unprocessed`), never silently lost. A deterministic
-`held_out_fraction` of request ids forms the trainer's gate set.
+writes (by default 1,000, or a tenth of `max_len` if less), oldest first. Trimmed entries the
+trainer's group had not yet acked are counted (`TraceBacklog.trimmed_unprocessed`), never
+silently lost. A deterministic `held_out_fraction` of request ids forms the trainer's gate set.
 """
 
 from __future__ import annotations
@@ -278,14 +278,14 @@ class TraceWriter:
         queue_cap: int = 10_000,
         batch_size: int = 64,
         writers: int = 2,
-        trim_every: int = 1_000,
+        trim_every: int | None = None,  # default: every 1,000 writes, or a tenth of max_len if less
         retry_seconds: tuple[float, float] = (0.05, 1.0),
     ):
         if queue_cap < 1 or batch_size < 1 or writers < 1:
             raise ValueError("queue_cap, batch_size and writers must be >= 1")
         self.client, self.config = client, config
         self.queue_cap, self.batch_size = queue_cap, batch_size
-        self.trim_every = min(trim_every, max(1, config.max_len // 10))
+        self.trim_every = trim_every or min(1_000, max(1, config.max_len // 10))
         self.retry_seconds = retry_seconds
         self._queue: deque[dict[bytes, bytes]] = deque()  # encoded traces
         self._cond = threading.Condition()
