@@ -317,8 +317,10 @@ def account(
     stack: Stack, load: Workload, scenario: str, calm: float, start: float, end: float,
     dropped_before: float, recovery: float | None, checks: dict,
 ) -> Result:  # fmt: skip
-    """The Result of the requests started in [start, end), traces checked once the replicas settled."""
-    outcomes = load.between(start, end)
+    """The Result of the requests the fault met, those in flight at `start` or started before `end`
+    (their traces checked once the replicas settled), against the calm ones, ended before `start`."""
+    since_calm = load.between(calm, end)
+    outcomes = [o for o in since_calm if o.end > start]
     stack.settled()
     traced, oldest = stack.traces()
     served = [o for o in outcomes if o.ok]
@@ -328,7 +330,7 @@ def account(
     return Result(
         scenario=scenario, requests=len(outcomes), succeeded=len(served), failed=len(outcomes) - len(served),
         errors=dict(errors), latency_p50_s=percentile(outcomes, 50), latency_p99_s=percentile(outcomes, 99),
-        calm_p50_s=percentile(load.between(calm, start), 50), traces_expected=len(served),
+        calm_p50_s=percentile([o for o in since_calm if o.end <= start], 50), traces_expected=len(served),
         traces_lost=len(missing) - trimmed, traces_trimmed=trimmed,
         traces_dropped=max(0, int(sum(stack.metric("traces_dropped_total").values()) - dropped_before)),
         recovery_s=None if recovery is None else round(recovery, 2), checks=checks,
@@ -389,7 +391,7 @@ def trainer_kill(stack: Stack, load: Workload, config: ChaosConfig, calm: float)
 def replica_kill(stack: Stack, load: Workload, config: ChaosConfig, calm: float) -> Result:
     pids = stack.replica_pids(config.replicas)
     victim, pid = sorted(pids.items())[0]
-    dropped, began = sum(stack.metric("traces_dropped_total").values()), time.monotonic()
+    dropped = sum(stack.metric("traces_dropped_total").values())
     with ThreadPoolExecutor(1) as pool:  # a burst of long streams, so that the kill finds work in flight
         burst = pool.submit(load.burst, 4 * config.replicas, 3 * config.max_tokens)
         busy = lambda: any(r.in_flight and r.replica == victim for r in read_load(stack.client))  # noqa: E731
@@ -413,7 +415,7 @@ def replica_kill(stack: Stack, load: Workload, config: ChaosConfig, calm: float)
         "killed": victim, "replacement_serves": live if back else None, "in_flight_at_kill": len(in_flight),
         "in_flight_failed": sum(failed.values()), "in_flight_errors": dict(failed),
     }  # fmt: skip
-    return account(stack, load, "replica-kill", calm, began, end, dropped, recovery, checks)
+    return account(stack, load, "replica-kill", calm, start, end, dropped, recovery, checks)
 
 
 def bad_draft(stack: Stack, load: Workload, config: ChaosConfig, calm: float) -> Result:
