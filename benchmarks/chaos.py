@@ -258,6 +258,12 @@ def worker_logs() -> list[Path]:
     return sorted([*logs.glob("serve/replica_*.log"), *logs.glob("worker-*.err")])
 
 
+def grown(before: dict[str, float], after: dict[str, float]) -> float:
+    """How much per-replica counters grew; a replica missing from one side (its heartbeat expired
+    during an outage, or it is new) counts from zero."""
+    return sum(max(0.0, value - before.get(replica, 0.0)) for replica, value in after.items())
+
+
 def wait_until(condition: Callable[[], bool], timeout: float, every: float = 0.25) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -312,7 +318,7 @@ def percentile(outcomes: list[Outcome], q: float) -> float | None:
 
 def account(
     stack: Stack, load: Workload, scenario: str, calm: float, start: float, end: float,
-    dropped_before: float, recovery: float | None, checks: dict,
+    dropped_before: dict[str, float], recovery: float | None, checks: dict,
 ) -> Result:  # fmt: skip
     """The Result of the requests the fault met, those in flight at `start` or started before `end`,
     against the calm ones, ended before `start`. A served request's trace counts as lost when it has
@@ -334,7 +340,7 @@ def account(
         errors=dict(errors), latency_p50_s=percentile(outcomes, 50), latency_p99_s=percentile(outcomes, 99),
         calm_p50_s=percentile([o for o in since_calm if o.end <= start], 50), traces_expected=len(served),
         traces_lost=len(missing), traces_trimmed=trimmed,
-        traces_dropped=max(0, int(sum(stack.metric("traces_dropped_total").values()) - dropped_before)),
+        traces_dropped=int(grown(dropped_before, stack.metric("traces_dropped_total"))),
         recovery_s=None if recovery is None else round(recovery, 2), checks=checks,
     )  # fmt: skip
 
@@ -342,7 +348,7 @@ def account(
 # Scenarios: each runs with the workload on, from `calm` (its calm began) and returns its Result.
 def redis_kill(stack: Stack, load: Workload, config: ChaosConfig, calm: float) -> Result:
     live_before = Registry(stack.client).live_version("draft")
-    dropped = sum(stack.metric("traces_dropped_total").values())
+    dropped = stack.metric("traces_dropped_total")
     start = time.monotonic()
     stack.redis.kill()
     paused = wait_until(lambda: stack.trainer_state().startswith("paused"), config.redis_down_seconds)
@@ -368,7 +374,7 @@ def redis_kill(stack: Stack, load: Workload, config: ChaosConfig, calm: float) -
 
 def trainer_kill(stack: Stack, load: Workload, config: ChaosConfig, calm: float) -> Result:
     before, every = stack.trainer(), config.trainer_settings["checkpoint_every"]
-    dropped = sum(stack.metric("traces_dropped_total").values())
+    dropped = stack.metric("traces_dropped_total")
     registry = Registry(stack.client)
     start = time.monotonic()
     os.kill(before["pid"], signal.SIGKILL)
@@ -393,10 +399,10 @@ def trainer_kill(stack: Stack, load: Workload, config: ChaosConfig, calm: float)
 def replica_kill(stack: Stack, load: Workload, config: ChaosConfig, calm: float) -> Result:
     pids = stack.replica_pids(config.replicas)
     victim, pid = sorted(pids.items())[0]
-    dropped = sum(stack.metric("traces_dropped_total").values())
+    dropped = stack.metric("traces_dropped_total")
     with ThreadPoolExecutor(1) as pool:  # a burst of long streams, so that the kill finds work in flight
         burst = pool.submit(load.burst, 4 * config.replicas, 3 * config.max_tokens)
-        busy = lambda: any(r.in_flight and r.replica == victim for r in read_load(stack.client))  # noqa: E731
+        busy = lambda: any(r.queued and r.replica == victim for r in read_load(stack.client))  # noqa: E731
         wait_until(busy, 10, 0.01)
         start = time.monotonic()
         os.kill(pid, signal.SIGKILL)
@@ -427,7 +433,7 @@ def bad_draft(stack: Stack, load: Workload, config: ChaosConfig, calm: float) ->
     weights = AutoModelForCausalLM.from_pretrained(stack.models.draft).state_dict()
     expected = greedy_probe(stack.models)
     probes = [stack.probe() == expected]
-    dropped = sum(stack.metric("traces_dropped_total").values())
+    dropped = stack.metric("traces_dropped_total")
     start = time.monotonic()
     nan = {n: torch.full_like(t, float("nan")) if t.is_floating_point() else t for n, t in weights.items()}
     poisoned = registry.publish("draft", nan, extra={"origin": "chaos: NaN weights"})
@@ -469,19 +475,20 @@ def bad_draft(stack: Stack, load: Workload, config: ChaosConfig, calm: float) ->
 
 def redis_oom(stack: Stack, load: Workload, config: ChaosConfig, calm: float) -> Result:
     client = stack.client
-    dropped = sum(stack.metric("traces_dropped_total").values())
-    errors_before = sum(stack.metric("traces_write_errors_total").values())
+    dropped = stack.metric("traces_dropped_total")
+    errors_before = stack.metric("traces_write_errors_total")
     start = time.monotonic()
     client.config_set("maxmemory-policy", "noeviction")
     client.config_set("maxmemory", client.info("memory")["used_memory"] // 2)  # every write refused
     flagged = wait_until(lambda: 0 in stack.metric("trace_store_up").values(), config.redis_down_seconds)
     time.sleep(max(0.0, start + config.redis_down_seconds - time.monotonic()))
-    errors = sum(stack.metric("traces_write_errors_total").values()) - errors_before
     client.config_set("maxmemory", 0)
     back = time.monotonic()
     recovered = wait_until(stack.store_up, config.recovery_timeout)
     recovery = time.monotonic() - back if recovered else None
     end = time.monotonic()
+    time.sleep(2.0)  # every replica's next heartbeat: snapshots in Redis are fresh again
+    errors = grown(errors_before, stack.metric("traces_write_errors_total"))
     logged = any("maxmemory" in log.read_text(errors="replace") for log in worker_logs())
     checks = {"store_up_0_in_metrics": flagged, "write_errors": int(errors), "oom_in_replica_log": logged}
     return account(stack, load, "redis-oom", calm, start, end, dropped, recovery, checks)
@@ -500,7 +507,7 @@ def redis_mb(client: redis.Redis) -> dict[str, float]:
 def soak(stack: Stack, load: Workload, config: ChaosConfig, calm: float) -> Result:
     pids = stack.replica_pids(config.replicas)
     processes = [psutil.Process(pid) for pid in pids.values()]
-    dropped = sum(stack.metric("traces_dropped_total").values())
+    dropped = stack.metric("traces_dropped_total")
     parts_before = redis_mb(stack.client)
     start = time.monotonic()
     samples = []
