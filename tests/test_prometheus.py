@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving import prometheus
 from serving.prometheus import ReplicaMetrics, gauge, render
 from serving.stats import SpecStats
 from store.drift import DriftAlert
 
-STATE = dict.fromkeys(
-    ["num_requests_running", "num_requests_waiting", "draft_swaps", "draft_refused",
-     "draft_swap_load_seconds", "traces_written", "traces_dropped", "traces_queued"],
-    0.0,
-) | {"num_speculative_tokens": 3, "draft_cost_ratio": 0.25}  # fmt: skip
+STATE = dict.fromkeys(prometheus.STATE, 0.0) | {"num_speculative_tokens": 3, "draft_cost_ratio": 0.25}
 
 
 def one_request(metrics: ReplicaMetrics, version: str, domain: str) -> None:
