@@ -23,24 +23,12 @@ MEMORY_BOUND_MB = 200  # the most this process (server, replica and fuzzer) may 
 GOOD = {"model": "demo", "prompt": "def f(x):", "max_tokens": 4, "temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def base(tiny_demo, redis_server):
-    from deploy.demo.build import build_demo_models
-    from serving.server import Replica, ReplicaConfig
-    from store.metrics import MetricsConfig
-    from store.traces import StreamConfig
-    from tiny_models import TINY_DEMO
-
-    models = build_demo_models(TINY_DEMO, tiny_demo)
-    config = ReplicaConfig(
-        target=str(models.target), draft=str(models.draft), num_speculative_tokens=2,
-        stream=StreamConfig(stream="t:fuzz"), metrics=MetricsConfig(prefix="t:fuzz:metrics"),
-    )  # fmt: skip
-    replica = Replica(config, redis_server.client())
-    app = create_app(replica, AutoTokenizer.from_pretrained(models.target), "demo", admin_token=TOKEN)
+@pytest.fixture
+def base(tiny_replica):
+    make, models = tiny_replica
+    app = create_app(make("fuzz"), AutoTokenizer.from_pretrained(models.target), "demo", admin_token=TOKEN)
     with serving(app) as url:
         yield url
-    replica.close()
 
 
 def rss_mb() -> float:
