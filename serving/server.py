@@ -331,8 +331,8 @@ class Replica:
             job.put(step)
         done = time.perf_counter()
         finished = Finished(step.generation, served.version, first - job.enqueued, done - job.enqueued)
+        self._log(request, finished, domain)  # before the caller hears: its metrics are then recorded
         job.put(finished)
-        self._log(request, finished, domain)
 
     def _route(self, request: Request) -> tuple[_Served, str]:
         """The version for a request, and the domain its metrics count under: the adapter of the
