@@ -286,6 +286,7 @@ def chaos_stack(models: DemoModels, workdir: Path, config: ChaosConfig) -> Itera
             "replicas": config.replicas, "replica_cpus": 0.5, "torch_threads": 1,
             "redis_url": server.url, "trainer_dir": str(workdir / "trainer"),
             "trace_max_len": config.trace_max_len, "trainer_settings": config.trainer_settings,
+            "adaptive_k": False,  # every step drafts: the live watch judges drafts by their acceptance
         }  # fmt: skip
         (workdir / "serve.yaml").write_text(yaml.safe_dump(settings))
         flags = ["--config", str(workdir / "serve.yaml"), "--admin-token", TOKEN]

@@ -95,6 +95,7 @@ def serve(argv: list[str]) -> None:
 
 BENCHMARKS = {
     "adapters": "adapters",
+    "batching": "batching",
     "chaos": "chaos",
     "engine": "engine",
     "store": "store_bench",

@@ -60,6 +60,8 @@ class ServiceConfig:
     device: str | None = None
     dtype: str | None = None
     max_queue: int = 64  # per replica; beyond it, 503
+    max_batch: int = 8  # requests each replica decodes together (continuous batching)
+    adaptive_k: bool = True  # k per step from the load and acceptance, up to k (else always k)
     trainer: bool = True  # learn online (needs a draft)
     trainer_cpus: float = 0.0  # it runs at idle priority and yields to serving
     trainer_gpus: float = 0.0
@@ -76,8 +78,8 @@ class ServiceConfig:
     admin_token_env: str = "OSD_ADMIN_TOKEN"
 
     def __post_init__(self):
-        if self.replicas < 1 or self.k < 0 or self.max_queue < 1:
-            raise ValueError("need replicas >= 1, k >= 0 and max_queue >= 1")
+        if self.replicas < 1 or self.k < 0 or self.max_queue < 1 or self.max_batch < 1:
+            raise ValueError("need replicas >= 1, k >= 0, max_queue >= 1 and max_batch >= 1")
         fixed = {"checkpoint_dir", "registry_dir", "lora", "heads", "adapters"}  # set by fields here
         settable = {f.name for f in dataclasses.fields(TrainerConfig)} - fixed
         if unknown := sorted(set(self.trainer_settings) - settable):
@@ -137,7 +139,8 @@ class OSDServer:
         replica = ReplicaConfig(
             target=config.target, draft=config.draft, proposer=config.proposer,
             num_speculative_tokens=config.k, device=config.device, dtype=config.dtype,
-            max_queue=config.max_queue, hidden_fraction=config.traced_hidden,
+            max_queue=config.max_queue, max_batch=config.max_batch, adaptive_k=config.adaptive_k,
+            hidden_fraction=config.traced_hidden,
             heads_tree=tuple(config.heads_tree) if config.heads_tree else None, adapters=config.adapters,
             registry_dir=config.registry_dir, stream=config.stream,
             replica_id=f"replica-{serve.get_replica_context().replica_tag}",
@@ -167,7 +170,7 @@ def build(args: Mapping | ServiceConfig) -> serve.Application:
     }
     return OSDServer.options(
         num_replicas=config.replicas,
-        max_ongoing_requests=config.max_queue + 1,
+        max_ongoing_requests=config.max_queue + config.max_batch,
         ray_actor_options=actor_options,
     ).bind(config)
 

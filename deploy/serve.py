@@ -58,8 +58,13 @@ def parser() -> argparse.ArgumentParser:
         "requests that name none",
     )  # fmt: skip
     p.add_argument("--model-name", help="the model id clients ask for (default: the target's directory name)")
+    p.add_argument("--replicas", type=int, default=1, help="server replicas")
     p.add_argument(
-        "--replicas", type=int, default=1, help="server replicas (each decodes one request at a time)"
+        "--max-batch", type=int, default=ServiceConfig.max_batch,
+        help="requests each replica decodes together (continuous batching; 1: one at a time)",
+    )  # fmt: skip
+    p.add_argument(
+        "--fixed-k", action="store_true", help="always draft --k tokens (default: k follows the load)"
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
@@ -91,7 +96,7 @@ def service_config(args: argparse.Namespace, console: Console) -> ServiceConfig:
     cpus = os.cpu_count() or 1
     return ServiceConfig(
         target=target, draft=draft, proposer=args.proposer, k=args.k, heads_tree=args.heads_tree,
-        adapters=args.adapters, model_name=name,
+        adapters=args.adapters, model_name=name, max_batch=args.max_batch, adaptive_k=not args.fixed_k,
         replicas=args.replicas, replica_cpus=min(1.0, cpus / args.replicas),
         torch_threads=max(1, cpus // args.replicas), trainer=not args.no_trainer,
         trainer_dir=str(args.trainer_dir),

@@ -103,6 +103,9 @@ class HeadsBatch:
     top_ids: torch.Tensor  # [N, K, k] the target's logged top-k at each guessed position
     top_logprobs: torch.Tensor  # [N, K, k]
 
+    def to(self, device: torch.device | str) -> HeadsBatch:
+        return HeadsBatch(*(t.to(device) for t in vars(self).values()))
+
 
 class NoHiddenStatesError(ValueError):
     """Head training was given traces without the target's hidden states."""

@@ -1,46 +1,53 @@
-"""SpecEngine: lossless speculative decoding over any Hugging Face causal LM, in one decode loop.
+"""SpecEngine: lossless speculative decoding over any Hugging Face causal LM, for a batch of
+sequences that join and leave between steps (continuous batching), in one decode loop.
 
-Each step the proposer drafts k tokens, one target forward scores the last emitted token plus
-the k drafts (k+1 positions), the rejection sampler keeps a prefix and adds one token, and the
-target's KV cache is cut back to what was kept. With the null proposer (k = 0) the very same
-loop is plain autoregressive decoding. Draft heads (`HeadsProposer`) read the target's hidden
-state from that forward, so they cost no pass of their own; for greedy requests they may propose
-a static tree instead of a chain, verified in the same one forward (serving.tree): the greedy
-walk keeps a path and the cache keeps that path's positions. `stream` yields what each step
-emitted (for streaming responses); `generate` is the same loop, consumed to the end.
+`add` checks a request, prefills its prompt into a cache slot (serving.kv) and makes it a
+`Decoding`. Each `step`: every sequence's proposer drafts k tokens (one batched call per
+proposer; sequences may use different drafts), one target forward scores every sequence's last
+emitted token plus its drafts (ragged: each row its own length and k), the rejection sampler
+keeps a prefix per sequence and adds one token, and each sequence's slot is cut back to what it
+kept. With the null proposer (k = 0) the very same loop is plain autoregressive decoding. Draft
+heads (`HeadsProposer`) read the target's hidden state from that forward, so they cost no pass of
+their own; for greedy requests they may propose a static tree instead of a chain, verified in
+the same forward (serving.tree): the greedy walk keeps a path and the slot keeps its positions.
+k is fixed, or, once `calibrate` has measured step costs, chosen per step from the batch size
+and each sequence's recent acceptance (serving.speculation), down to 0.
 
-Cache invariant: the target cache holds every token of the sequence except the last one, which
-is always the first input of the next verify forward.
+`stream` and `generate` run one request alone through the same `add` and `step`.
+
+Cache invariant: a sequence's slot holds every token of it except the last one, which is always
+the first input of its next verify forward.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import statistics
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from distill.heads import DraftHeads, heads_spec
+from serving.device import DeviceProfile, apply_memory_budget, compiled, new_cache, profile_for
 from serving.errors import IncompatibleDraftError, InvalidRequestError
 from serving.models import (
     context_length,
-    forward,
-    forward_hidden,
-    forward_tree,
-    keep_cache_positions,
+    forward_slots,
     load_causal_lm,
+    prefill,
     resolve_device,
     resolve_dtype,
     tree_support,
-    truncate_cache,
     vocab_size,
 )
 from serving.proposers import (
     DraftModelProposer,
+    DraftRow,
     HeadsProposer,
     NgramProposer,
     NullProposer,
@@ -48,6 +55,7 @@ from serving.proposers import (
     Proposer,
 )
 from serving.sampling import SamplingParams, process_logits, rejection_sample
+from serving.speculation import PROBE_EVERY, AcceptanceEstimate, StepCosts, choose_k
 from serving.stats import SpecStats
 from serving.tree import greedy_path, node_depths, static_tree
 
@@ -55,6 +63,7 @@ log = logging.getLogger(__name__)
 
 ProposerName = Literal["draft", "ngram", "none", "medusa", "hydra"]
 PROPOSERS: tuple[ProposerName, ...] = ("draft", "ngram", "none", "medusa", "hydra")
+COST_BATCHES = (1, 2, 4, 8, 16, 32)  # batch sizes `calibrate` times, up to the engine's max_batch
 
 
 @dataclass(frozen=True)
@@ -77,28 +86,57 @@ class Generation:
 
 
 @dataclass(frozen=True)
-class _Verified:
-    """What one verification kept: the emitted tokens [a + 1] (a accepted drafts and the target's
-    next), the target's logits [a + 1, V] and hidden states [a + 1, H] (when asked) that gave them."""
-
-    drafted: int  # drafts proposed (a tree: its depth)
-    emitted: torch.Tensor
-    logits: torch.Tensor
-    hidden: torch.Tensor | None
-
-
-@dataclass(frozen=True)
 class Step:
-    """The tokens one decode step emitted (1 to k + 1); the last step also carries the Generation."""
+    """The tokens one decode step emitted for a sequence (1 to k + 1); its last step also carries
+    the Generation."""
 
     token_ids: list[int]
     generation: Generation | None = None
 
 
-class SpecEngine:
-    """Generates with a target model and a proposer; one request at a time (batch 1)."""
+@dataclass
+class Decoding:
+    """One sequence being decoded: its request, its slot, what it has emitted so far."""
 
-    def __init__(self, target: PreTrainedModel, proposer: Proposer, num_speculative_tokens: int = 4):
+    slot: int
+    tokens: torch.Tensor  # [L + max_new_tokens]; tokens[:length] is the sequence so far
+    length: int
+    max_new_tokens: int
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    generator: torch.Generator
+    top_logprobs: int
+    hidden_states: bool
+    proposer: Proposer
+    draft_state: Any
+    acceptance: AcceptanceEstimate
+    output: list[int] = field(default_factory=list)
+    stats: SpecStats = field(default_factory=SpecStats)
+    tops: list[torch.return_types.topk] = field(default_factory=list)  # per step, emitted positions
+    hiddens: list[torch.Tensor] = field(default_factory=list)  # per step, emitted positions
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """What one verification kept: the emitted tokens [a + 1] (a accepted drafts and the target's
+    next), the target's logits [a + 1, V] and hidden states [a + 1, H] that gave them."""
+
+    drafted: int  # drafts proposed (a tree: its depth)
+    emitted: torch.Tensor
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class SpecEngine:
+    """See the module docstring. Not thread-safe: one thread adds and steps."""
+
+    def __init__(
+        self,
+        target: PreTrainedModel,
+        proposer: Proposer,
+        num_speculative_tokens: int = 4,
+        profile: DeviceProfile | None = None,
+    ):
         if isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int):
             raise ValueError(f"num_speculative_tokens must be an int, got {num_speculative_tokens!r}")
         if num_speculative_tokens < 0:
@@ -111,6 +149,13 @@ class SpecEngine:
         self.max_length = context_length(target)
         eos = target.generation_config.eos_token_id
         self.default_stop_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
+        self.profile = profile
+        self.cache = new_cache(target, profile)
+        self._base = compiled(target.base_model, profile)
+        self.active: list[Decoding] = []
+        self.acceptance = AcceptanceEstimate(decay=0.99)  # across sequences: new ones start from it
+        self.costs: StepCosts | None = None  # calibrate's measurement: k then follows the load
+        self.steps = 0
 
     @classmethod
     def from_pretrained(
@@ -122,8 +167,10 @@ class SpecEngine:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         tree: tuple[int, ...] | None = None,
+        max_batch: int = 8,
     ) -> SpecEngine:
-        """Load a target (local directory or hub id) and a proposer.
+        """Load a target (local directory or hub id) and a proposer, set up for the device
+        (serving.device: on CUDA, static caches for `max_batch` sequences and compiled steps).
 
         proposer defaults to "draft" when a draft is given and "none" otherwise. `tree`: for
         heads, the branching of a static tree (serving.tree.static_tree) verified in one forward
@@ -137,6 +184,9 @@ class SpecEngine:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         target_model = load_causal_lm(target, device, dtype)
+        capacity = (context_length(target_model) or 2048) + num_speculative_tokens + 1
+        profile = profile_for(device, dtype, slots=max_batch, capacity=capacity)
+        apply_memory_budget(profile, device)
         if proposer == "draft":
             draft_model = load_causal_lm(draft, device, dtype)
             if vocab_size(draft_model) != vocab_size(target_model):
@@ -144,7 +194,7 @@ class SpecEngine:
                     f"draft {draft!r} has a vocabulary of {vocab_size(draft_model)} tokens but target "
                     f"{target!r} has {vocab_size(target_model)}; they must share one tokenizer"
                 )
-            chosen: Proposer = DraftModelProposer(draft_model)
+            chosen: Proposer = DraftModelProposer(draft_model, profile)
         elif proposer in (
             "medusa",
             "hydra",
@@ -158,7 +208,7 @@ class SpecEngine:
             )
         else:
             chosen = NgramProposer() if proposer == "ngram" else NullProposer()
-        return cls(target_model, chosen, num_speculative_tokens)
+        return cls(target_model, chosen, num_speculative_tokens, profile)
 
     def generate(
         self,
@@ -196,9 +246,44 @@ class SpecEngine:
         top_logprobs: int = 0,
         hidden_states: bool = False,
     ) -> Iterator[Step]:
-        """generate, one decode step at a time: the request is checked now (InvalidRequestError), and
-        each iteration yields the tokens one step emitted; the last carries the Generation. Closing
-        the iterator early abandons the request (a client that went away)."""
+        """generate, one decode step at a time, for a request alone on this engine: the request is
+        checked now (InvalidRequestError), and each iteration yields the tokens one step emitted;
+        the last carries the Generation. Closing the iterator early abandons the request."""
+        if self.active:
+            raise RuntimeError("stream() decodes one request alone; use add() and step() for a batch")
+        decoding = self.add(
+            prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids, top_logprobs,
+            hidden_states,
+        )  # fmt: skip
+        return self._alone(decoding)
+
+    def _alone(self, decoding: Decoding) -> Iterator[Step]:
+        try:
+            while True:
+                ((_, step),) = self.step()
+                yield step
+                if step.generation is not None:
+                    return
+        finally:
+            if decoding in self.active:
+                self.abandon(decoding)
+
+    @torch.inference_mode()
+    def add(
+        self,
+        prompt_ids: Sequence[int] | torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_token_ids: Iterable[int] | None = None,
+        top_logprobs: int = 0,
+        hidden_states: bool = False,
+        proposer: Proposer | None = None,
+    ) -> Decoding:
+        """Check a request (InvalidRequestError), prefill its prompt and decode it from the next
+        step on, drafting with `proposer` (default: the engine's)."""
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
         prompt = self._check_prompt(prompt_ids, max_new_tokens)
         stop_ids = (
@@ -215,122 +300,183 @@ class SpecEngine:
             generator.seed()
         else:
             generator.manual_seed(seed)
-        return self._decode(prompt, max_new_tokens, params, stop_ids, generator, top_logprobs, hidden_states)
+        proposer = proposer or self.proposer
+        slot = self.cache.acquire()
+        try:
+            self.cache.reserve(prompt.shape[0] + max_new_tokens + self.k)
+            if prompt.shape[0] > 1:
+                prefill(self.target, self.cache, slot, prompt[:-1])
+        except BaseException:
+            self.cache.release(slot)
+            raise
+        decoding = Decoding(
+            slot=slot, tokens=torch.cat([prompt, prompt.new_empty(max_new_tokens)]), length=prompt.shape[0],
+            max_new_tokens=max_new_tokens, params=params, stop_ids=stop_ids, generator=generator,
+            top_logprobs=top_logprobs, hidden_states=hidden_states, proposer=proposer,
+            draft_state=proposer.new_state(), acceptance=self.acceptance.prior(),
+        )  # fmt: skip
+        self.active.append(decoding)
+        return decoding
+
+    def abandon(self, decoding: Decoding) -> None:
+        """Stop decoding a sequence (its client went away) and free what it held; a no-op once it
+        has left."""
+        if decoding not in self.active:
+            return
+        self.active.remove(decoding)
+        self.cache.release(decoding.slot)
+        decoding.proposer.release(decoding.draft_state)
 
     @torch.inference_mode()
-    def _decode(
-        self,
-        prompt: torch.Tensor,
-        max_new_tokens: int,
-        params: SamplingParams,
-        stop_ids: frozenset[int],
-        generator: torch.Generator,
-        top_logprobs: int,
-        hidden_states: bool,
-    ) -> Iterator[Step]:
-        """The decode loop."""
-        cache = DynamicCache(config=self.target.config)
-        if prompt.shape[0] > 1:
-            forward(self.target, prompt[:-1], cache, last_only=True)
-        draft_state = self.proposer.new_state()
-        wants_hidden = getattr(self.proposer, "wants_hidden", False)
-        with_hidden = wants_hidden or hidden_states
-        # The sequence lives in one buffer: tokens[:length] is emitted, drafts go right after it.
-        tokens = torch.cat([prompt, prompt.new_empty(max_new_tokens)])  # [L + max_new_tokens]
-        length, output, stats = prompt.shape[0], [], SpecStats()
-        tops: list[torch.return_types.topk] = []  # per step: the target's top-K at each emitted position
-        hiddens: list[torch.Tensor] = []  # per step: the target's hidden state at each emitted position
-
-        def finish(new: list[int], reason: Literal["stop", "length"]) -> Step:
-            n = len(output)
-            top_ids = torch.cat([top.indices for top in tops])[:n] if top_logprobs else None
-            top_values = torch.cat([top.values for top in tops])[:n] if top_logprobs else None
-            hidden = torch.cat(hiddens)[:n] if hidden_states else None
-            return Step(new, Generation(output, stats, reason, top_ids, top_values, hidden))
-
-        while True:
-            remaining = max_new_tokens - len(output)
-            proposal = self.proposer.propose(
-                draft_state, tokens[:length], min(self.k, remaining - 1), params, generator
-            )
+    def step(self) -> list[tuple[Decoding, Step]]:
+        """One decode step for every active sequence; a sequence whose Step carries its Generation
+        has finished and left the batch."""
+        batch = list(self.active)
+        if not batch:
+            return []
+        k = self._choose_k(batch)
+        proposals = self._propose(batch, [min(k, d.max_new_tokens - len(d.output) - 1) for d in batch])
+        inputs = [
+            torch.cat([d.tokens[d.length - 1 : d.length], p.tokens])
+            for d, p in zip(batch, proposals, strict=True)
+        ]
+        logits, hidden = forward_slots(
+            self.target, self.cache, [d.slot for d in batch], inputs, [p.parents for p in proposals],
+            tokens=self.k + 1 if self.cache.static else 1, base=self._base,
+        )  # [B, n, V], [B, n, H]; row i valid up to len(inputs[i])  # fmt: skip
+        events = []
+        for i, (decoding, proposal) in enumerate(zip(batch, proposals, strict=True)):
+            n = inputs[i].shape[0]
             if proposal.parents is None:
-                verified = self._verify_chain(proposal, tokens, length, cache, params, generator, with_hidden)
+                verified = self._verify_chain(decoding, proposal, logits[i, :n], hidden[i, :n])
             else:
-                verified = self._verify_tree(proposal, tokens, length, cache, params)
-            emitted, accepted = verified.emitted, verified.emitted.shape[0] - 1
-            if wants_hidden:  # the state whose logits gave the last emitted token
-                self.proposer.observe(draft_state, verified.hidden[-1])
-            stats.record(verified.drafted, accepted)
-            if top_logprobs:
-                tops.append(torch.log_softmax(verified.logits.float(), dim=-1).topk(top_logprobs))
-            if hidden_states:
-                hiddens.append(verified.hidden)
-            tokens[length : length + accepted + 1] = emitted
-            length += accepted + 1
-            new: list[int] = []
-            for token in emitted.tolist():
-                output.append(token)
-                new.append(token)
-                if token in stop_ids:
-                    yield finish(new, "stop")
-                    return
-            if len(output) >= max_new_tokens:
-                yield finish(new, "length")
-                return
-            yield Step(new)
+                verified = self._verify_tree(decoding, proposal, logits[i, :n], hidden[i, :n])
+            events.append((decoding, self._emit(decoding, verified)))
+        return events
+
+    def _choose_k(self, batch: list[Decoding]) -> int:
+        """k for this step: fixed, or by the load (serving.speculation), with a probe when it is 0."""
+        self.steps += 1
+        if self.costs is None:
+            return self.k
+        k = choose_k([d.acceptance.alpha for d in batch], self.k, self.costs)
+        return min(self.k, 1) if k == 0 and self.steps % PROBE_EVERY == 0 else k
+
+    def _propose(self, batch: list[Decoding], ks: list[int]) -> list[Proposal]:
+        """Each sequence's proposal for up to ks[i] tokens: one batched call per proposer."""
+        proposals = [Proposal(tokens=torch.empty(0, dtype=torch.long, device=self.device))] * len(batch)
+        groups: dict[int, list[int]] = {}
+        for i, decoding in enumerate(batch):
+            if ks[i] > 0:
+                groups.setdefault(id(decoding.proposer), []).append(i)
+        for indices in groups.values():
+            rows = [
+                DraftRow(d.draft_state, d.tokens[: d.length], ks[i], d.params, d.generator)
+                for i, d in ((i, batch[i]) for i in indices)
+            ]
+            for i, proposal in zip(indices, batch[indices[0]].proposer.propose(rows), strict=True):
+                proposals[i] = proposal
+        return proposals
 
     def _verify_chain(
-        self,
-        proposal: Proposal,
-        tokens: torch.Tensor,
-        length: int,
-        cache: DynamicCache,
-        params: SamplingParams,
-        generator: torch.Generator,
-        with_hidden: bool,
+        self, decoding: Decoding, proposal: Proposal, logits: torch.Tensor, hidden: torch.Tensor
     ) -> _Verified:
-        """One forward over the last emitted token and the k drafts after it, then the rejection
-        sampler; the cache is cut back to what was kept."""
-        drafted = proposal.tokens.shape[0]
-        tokens[length : length + drafted] = proposal.tokens
-        inputs = tokens[length - 1 : length + drafted]
-        if with_hidden:  # heads draft from the target's hidden state: no pass of their own
-            logits, hidden = forward_hidden(self.target, inputs, cache)  # [1+k, V], [1+k, H]
-        else:
-            logits, hidden = forward(self.target, inputs, cache), None  # [1+k, V]
+        """The rejection sampler over the last emitted token and the k drafts after it (logits
+        [1+k, V]); the slot is cut back to what was kept."""
         verification = rejection_sample(
-            process_logits(logits, params).unsqueeze(0),  # [1, 1+k, V]
+            process_logits(logits, decoding.params).unsqueeze(0),  # [1, 1+k, V]
             proposal.tokens.unsqueeze(0),
             None if proposal.probs is None else proposal.probs.unsqueeze(0),
-            generator,
+            decoding.generator,
         )
         accepted = int(verification.num_accepted[0])
-        truncate_cache(cache, length + accepted)
+        self.cache.lengths[decoding.slot] = decoding.length + accepted
         kept = slice(0, accepted + 1)
-        return _Verified(
-            drafted, verification.tokens[0, kept], logits[kept], None if hidden is None else hidden[kept]
-        )
+        return _Verified(proposal.tokens.shape[0], verification.tokens[0, kept], logits[kept], hidden[kept])
 
     def _verify_tree(
-        self,
-        proposal: Proposal,
-        tokens: torch.Tensor,
-        length: int,
-        cache: DynamicCache,
-        params: SamplingParams,
+        self, decoding: Decoding, proposal: Proposal, logits: torch.Tensor, hidden: torch.Tensor
     ) -> _Verified:
-        """One forward over the last emitted token and every tree node (serving.tree), then the
-        greedy walk; the cache keeps the sequence and the accepted path."""
-        if not params.greedy:
+        """The greedy walk over the last emitted token and every tree node (logits [1+N, V],
+        serving.tree); the slot keeps the sequence and the accepted path."""
+        if not decoding.params.greedy:
             raise RuntimeError("tree proposals are verified for greedy requests only")
-        inputs = torch.cat([tokens[length - 1 : length], proposal.tokens])  # [1 + N]
-        logits, hidden = forward_tree(self.target, inputs, cache, proposal.parents)  # [1+N, V], [1+N, H]
         argmax = logits.argmax(-1)
         path = greedy_path(proposal.parents, proposal.tokens.tolist(), argmax.tolist())
-        nodes = torch.tensor(path, dtype=torch.long, device=inputs.device)
-        keep_cache_positions(cache, torch.cat([torch.arange(length, device=inputs.device), length + nodes]))
-        rows = torch.cat([nodes.new_zeros(1), 1 + nodes])  # the root and the path: each gave the next token
+        self.cache.keep(decoding.slot, decoding.length, [decoding.length + node for node in path])
+        rows = torch.tensor([0] + [1 + node for node in path], device=logits.device)  # each gave the next
         return _Verified(max(node_depths(proposal.parents)), argmax[rows], logits[rows], hidden[rows])
+
+    def _emit(self, decoding: Decoding, verified: _Verified) -> Step:
+        """Append what a verification kept to the sequence; finish it at a stop token or its length."""
+        emitted, accepted = verified.emitted, verified.emitted.shape[0] - 1
+        if getattr(decoding.proposer, "wants_hidden", False):  # the state that gave the last token
+            decoding.proposer.observe(decoding.draft_state, verified.hidden[-1])
+        decoding.stats.record(verified.drafted, accepted)
+        decoding.acceptance.update(verified.drafted, accepted)
+        self.acceptance.update(verified.drafted, accepted)
+        if decoding.top_logprobs:
+            decoding.tops.append(
+                torch.log_softmax(verified.logits.float(), dim=-1).topk(decoding.top_logprobs)
+            )
+        if decoding.hidden_states:
+            decoding.hiddens.append(verified.hidden)
+        decoding.tokens[decoding.length : decoding.length + accepted + 1] = emitted
+        decoding.length += accepted + 1
+        new: list[int] = []
+        for token in emitted.tolist():
+            decoding.output.append(token)
+            new.append(token)
+            if token in decoding.stop_ids:
+                return self._finish(decoding, new, "stop")
+        if len(decoding.output) >= decoding.max_new_tokens:
+            return self._finish(decoding, new, "length")
+        return Step(new)
+
+    def _finish(self, decoding: Decoding, new: list[int], reason: Literal["stop", "length"]) -> Step:
+        self.abandon(decoding)
+        n, top = len(decoding.output), decoding.top_logprobs
+        top_ids = torch.cat([t.indices for t in decoding.tops])[:n] if top else None
+        top_values = torch.cat([t.values for t in decoding.tops])[:n] if top else None
+        hidden = torch.cat(decoding.hiddens)[:n] if decoding.hidden_states else None
+        return Step(new, Generation(decoding.output, decoding.stats, reason, top_ids, top_values, hidden))
+
+    @torch.inference_mode()
+    def calibrate(self, max_batch: int, context: int = 64, repeats: int = 5) -> StepCosts:
+        """Time verify forwards (1 to k + 1 tokens) and draft tokens for batch sizes up to
+        max_batch, on scratch sequences of `context` tokens. Setting `costs` to the result makes
+        step() choose k by the load (serving.speculation)."""
+        if self.active:
+            raise RuntimeError("calibrate before serving: it needs the cache to itself")
+        batches = tuple(b for b in COST_BATCHES if b < max_batch) + (max_batch,)
+        context = min(context, (self.max_length or 2 * context) // 2)
+        prompt = [i % self.vocab_size for i in range(1, context + 1)]
+        verify, draft = [], []
+        for b in batches:
+            batch = [self.add(prompt, self.k + 2, stop_token_ids=[]) for _ in range(b)]
+            slots = [d.slot for d in batch]
+            row = []
+            for n in range(1, self.k + 2):
+                inputs = [d.tokens[context - n : context] for d in batch]
+                run = functools.partial(
+                    forward_slots, self.target, self.cache, slots, inputs, base=self._base
+                )
+                row.append(_median_seconds(run, repeats))
+            verify.append(tuple(row))
+            draft.append(self._draft_seconds(batch, repeats) if self.k else 0.0)
+            for d in batch:
+                self.abandon(d)
+        return StepCosts.measured(batches, verify, draft)
+
+    def _draft_seconds(self, batch: list[Decoding], repeats: int) -> float:
+        """Seconds per drafted token for the batch (its slots caught up first)."""
+        if getattr(self.proposer, "wants_hidden", False):
+            hidden = torch.zeros(self.target.config.hidden_size, dtype=self.target.dtype, device=self.device)
+            for d in batch:
+                self.proposer.observe(d.draft_state, hidden)
+        rows = [DraftRow(d.draft_state, d.tokens[: d.length], self.k, d.params, d.generator) for d in batch]
+        self.proposer.propose(rows)  # catch up: prefill each slot
+        return _median_seconds(lambda: self.proposer.propose(rows), repeats) / self.k
 
     def _check_prompt(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Validate a request's prompt and length; return the prompt as ids [L] on the device."""
@@ -369,6 +515,16 @@ def _ids(values: Iterable[int], what: str) -> list[int]:
     return ids
 
 
+def _median_seconds(run, repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def decode_seconds_per_token(model: PreTrainedModel, prompt: Sequence[int], tokens: int = 48) -> float:
     """Plain decoding time per token of `model` through this engine (median of three runs)."""
     engine = SpecEngine(model, NullProposer(), num_speculative_tokens=0)
@@ -397,10 +553,11 @@ def heads_cost_ratio(
     state = proposer.new_state()
     proposer.observe(state, torch.zeros(target.config.hidden_size, dtype=target.dtype, device=target.device))
     ids, greedy = torch.tensor(list(prompt), device=target.device), SamplingParams()
-    proposer.propose(state, ids, k, greedy, None)  # warm-up
+    rows = [DraftRow(state, ids, k, greedy, torch.Generator())]
+    proposer.propose(rows)  # warm-up
     runs = max(1, tokens // k)
     start = time.perf_counter()
     for _ in range(runs):
-        proposer.propose(state, ids, k, greedy, None)
+        proposer.propose(rows)
     per_token = (time.perf_counter() - start) / (runs * k)
     return per_token / decode_seconds_per_token(target, prompt, tokens)

@@ -1,20 +1,21 @@
-"""Thin helpers over Hugging Face causal LMs: loading, context length, forward with a KV cache.
+"""Thin helpers over Hugging Face causal LMs: loading, context length, and the two forwards the
+engine and the draft proposer run: a prompt's prefill into a cache slot, and one batched step
+over many sequences' slots (serving.kv).
 
-Everything model-specific the engine and the draft proposer need lives here, so both use
-transformers' own cache API the same way and nothing is stashed on HF modules.
+Everything model-specific lives here, so both use transformers' cache API the same way and
+nothing is stashed on HF modules.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicLayer
 
 from serving.errors import ModelLoadError
-from serving.tree import node_depths, tree_attention
+from serving.kv import SlotCache, slot_attention
+from serving.tree import node_depths, tree_visibility
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -54,74 +55,65 @@ def vocab_size(model: PreTrainedModel) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def truncate_cache(cache: Cache, length: int) -> None:
-    """Drop cached positions beyond `length` (transformers 5: crop takes a negative count)."""
-    excess = cache.get_seq_length() - length
-    if excess > 0:
-        cache.crop(-excess)
+def prefill(model: PreTrainedModel, cache: SlotCache, slot: int, input_ids: torch.Tensor) -> None:
+    """Run ids [n] as a batch of one (no padding, the model's own causal mask) and store their
+    keys and values in `slot`: a sequence's prompt, less the last token, when it joins."""
+    dynamic = DynamicCache(config=model.config)
+    model.base_model(input_ids=input_ids.unsqueeze(0), cache=dynamic, use_cache=True)
+    cache.fill(slot, dynamic)
 
 
-@functools.cache
-def _accepts_logits_to_keep(model_cls: type) -> bool:
-    return "logits_to_keep" in inspect.signature(model_cls.forward).parameters
-
-
-def forward(
-    model: PreTrainedModel, input_ids: torch.Tensor, cache: Cache, last_only: bool = False
-) -> torch.Tensor:
-    """Run ids [n] after the cached positions, appending them to `cache`; returns logits [n or 1, V]."""
-    kwargs = {"logits_to_keep": 1} if last_only and _accepts_logits_to_keep(type(model)) else {}
-    logits = model(input_ids=input_ids.unsqueeze(0), cache=cache, use_cache=True, **kwargs).logits[0]
-    return logits[-1:] if last_only else logits
-
-
-def forward_hidden(
-    model: PreTrainedModel, input_ids: torch.Tensor, cache: Cache
+def forward_slots(
+    model: PreTrainedModel,
+    cache: SlotCache,
+    slots: Sequence[int],
+    inputs: Sequence[torch.Tensor],
+    trees: Sequence[tuple[int, ...] | None] | None = None,
+    tokens: int = 1,
+    base: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`forward`, also returning the final hidden states that the LM head reads: (logits [n, V],
-    hidden [n, H]). Runs the base model and the LM head apart, so it fits models whose logits are
-    the LM head of the last hidden state (Llama, Qwen, GPT-2, ...)."""
-    hidden = model.base_model(input_ids=input_ids.unsqueeze(0), cache=cache, use_cache=True)
-    hidden = hidden.last_hidden_state[0]  # [n, H]
+    """One forward of new tokens for many sequences: inputs[i] [n_i] after the cached positions
+    of slots[i] (the cache's other rows run padding). A row with a tree (`trees[i]`, the parents
+    of serving.tree) runs a root and its nodes, each at position root + depth, seeing its
+    ancestors. n is the longest input, and at least `tokens` (the static layout's fixed verify
+    width: one compiled graph); `base` replaces model.base_model (a compiled one). Lengths are
+    not advanced: the caller commits what it keeps. Returns (logits [len(slots), n, V], hidden
+    [len(slots), n, H]), row i valid up to n_i.
+    """
+    device = model.device
+    n = max(tokens, *(x.shape[0] for x in inputs))
+    lengths = cache.prepare(n, device)  # [rows]
+    rows = lengths.shape[0]
+    ids = torch.zeros(rows, n, dtype=torch.long, device=device)
+    depths = torch.arange(n, device=device).repeat(rows, 1)  # [rows, n]
+    visible = torch.ones(n, n, dtype=torch.bool, device=device).tril().repeat(rows, 1, 1)  # [rows, n, n]
+    for slot, x, parents in zip(slots, inputs, trees or [None] * len(slots), strict=True):
+        ids[slot, : x.shape[0]] = x
+        if parents is not None:
+            depths[slot, : x.shape[0]] = torch.tensor((0, *node_depths(parents)), device=device)
+            visible[slot, : x.shape[0], : x.shape[0]] = tree_visibility(parents).to(device)
+    positions = lengths.unsqueeze(1) + depths
+    if (limit := context_length(model)) is not None:
+        positions = positions.clamp_max(limit - 1)  # padding past a row's end; its outputs are unused
+    mask = slot_attention(lengths, visible, cache.window[1], model.dtype)
+    out = (model.base_model if base is None else base)(
+        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+    )
+    hidden = out.last_hidden_state[torch.tensor(list(slots), device=device)]  # [len(slots), n, H]
     return model.get_output_embeddings()(hidden), hidden
-
-
-def forward_tree(
-    model: PreTrainedModel, input_ids: torch.Tensor, cache: Cache, parents: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`forward_hidden` for a root token and the N tree nodes after it, input_ids [1 + N] (see
-    serving.tree): each attends to the cache, its ancestors and itself, at position root + depth."""
-    past = cache.get_seq_length()
-    positions = torch.tensor([[past + d for d in (0, *node_depths(parents))]], device=input_ids.device)
-    mask = tree_attention(parents, past, model.dtype, input_ids.device)
-    out = model.base_model(
-        input_ids=input_ids.unsqueeze(0), attention_mask=mask, position_ids=positions, cache=cache,
-        use_cache=True,
-    )  # fmt: skip
-    hidden = out.last_hidden_state[0]  # [1 + N, H]
-    return model.get_output_embeddings()(hidden), hidden
-
-
-def keep_cache_positions(cache: Cache, keep: torch.Tensor) -> None:
-    """Keep only the cached positions `keep` [n] (ascending), in that order: after a tree
-    verification, the sequence's and the accepted path's."""
-    for layer in cache.layers:
-        if type(layer) is not DynamicLayer:
-            raise TypeError(f"cannot select positions of a {type(layer).__name__} cache layer")
-        layer.keys = layer.keys.index_select(-2, keep)
-        layer.values = layer.values.index_select(-2, keep)
 
 
 def tree_support(model: PreTrainedModel) -> str | None:
-    """None when `model` verifies trees exactly (a 4D mask with explicit positions gives the logits
-    of the plain causal forward on a chain-shaped tree); else the reason it does not."""
+    """None when `model` verifies trees exactly (a chain-shaped tree, run through a 4D mask with
+    explicit positions, gives the logits of its plain causal forward); else the reason it does not."""
     ids = torch.arange(1, 4, device=model.device) % vocab_size(model)
     try:
         with torch.no_grad():
-            chain = forward(model, ids, DynamicCache(config=model.config))
-            tree, _ = forward_tree(model, ids, DynamicCache(config=model.config), parents=(-1, 0))
-    except (TypeError, ValueError, RuntimeError) as err:
+            chain = model(input_ids=ids.unsqueeze(0)).logits[0]
+            cache = SlotCache(model.config)
+            tree, _ = forward_slots(model, cache, [cache.acquire()], [ids], trees=[(-1, 0)])
+    except (TypeError, ValueError, RuntimeError, IndexError) as err:
         return f"its forward refuses a 4D attention mask: {err}"
-    if not torch.allclose(chain, tree, atol=1e-4):
+    if not torch.allclose(chain, tree[0], atol=1e-4):
         return "a 4D attention mask changes its logits"
     return None

@@ -1,23 +1,26 @@
 """Proposers: where draft tokens come from. One `Proposer` protocol, four implementations.
 
-A proposer is shared by all requests (it holds weights); per-request state, such as a draft
-model's KV cache, lives in the object `new_state()` returns and is passed back on every call.
-A proposer with `wants_hidden = True` (draft heads) also gets, after each verification, the
-target's final hidden state at the position whose logits gave the last emitted token (`observe`).
+A proposer is shared by all requests (it holds weights). It drafts for a batch of sequences at
+once (`propose` takes one `DraftRow` per sequence); per-sequence state, such as a draft model's
+cache slot, lives in the object `new_state()` returns, is passed back in each row, and is given
+up by `release`. A proposer with `wants_hidden = True` (draft heads) also gets, after each
+verification, the target's final hidden state at the position whose logits gave the last
+emitted token (`observe`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from distill.heads import DraftHeads
+from serving.device import DeviceProfile, compiled, new_cache
 from serving.errors import IncompatibleDraftError
-from serving.models import context_length, forward, truncate_cache
+from serving.models import context_length, forward_slots, prefill
 from serving.sampling import SamplingParams, process_logits, sample
 from serving.tree import Tree
 
@@ -36,19 +39,26 @@ class Proposal:
     parents: tuple[int, ...] | None = None  # a tree (serving.tree), greedy only: node j's parent, -1 the root
 
 
+@dataclass(frozen=True)
+class DraftRow:
+    """What one sequence asks of its proposer in a step: up to k >= 1 tokens to follow token_ids."""
+
+    state: Any
+    token_ids: torch.Tensor  # [L] prompt plus output so far
+    k: int
+    params: SamplingParams
+    generator: torch.Generator
+
+
 class Proposer(Protocol):
     def new_state(self) -> Any:
-        """Fresh per-request state (None for stateless proposers)."""
+        """Fresh per-sequence state (None for stateless proposers)."""
 
-    def propose(
-        self,
-        state: Any,
-        token_ids: torch.Tensor,
-        k: int,
-        params: SamplingParams,
-        generator: torch.Generator,
-    ) -> Proposal:
-        """Draft up to k tokens to follow token_ids [L] (prompt plus output so far)."""
+    def release(self, state: Any) -> None:
+        """The sequence has finished: give up what its state holds."""
+
+    def propose(self, rows: Sequence[DraftRow]) -> list[Proposal]:
+        """A proposal of up to row.k tokens for each row, in order."""
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Replace the proposer's weights (hot-swap); raise IncompatibleDraftError if they do not fit."""
@@ -58,22 +68,37 @@ def _empty(device: torch.device) -> Proposal:
     return Proposal(tokens=torch.empty(0, dtype=torch.long, device=device))
 
 
-def _refuse_weights(name: str, weights: Mapping[str, torch.Tensor]) -> None:
-    if weights:
-        raise IncompatibleDraftError(f"the {name} proposer has no weights; got {len(weights)} tensors")
+class _RowByRow:
+    """A stateless proposer that drafts for one row at a time (`_propose_row`) and has no weights."""
 
-
-class NullProposer:
-    """Proposes nothing: the engine then decodes one token per step, plain autoregressively."""
+    name = "stateless"
 
     def new_state(self) -> None:
         return None
 
-    def propose(self, state, token_ids, k, params, generator) -> Proposal:
-        return _empty(token_ids.device)
+    def release(self, state: None) -> None:
+        pass
+
+    def propose(self, rows: Sequence[DraftRow]) -> list[Proposal]:
+        return [self._propose_row(row) for row in rows]
+
+    def _propose_row(self, row: DraftRow) -> Proposal:
+        raise NotImplementedError
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        _refuse_weights("null", weights)
+        if weights:
+            raise IncompatibleDraftError(
+                f"the {self.name} proposer has no weights; got {len(weights)} tensors"
+            )
+
+
+class NullProposer(_RowByRow):
+    """Proposes nothing: the engine then decodes one token per step, plain autoregressively."""
+
+    name = "null"
+
+    def _propose_row(self, row: DraftRow) -> Proposal:
+        return _empty(row.token_ids.device)
 
 
 def ngram_lookup(token_ids: torch.Tensor, k: int, n_min: int, n_max: int) -> torch.Tensor:
@@ -89,32 +114,26 @@ def ngram_lookup(token_ids: torch.Tensor, k: int, n_min: int, n_max: int) -> tor
     return token_ids[:0]
 
 
-class NgramProposer:
+class NgramProposer(_RowByRow):
     """Drafts by copying what followed the latest earlier match of the current suffix."""
+
+    name = "n-gram"
 
     def __init__(self, n_min: int = 1, n_max: int = 3):
         if not 1 <= n_min <= n_max:
             raise ValueError(f"need 1 <= n_min <= n_max, got n_min={n_min}, n_max={n_max}")
         self.n_min, self.n_max = n_min, n_max
 
-    def new_state(self) -> None:
-        return None
-
-    def propose(self, state, token_ids, k, params, generator) -> Proposal:
-        if k <= 0:
-            return _empty(token_ids.device)
-        return Proposal(tokens=ngram_lookup(token_ids, k, self.n_min, self.n_max))
-
-    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        _refuse_weights("n-gram", weights)
+    def _propose_row(self, row: DraftRow) -> Proposal:
+        return Proposal(tokens=ngram_lookup(row.token_ids, row.k, self.n_min, self.n_max))
 
 
 @dataclass
 class DraftState:
-    """A draft model's KV cache for one request and the token ids it holds."""
+    """A sequence's slot in the draft model's cache and the token ids cached there."""
 
-    cache: DynamicCache
-    cached_ids: torch.Tensor  # [n] ids whose keys and values the cache holds
+    slot: int
+    cached_ids: torch.Tensor  # [n] ids whose keys and values the slot holds
 
 
 def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -123,48 +142,77 @@ def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(mismatches[0]) if mismatches.numel() else n
 
 
-class DraftModelProposer:
-    """A small causal LM with the target's vocabulary drafts k tokens autoregressively.
+CATCH_UP = 8  # a slot further behind its sequence than this is prefilled afresh, not batched
 
-    Its cache is reconciled with the sequence at each call: it keeps the longest prefix it
-    shares with token_ids and runs the rest. That covers partial acceptance (drop rejected
-    drafts) and full acceptance (the last draft and the bonus token were never run) alike.
+
+class DraftModelProposer:
+    """A small causal LM with the target's vocabulary drafts k tokens autoregressively, for every
+    row of the batch in one forward per drafted token (its own cache: serving.kv).
+
+    Each row's slot is reconciled with its sequence first: it keeps the longest prefix it shares
+    with token_ids and runs the rest. That covers partial acceptance (drop rejected drafts), full
+    acceptance (the last draft and the bonus token were never run) and steps that drafted nothing.
     Greedy drafts are the argmax, a deterministic proposal (q one-hot), so they come without probs.
     """
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, profile: DeviceProfile | None = None):
         self.model = model
         self.max_length = context_length(model)
+        self.cache = new_cache(model, profile)
+        self._base = compiled(model.base_model, profile)
 
     def new_state(self) -> DraftState:
-        device = self.model.device
-        return DraftState(
-            cache=DynamicCache(config=self.model.config),
-            cached_ids=torch.empty(0, dtype=torch.long, device=device),
-        )
+        empty = torch.empty(0, dtype=torch.long, device=self.model.device)
+        return DraftState(slot=self.cache.acquire(), cached_ids=empty)
+
+    def release(self, state: DraftState) -> None:
+        self.cache.release(state.slot)
 
     @torch.inference_mode()
-    def propose(self, state: DraftState, token_ids, k, params, generator) -> Proposal:
-        length = token_ids.shape[0]
-        if self.max_length is not None:  # the last draft sits at position length + k - 2
-            k = min(k, self.max_length - length + 1)
-        if k <= 0:
-            return _empty(token_ids.device)
-        keep = min(common_prefix_length(state.cached_ids, token_ids), length - 1)
-        truncate_cache(state.cache, keep)
-        inputs = token_ids[keep:]
-        tokens, probs = [], []
-        for _ in range(k):
-            logits = forward(self.model, inputs, state.cache, last_only=True)  # [1, V]
-            if params.greedy:  # q is one-hot at the argmax: a deterministic draft
-                inputs = logits.argmax(-1)  # [1]
-            else:
-                probs.append(process_logits(logits, params))  # [1, V]
-                inputs = sample(probs[-1], generator)  # [1]
-            tokens.append(inputs)
-        drafted = torch.cat(tokens)  # [k]
-        state.cached_ids = torch.cat([token_ids, drafted[:-1]])
-        return Proposal(tokens=drafted, probs=torch.cat(probs) if probs else None)
+    def propose(self, rows: Sequence[DraftRow]) -> list[Proposal]:
+        limit = self.max_length or 2**62  # the last draft sits at position length + k - 2
+        ks = [min(row.k, limit - row.token_ids.shape[0] + 1) for row in rows]
+        inputs = {i: self._catch_up(row) for i, row in enumerate(rows) if ks[i] > 0}
+        drafted: dict[int, list[torch.Tensor]] = {i: [] for i in inputs}
+        probs: dict[int, list[torch.Tensor]] = {i: [] for i in inputs}
+        for depth in range(max(ks, default=0)):
+            active = [i for i in inputs if ks[i] > depth]
+            slots = [rows[i].state.slot for i in active]
+            logits, _ = forward_slots(
+                self.model, self.cache, slots, [inputs[i] for i in active], base=self._base
+            )
+            ends = torch.tensor([inputs[i].shape[0] - 1 for i in active], device=logits.device)
+            last = logits[torch.arange(len(active), device=logits.device), ends]  # [active, V]
+            greedy = last.argmax(-1)  # [active]
+            for j, i in enumerate(active):
+                self.cache.lengths[slots[j]] += inputs[i].shape[0]
+                params = rows[i].params
+                if params.greedy:  # q is one-hot at the argmax: a deterministic draft
+                    inputs[i] = greedy[j : j + 1]  # [1]
+                else:
+                    probs[i].append(process_logits(last[j : j + 1], params))  # [1, V]
+                    inputs[i] = sample(probs[i][-1], rows[i].generator)  # [1]
+                drafted[i].append(inputs[i])
+        proposals = []
+        for i, row in enumerate(rows):
+            if i not in inputs:
+                proposals.append(_empty(row.token_ids.device))
+                continue
+            tokens = torch.cat(drafted[i])  # [k]
+            row.state.cached_ids = torch.cat([row.token_ids, tokens[:-1]])
+            proposals.append(Proposal(tokens=tokens, probs=torch.cat(probs[i]) if probs[i] else None))
+        return proposals
+
+    def _catch_up(self, row: DraftRow) -> torch.Tensor:
+        """Cut the row's slot back to what it shares with the sequence; return the ids [n >= 1] to
+        run before the first draft (a long way behind: prefill all but the last id alone)."""
+        state, ids = row.state, row.token_ids
+        keep = min(common_prefix_length(state.cached_ids, ids), ids.shape[0] - 1)
+        if ids.shape[0] - keep > CATCH_UP:
+            prefill(self.model, self.cache, state.slot, ids[:-1])
+            keep = ids.shape[0] - 1
+        self.cache.lengths[state.slot] = keep
+        return ids[keep:]
 
     @torch.no_grad()
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
@@ -196,17 +244,23 @@ class HeadsProposer:
     def new_state(self) -> HeadsState:
         return HeadsState()
 
+    def release(self, state: HeadsState) -> None:
+        pass
+
     def observe(self, state: HeadsState, hidden: torch.Tensor) -> None:
         state.hidden = hidden
 
     @torch.inference_mode()
-    def propose(self, state: HeadsState, token_ids, k, params, generator) -> Proposal:
-        k = min(k, self.heads.spec.num_heads)
+    def propose(self, rows: Sequence[DraftRow]) -> list[Proposal]:
+        return [self._propose_row(row) for row in rows]
+
+    def _propose_row(self, row: DraftRow) -> Proposal:
+        k, state, params = min(row.k, self.heads.spec.num_heads), row.state, row.params
         if state.hidden is None or k <= 0:
-            return _empty(token_ids.device)
+            return _empty(row.token_ids.device)
         if self.tree is not None and params.greedy:
-            return self._tree(state.hidden, token_ids[-1], self.tree.up_to(k))
-        hidden, before = state.hidden.unsqueeze(0), token_ids[-1:].unsqueeze(0)  # [1, H], [1, 1]
+            return self._tree(state.hidden, row.token_ids[-1], self.tree.up_to(k))
+        hidden, before = state.hidden.unsqueeze(0), row.token_ids[-1:].unsqueeze(0)  # [1, H], [1, 1]
         tokens, probs = [], []
         for i in range(k):
             logits = self.heads.head(i, hidden, before)  # [1, V]
@@ -214,7 +268,7 @@ class HeadsProposer:
                 token = logits.argmax(-1)  # [1]
             else:
                 probs.append(process_logits(logits, params))  # [1, V]
-                token = sample(probs[-1], generator)  # [1]
+                token = sample(probs[-1], row.generator)  # [1]
             tokens.append(token)
             before = torch.cat([before, token.unsqueeze(0)], dim=1)  # [1, i + 2]
         return Proposal(tokens=torch.cat(tokens), probs=torch.cat(probs) if probs else None)

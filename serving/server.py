@@ -1,17 +1,24 @@
 """A serving replica: the engine behind a bounded request queue, with everything a request leaves.
 
-`Replica` decodes one request at a time (batch 1) on its own decode thread, first come first
-served; callers on an asyncio loop await `stream()` or `complete()`. Per request it writes a trace
-(non-blocking, through `store.traces`), and records acceptance and latency counters per draft
-version and domain, both as time series in Redis (`store.metrics`, for the dashboard and drift)
-and as Prometheus metrics (`serving.prometheus`). A heartbeat thread publishes the replica's load
-(requests in flight and queued) for the trainer's throttle whenever it changes, and its version
-and metrics snapshot every `heartbeat_seconds` (`store.load`).
+`Replica` decodes on its own decode thread with continuous batching: between two engine steps,
+requests join the batch from the queue (first come, first served, up to `max_batch` at once) and
+finished or abandoned ones leave it, so one target forward verifies the drafts of every request
+in flight (serving.engine). Callers on an asyncio loop await `stream()` or `complete()`. At
+start-up the replica times the engine's steps (`SpecEngine.calibrate`): with `adaptive_k`, k
+then follows the load, down to 0 when the batch is too full for speculation to pay.
+
+Per request it writes a trace (non-blocking, through `store.traces`), and records acceptance and
+latency counters per draft version and domain, both as time series in Redis (`store.metrics`,
+for the dashboard and drift) and as Prometheus metrics (`serving.prometheus`). A heartbeat
+thread publishes the replica's load (requests in flight and queued) for the trainer's throttle
+whenever it changes, and its version and metrics snapshot every `heartbeat_seconds`
+(`store.load`).
 
 Hot-swap: a `LiveWatcher` follows the registry's live version of the draft. A new version is
-loaded and checked on the watcher's thread, off the decode path, into a fresh draft model and
-engine that share the target; the swap itself is one reference assignment between requests. A
-request finishes on the version it started with, so no request ever sees two drafts. A version
+loaded and checked on the watcher's thread, off the decode path, into a fresh proposer (its own
+draft model and cache); the swap itself is one reference assignment. A request finishes on the
+proposer it started with, so no request ever sees two drafts; requests on different versions
+share the batch's target forward. A version
 that fails to load (corrupt blob, wrong vocabulary or shapes) is refused and counted, and the
 replica keeps serving the one it has. At start-up the replica loads the live version, if any,
 before it takes requests.
@@ -49,7 +56,7 @@ import torch
 from distill.heads import HeadsSpec
 from distill.lora import LoraSpec, merged_adapter
 from distill.router import ROUTER, DomainRouter, served_domain
-from serving.engine import Generation, ProposerName, SpecEngine, Step, cost_ratio, heads_cost_ratio
+from serving.engine import Decoding, Generation, ProposerName, SpecEngine, Step
 from serving.errors import EngineError, IncompatibleDraftError, InvalidRequestError
 from serving.prometheus import ReplicaMetrics
 from serving.proposers import DraftModelProposer, HeadsProposer, Proposer
@@ -84,6 +91,8 @@ class ReplicaConfig:
     domain: str = ALL_DOMAINS
     replica_id: str = field(default_factory=lambda: f"replica-{uuid.uuid4().hex[:8]}")
     max_queue: int = 64  # waiting requests beyond this are refused with ServerBusyError
+    max_batch: int = 8  # requests decoded together (continuous batching); 1: one at a time
+    adaptive_k: bool = True  # choose k per step from the load and acceptance (else always k)
     trace_top_k: int = 16  # the target's top-K logged per position
     hidden_fraction: float = 0.0  # requests whose traces carry the target's hidden states (for heads)
     heads_tree: tuple[int, ...] | None = None  # heads: a static tree's branching, for greedy requests
@@ -96,8 +105,8 @@ class ReplicaConfig:
     metrics: MetricsConfig = MetricsConfig()
 
     def __post_init__(self):
-        if self.max_queue < 1 or self.trace_top_k < 1:
-            raise ValueError("max_queue and trace_top_k must be >= 1")
+        if self.max_queue < 1 or self.trace_top_k < 1 or self.max_batch < 1:
+            raise ValueError("max_queue, max_batch and trace_top_k must be >= 1")
         if not 0.0 <= self.hidden_fraction <= 1.0:
             raise ValueError(f"hidden_fraction must lie in [0, 1], got {self.hidden_fraction}")
         if not 0 < self.heartbeat_seconds < self.load_ttl_seconds:
@@ -150,10 +159,21 @@ class _Job:
 
 @dataclass(frozen=True)
 class _Served:
-    """The engine and the version label new requests start on."""
+    """The proposer and the version label new requests start on."""
 
-    engine: SpecEngine
+    proposer: Proposer
     version: str
+
+
+@dataclass
+class _Running:
+    """A request in the batch: its caller, its sequence, and the version and domain it is served as."""
+
+    job: _Job
+    decoding: Decoding
+    version: str
+    domain: str
+    first: float | None = None  # when its first tokens were handed over
 
 
 class Replica:
@@ -161,7 +181,7 @@ class Replica:
 
     def __init__(self, config: ReplicaConfig, client: redis.Redis):
         self.config, self.client = config, client
-        base = SpecEngine.from_pretrained(
+        self.engine = SpecEngine.from_pretrained(
             config.target,
             config.draft,
             config.proposer,
@@ -169,25 +189,24 @@ class Replica:
             config.device,
             config.dtype,
             config.heads_tree,
+            config.max_batch,
         )
         self.target_id = config.target_id or Path(config.target).name
-        self.context = base.max_length  # prompt plus new tokens
-        self.base_draft = getattr(base.proposer, "model", None)  # None unless the proposer is a draft
-        self.base_heads = getattr(base.proposer, "heads", None)  # None unless it is draft heads
+        self.context = self.engine.max_length  # prompt plus new tokens
+        proposer = self.engine.proposer
+        self.base_draft = getattr(proposer, "model", None)  # None unless the proposer is a draft
+        self.base_heads = getattr(proposer, "heads", None)  # None unless it is draft heads
         learns = self.base_draft is not None or self.base_heads is not None  # registry versions apply
-        self.k = base.k
-        # c of the speedup model, timed once on any 32 ids (a swap keeps the architecture); n-gram
-        # lookup is about free.
-        prompt = [i % base.vocab_size for i in range(1, 33)]
-        self.cost_ratio = 0.0
-        if self.base_draft is not None:
-            self.cost_ratio = cost_ratio(base.target, self.base_draft, prompt, tokens=16)
-        elif self.base_heads is not None:
-            self.cost_ratio = heads_cost_ratio(base.target, self.base_heads, prompt, tokens=16)
+        self.k = self.engine.k
+        # Step costs, timed once (a swap keeps the architecture): c of the speedup model for the
+        # dashboard, and the load-aware choice of k.
+        costs = self.engine.calibrate(config.max_batch)
+        self.cost_ratio = costs.draft_seconds(1) / costs.verify_seconds(1, 1)
+        self.engine.costs = costs if config.adaptive_k else None
         self.registry = Registry(client, file_dir=config.registry_dir)
         self.swaps = self.refused = 0
         self.last_swap_seconds: float | None = None  # load and check, off the decode path
-        self._served = _Served(base, f"{config.draft_name}:base" if learns else "none")
+        self._served = _Served(proposer, f"{config.draft_name}:base" if learns else "none")
         self.writer = TraceWriter(client, config.stream)
         self.recorder = MetricsRecorder(client, config.metrics)
         self.metrics = ReplicaMetrics()
@@ -299,40 +318,78 @@ class Replica:
 
     # The decode thread.
     def _decode_loop(self) -> None:
-        while (job := self._queue.get()) is not None:
-            self._in_flight = 1
-            self._changed.set()
+        """Admit, step, hand over; until close() and the batch has drained."""
+        running: dict[int, _Running] = {}  # id(decoding) -> the request
+        stopping = False
+        while not stopping or running:
+            stopping = self._admit(running) or stopping
             try:
-                if not job.cancelled.is_set():
-                    self._serve(job)
-            except EngineError as err:  # a bad request: the caller gets it as is
-                job.put(err)
-            except Exception as err:  # a bug: the request fails, the replica goes on
-                log.exception("request %s failed", job.request.request_id)
-                job.put(RuntimeError(f"internal error: {err}"))
-            finally:
-                self._in_flight = 0
+                events = self.engine.step()
+            except Exception as err:  # a bug: the batch's requests fail, the replica goes on
+                log.exception("a decode step failed; failing its %d requests", len(running))
+                for run in running.values():
+                    self.engine.abandon(run.decoding)
+                    run.job.put(RuntimeError(f"internal error: {err}"))
+                running.clear()
+                events = []
+            for decoding, step in events:
+                self._hand_over(running, running[id(decoding)], step)
+            for key, run in list(running.items()):  # callers that went away
+                if run.job.cancelled.is_set():
+                    self.engine.abandon(run.decoding)
+                    del running[key]
+            if self._in_flight != len(running):
+                self._in_flight = len(running)
                 self._changed.set()
 
-    def _serve(self, job: _Job) -> None:
-        request = job.request
-        served, domain = self._route(request)  # the version this request starts and finishes on
-        hidden = in_fraction(f"hidden:{request.request_id}", self.config.hidden_fraction)
-        steps = served.engine.stream(
-            request.prompt_ids, request.max_new_tokens, request.temperature, request.top_p, request.top_k,
-            request.seed, request.stop_token_ids, self.config.trace_top_k, hidden,
-        )  # fmt: skip
-        first = None
-        for step in steps:
+    def _admit(self, running: dict[int, _Running]) -> bool:
+        """Move queued requests into the batch while it has room (waiting for one when it is
+        empty); True once close() has been asked for."""
+        while len(running) < self.config.max_batch:
+            try:
+                job = self._queue.get(block=not running)
+            except queue.Empty:
+                return False
+            if job is None:
+                return True
             if job.cancelled.is_set():
-                steps.close()
-                return
-            first = first or time.perf_counter()
-            job.put(step)
-        done = time.perf_counter()
-        finished = Finished(step.generation, served.version, first - job.enqueued, done - job.enqueued)
-        self._log(request, finished, domain)  # before the caller hears: its metrics are then recorded
-        job.put(finished)
+                continue
+            request = job.request
+            served, domain = self._route(request)  # the version it starts and finishes on
+            hidden = in_fraction(f"hidden:{request.request_id}", self.config.hidden_fraction)
+            try:
+                decoding = self.engine.add(
+                    request.prompt_ids, request.max_new_tokens, request.temperature, request.top_p,
+                    request.top_k, request.seed, request.stop_token_ids, self.config.trace_top_k, hidden,
+                    served.proposer,
+                )  # fmt: skip
+            except EngineError as err:  # a bad request: the caller gets it as is
+                job.put(err)
+                continue
+            except Exception as err:  # a bug: the request fails, the replica goes on
+                log.exception("request %s failed", request.request_id)
+                job.put(RuntimeError(f"internal error: {err}"))
+                continue
+            running[id(decoding)] = _Running(job, decoding, served.version, domain)
+            self._in_flight = len(running)
+            self._changed.set()
+        return False
+
+    def _hand_over(self, running: dict[int, _Running], run: _Running, step: Step) -> None:
+        """Give a step's tokens to the caller; at the end, log the request, then say Finished."""
+        if step.generation is not None:
+            del running[id(run.decoding)]  # it has left the engine's batch
+        if run.job.cancelled.is_set():
+            return  # nobody listens; an unfinished one leaves the batch below
+        now = time.perf_counter()
+        run.first = run.first or now
+        run.job.put(step)
+        if step.generation is None:
+            return
+        enqueued = run.job.enqueued
+        finished = Finished(step.generation, run.version, run.first - enqueued, now - enqueued)
+        self._log(run.job.request, finished, run.domain)  # before the caller hears: metrics recorded
+        run.job.put(finished)
 
     def _route(self, request: Request) -> tuple[_Served, str]:
         """The version for a request, and the domain its metrics count under: the adapter of the
@@ -398,12 +455,12 @@ class Replica:
             spec = self.base_heads.spec
             if meta.kind != "heads" or HeadsSpec(**meta.extra.get("heads", {})) != spec:
                 raise IncompatibleDraftError(f"this replica serves {spec}; {meta.label} is {meta.kind}")
-            proposer = HeadsProposer(self.base_heads.like(), self._served.engine.proposer.tree)
+            proposer = HeadsProposer(self.base_heads.like(), self._served.proposer.tree)
             proposer.load_weights(weights)
             return proposer
         if meta.kind == "heads":
             raise IncompatibleDraftError(f"this replica serves a draft model; {meta.label} is draft heads")
-        return DraftModelProposer(version_draft(self.base_draft, meta, weights))
+        return DraftModelProposer(version_draft(self.base_draft, meta, weights), self.engine.profile)
 
     def _swap(self, meta: DraftVersion) -> None:
         """Load `meta` into a fresh draft next to the served one, then serve it to new requests."""
@@ -415,11 +472,10 @@ class Replica:
             kept = self._adapters.get(meta.domain, self._served).version
             log.error("refused draft %s, serving %s on: %s", meta.label, kept, err)
             return
-        engine = SpecEngine(self._served.engine.target, proposer, self.config.num_speculative_tokens)
         if meta.domain == self.config.domain:
-            self._served = _Served(engine, meta.label)
+            self._served = _Served(proposer, meta.label)
         else:
-            self._adapters = self._adapters | {meta.domain: _Served(engine, meta.label)}
+            self._adapters = self._adapters | {meta.domain: _Served(proposer, meta.label)}
         self.swaps += 1
         self.last_swap_seconds = time.perf_counter() - began
         log.info("serving draft %s (loaded in %.3f s)", meta.label, self.last_swap_seconds)

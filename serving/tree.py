@@ -57,20 +57,18 @@ def static_tree(branching: tuple[int, ...]) -> Tree:
     return Tree(tuple(parents), tuple(ranks))
 
 
-def tree_attention(parents: tuple[int, ...], past: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Additive mask [1, 1, 1 + N, past + 1 + N]: the root and every node see the `past` cached
-    positions, the root, their ancestors and themselves."""
+def tree_visibility(parents: tuple[int, ...]) -> torch.Tensor:
+    """Which of the root and N nodes each one sees, bool [1 + N, 1 + N]: the root, its ancestors
+    and itself."""
     n = len(parents)
-    allowed = torch.zeros(1 + n, past + 1 + n, dtype=torch.bool, device=device)
-    allowed[:, : past + 1] = True  # the cache and the root
+    visible = torch.zeros(1 + n, 1 + n, dtype=torch.bool)
+    visible[:, 0] = True
     for j, parent in enumerate(parents):
         row = 1 + j
-        allowed[row, past + row] = True
+        visible[row, row] = True
         if parent >= 0:
-            allowed[row, past + 1 :] |= allowed[1 + parent, past + 1 :]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+            visible[row] |= visible[1 + parent]
+    return visible
 
 
 def greedy_path(parents: tuple[int, ...], tokens: list[int], argmax: list[int]) -> list[int]:

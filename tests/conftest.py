@@ -98,6 +98,7 @@ def tiny_replica(tiny_demo, redis_client):
             target=str(models.target), draft=str(models.draft), num_speculative_tokens=2, poll_seconds=0.1,
             stream=StreamConfig(stream=f"t:{name}"),
             metrics=MetricsConfig(prefix=f"t:{name}:metrics", flush_seconds=0.05),
+            adaptive_k=False,  # every step drafts, so acceptance is always counted
         )  # fmt: skip
         made.append(Replica(ReplicaConfig(**settings | overrides), redis_client))
         return made[-1]

@@ -28,7 +28,7 @@ def setup(tiny_demo, redis_server, redis_client, tmp_path):
     models = build_demo_models(TINY_DEMO, tiny_demo)
     config = ReplicaConfig(
         target=str(models.target), draft=str(models.draft), stream=StreamConfig(stream="t:admin"),
-        metrics=MetricsConfig(prefix="t:admin:metrics"), poll_seconds=0.1,
+        metrics=MetricsConfig(prefix="t:admin:metrics"), poll_seconds=0.1, adaptive_k=False,
     )  # fmt: skip
     replica = Replica(config, redis_client)
     trainer_config = TrainerConfig(

@@ -29,7 +29,7 @@ def served(tiny_demo, redis_server):
     models = build_demo_models(TINY_DEMO, tiny_demo)
     config = ReplicaConfig(
         target=str(models.target), draft=str(models.draft), num_speculative_tokens=2,
-        stream=StreamConfig(stream="t:api"), metrics=MetricsConfig(prefix="t:api:metrics"),
+        stream=StreamConfig(stream="t:api"), metrics=MetricsConfig(prefix="t:api:metrics"), adaptive_k=False,
     )  # fmt: skip
     client = redis_server.client()
     client.flushdb()  # no draft versions left by earlier tests: the replica serves its base draft

@@ -26,11 +26,12 @@ from distill.heads import (
 )
 from serving.engine import SpecEngine
 from serving.errors import IncompatibleDraftError
+from serving.kv import slot_attention
 from serving.models import tree_support
 from serving.proposers import HeadsProposer, NullProposer
 from serving.server import Replica, ReplicaConfig, Request
 from serving.tracing import trace_of
-from serving.tree import greedy_path, static_tree, tree_attention
+from serving.tree import greedy_path, static_tree, tree_visibility
 from store.registry import Registry
 from store.traces import StreamConfig, TraceReader, TraceWriter
 from tiny_models import ARCHS, TINY_DEMO, build, random_heads
@@ -83,7 +84,8 @@ def test_a_static_tree_its_attention_and_the_greedy_walk():
         (1, 1, 1, 2, 2, 3),
     )
     assert tree.up_to(2).parents == (-1, -1, -1, 0, 0)
-    mask = tree_attention(tree.parents, past=2, dtype=torch.float32, device="cpu")[0, 0] == 0  # [7, 9]
+    visible = tree_visibility(tree.parents).unsqueeze(0)  # [1, 7, 7]
+    mask = slot_attention(torch.tensor([2]), visible, width=9, dtype=torch.float32)[0, 0] == 0  # [7, 9]
     assert mask[:, :3].all()  # the cache and the root
     assert mask[6].tolist() == [
         True,
@@ -154,7 +156,7 @@ def test_a_heads_replica_serves_losslessly_and_swaps_in_published_heads_only(red
     expected = SpecEngine.from_pretrained(target_dir).generate(PROMPT, 12, stop_token_ids=[]).token_ids
     config = ReplicaConfig(
         target=target_dir, proposer="hydra", num_speculative_tokens=3, heads_tree=(3, 2, 2), poll_seconds=0.1,
-        stream=StreamConfig(stream="t:heads"), replica_id="r-heads",
+        stream=StreamConfig(stream="t:heads"), replica_id="r-heads", adaptive_k=False,
     )  # fmt: skip
     replica = Replica(config, redis_client)
     assert replica.cost_ratio > 0  # the heads' own c, timed at start for the dashboard's speedup

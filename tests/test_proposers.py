@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from serving.errors import IncompatibleDraftError
 from serving.models import load_causal_lm
-from serving.proposers import DraftModelProposer, NgramProposer, NullProposer, ngram_lookup
+from serving.proposers import DraftModelProposer, DraftRow, NgramProposer, NullProposer, ngram_lookup
 from serving.sampling import SamplingParams, process_logits
 from tiny_models import build
 
@@ -41,32 +41,44 @@ def test_ngram_proposer_validates_n():
         NgramProposer(n_min=0)
 
 
-def test_draft_cache_stays_consistent():
-    """After full acceptance (+ bonus), partial and zero acceptance, the cached proposal equals a
-    fresh full forward of the draft on the same sequence."""
+def test_draft_cache_stays_consistent_for_a_batch():
+    """Three sequences drafted together, each with its own history of full acceptance (+ bonus),
+    partial and zero acceptance, steps that drafted nothing, and a long jump ahead: every
+    proposal equals a fresh full forward of the draft on the same sequence."""
     draft = build("llama", 2, 32, seed=5)
     proposer = DraftModelProposer(draft)
     params = SamplingParams(temperature=1.0)
     gen = torch.Generator().manual_seed(0)
-    state = proposer.new_state()
-    sequence = ids(4, 8, 15, 16, 23)
+    states = [proposer.new_state() for _ in range(3)]
+    sequences = [ids(4, 8, 15, 16, 23), ids(42), ids(*range(3, 40))]
     k = 4
-    for accepted in [k, 0, 2, k, k, 1, 3, 0]:
-        proposal = proposer.propose(state, sequence, k, params, gen)
-        context = torch.cat([sequence, proposal.tokens[:-1]])
-        with torch.no_grad():
-            fresh = process_logits(draft(context[None]).logits[0, -k:], params)  # [k, V]
-        torch.testing.assert_close(proposal.probs, fresh, atol=1e-5, rtol=1e-4)
-        # The target keeps `accepted` drafts and adds one token of its own (correction or bonus).
-        correction = torch.randint(0, draft.config.vocab_size, (1,), generator=gen)
-        sequence = torch.cat([sequence, proposal.tokens[:accepted], correction])
+    history = [(k, 0, 2), (0, None, k), (2, 1, None), (k, k, 0), (1, 3, 30), (0, 0, 1)]  # None: no drafts
+    for accepted in history:
+        rows = [i for i, a in enumerate(accepted) if a is not None]
+        asked = [DraftRow(states[i], sequences[i], k, params, gen) for i in rows]
+        for i, proposal in zip(rows, proposer.propose(asked), strict=True):
+            context = torch.cat([sequences[i], proposal.tokens[:-1]])
+            with torch.no_grad():
+                fresh = process_logits(draft(context[None]).logits[0, -k:], params)  # [k, V]
+            torch.testing.assert_close(proposal.probs, fresh, atol=1e-5, rtol=1e-4)
+            keep = proposal.tokens[: min(accepted[i], k)]
+            # The target keeps `accepted` drafts and adds tokens of its own (30: a long way ahead).
+            extra = torch.randint(0, draft.config.vocab_size, (max(1, accepted[i] - k + 1),), generator=gen)
+            sequences[i] = torch.cat([sequences[i], keep, extra])
+        for i in set(range(3)) - set(rows):  # not drafted this step: the sequence moves on anyway
+            sequences[i] = torch.cat([sequences[i], torch.randint(0, 100, (2,), generator=gen)])
+    for state in states:
+        proposer.release(state)
+    assert proposer.cache.rows == 0
 
 
 def test_draft_respects_its_context_length():
     draft = build("gpt2", 1, 32, seed=6)  # context 256
     proposer = DraftModelProposer(draft)
     sequence = torch.arange(254) % 100
-    proposal = proposer.propose(proposer.new_state(), sequence, 8, SamplingParams(), torch.Generator())
+    (proposal,) = proposer.propose(
+        [DraftRow(proposer.new_state(), sequence, 8, SamplingParams(), torch.Generator())]
+    )
     assert proposal.tokens.shape[0] == 3  # drafts occupy positions 254..256; 255 is the last fed
 
 

@@ -35,6 +35,7 @@ def replica(client, model_dirs, **overrides) -> Replica:
         metrics=METRICS,
         poll_seconds=0.1,
         replica_id="r-test",
+        adaptive_k=False,  # every step drafts, so acceptance is always counted
     )
     return Replica(ReplicaConfig(**settings | overrides), client)
 
@@ -98,7 +99,7 @@ def test_bad_requests_are_refused_and_the_replica_goes_on(redis_client, model_di
 
 
 def test_a_full_queue_refuses_and_an_abandoned_request_frees_the_decoder(redis_client, model_dirs):
-    server = replica(redis_client, model_dirs, max_queue=1)
+    server = replica(redis_client, model_dirs, max_queue=1, max_batch=1)  # one decodes, one waits
 
     async def run():
         long = server.stream(Request(PROMPT, 200, stop_token_ids=[]))
@@ -118,6 +119,28 @@ def test_a_full_queue_refuses_and_an_abandoned_request_frees_the_decoder(redis_c
     server.close()
     traces = TraceReader(redis_client, "c", STREAM).read(count=10)
     assert [len(d.trace.output_ids) for d in traces] == [3]  # the abandoned request left no trace
+
+
+def test_concurrent_requests_share_steps_and_each_gets_its_own_greedy_output(redis_client, model_dirs):
+    """Continuous batching: six requests of different lengths and prompts (more than max_batch, so
+    some join as others leave), one sampled with a seed, each served as if alone."""
+    server = replica(redis_client, model_dirs, max_batch=4)
+    alone = SpecEngine.from_pretrained(model_dirs["llama"]["target"])
+    requests = [
+        Request(PROMPT[: 2 + i] + [i + 9], 6 + 5 * i, stop_token_ids=[], domain=f"d{i}") for i in range(5)
+    ] + [Request(PROMPT, 20, temperature=0.8, seed=7, stop_token_ids=[])]
+
+    async def run():
+        return await asyncio.gather(*(server.complete(r) for r in requests))
+
+    results = asyncio.run(run())
+    for request, finished in zip(requests[:5], results[:5], strict=True):
+        expected = alone.generate(request.prompt_ids, request.max_new_tokens, stop_token_ids=[]).token_ids
+        assert finished.generation.token_ids == expected
+    again = asyncio.run(server.complete(requests[5]))  # alone now: the seed gives the same sample
+    assert again.generation.token_ids == results[5].generation.token_ids
+    assert server.status()["in_flight"] == 0
+    server.close()
 
 
 def test_the_live_version_is_loaded_at_start_and_swapped_between_requests(redis_client, model_dirs):
@@ -164,7 +187,7 @@ def test_a_lora_version_is_merged_into_a_copy_of_the_base_draft(redis_client, mo
     Registry(redis_client).publish("draft", weights, kind="lora", extra={"lora": vars(spec)})
     server = replica(redis_client, model_dirs)
     assert server.draft_version == "draft:v1" and server.refused == 0
-    served = server._served.engine.proposer.model
+    served = server._served.proposer.model
     assert not any("lora" in name for name in served.state_dict())  # merged: a plain model
     base = copy.deepcopy(server.base_draft.state_dict())
     assert any(not torch.equal(base[n], t) for n, t in served.state_dict().items())

@@ -41,6 +41,9 @@ class Trainer:
         stream: StreamConfig | None = None,
     ):
         torch.set_num_threads(config.torch_threads)
+        if config.device.startswith("cuda"):  # the GPU is shared with replicas: stay within a share
+            device = torch.device(config.device)
+            torch.cuda.set_per_process_memory_fraction(config.gpu_memory_fraction, device)
         kind = DomainTrainers if config.adapters else OnlineTrainer
         self.trainer = kind(config, base, open_redis(redis_url), consumer, stream)
         self.state = "starting"

@@ -72,6 +72,8 @@ class TrainerConfig:
     max_in_flight: int = 2  # pause training while servers have more requests in flight than this
     pause_seconds: float = 0.5
     torch_threads: int = 1
+    device: str = "cpu"  # where it trains: "cuda" shares the replicas' GPU, within gpu_memory_fraction
+    gpu_memory_fraction: float = 0.15  # on CUDA, this process's cap (the replicas take 0.80)
     sched_idle: bool = True  # Linux: the training thread runs only on otherwise idle CPU (SCHED_IDLE)
     niceness: int = 10  # where SCHED_IDLE is off or missing: the training thread's nice increment
     read_count: int = 64  # traces per read from the stream
@@ -91,6 +93,7 @@ class TrainerConfig:
             "watch_requests": self.watch_requests >= 1,
             "jsd_beta": 0.0 < self.jsd_beta < 1.0,
             "watch_delta": self.watch_delta >= 0,
+            "gpu_memory_fraction": 0.0 < self.gpu_memory_fraction <= 1.0,
             "drift_check_seconds": self.drift_check_seconds > 0,
             "drift_boost": self.drift_boost >= 1,
         }

@@ -58,14 +58,14 @@ class DraftLearner:
 
     def build(self) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_pretrained(self.draft)
-        return wrap_lora(model, self.config.lora) if self.config.lora else model
+        return (wrap_lora(model, self.config.lora) if self.config.lora else model).to(self.config.device)
 
     def usable(self, trace: Trace) -> bool:
         return True
 
     def loss(self, module: torch.nn.Module, traces: Sequence[Trace]) -> torch.Tensor:
         config = self.config
-        batch = make_batch(list(traces), config.max_seq_len)
+        batch = make_batch(list(traces), config.max_seq_len).to(config.device)
         logits = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         weights = token_weights(
             config.selection, batch.mask, logits.detach(), batch.emitted, batch.top_logprobs
@@ -81,9 +81,8 @@ class DraftLearner:
         return trace_acceptance(module, list(traces), self.config.max_seq_len, greedy=greedy)
 
     def weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        if self.config.lora:
-            return adapter_weights(module)
-        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+        weights = adapter_weights(module) if self.config.lora else module.state_dict()
+        return _on_cpu(weights)
 
     def load(self, module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
         if self.config.lora:
@@ -99,6 +98,7 @@ class HeadsLearner:
     def __init__(self, config: TrainerConfig, target: str | Path, spec: HeadsSpec):
         self.config, self.spec = config, spec
         self.target = AutoModelForCausalLM.from_pretrained(str(target)).eval().requires_grad_(False)
+        self.target.to(config.device)
         self.kind, self.extra = "heads", {"heads": asdict(spec)}
 
     def build(self) -> DraftHeads:
@@ -108,7 +108,8 @@ class HeadsLearner:
         return trace.hidden is not None and len(trace.output_ids) > self.spec.num_heads
 
     def loss(self, module: DraftHeads, traces: Sequence[Trace]) -> torch.Tensor:
-        return heads_loss(module, heads_batch(traces, self.spec.num_heads), self.config.loss)
+        batch = heads_batch(traces, self.spec.num_heads).to(self.config.device)
+        return heads_loss(module, batch, self.config.loss)
 
     @torch.no_grad()
     def acceptance(
@@ -120,7 +121,7 @@ class HeadsLearner:
         usable = [t for t in traces if self.usable(t)]
         if not usable:
             return [(0.0, 0)] * len(traces)
-        batch = heads_batch(usable, k)
+        batch = heads_batch(usable, k).to(self.config.device)
         logits = module(batch.hidden, batch.following)  # [N, K, V]
         if greedy:
             per_row = (logits.argmax(-1) == batch.emitted).float().sum(-1)  # [N]
@@ -133,7 +134,7 @@ class HeadsLearner:
         ]
 
     def weights(self, module: DraftHeads) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return _on_cpu(module.state_dict())
 
     def load(self, module: DraftHeads, weights: dict[str, torch.Tensor]) -> None:
         module.load_state_dict(weights)
@@ -142,3 +143,9 @@ class HeadsLearner:
 def learner_for(config: TrainerConfig, base: str | Path) -> Learner:
     """Heads over the target `base` when `config.heads` is set, else the draft model `base`."""
     return HeadsLearner(config, base, config.heads) if config.heads else DraftLearner(config, base)
+
+
+def _on_cpu(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of the weights on the CPU, whatever the trainer's device: what checkpoints and the
+    registry store."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}

@@ -175,6 +175,7 @@ def demo(args: argparse.Namespace, plan: DemoPlan, console: Console) -> dict:
         trainer_settings=plan.trainer_settings, held_out_fraction=plan.held_out_fraction,
         proposer=args.proposer if heads else None, hidden_fraction=1.0 if heads else None,
         adapters=args.adapters, adapter_min_traces=ADAPTER_MIN_TRACES,
+        adaptive_k=False,  # the demo shows acceptance learnt online: every step drafts plan.k tokens
     )  # fmt: skip
     with running(config, endpoint, state / "redis", console) as config:
         report = run(plan, models, config, endpoint, args.seed, console)
