@@ -306,6 +306,7 @@ class SpecEngine:
             self.cache.reserve(prompt.shape[0] + max_new_tokens + self.k)
             if prompt.shape[0] > 1:
                 prefill(self.target, self.cache, slot, prompt[:-1])
+            draft_state = proposer.new_state()
         except BaseException:
             self.cache.release(slot)
             raise
@@ -313,7 +314,7 @@ class SpecEngine:
             slot=slot, tokens=torch.cat([prompt, prompt.new_empty(max_new_tokens)]), length=prompt.shape[0],
             max_new_tokens=max_new_tokens, params=params, stop_ids=stop_ids, generator=generator,
             top_logprobs=top_logprobs, hidden_states=hidden_states, proposer=proposer,
-            draft_state=proposer.new_state(), acceptance=self.acceptance.prior(),
+            draft_state=draft_state, acceptance=self.acceptance.prior(),
         )  # fmt: skip
         self.active.append(decoding)
         return decoding

@@ -142,7 +142,7 @@ def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(mismatches[0]) if mismatches.numel() else n
 
 
-CATCH_UP = 8  # a slot further behind its sequence than this is prefilled afresh, not batched
+CATCH_UP = 64  # a slot further behind its sequence than this is prefilled alone, not batched
 
 
 class DraftModelProposer:
@@ -205,10 +205,12 @@ class DraftModelProposer:
 
     def _catch_up(self, row: DraftRow) -> torch.Tensor:
         """Cut the row's slot back to what it shares with the sequence; return the ids [n >= 1] to
-        run before the first draft (a long way behind: prefill all but the last id alone)."""
+        run before the first draft, batched with the other rows' (behind by steps that drafted
+        nothing, too). A new sequence, or one a long way behind, is prefilled alone first."""
         state, ids = row.state, row.token_ids
         keep = min(common_prefix_length(state.cached_ids, ids), ids.shape[0] - 1)
-        if ids.shape[0] - keep > CATCH_UP:
+        behind = ids.shape[0] - keep
+        if behind > 1 and (keep == 0 or behind > CATCH_UP):
             prefill(self.model, self.cache, state.slot, ids[:-1])
             keep = ids.shape[0] - 1
         self.cache.lengths[state.slot] = keep

@@ -18,10 +18,9 @@ Hot-swap: a `LiveWatcher` follows the registry's live version of the draft. A ne
 loaded and checked on the watcher's thread, off the decode path, into a fresh proposer (its own
 draft model and cache); the swap itself is one reference assignment. A request finishes on the
 proposer it started with, so no request ever sees two drafts; requests on different versions
-share the batch's target forward. A version
-that fails to load (corrupt blob, wrong vocabulary or shapes) is refused and counted, and the
-replica keeps serving the one it has. At start-up the replica loads the live version, if any,
-before it takes requests.
+share the batch's target forward. A version that fails to load (corrupt blob, wrong vocabulary
+or shapes) is refused and counted, and the replica keeps serving the one it has. At start-up
+the replica loads the live version, if any, before it takes requests.
 
 Per-domain adapters (`adapters`): the watcher follows every domain of the draft's name, and each
 domain's live LoRA adapter is merged into its own copy of the base draft, so that switching

@@ -18,7 +18,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-PROBE_EVERY = 16  # steps: a one-token draft when k = 0 was chosen
+PROBE_EVERY = 32  # steps: a one-token draft when k = 0 was chosen
 
 
 def expected_tokens(alpha: float, k: int) -> float:
