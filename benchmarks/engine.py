@@ -52,7 +52,8 @@ from deploy.demo.offline_distill import (
 from deploy.demo.workloads import fixed_prompts
 from distill.heads import DraftHeads, HeadsSpec
 from serving.engine import SpecEngine, heads_cost_ratio
-from serving.models import resolve_device, resolve_dtype
+from serving.kv import SlotCache
+from serving.models import forward_slots, prefill, resolve_device, resolve_dtype
 from serving.proposers import DraftModelProposer, HeadsProposer, NgramProposer, NullProposer, Proposer
 
 Sample = tuple[list[int], int, int, int]  # new token ids, drafted, accepted, steps
@@ -112,13 +113,26 @@ def costed_speedup(tau: float, drafted_per_step: float, c: float, verify_cost: d
     return tau / (drafted_per_step * c + verify)
 
 
+@torch.inference_mode()
 def measure_verify_cost(target: PreTrainedModel, prompt: list[int], ks: list[int], repeats: int = 30) -> dict:
-    """v(k): the median time of one target forward of k + 1 tokens after a context as long as
-    `prompt`, over that of a one-token forward (v(0) = 1): the engine's own calibration, batch 1."""
-    engine = SpecEngine(target, NullProposer(), max(ks, default=0))
-    costs = engine.calibrate(max_batch=1, context=len(prompt), repeats=repeats)
-    one = costs.verify_seconds(1, 1)
-    return {k: round(costs.verify_seconds(1, k + 1) / one, 4) for k in [0, *ks]} | {0: 1.0}
+    """v(k): the median time of one target forward of k + 1 tokens after `prompt`, over that of a
+    one-token forward (v(0) = 1); the slot's length is not advanced, so each rewrites the same place."""
+    most = max(ks, default=0) + 1
+    news = torch.tensor((prompt * most)[:most], device=target.device)  # any ids will do
+    cache = SlotCache(target.config)
+    slot = cache.acquire()
+    prefill(target, cache, slot, torch.tensor(prompt, device=target.device))
+
+    def seconds(n: int) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            forward_slots(target, cache, [slot], [news[:n]])
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    one = seconds(1)
+    return {k: round(seconds(k + 1) / one, 4) for k in [0, *ks]} | {0: 1.0}
 
 
 def ours(model: PreTrainedModel, proposer: Proposer, k: int, temperature: float) -> Generate:

@@ -329,13 +329,13 @@ class SpecEngine:
         decoding.proposer.release(decoding.draft_state)
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[Decoding, Step]]:
-        """One decode step for every active sequence; a sequence whose Step carries its Generation
-        has finished and left the batch."""
+    def step(self, k: int | None = None) -> list[tuple[Decoding, Step]]:
+        """One decode step for every active sequence, drafting k tokens each (default: the engine's
+        choice); a sequence whose Step carries its Generation has finished and left the batch."""
         batch = list(self.active)
         if not batch:
             return []
-        k = self._choose_k(batch)
+        k = self._choose_k(batch) if k is None else k
         proposals = self._propose(batch, [min(k, d.max_new_tokens - len(d.output) - 1) for d in batch])
         inputs = [
             torch.cat([d.tokens[d.length - 1 : d.length], p.tokens])
@@ -442,42 +442,27 @@ class SpecEngine:
         hidden = torch.cat(decoding.hiddens)[:n] if decoding.hidden_states else None
         return Step(new, Generation(decoding.output, decoding.stats, reason, top_ids, top_values, hidden))
 
-    @torch.inference_mode()
     def calibrate(self, max_batch: int, context: int = 64, repeats: int = 5) -> StepCosts:
-        """Time verify forwards (1 to k + 1 tokens) and draft tokens for batch sizes up to
-        max_batch, on scratch sequences of `context` tokens. Setting `costs` to the result makes
-        step() choose k by the load (serving.speculation)."""
+        """Time whole decode steps drafting k = 0..self.k tokens for batch sizes up to max_batch, on
+        scratch sequences after a `context`-token prompt (median of `repeats` steps after one).
+        Setting `costs` to the result makes step() choose k by the load (serving.speculation)."""
         if self.active:
-            raise RuntimeError("calibrate before serving: it needs the cache to itself")
+            raise RuntimeError("calibrate before serving: it needs the engine to itself")
         batches = tuple(b for b in COST_BATCHES if b < max_batch) + (max_batch,)
         context = min(context, (self.max_length or 2 * context) // 2)
         prompt = [i % self.vocab_size for i in range(1, context + 1)]
-        verify, draft = [], []
+        new_tokens = min((repeats + 2) * (self.k + 1), (self.max_length or 2 * context) - context)
+        seconds = []
         for b in batches:
-            batch = [self.add(prompt, self.k + 2, stop_token_ids=[]) for _ in range(b)]
-            slots = [d.slot for d in batch]
             row = []
-            for n in range(1, self.k + 2):
-                inputs = [d.tokens[context - n : context] for d in batch]
-                run = functools.partial(
-                    forward_slots, self.target, self.cache, slots, inputs, base=self._base
-                )
-                row.append(_median_seconds(run, repeats))
-            verify.append(tuple(row))
-            draft.append(self._draft_seconds(batch, repeats) if self.k else 0.0)
-            for d in batch:
-                self.abandon(d)
-        return StepCosts.measured(batches, verify, draft)
-
-    def _draft_seconds(self, batch: list[Decoding], repeats: int) -> float:
-        """Seconds per drafted token for the batch (its slots caught up first)."""
-        if getattr(self.proposer, "wants_hidden", False):
-            hidden = torch.zeros(self.target.config.hidden_size, dtype=self.target.dtype, device=self.device)
-            for d in batch:
-                self.proposer.observe(d.draft_state, hidden)
-        rows = [DraftRow(d.draft_state, d.tokens[: d.length], self.k, d.params, d.generator) for d in batch]
-        self.proposer.propose(rows)  # catch up: prefill each slot
-        return _median_seconds(lambda: self.proposer.propose(rows), repeats) / self.k
+            for k in range(self.k + 1):
+                batch = [self.add(prompt, new_tokens, stop_token_ids=[]) for _ in range(b)]
+                row.append(_median_seconds(functools.partial(self.step, k), repeats))
+                for decoding in batch:
+                    self.abandon(decoding)
+            seconds.append(row)
+        self.acceptance = AcceptanceEstimate(decay=self.acceptance.decay)  # scratch text: forget it
+        return StepCosts.measured(batches, seconds)
 
     def _check_prompt(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Validate a request's prompt and length; return the prompt as ids [L] on the device."""

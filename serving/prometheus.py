@@ -44,8 +44,8 @@ STATE = {
     "traces_queued": ("gauge", "Traces not yet written: queued, or in a batch being written."),
     "traces_write_errors": ("counter", "Failed trace writes (each retried): Redis down, out of memory, ..."),
     "trace_store_up": ("gauge", "1 when the last trace write succeeded, else 0 (see the replica's log)."),
-    "num_speculative_tokens": ("gauge", "k: draft tokens proposed per step."),
-    "draft_cost_ratio": ("gauge", "c: a drafted token's time over a target step, measured at start."),
+    "num_speculative_tokens": ("gauge", "k: the most draft tokens proposed per step."),
+    "draft_cost_ratio": ("gauge", "c: a step's extra time per drafted token over a plain step (at start)."),
 }
 
 

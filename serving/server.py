@@ -200,7 +200,7 @@ class Replica:
         # Step costs, timed once (a swap keeps the architecture): c of the speedup model for the
         # dashboard, and the load-aware choice of k.
         costs = self.engine.calibrate(config.max_batch)
-        self.cost_ratio = costs.draft_seconds(1) / costs.verify_seconds(1, 1)
+        self.cost_ratio = costs.cost_ratio
         self.engine.costs = costs if config.adaptive_k else None
         self.registry = Registry(client, file_dir=config.registry_dir)
         self.swaps = self.refused = 0

@@ -1,7 +1,8 @@
 """How many tokens to draft in a step, from the load and the acceptance: pure functions.
 
 The speedup model (DESIGN.md) for a batch: a step of b sequences drafting k tokens each costs
-verify(b, k + 1) + k * draft(b) seconds (measured: `StepCosts`), and sequence i emits
+T(b, k) seconds, measured by the engine on whole steps (`StepCosts`: drafting, the verify
+forward and the per-sequence work around them), and sequence i emits
 E(alpha_i, k) = (1 - alpha_i^(k+1)) / (1 - alpha_i) tokens on average. `choose_k` picks the k in
 0..k_max with the most expected tokens per second; k = 0 is plain decoding, so speculation is
 chosen only where the model says it beats it. alpha_i is a sequence's recent acceptance
@@ -30,39 +31,35 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 @dataclass(frozen=True)
 class StepCosts:
-    """Measured seconds per step, by batch size b (ascending `batches`).
-
-    verify[i][n - 1]: one target forward of n tokens for each of batches[i] sequences.
-    draft[i]: one drafted token for each of batches[i] sequences.
-    """
+    """Measured seconds of whole decode steps (proposing, verifying, sampling, bookkeeping):
+    seconds[i][k] for batches[i] sequences (ascending) drafting k tokens each."""
 
     batches: tuple[int, ...]
-    verify: tuple[tuple[float, ...], ...]
-    draft: tuple[float, ...]
+    seconds: tuple[tuple[float, ...], ...]
 
     @classmethod
-    def measured(
-        cls, batches: Sequence[int], verify: Sequence[Sequence[float]], draft: Sequence[float]
-    ) -> StepCosts:
-        """Costs from timings, made monotone (more tokens or sequences never cost less): the
-        running maximum along tokens, then along batch sizes, so timing noise cannot invert them."""
-        rows = [list(itertools.accumulate(row, max)) for row in verify]
+    def measured(cls, batches: Sequence[int], seconds: Sequence[Sequence[float]]) -> StepCosts:
+        """Costs from timings, made monotone (more drafts or sequences never cost less): the
+        running maximum along k, then along batch sizes, so timing noise cannot invert them."""
+        rows = [list(itertools.accumulate(row, max)) for row in seconds]
         columns = [list(itertools.accumulate(column, max)) for column in zip(*rows, strict=True)]
-        return cls(
-            tuple(batches),
-            tuple(zip(*columns, strict=True)),
-            tuple(itertools.accumulate(draft, max)),
-        )
+        return cls(tuple(batches), tuple(zip(*columns, strict=True)))
 
-    def verify_seconds(self, batch: int, tokens: int) -> float:
-        return _interpolate(self.batches, [row[tokens - 1] for row in self.verify], batch)
-
-    def draft_seconds(self, batch: int) -> float:
-        return _interpolate(self.batches, self.draft, batch)
+    def step_seconds(self, batch: int, k: int) -> float:
+        return _interpolate(self.batches, [row[k] for row in self.seconds], batch)
 
     @property
     def max_k(self) -> int:
-        return len(self.verify[0]) - 1
+        return len(self.seconds[0]) - 1
+
+    @property
+    def cost_ratio(self) -> float:
+        """c of the speedup model, as measured at batch 1: a step's extra time per drafted token
+        (drafting it and verifying it) over a plain step's time."""
+        if self.max_k == 0:
+            return 0.0
+        plain = self.step_seconds(1, 0)
+        return (self.step_seconds(1, self.max_k) - plain) / (self.max_k * plain)
 
 
 def _interpolate(xs: Sequence[int], ys: Sequence[float], x: int) -> float:
@@ -82,8 +79,7 @@ def choose_k(alphas: Sequence[float], k_max: int, costs: StepCosts) -> int:
         return 0
 
     def rate(k: int) -> float:
-        seconds = costs.verify_seconds(batch, k + 1) + k * costs.draft_seconds(batch)
-        return sum(expected_tokens(a, k) for a in alphas) / seconds
+        return sum(expected_tokens(a, k) for a in alphas) / costs.step_seconds(batch, k)
 
     return max(range(min(k_max, costs.max_k) + 1), key=rate)
 

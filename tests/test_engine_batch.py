@@ -140,11 +140,11 @@ def test_the_device_picks_the_profile():
         DeviceProfile(torch.float32, memory_fraction=1.5)
 
 
-def costs(verify_per_token: float, draft: float) -> StepCosts:
-    """Costs where a forward costs 1 + verify_per_token * (tokens in the batch), per batch size."""
+def costs(per_token: float, per_draft: float) -> StepCosts:
+    """Step costs of 1 + per_token * (tokens in the batch) + per_draft * k, per batch size."""
     batches = (1, 4, 16)
-    verify = tuple(tuple(1 + verify_per_token * b * n for n in range(1, 6)) for b in batches)
-    return StepCosts(batches, verify, tuple(draft * (1 + 0.1 * b) for b in batches))
+    seconds = tuple(tuple(1 + per_token * b * (k + 1) + per_draft * k for k in range(5)) for b in batches)
+    return StepCosts(batches, seconds)
 
 
 def test_choose_k_follows_the_speedup_model():
@@ -174,11 +174,10 @@ def test_acceptance_estimate_counts_leading_accepts_and_first_rejections():
 def test_calibrated_engine_chooses_k_by_load_and_stays_lossless(model_dirs, references):
     engine = SpecEngine.from_pretrained(
         model_dirs["llama"]["target"], draft=model_dirs["llama"]["near"], num_speculative_tokens=3
-    )  # noqa: E501
-    measured = engine.calibrate(max_batch=4, repeats=1)
-    assert (
-        measured.batches == (1, 2, 4) and len(measured.verify[0]) == 4 and all(d > 0 for d in measured.draft)
     )
+    measured = engine.calibrate(max_batch=4, repeats=1)
+    assert measured.batches == (1, 2, 4) and measured.max_k == 3 and measured.cost_ratio > 0
+    assert not engine.active and engine.cache.rows == 0
     engine.costs = measured
     outputs = run_batch(engine, 6, join_every=1)
     assert [outputs[i] for i in range(6)] == references["llama"][:6]
@@ -191,8 +190,9 @@ def test_calibrated_engine_chooses_k_by_load_and_stays_lossless(model_dirs, refe
 
 
 def test_measured_costs_are_monotone_and_a_probe_keeps_acceptance_measured(model_dirs):
-    noisy = StepCosts.measured((1, 4), [[2.0, 1.0, 3.0], [1.5, 4.0, 3.5]], [0.3, 0.2])
-    assert noisy.verify == ((2.0, 2.0, 3.0), (2.0, 4.0, 4.0)) and noisy.draft == (0.3, 0.3)
+    noisy = StepCosts.measured((1, 4), [[2.0, 1.0, 3.0], [1.5, 4.0, 3.5]])
+    assert noisy.seconds == ((2.0, 2.0, 3.0), (2.0, 4.0, 4.0))
+    assert noisy.step_seconds(2, 1) == pytest.approx(2 + 2 / 3) and noisy.cost_ratio == pytest.approx(0.25)
     engine = SpecEngine.from_pretrained(
         model_dirs["llama"]["target"], draft=model_dirs["llama"]["near"], num_speculative_tokens=3
     )  # noqa: E501
