@@ -5,8 +5,8 @@ T(b, k) seconds, measured by the engine on whole steps (`StepCosts`: drafting, t
 forward and the per-sequence work around them), and sequence i emits
 E(alpha_i, k) = (1 - alpha_i^(k+1)) / (1 - alpha_i) tokens on average. `choose_k` picks the k in
 0..k_max with the most expected tokens per second; k = 0 is plain decoding, so speculation is
-chosen only where the model says it beats it. alpha_i is a sequence's recent acceptance
-(`AcceptanceEstimate`), started from the engine's running estimate. When k = 0 wins, the engine
+chosen only where the model says it beats it, by `MARGIN`. alpha_i is a sequence's recent
+acceptance (`AcceptanceEstimate`), started from the engine's running estimate. When k = 0 wins, the engine
 still drafts one token every `PROBE_EVERY` steps, so that acceptance keeps being measured (for
 this choice, and for the metrics and drift alerts operators watch) and a draft that improves
 online gets its chance.
@@ -19,7 +19,9 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-PROBE_EVERY = 32  # steps: a one-token draft when k = 0 was chosen
+PROBE_EVERY = 64  # steps: a one-token draft when k = 0 was chosen
+MARGIN = 0.1  # speculation must promise this much more than plain decoding: the model's error,
+# and the draft catching up after steps that drafted nothing, are not in it
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -71,9 +73,10 @@ def _interpolate(xs: Sequence[int], ys: Sequence[float], x: int) -> float:
     return ys[i - 1] + slope * (x - xs[i - 1])
 
 
-def choose_k(alphas: Sequence[float], k_max: int, costs: StepCosts) -> int:
+def choose_k(alphas: Sequence[float], k_max: int, costs: StepCosts, margin: float = MARGIN) -> int:
     """The k in 0..k_max (and within the measured costs) with the most expected tokens per second
-    for a batch whose sequences accept at `alphas`."""
+    for a batch whose sequences accept at `alphas`; 0 (plain decoding) unless that k is expected
+    to beat it by `margin`."""
     batch = len(alphas)
     if batch == 0:
         return 0
@@ -81,7 +84,8 @@ def choose_k(alphas: Sequence[float], k_max: int, costs: StepCosts) -> int:
     def rate(k: int) -> float:
         return sum(expected_tokens(a, k) for a in alphas) / costs.step_seconds(batch, k)
 
-    return max(range(min(k_max, costs.max_k) + 1), key=rate)
+    best = max(range(min(k_max, costs.max_k) + 1), key=rate)
+    return best if rate(best) >= (1.0 + margin) * rate(0) else 0
 
 
 @dataclass

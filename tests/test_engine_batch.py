@@ -197,8 +197,8 @@ def test_measured_costs_are_monotone_and_a_probe_keeps_acceptance_measured(model
         model_dirs["llama"]["target"], draft=model_dirs["llama"]["near"], num_speculative_tokens=3
     )  # noqa: E501
     engine.costs = costs(0.5, 1.0)  # speculation never pays
-    engine.add(PROMPTS[0], 4 * PROBE_EVERY, stop_token_ids=[])
+    engine.add(PROMPTS[0], 3 * PROBE_EVERY, stop_token_ids=[])
     while engine.active:
         ((_, step),) = engine.step()
     stats = step.generation.stats
-    assert 3 <= stats.drafted <= stats.steps // PROBE_EVERY  # the last step has no room to draft
+    assert 2 <= stats.drafted <= stats.steps // PROBE_EVERY  # the last step has no room to draft
