@@ -335,8 +335,10 @@ class SpecEngine:
         batch = list(self.active)
         if not batch:
             return []
-        k = self._choose_k(batch) if k is None else k
-        proposals = self._propose(batch, [min(k, d.max_new_tokens - len(d.output) - 1) for d in batch])
+        ks = self._choose_ks(batch) if k is None else [k] * len(batch)
+        proposals = self._propose(
+            batch, [min(k, d.max_new_tokens - len(d.output) - 1) for k, d in zip(ks, batch, strict=True)]
+        )
         inputs = [
             torch.cat([d.tokens[d.length - 1 : d.length], p.tokens])
             for d, p in zip(batch, proposals, strict=True)
@@ -355,13 +357,17 @@ class SpecEngine:
             events.append((decoding, self._emit(decoding, verified)))
         return events
 
-    def _choose_k(self, batch: list[Decoding]) -> int:
-        """k for this step: fixed, or by the load (serving.speculation), with a probe when it is 0."""
+    def _choose_ks(self, batch: list[Decoding]) -> list[int]:
+        """Each sequence's k this step: fixed, or by the load (serving.speculation); when that is 0,
+        every PROBE_EVERY steps one sequence in turn drafts a token, to keep acceptance measured."""
         self.steps += 1
         if self.costs is None:
-            return self.k
+            return [self.k] * len(batch)
         k = choose_k([d.acceptance.alpha for d in batch], self.k, self.costs)
-        return min(self.k, 1) if k == 0 and self.steps % PROBE_EVERY == 0 else k
+        ks = [k] * len(batch)
+        if k == 0 and self.steps % PROBE_EVERY == 0:
+            ks[(self.steps // PROBE_EVERY) % len(batch)] = min(self.k, 1)
+        return ks
 
     def _propose(self, batch: list[Decoding], ks: list[int]) -> list[Proposal]:
         """Each sequence's proposal for up to ks[i] tokens: one batched call per proposer."""
