@@ -153,7 +153,7 @@ class SpecEngine:
         self.cache = new_cache(target, profile)
         self._base = compiled(target.base_model, profile)
         self.active: list[Decoding] = []
-        self.acceptance = AcceptanceEstimate(decay=0.99)  # across sequences: new ones start from it
+        self.acceptance = _optimistic()  # across sequences: new ones start from it
         self.costs: StepCosts | None = None  # calibrate's measurement: k then follows the load
         self.steps = 0
 
@@ -335,10 +335,9 @@ class SpecEngine:
         batch = list(self.active)
         if not batch:
             return []
-        ks = self._choose_ks(batch) if k is None else [k] * len(batch)
-        proposals = self._propose(
-            batch, [min(k, d.max_new_tokens - len(d.output) - 1) for k, d in zip(ks, batch, strict=True)]
-        )
+        began = time.perf_counter()
+        ks, by_load = self._choose_ks(batch, k)
+        proposals = self._propose(batch, ks)
         inputs = [
             torch.cat([d.tokens[d.length - 1 : d.length], p.tokens])
             for d, p in zip(batch, proposals, strict=True)
@@ -355,19 +354,26 @@ class SpecEngine:
             else:
                 verified = self._verify_tree(decoding, proposal, logits[i, :n], hidden[i, :n])
             events.append((decoding, self._emit(decoding, verified)))
+        if by_load is not None:  # the load's choice (not a probe): its time keeps the costs current
+            self.costs = self.costs.observe(len(batch), by_load, time.perf_counter() - began)
         return events
 
-    def _choose_ks(self, batch: list[Decoding]) -> list[int]:
-        """Each sequence's k this step: fixed, or by the load (serving.speculation); when that is 0,
-        every PROBE_EVERY steps one sequence in turn drafts a token, to keep acceptance measured."""
+    def _choose_ks(self, batch: list[Decoding], k: int | None) -> tuple[list[int], int | None]:
+        """Each sequence's k this step, within what it has left to generate, and the k the load
+        chose (None when k is given or fixed, or when this step probes). `k` if given, else the
+        engine's: fixed, or by the load (serving.speculation). When the load says 0, every
+        PROBE_EVERY steps one sequence in turn drafts a token, to keep acceptance measured."""
         self.steps += 1
-        if self.costs is None:
-            return [self.k] * len(batch)
-        k = choose_k([d.acceptance.alpha for d in batch], self.k, self.costs)
+        by_load = None
+        if k is None and self.costs is None:
+            k = self.k
+        if k is None:
+            k = by_load = choose_k([d.acceptance.alpha for d in batch], self.k, self.costs)
         ks = [k] * len(batch)
-        if k == 0 and self.steps % PROBE_EVERY == 0:
+        if by_load == 0 and self.steps % PROBE_EVERY == 0:
             ks[(self.steps // PROBE_EVERY) % len(batch)] = min(self.k, 1)
-        return ks
+            by_load = None
+        return [min(k, d.max_new_tokens - len(d.output) - 1) for k, d in zip(ks, batch, strict=True)], by_load
 
     def _propose(self, batch: list[Decoding], ks: list[int]) -> list[Proposal]:
         """Each sequence's proposal for up to ks[i] tokens: one batched call per proposer."""
@@ -467,7 +473,7 @@ class SpecEngine:
                 for decoding in batch:
                     self.abandon(decoding)
             seconds.append(row)
-        self.acceptance = AcceptanceEstimate(decay=self.acceptance.decay)  # scratch text: forget it
+        self.acceptance = _optimistic()  # what the scratch text taught is forgotten
         return StepCosts.measured(batches, seconds)
 
     def _check_prompt(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -505,6 +511,11 @@ def _ids(values: Iterable[int], what: str) -> list[int]:
     if not all(_is_int(t) for t in ids):
         raise InvalidRequestError(f"{what} must be a sequence of integer token ids")
     return ids
+
+
+def _optimistic() -> AcceptanceEstimate:
+    """Acceptance before any is seen: 0.8, worth five drafts, so that a draft is tried first."""
+    return AcceptanceEstimate(accepted=4.0, rejected=1.0, decay=0.99)
 
 
 def _median_seconds(run, repeats: int) -> float:

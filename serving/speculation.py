@@ -6,7 +6,8 @@ forward and the per-sequence work around them), and sequence i emits
 E(alpha_i, k) = (1 - alpha_i^(k+1)) / (1 - alpha_i) tokens on average. `choose_k` picks the k in
 0..k_max with the most expected tokens per second; k = 0 is plain decoding, so speculation is
 chosen only where the model says it beats it, by `MARGIN`. alpha_i is a sequence's recent
-acceptance (`AcceptanceEstimate`), started from the engine's running estimate. When k = 0 wins, the engine
+acceptance (`AcceptanceEstimate`), started from the engine's running estimate, itself started optimistic
+(0.8) so that a new draft is tried before it is judged. When k = 0 wins, the engine
 still drafts one token every `PROBE_EVERY` steps, so that acceptance keeps being measured (for
 this choice, and for the metrics and drift alerts operators watch) and a draft that improves
 online gets its chance.
@@ -46,6 +47,16 @@ class StepCosts:
         rows = [list(itertools.accumulate(row, max)) for row in seconds]
         columns = [list(itertools.accumulate(column, max)) for column in zip(*rows, strict=True)]
         return cls(tuple(batches), tuple(zip(*columns, strict=True)))
+
+    def observe(self, batch: int, k: int, seconds: float, weight: float = 0.05) -> StepCosts:
+        """These costs with one timed step of `batch` sequences drafting k blended in (`weight`),
+        at the measured batch size nearest to `batch` (scaled there by the costs' own ratio): the
+        costs follow what steps really take as contexts grow and the machine's load changes."""
+        i = min(range(len(self.batches)), key=lambda j: abs(self.batches[j] - batch))
+        scaled = seconds * self.seconds[i][k] / self.step_seconds(batch, k)
+        rows = [list(row) for row in self.seconds]
+        rows[i][k] = (1.0 - weight) * rows[i][k] + weight * scaled
+        return StepCosts.measured(self.batches, rows)
 
     def step_seconds(self, batch: int, k: int) -> float:
         return _interpolate(self.batches, [row[k] for row in self.seconds], batch)

@@ -159,6 +159,18 @@ def test_choose_k_follows_the_speedup_model():
     assert choose_k([], 4, flat) == 0 and choose_k([0.9], 2, flat) == 2  # k_max caps it
 
 
+def test_observed_steps_keep_the_costs_current():
+    start = costs(0.0, 0.0)  # one second a step, whatever the batch and k
+    slower = start
+    for _ in range(200):
+        slower = slower.observe(4, 2, 3.0)
+    assert slower.step_seconds(4, 2) == pytest.approx(3.0, rel=0.01)
+    assert slower.step_seconds(4, 1) == 1.0  # other cells stay as measured...
+    assert slower.step_seconds(4, 3) >= 2.97 and slower.step_seconds(16, 2) >= 2.97  # ...but monotone
+    between = start.observe(6, 1, 2.0, weight=1.0)  # lands on the nearest measured batch size, 4
+    assert between.step_seconds(4, 1) == 2.0 and between.step_seconds(1, 1) == 1.0
+
+
 def test_acceptance_estimate_counts_leading_accepts_and_first_rejections():
     estimate = AcceptanceEstimate(accepted=1.0, rejected=1.0, decay=1.0)
     estimate.update(drafted=4, accepted=4)  # four accepts, no rejection
@@ -181,6 +193,7 @@ def test_calibrated_engine_chooses_k_by_load_and_stays_lossless(model_dirs, refe
     engine.costs = measured
     outputs = run_batch(engine, 6, join_every=1)
     assert [outputs[i] for i in range(6)] == references["llama"][:6]
+    assert engine.costs != measured  # the steps taken refined the costs
     engine.costs = costs(0.5, 1.0)  # speculation never pays: plain decoding, still lossless
     engine.add(PROMPTS[1], LENGTHS[1], stop_token_ids=[])
     while engine.active:
