@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
-    p.add_argument("--rounds", type=int, default=3, help="blocks per configuration and level")
+    p.add_argument("--rounds", type=int, default=4, help="blocks per configuration and level")
     p.add_argument("--block-requests", type=int, default=24, help="at least; 2x concurrency when higher")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--prompts", type=int, default=64)

@@ -142,7 +142,7 @@ def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(mismatches[0]) if mismatches.numel() else n
 
 
-CATCH_UP = 8  # a slot further behind its sequence than this is prefilled alone, not batched
+CATCH_UP = 64  # a slot further behind its sequence than this is prefilled alone, not batched
 
 
 class DraftModelProposer:

@@ -52,7 +52,7 @@ def test_draft_cache_stays_consistent_for_a_batch():
     states = [proposer.new_state() for _ in range(3)]
     sequences = [ids(4, 8, 15, 16, 23), ids(42), ids(*range(3, 40))]
     k = 4
-    history = [(k, 0, 2), (0, None, k), (2, 1, None), (k, k, 0), (1, 5, 70), (0, 0, 1)]  # None: no drafts
+    history = [(k, 0, 2), (0, None, k), (2, 1, None), (k, k, 0), (1, 30, 70), (0, 0, 1)]  # None: no drafts
     for accepted in history:
         rows = [i for i, a in enumerate(accepted) if a is not None]
         asked = [DraftRow(states[i], sequences[i], k, params, gen) for i in rows]
@@ -62,7 +62,7 @@ def test_draft_cache_stays_consistent_for_a_batch():
                 fresh = process_logits(draft(context[None]).logits[0, -k:], params)  # [k, V]
             torch.testing.assert_close(proposal.probs, fresh, atol=1e-5, rtol=1e-4)
             keep = proposal.tokens[: min(accepted[i], k)]
-            # The target keeps `accepted` drafts and adds tokens of its own (5: caught up in the
+            # The target keeps `accepted` drafts and adds tokens of its own (30: caught up in the
             # batched forward; 70: far ahead, prefilled alone).
             extra = torch.randint(0, draft.config.vocab_size, (max(1, accepted[i] - k + 1),), generator=gen)
             sequences[i] = torch.cat([sequences[i], keep, extra])
