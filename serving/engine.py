@@ -359,20 +359,24 @@ class SpecEngine:
         return events
 
     def _choose_ks(self, batch: list[Decoding], k: int | None) -> tuple[list[int], int | None]:
-        """Each sequence's k this step, within what it has left to generate, and the k the load
-        chose (None when k is given or fixed, or when this step probes). `k` if given, else the
-        engine's: fixed, or by the load (serving.speculation). When the load says 0, every
-        PROBE_EVERY steps one sequence in turn drafts a token, to keep acceptance measured."""
+        """Each sequence's k this step, within what it has left to generate, and the k whose cost
+        the step's time measures (None when k is given or fixed, or the step probes). `k` if given,
+        else the engine's: fixed, or by the load (serving.speculation). Every PROBE_EVERY steps the
+        other kind of step runs: when the load says 0, one sequence in turn drafts a token (a
+        probe, to keep acceptance measured); when it says k > 0, a plain step (to keep the cost of
+        plain steps measured under today's load)."""
         self.steps += 1
-        by_load = None
+        by_load, probe = None, False
         if k is None and self.costs is None:
             k = self.k
         if k is None:
             k = by_load = choose_k([d.acceptance.alpha for d in batch], self.k, self.costs)
+            if self.steps % PROBE_EVERY == 0:  # now and then, a step of the other kind
+                probe, by_load = k == 0, None if k == 0 else 0
+                k = 0  # when speculating: a plain step, to keep its cost current too
         ks = [k] * len(batch)
-        if by_load == 0 and self.steps % PROBE_EVERY == 0:
+        if probe:
             ks[(self.steps // PROBE_EVERY) % len(batch)] = min(self.k, 1)
-            by_load = None
         return [min(k, d.max_new_tokens - len(d.output) - 1) for k, d in zip(ks, batch, strict=True)], by_load
 
     def _propose(self, batch: list[Decoding], ks: list[int]) -> list[Proposal]:

@@ -7,10 +7,11 @@ E(alpha_i, k) = (1 - alpha_i^(k+1)) / (1 - alpha_i) tokens on average. `choose_k
 0..k_max with the most expected tokens per second; k = 0 is plain decoding, so speculation is
 chosen only where the model says it beats it, by `MARGIN`. alpha_i is a sequence's recent
 acceptance (`AcceptanceEstimate`), started from the engine's running estimate, itself started optimistic
-(0.8) so that a new draft is tried before it is judged. When k = 0 wins, the engine
-still drafts one token every `PROBE_EVERY` steps, so that acceptance keeps being measured (for
-this choice, and for the metrics and drift alerts operators watch) and a draft that improves
-online gets its chance.
+(0.8) so that a new draft is tried before it is judged. Both arms stay measured: when k = 0
+wins, the engine still drafts one token every `PROBE_EVERY` steps, so that acceptance keeps
+being measured (for this choice, and for the metrics and drift alerts operators watch) and a
+draft that improves online gets its chance; when k > 0 wins, a plain step runs as often, so
+that the cost of plain steps follows the machine's load as the speculative ones do.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class StepCosts:
         columns = [list(itertools.accumulate(column, max)) for column in zip(*rows, strict=True)]
         return cls(tuple(batches), tuple(zip(*columns, strict=True)))
 
-    def observe(self, batch: int, k: int, seconds: float, weight: float = 0.05) -> StepCosts:
+    def observe(self, batch: int, k: int, seconds: float, weight: float = 0.1) -> StepCosts:
         """These costs with one timed step of `batch` sequences drafting k blended in (`weight`),
         at the measured batch size nearest to `batch` (scaled there by the costs' own ratio): the
         costs follow what steps really take as contexts grow and the machine's load changes."""
