@@ -55,7 +55,7 @@ from serving.proposers import (
     Proposer,
 )
 from serving.sampling import SamplingParams, process_logits, rejection_sample
-from serving.speculation import PROBE_EVERY, AcceptanceEstimate, StepCosts, choose_k
+from serving.speculation import MARGIN, PROBE_EVERY, AcceptanceEstimate, StepCosts, choose_k
 from serving.stats import SpecStats
 from serving.tree import greedy_path, node_depths, static_tree
 
@@ -156,6 +156,7 @@ class SpecEngine:
         self.acceptance = _optimistic()  # across sequences: new ones start from it
         self.costs: StepCosts | None = None  # calibrate's measurement: k then follows the load
         self.steps = 0
+        self.speculating = False  # whether the load's last choice was k > 0
 
     @classmethod
     def from_pretrained(
@@ -369,8 +370,10 @@ class SpecEngine:
         by_load, probe = None, False
         if k is None and self.costs is None:
             k = self.k
-        if k is None:
-            k = by_load = choose_k([d.acceptance.alpha for d in batch], self.k, self.costs)
+        if k is None:  # starting to speculate needs MARGIN (the drafts must catch up); going on, not
+            margin = 0.0 if self.speculating else MARGIN
+            k = by_load = choose_k([d.acceptance.alpha for d in batch], self.k, self.costs, margin)
+            self.speculating = k > 0
             if self.steps % PROBE_EVERY == 0:  # now and then, a step of the other kind
                 probe, by_load = k == 0, None if k == 0 else 0
                 k = 0  # when speculating: a plain step, to keep its cost current too

@@ -150,10 +150,26 @@ class _Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def put(self, event: object) -> None:
+        _deliver([(self, event)])
+
+
+def _deliver(events: list[tuple[_Job, object]]) -> None:
+    """Hand events to their callers' event loops: one wake-up per loop, however many requests
+    a step served (each is a system call and a turn of the GIL for the decode thread)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, object]]] = {}
+    for job, event in events:
+        by_loop.setdefault(job.loop, []).append((job, event))
+    for loop, batch in by_loop.items():
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the caller's event loop has closed: nobody is listening any more
-            self.cancelled.set()
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # the callers' event loop has closed: nobody is listening any more
+            for job, _ in batch:
+                job.cancelled.set()
+
+
+def _put_all(events: list[tuple[_Job, object]]) -> None:
+    for job, event in events:
+        job.events.put_nowait(event)
 
 
 @dataclass(frozen=True)
@@ -331,8 +347,10 @@ class Replica:
                     run.job.put(RuntimeError(f"internal error: {err}"))
                 running.clear()
                 events = []
+            handed: list[tuple[_Job, object]] = []
             for decoding, step in events:
-                self._hand_over(running, running[id(decoding)], step)
+                handed += self._hand_over(running, running[id(decoding)], step)
+            _deliver(handed)
             for key, run in list(running.items()):  # callers that went away
                 if run.job.cancelled.is_set():
                     self.engine.abandon(run.decoding)
@@ -374,21 +392,23 @@ class Replica:
             self._changed.set()
         return False
 
-    def _hand_over(self, running: dict[int, _Running], run: _Running, step: Step) -> None:
-        """Give a step's tokens to the caller; at the end, log the request, then say Finished."""
+    def _hand_over(
+        self, running: dict[int, _Running], run: _Running, step: Step
+    ) -> list[tuple[_Job, object]]:
+        """What a step gives the caller: its tokens and, at the end, Finished (the request is
+        logged first, so its metrics are recorded before the caller hears)."""
         if step.generation is not None:
             del running[id(run.decoding)]  # it has left the engine's batch
         if run.job.cancelled.is_set():
-            return  # nobody listens; an unfinished one leaves the batch below
+            return []  # nobody listens; an unfinished one leaves the batch below
         now = time.perf_counter()
         run.first = run.first or now
-        run.job.put(step)
         if step.generation is None:
-            return
+            return [(run.job, step)]
         enqueued = run.job.enqueued
         finished = Finished(step.generation, run.version, run.first - enqueued, now - enqueued)
-        self._log(run.job.request, finished, run.domain)  # before the caller hears: metrics recorded
-        run.job.put(finished)
+        self._log(run.job.request, finished, run.domain)
+        return [(run.job, step), (run.job, finished)]
 
     def _route(self, request: Request) -> tuple[_Served, str]:
         """The version for a request, and the domain its metrics count under: the adapter of the

@@ -22,8 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 PROBE_EVERY = 64  # steps: a one-token draft when k = 0 was chosen
-MARGIN = 0.1  # speculation must promise this much more than plain decoding: the model's error,
-# and the draft catching up after steps that drafted nothing, are not in it
+MARGIN = 0.1  # to start speculating, it must promise this much more than plain decoding: the
+# model's error, and the drafts catching up after plain steps, are not in it (the engine keeps
+# speculating while it promises more than plain decoding at all)
 
 
 def expected_tokens(alpha: float, k: int) -> float:
