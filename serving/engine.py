@@ -55,7 +55,7 @@ from serving.proposers import (
     Proposer,
 )
 from serving.sampling import SamplingParams, process_logits, rejection_sample
-from serving.speculation import MARGIN, PROBE_EVERY, AcceptanceEstimate, StepCosts, choose_k
+from serving.speculation import MARGIN, PLAIN_EVERY, PROBE_EVERY, AcceptanceEstimate, StepCosts, choose_k
 from serving.stats import SpecStats
 from serving.tree import greedy_path, node_depths, static_tree
 
@@ -157,6 +157,7 @@ class SpecEngine:
         self.costs: StepCosts | None = None  # calibrate's measurement: k then follows the load
         self.steps = 0
         self.speculating = False  # whether the load's last choice was k > 0
+        self._timing: tuple[int, int, float] | None = None  # the last step: batch, k, start
 
     @classmethod
     def from_pretrained(
@@ -326,6 +327,8 @@ class SpecEngine:
         if decoding not in self.active:
             return
         self.active.remove(decoding)
+        if not self.active:
+            self._timing = None
         self.cache.release(decoding.slot)
         decoding.proposer.release(decoding.draft_state)
 
@@ -336,8 +339,9 @@ class SpecEngine:
         batch = list(self.active)
         if not batch:
             return []
-        began = time.perf_counter()
+        self._time_last_step()
         ks, by_load = self._choose_ks(batch, k)
+        self._timing = None if by_load is None else (len(batch), by_load, time.perf_counter())
         proposals = self._propose(batch, ks)
         inputs = [
             torch.cat([d.tokens[d.length - 1 : d.length], p.tokens])
@@ -355,17 +359,25 @@ class SpecEngine:
             else:
                 verified = self._verify_tree(decoding, proposal, logits[i, :n], hidden[i, :n])
             events.append((decoding, self._emit(decoding, verified)))
-        if by_load is not None:  # the load's choice (not a probe): its time keeps the costs current
-            self.costs = self.costs.observe(len(batch), by_load, time.perf_counter() - began)
         return events
+
+    def _time_last_step(self) -> None:
+        """Blend the last step's time into the costs, if it was the load's choice (not a probe): from
+        its start to this one's, so that the serving around the steps (admitting requests, handing
+        tokens over, contention for the GIL) counts too. (A batch that emptied forgets it: the wait
+        for the next request is no step's cost.)"""
+        if self._timing is not None:
+            batch, k, began = self._timing
+            self.costs = self.costs.observe(batch, k, time.perf_counter() - began)
+        self._timing = None
 
     def _choose_ks(self, batch: list[Decoding], k: int | None) -> tuple[list[int], int | None]:
         """Each sequence's k this step, within what it has left to generate, and the k whose cost
         the step's time measures (None when k is given or fixed, or the step probes). `k` if given,
-        else the engine's: fixed, or by the load (serving.speculation). Every PROBE_EVERY steps the
-        other kind of step runs: when the load says 0, one sequence in turn drafts a token (a
-        probe, to keep acceptance measured); when it says k > 0, a plain step (to keep the cost of
-        plain steps measured under today's load)."""
+        else the engine's: fixed, or by the load (serving.speculation). Now and then the other kind
+        of step runs: when the load says 0, every PROBE_EVERY steps one sequence in turn drafts a
+        token (a probe, to keep acceptance measured); when it says k > 0, every PLAIN_EVERY steps a
+        plain step runs (to keep the cost of plain steps measured under today's load)."""
         self.steps += 1
         by_load, probe = None, False
         if k is None and self.costs is None:
@@ -374,9 +386,10 @@ class SpecEngine:
             margin = 0.0 if self.speculating else MARGIN
             k = by_load = choose_k([d.acceptance.alpha for d in batch], self.k, self.costs, margin)
             self.speculating = k > 0
-            if self.steps % PROBE_EVERY == 0:  # now and then, a step of the other kind
-                probe, by_load = k == 0, None if k == 0 else 0
-                k = 0  # when speculating: a plain step, to keep its cost current too
+            if k == 0 and self.steps % PROBE_EVERY == 0:  # now and then, a step of the other kind
+                probe, by_load = True, None
+            elif k > 0 and self.steps % PLAIN_EVERY == 0:
+                k = by_load = 0
         ks = [k] * len(batch)
         if probe:
             ks[(self.steps // PROBE_EVERY) % len(batch)] = min(self.k, 1)

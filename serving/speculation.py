@@ -10,8 +10,9 @@ acceptance (`AcceptanceEstimate`), started from the engine's running estimate, i
 (0.8) so that a new draft is tried before it is judged. Both arms stay measured: when k = 0
 wins, the engine still drafts one token every `PROBE_EVERY` steps, so that acceptance keeps
 being measured (for this choice, and for the metrics and drift alerts operators watch) and a
-draft that improves online gets its chance; when k > 0 wins, a plain step runs as often, so
-that the cost of plain steps follows the machine's load as the speculative ones do.
+draft that improves online gets its chance; when k > 0 wins, a plain step runs every
+`PLAIN_EVERY` steps, so that the cost of plain steps follows the machine's load as the
+speculative ones do.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-PROBE_EVERY = 64  # steps: a one-token draft when k = 0 was chosen
+PROBE_EVERY = 64  # steps: a one-token draft for one sequence while the load says k = 0
+PLAIN_EVERY = 16  # steps: a plain step while the load says k > 0 (it costs only the arms' gap)
 MARGIN = 0.1  # to start speculating, it must promise this much more than plain decoding: the
 # model's error, and the drafts catching up after plain steps, are not in it (the engine keeps
 # speculating while it promises more than plain decoding at all)
