@@ -467,9 +467,7 @@ def demo_inputs(args: argparse.Namespace) -> tuple[str, list[Pairing], list[list
     trained offline on args.domain; and held-out prompts of args.domain."""
     preset = PRESETS[args.demo]
     models = build_demo_models(preset, args.cache_dir)
-    distilled = models.root / f"draft-distilled-{args.domain}"
-    if not (distilled / "distilled.json").exists():
-        distill_demo_draft(models, preset, DistillSpec(domain=args.domain))
+    distilled = distill_demo_draft(models, preset, DistillSpec(domain=args.domain))
     heads = HeadsSpec("hydra", max(args.k))
     trained = distill_demo_heads(models, preset, heads_distill_spec(args.domain), heads)
     tokenizer = AutoTokenizer.from_pretrained(models.target)

@@ -205,9 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     models = build_demo_models(preset, args.cache_dir, console=console)
     draft = models.draft
     if args.draft == "distilled":
-        draft = models.root / f"draft-distilled-{args.domain}"
-        if not (draft / "distilled.json").exists():
-            distill_demo_draft(models, preset, DistillSpec(domain=args.domain), console)
+        draft = distill_demo_draft(models, preset, DistillSpec(domain=args.domain), console)
     tokenizer = AutoTokenizer.from_pretrained(models.target)
     held_out = fixed_prompts(
         models.held_out_corpus(), tokenizer, args.domain, args.prompts, args.seed, (32, 96)

@@ -94,9 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     target = AutoModelForCausalLM.from_pretrained(models.target).eval()
     heads = heads_spec(args.proposer, args.k)
     if heads is None:
-        offline_dir = models.root / f"draft-distilled-{args.offline_domain}"
-        if not (offline_dir / "distilled.json").exists():
-            distill_demo_draft(models, preset, DistillSpec(domain=args.offline_domain), console)
+        offline_dir = distill_demo_draft(models, preset, DistillSpec(domain=args.offline_domain), console)
         offline = AutoModelForCausalLM.from_pretrained(offline_dir)
     else:
         recipe = heads_distill_spec(args.offline_domain)

@@ -157,7 +157,6 @@ class SpecEngine:
         self.costs: StepCosts | None = None  # calibrate's measurement: k then follows the load
         self.steps = 0
         self.speculating = False  # whether the load's last choice was k > 0
-        self._timing: tuple[int, int, float] | None = None  # the last step: batch, k, start
 
     @classmethod
     def from_pretrained(
@@ -267,8 +266,7 @@ class SpecEngine:
                 if step.generation is not None:
                     return
         finally:
-            if decoding in self.active:
-                self.abandon(decoding)
+            self.abandon(decoding)  # a no-op when it finished
 
     @torch.inference_mode()
     def add(
@@ -327,8 +325,6 @@ class SpecEngine:
         if decoding not in self.active:
             return
         self.active.remove(decoding)
-        if not self.active:
-            self._timing = None
         self.cache.release(decoding.slot)
         decoding.proposer.release(decoding.draft_state)
 
@@ -339,9 +335,8 @@ class SpecEngine:
         batch = list(self.active)
         if not batch:
             return []
-        self._time_last_step()
+        began = time.perf_counter()
         ks, by_load = self._choose_ks(batch, k)
-        self._timing = None if by_load is None else (len(batch), by_load, time.perf_counter())
         proposals = self._propose(batch, ks)
         inputs = [
             torch.cat([d.tokens[d.length - 1 : d.length], p.tokens])
@@ -359,17 +354,10 @@ class SpecEngine:
             else:
                 verified = self._verify_tree(decoding, proposal, logits[i, :n], hidden[i, :n])
             events.append((decoding, self._emit(decoding, verified)))
+        if by_load is not None:  # the load's choice (not a probe): its time keeps the costs current,
+            # contention for the GIL with the replica's event loop included
+            self.costs = self.costs.observe(len(batch), by_load, time.perf_counter() - began)
         return events
-
-    def _time_last_step(self) -> None:
-        """Blend the last step's time into the costs, if it was the load's choice (not a probe): from
-        its start to this one's, so that the serving around the steps (admitting requests, handing
-        tokens over, contention for the GIL) counts too. (A batch that emptied forgets it: the wait
-        for the next request is no step's cost.)"""
-        if self._timing is not None:
-            batch, k, began = self._timing
-            self.costs = self.costs.observe(batch, k, time.perf_counter() - began)
-        self._timing = None
 
     def _choose_ks(self, batch: list[Decoding], k: int | None) -> tuple[list[int], int | None]:
         """Each sequence's k this step, within what it has left to generate, and the k whose cost

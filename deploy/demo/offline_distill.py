@@ -93,7 +93,12 @@ def domain_continuations(
 def distill_demo_draft(
     models: DemoModels, preset: DemoPreset, spec: DistillSpec, console: Console | None = None
 ) -> Path:
-    """Distill the demo draft on spec.domain's training prompts; save and return its directory."""
+    """Distill the demo draft on spec.domain's training prompts; save and return its directory.
+    A draft already distilled there with the same spec is reused."""
+    out = models.root / f"draft-distilled-{spec.domain}"
+    report_path = out / "distilled.json"
+    if report_path.exists() and json.loads(report_path.read_text())["spec"] == dataclasses.asdict(spec):
+        return out
     console = console or Console(stderr=True)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(models.target)
@@ -118,7 +123,6 @@ def distill_demo_draft(
         final_loss = distill(draft, target, sequences, spec, on_step)
         after = evaluate(target, draft, held_out, preset.eval_windows, block)
 
-    out = models.root / f"draft-distilled-{spec.domain}"
     shutil.rmtree(out, ignore_errors=True)
     draft.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -131,7 +135,7 @@ def distill_demo_draft(
         "greedy_agreement_after": after.greedy_agreement,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    (out / "distilled.json").write_text(json.dumps(report, indent=2) + "\n")
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
     return out
 
 
