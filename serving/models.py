@@ -71,6 +71,7 @@ def forward_slots(
     trees: Sequence[tuple[int, ...] | None] | None = None,
     tokens: int = 1,
     base: Callable | None = None,
+    last_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward of new tokens for many sequences: inputs[i] [n_i] after the cached positions
     of slots[i] (the cache's other rows run padding). A row with a tree (`trees[i]`, the parents
@@ -78,7 +79,8 @@ def forward_slots(
     ancestors. n is the longest input, and at least `tokens` (the static layout's fixed verify
     width: one compiled graph); `base` replaces model.base_model (a compiled one). Lengths are
     not advanced: the caller commits what it keeps. Returns (logits [len(slots), n, V], hidden
-    [len(slots), n, H]), row i valid up to n_i.
+    [len(slots), n, H]), row i valid up to n_i; with `last_only`, only at each row's last input
+    (logits [len(slots), V], hidden [len(slots), H]: the LM head skips the rest).
     """
     device = model.device
     n = max(tokens, *(x.shape[0] for x in inputs))
@@ -100,6 +102,9 @@ def forward_slots(
         input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
     )
     hidden = out.last_hidden_state[torch.tensor(list(slots), device=device)]  # [len(slots), n, H]
+    if last_only:
+        ends = torch.tensor([x.shape[0] - 1 for x in inputs], device=device)
+        hidden = hidden[torch.arange(len(slots), device=device), ends]  # [len(slots), H]
     return model.get_output_embeddings()(hidden), hidden
 
 

@@ -178,11 +178,9 @@ class DraftModelProposer:
         for depth in range(max(ks, default=0)):
             active = [i for i in inputs if ks[i] > depth]
             slots = [rows[i].state.slot for i in active]
-            logits, _ = forward_slots(
-                self.model, self.cache, slots, [inputs[i] for i in active], base=self._base
-            )
-            ends = torch.tensor([inputs[i].shape[0] - 1 for i in active], device=logits.device)
-            last = logits[torch.arange(len(active), device=logits.device), ends]  # [active, V]
+            last, _ = forward_slots(
+                self.model, self.cache, slots, [inputs[i] for i in active], base=self._base, last_only=True
+            )  # [active, V]
             greedy = last.argmax(-1)  # [active]
             for j, i in enumerate(active):
                 self.cache.lengths[slots[j]] += inputs[i].shape[0]
