@@ -115,6 +115,10 @@ class Decoding:
     tops: list[torch.return_types.topk] = field(default_factory=list)  # per step, emitted positions
     hiddens: list[torch.Tensor] = field(default_factory=list)  # per step, emitted positions
 
+    def row(self, k: int) -> DraftRow:
+        """What this sequence asks of its proposer for k drafts."""
+        return DraftRow(self.draft_state, self.tokens[: self.length], k, self.params, self.generator)
+
 
 @dataclass(frozen=True)
 class _Verified:
@@ -381,7 +385,8 @@ class SpecEngine:
         ks = [k] * len(batch)
         if probe:
             ks[(self.steps // PROBE_EVERY) % len(batch)] = min(self.k, 1)
-        return [min(k, d.max_new_tokens - len(d.output) - 1) for k, d in zip(ks, batch, strict=True)], by_load
+        left = [d.max_new_tokens - len(d.output) - 1 for d in batch]  # drafts past it would be wasted
+        return [min(wanted, room) for wanted, room in zip(ks, left, strict=True)], by_load
 
     def _propose(self, batch: list[Decoding], ks: list[int]) -> list[Proposal]:
         """Each sequence's proposal for up to ks[i] tokens: one batched call per proposer."""
@@ -391,10 +396,7 @@ class SpecEngine:
             if ks[i] > 0:
                 groups.setdefault(id(decoding.proposer), []).append(i)
         for indices in groups.values():
-            rows = [
-                DraftRow(d.draft_state, d.tokens[: d.length], ks[i], d.params, d.generator)
-                for i, d in ((i, batch[i]) for i in indices)
-            ]
+            rows = [batch[i].row(ks[i]) for i in indices]
             for i, proposal in zip(indices, batch[indices[0]].proposer.propose(rows), strict=True):
                 proposals[i] = proposal
         return proposals
