@@ -32,12 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
+from benchmarks.demo_pair import add_arguments, demo_pair
 from benchmarks.results import print_rows, write_report
-from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
-from deploy.demo.offline_distill import DistillSpec, distill_demo_draft
-from deploy.demo.workloads import fixed_prompts
 from serving.kv import SlotCache
 from serving.models import forward_slots, prefill
 from serving.server import Finished, Replica, ReplicaConfig, Request
@@ -56,22 +54,14 @@ CONFIGS = {  # name -> (speculate, max_batch, adaptive_k)
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osd bench batching", description=__doc__.splitlines()[0])
-    p.add_argument("--demo", choices=sorted(PRESETS), default="full", help="demo pair preset")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
-    p.add_argument("--domain", default="python")
-    p.add_argument(
-        "--draft", choices=["distilled", "base"], default="distilled",
-        help="the demo draft distilled offline on --domain (built if missing), or the base draft",
-    )  # fmt: skip
+    add_arguments(p)
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
     p.add_argument("--rounds", type=int, default=4, help="blocks per configuration and level")
     p.add_argument("--block-requests", type=int, default=24, help="at least; 2x concurrency when higher")
     p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--layout-steps", type=int, default=48, help="cache layout comparison; 0 skips it")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the report here")
     return p
 
@@ -184,15 +174,7 @@ def layout_step_seconds(
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     console = Console()
-    preset = PRESETS[args.demo]
-    models = build_demo_models(preset, args.cache_dir, console=console)
-    draft = models.draft
-    if args.draft == "distilled":
-        draft = distill_demo_draft(models, preset, DistillSpec(domain=args.domain), console)
-    tokenizer = AutoTokenizer.from_pretrained(models.target)
-    held_out = [list(p.token_ids) for p in fixed_prompts(
-        models.held_out_corpus(), tokenizer, args.domain, args.prompts, args.seed, (32, 96)
-    )]  # fmt: skip
+    models, draft, held_out = demo_pair(args, console)
     layout = None
     if args.layout_steps:
         with console.status("cache layouts: slot cache vs padded DynamicCache"):

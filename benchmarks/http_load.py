@@ -35,36 +35,26 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
+from benchmarks.demo_pair import add_arguments, demo_pair
 from benchmarks.results import write_report
 from benchmarks.serve_child import osd_serve
-from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
-from deploy.demo.offline_distill import DistillSpec, distill_demo_draft
-from deploy.demo.workloads import fixed_prompts
 from store.redis_server import LocalRedis, free_port
 from store.registry import Registry
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osd bench http", description=__doc__.splitlines()[0])
-    p.add_argument("--demo", choices=sorted(PRESETS), default="full", help="demo pair preset")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
-    p.add_argument("--domain", default="python")
-    p.add_argument(
-        "--draft", choices=["distilled", "base"], default="distilled",
-        help="the demo draft distilled offline on --domain (built if missing), or the base draft",
-    )  # fmt: skip
+    add_arguments(p)
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--replicas", type=int, default=2, help="replicas per server")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--blocks", type=int, default=3, help="blocks per server and level")
     p.add_argument("--block-requests", type=int, default=16, help="at least; 2x concurrency when higher")
     p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--swap-seconds", type=float, default=30.0)
     p.add_argument("--swap-every", type=float, default=5.0)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the report here")
     return p
 
@@ -201,16 +191,8 @@ def served_versions(base: str) -> tuple[list[str], float | None]:
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     console = Console()
-    preset = PRESETS[args.demo]
-    models = build_demo_models(preset, args.cache_dir, console=console)
-    draft = models.draft
-    if args.draft == "distilled":
-        draft = distill_demo_draft(models, preset, DistillSpec(domain=args.domain), console)
-    tokenizer = AutoTokenizer.from_pretrained(models.target)
-    held_out = fixed_prompts(
-        models.held_out_corpus(), tokenizer, args.domain, args.prompts, args.seed, (32, 96)
-    )
-    prompts = itertools.cycle([list(p.token_ids) for p in held_out])
+    models, draft, held_out = demo_pair(args, console)
+    prompts = itertools.cycle(held_out)
     common = ["--target", str(models.target), "--model-name", "demo", "--no-trainer",
               "--replicas", str(args.replicas)]  # fmt: skip
     failures: list[str] = []
