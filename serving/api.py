@@ -104,9 +104,9 @@ def create_app(
     """The HTTP app for one replica serving `model_name`; the admin routes only with a token."""
     app = FastAPI(title="OSD Serve", version="0.1.0")
     context, config = replica.context, replica.config
-    app.include_router(
-        dashboard_router(replica.client, config.draft_name, config.domain, config.metrics, trainer)
-    )
+    app.include_router(dashboard_router(
+        replica.client, config.draft_name, config.domain, config.metrics, trainer, adapters=config.adapters
+    ))  # fmt: skip
     if admin_token:
         app.include_router(
             admin_router(admin_token, replica.registry, config.draft_name, config.domain, trainer)
@@ -131,7 +131,7 @@ def create_app(
         return {"status": "ok", **replica.status()}
 
     def standing_alerts() -> list[DriftAlert]:
-        return read_alerts(replica.client, replica.config.draft_name, replica.config.metrics)
+        return read_alerts(replica.client, config.draft_name, config.metrics, adapters=config.adapters)
 
     @app.get("/metrics")
     def metrics() -> Response:  # sync: FastAPI runs it on a worker thread, off the event loop

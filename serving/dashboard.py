@@ -134,7 +134,10 @@ def dashboard_router(
     domain: str,
     metrics: MetricsConfig,
     trainer: TrainerControl | None = None,
+    adapters: bool = False,
 ) -> APIRouter:
+    """The dashboard's routes; `adapters`: whether the replicas serve per-domain adapters (the
+    drift alerts depend on it, see `store.drift`)."""
     router = APIRouter()
     registry = Registry(client)
 
@@ -166,7 +169,8 @@ def dashboard_router(
             versions = [v for d in registry.domains(draft_name) for v in registry.versions(draft_name, d)]
             newest_first = sorted(versions, key=lambda v: -v.created)
             body["versions"] = [asdict(v) | {"label": v.label} for v in newest_first]
-            body["alerts"] = [a.to_json() for a in read_alerts(client, draft_name, now=now, points=recent)]
+            alerts = read_alerts(client, draft_name, now=now, points=recent, adapters=adapters)
+            body["alerts"] = [a.to_json() for a in alerts]
             body["store"] = "ok"
         except redis.RedisError as err:
             empty = {"events": [], "versions": [], "alerts": [], "store": str(err)}

@@ -105,6 +105,7 @@ def test_a_drop_in_a_domain_s_acceptance_is_an_alert_in_json_and_in_metrics(serv
     recorder.flush()
     alerts = client.get("/alerts").json()["alerts"]
     (drop,) = [a for a in alerts if a["domain"] == "shift"]
+    assert "new_domain" not in {a["kind"] for a in alerts}  # no adapters: the shared draft serves all
     assert drop["kind"] == "drop" and 0 <= drop["delay_seconds"] <= 50
     assert drop["baseline"] == pytest.approx(0.6, abs=0.02) and drop["current"] < 0.45
     families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}

@@ -216,7 +216,7 @@ def run(
         + f", {plan.concurrency} clients, {plan.max_new_tokens} tokens each; "
         f"starting from {first}"
     )
-    board = Board(plan, len(requests), first)
+    board = Board(plan, len(requests), first, config.adapters)
     clients = Clients(
         endpoint.base_url, config.served_model, requests, plan.concurrency, plan.think_seconds, board.add,
         untagged_every=4 if config.adapters else 0,
@@ -314,8 +314,8 @@ def measure_speed(
 class Board:
     """The live display's state: filled by the client threads (`add`) and by `watch`."""
 
-    def __init__(self, plan: DemoPlan, total: int, version: str):
-        self.plan = plan
+    def __init__(self, plan: DemoPlan, total: int, version: str, adapters: bool):
+        self.plan, self.adapters = plan, adapters
         self.served: list[Served] = []
         self.recent: deque[Served] = deque(maxlen=plan.window)
         self.events: list[dict] = []
@@ -352,7 +352,7 @@ class Board:
             self._next_slow = time.monotonic() + 2.0
             status = trainer.status()
             self.trainer = f"{status['state']}, step {status['step']}, {status['trained_traces']} traces"
-            for alert in read_alerts(client, DRAFT):
+            for alert in read_alerts(client, DRAFT, adapters=self.adapters):
                 key = (alert.domain, alert.kind, alert.at)
                 if key not in self._seen_alerts:
                     self._seen_alerts.add(key)
