@@ -32,8 +32,8 @@ from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from benchmarks.results import print_rows, write_report
-from benchmarks.speed import rotate
 from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
+from deploy.demo.measure import rotate
 from deploy.demo.workloads import Phase, WorkloadSpec, fixed_prompts, request_stream
 from distill.router import ROUTER, SHARED, DomainRouter, served_domain
 from serving.engine import Generation, SpecEngine

@@ -9,15 +9,18 @@ against the calm before the fault, traces lost (served requests whose trace, fou
 response id, had not reached the stream 30 s later) next to those the replicas counted as
 dropped, the recovery time, and the scenario's own checks.
 
-- redis-kill: SIGKILL redis-server for `redis_down_seconds`, then restart it from its AOF.
-  Recovery: until every replica writes traces again and the trainer trains again.
-- trainer-kill: kill -9 the trainer actor's process. Recovery: until Ray's restart answers.
+- redis-kill: SIGKILL redis-server for `redis_down_seconds` (longer if the trainer has not yet
+  noticed), then restart it from its AOF. Recovery: until every replica writes traces again and
+  the trainer trains again.
+- trainer-kill: kill -9 the trainer actor's process, once it has checkpointed. Recovery: until
+  Ray's restart answers.
 - replica-kill: kill -9 one Serve replica's process. Recovery: until its replacement serves the
   live draft.
 - bad-draft: publish past the gate a draft with NaN weights (replicas refuse it, the trainer rolls
   it back), then one whose output rows are shuffled (served, then rolled back by the trainer's live
   watch). A probe prompt's greedy text is checked against the target's throughout.
-- redis-oom: maxmemory set to what Redis uses, with noeviction, for `redis_down_seconds`.
+- redis-oom: maxmemory set to what Redis uses, with noeviction, for `redis_down_seconds` (longer
+  if no replica has yet shown the failed writes).
 - soak: `soak_seconds` at the steady rate, with replica RSS and Redis memory sampled.
 
     osd bench chaos --json benchmarks/results/chaos_cpu.json
@@ -37,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import numpy as np
@@ -54,10 +58,12 @@ from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, DemoModels, build_demo
 from deploy.demo.workloads import fixed_prompts
 from serving.engine import SpecEngine
 from store.load import read_load
+from store.metrics import read_series
 from store.redis_server import LocalRedis, free_port
 from store.registry import Registry
 from store.traces import DEFAULT_STREAM, TraceDecodeError, decode
 
+T = TypeVar("T")
 SCENARIOS = ("redis-kill", "trainer-kill", "replica-kill", "bad-draft", "redis-oom", "soak")
 TOKEN = "chaos-admin-token"
 SETTLE_SECONDS = 30.0  # how long a served request's trace may take to reach the stream
@@ -264,12 +270,13 @@ def grown(before: dict[str, float], after: dict[str, float]) -> float:
     return sum(max(0.0, value - before.get(replica, 0.0)) for replica, value in after.items())
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, every: float = 0.25) -> bool:
+def wait_until(condition: Callable[[], T], timeout: float, every: float = 0.25) -> T | bool:
+    """The first true value of `condition` within `timeout` s (an error counts as false), else False."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if condition():
-                return True
+            if value := condition():
+                return value
         except (httpx.HTTPError, redis.RedisError, ValueError, KeyError):
             pass
         time.sleep(every)
@@ -352,7 +359,8 @@ def redis_kill(stack: Stack, load: Workload, config: ChaosConfig, calm: float) -
     dropped = stack.metric("traces_dropped_total")
     start = time.monotonic()
     stack.redis.kill()
-    paused = wait_until(lambda: stack.trainer_state().startswith("paused"), config.redis_down_seconds)
+    # Down for redis_down_seconds, and until the trainer has noticed (however slow it is to).
+    paused = wait_until(lambda: stack.trainer_state().startswith("paused"), config.recovery_timeout)
     time.sleep(max(0.0, start + config.redis_down_seconds - time.monotonic()))
     stack.redis.start()
     back = time.monotonic()
@@ -368,13 +376,16 @@ def redis_kill(stack: Stack, load: Workload, config: ChaosConfig, calm: float) -
         "trainer_resumed": recovered,
         "live_version_before": live_before,
         "live_version_after": Registry(stack.client).live_version("draft"),
-        "down_seconds": config.redis_down_seconds,
+        "down_seconds": round(back - start, 2),
     }
     return account(stack, load, "redis-kill", calm, start, end, dropped, recovery, checks)
 
 
 def trainer_kill(stack: Stack, load: Workload, config: ChaosConfig, calm: float) -> Result:
-    before, every = stack.trainer(), config.trainer_settings["checkpoint_every"]
+    every = config.trainer_settings["checkpoint_every"]
+    # Killed mid-training: once it has checkpointed at least once, so that resuming means something.
+    wait_until(lambda: (stack.trainer() or {}).get("step", 0) > every, config.recovery_timeout)
+    before = stack.trainer()
     dropped = stack.metric("traces_dropped_total")
     registry = Registry(stack.client)
     start = time.monotonic()
@@ -408,19 +419,22 @@ def replica_kill(stack: Stack, load: Workload, config: ChaosConfig, calm: float)
         start = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         burst.result()
-    live = f"draft:v{Registry(stack.client).live_version('draft')}"
+    registry = Registry(stack.client)
 
-    def replaced() -> bool:
+    def replaced() -> str | None:
+        """The live version, once every replica (the replacement too) serves it; the trainer may
+        publish meanwhile, so it is read anew each time."""
+        live = f"draft:v{registry.live_version('draft')}"
         loads = [r for r in read_load(stack.client) if r.replica != victim]
-        return len(loads) >= config.replicas and all(r.draft_version == live for r in loads)
+        return live if len(loads) >= config.replicas and all(r.draft_version == live for r in loads) else None
 
-    back = wait_until(replaced, config.recovery_timeout)
-    recovery = time.monotonic() - start if back else None
+    live = wait_until(replaced, config.recovery_timeout) or None
+    recovery = time.monotonic() - start if live else None
     time.sleep(config.calm_seconds)
     end = time.monotonic()
     in_flight = [o for o in load.between(calm, end) if o.start < start < o.end]
     checks = {
-        "killed": victim, "replacement_serves": live if back else None, "in_flight_at_kill": len(in_flight),
+        "killed": victim, "replacement_serves": live, "in_flight_at_kill": len(in_flight),
         "in_flight_failed": sum(not o.ok for o in in_flight),
         # sent after the kill, before the proxy saw the replica gone
         "sent_after_kill_failed": sum(not o.ok for o in load.between(start, end)),
@@ -430,7 +444,6 @@ def replica_kill(stack: Stack, load: Workload, config: ChaosConfig, calm: float)
 
 def bad_draft(stack: Stack, load: Workload, config: ChaosConfig, calm: float) -> Result:
     registry = Registry(stack.client)
-    good = registry.live("draft")
     weights = AutoModelForCausalLM.from_pretrained(stack.models.draft).state_dict()
     expected = greedy_probe(stack.models)
     probes = [stack.probe() == expected]
@@ -438,7 +451,9 @@ def bad_draft(stack: Stack, load: Workload, config: ChaosConfig, calm: float) ->
     start = time.monotonic()
     nan = {n: torch.full_like(t, float("nan")) if t.is_floating_point() else t for n, t in weights.items()}
     poisoned = registry.publish("draft", nan, extra={"origin": "chaos: NaN weights"})
-    refused = wait_until(lambda: registry.live_version("draft") == good.version, config.recovery_timeout)
+    refused = wait_until(  # rolled back (the trainer may have published on since)
+        lambda: registry.get("draft", "-", poisoned.version).status == "rejected", config.recovery_timeout
+    )
     nan_back = time.monotonic() - start
     probes.append(stack.probe() == expected)
     generator = torch.Generator().manual_seed(0)
@@ -448,7 +463,9 @@ def bad_draft(stack: Stack, load: Workload, config: ChaosConfig, calm: float) ->
         shuffled[name] = shuffled[name][order]  # the same draft over relabelled tokens
     wrong = registry.publish("draft", shuffled, extra={"origin": "chaos: shuffled output tokens"})
     published = time.monotonic()
-    swapped = wait_until(lambda: any(r.draft_version == wrong.label for r in read_load(stack.client)), 30)
+    swapped = wait_until(
+        lambda: any(r.draft_version == wrong.label for r in read_load(stack.client)), config.recovery_timeout
+    )
     probes.append(stack.probe() == expected)
 
     def verdict() -> str | None:  # the trainer's live watch on the shuffled version: keep or rollback
@@ -462,8 +479,10 @@ def bad_draft(stack: Stack, load: Workload, config: ChaosConfig, calm: float) ->
     recovery = time.monotonic() - start if refused and judged else None
     probes.append(stack.probe() == expected)
     end = time.monotonic()
+    series = read_series(stack.client, since=time.time() - 3600)
     checks = {
         "nan_version": poisoned.version, "nan_refused_and_rolled_back": refused,
+        "nan_served": sum(p.counts["requests"] for p in series if p.version == poisoned.label),
         "nan_rolled_back_s": round(nan_back, 2),
         "replicas_refused": int(sum(stack.metric("draft_refused_total").values())),
         "shuffled_version": wrong.version, "shuffled_served": swapped, "shuffled_verdict": action,
@@ -481,7 +500,8 @@ def redis_oom(stack: Stack, load: Workload, config: ChaosConfig, calm: float) ->
     start = time.monotonic()
     client.config_set("maxmemory-policy", "noeviction")
     client.config_set("maxmemory", client.info("memory")["used_memory"] // 2)  # every write refused
-    flagged = wait_until(lambda: 0 in stack.metric("trace_store_up").values(), config.redis_down_seconds)
+    # Full for redis_down_seconds, and until a replica has shown it (however slow it is to).
+    flagged = wait_until(lambda: 0 in stack.metric("trace_store_up").values(), config.recovery_timeout)
     time.sleep(max(0.0, start + config.redis_down_seconds - time.monotonic()))
     client.config_set("maxmemory", 0)
     back = time.monotonic()

@@ -8,7 +8,7 @@ the domain, greedy, in one process: plain decoding, the demo draft, n-gram looku
 Hydra heads in chain mode, and Hydra heads verified as a static tree (--tree). Every method's
 output must equal plain decoding's. Per method: acceptance α (accepted / drafted; a tree counts
 its depth as drafted), τ (tokens per target forward), and tokens/s (engines in rotation,
-`benchmarks.speed`), with the ratio to plain decoding.
+`deploy.demo.measure.rotate`), with the ratio to plain decoding.
 
     osd bench heads --json benchmarks/results/heads_cpu.json
 """
@@ -26,8 +26,8 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.results import print_rows, write_report
-from benchmarks.speed import rotate
 from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
+from deploy.demo.measure import rotate
 from deploy.demo.offline_distill import distill_demo_heads, heads_distill_spec, load_demo_heads
 from deploy.demo.workloads import fixed_prompts
 from distill.heads import HeadsSpec

@@ -36,8 +36,8 @@ from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.results import write_report
-from benchmarks.speed import rotate
 from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
+from deploy.demo.measure import rotate
 from deploy.demo.offline_distill import (
     DistillSpec,
     distill_demo_draft,

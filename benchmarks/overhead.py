@@ -143,9 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
                 block, gaps = requests[start : start + args.block], rng.exponential(1.0 / rate, args.block)
                 for mode in MODES if pair % 2 == 0 else MODES[::-1]:
                     progress.update(task, description=f"pair {pair + 1}/{args.pairs}: trainer {mode}")
+                    # pause returns once the step in progress has finished: none runs in an "off" block
                     ray.get(trainer.resume.remote() if mode == "on" else trainer.pause.remote())
-                    while mode == "off" and ray.get(trainer.status.remote())["state"] != "paused":
-                        time.sleep(0.05)  # the step in progress finishes first
                     step_before = ray.get(trainer.status.remote())["step"]
                     latency, service = serving.run_block(block, gaps)
                     results[mode]["latency"] += latency

@@ -206,14 +206,14 @@ def start_trainer(config: ServiceConfig):
 
 
 class ActorControl:
-    """The named trainer actor's status, pause and resume as plain calls, for the admin API."""
+    """The named trainer actor's methods as plain calls, for the admin API and the demo."""
 
     def __init__(self, name: str, namespace: str):
         self.name, self.namespace = name, namespace
 
-    def _call(self, method: str):
+    def _call(self, method: str, *args):
         actor = ray.get_actor(self.name, namespace=self.namespace)
-        return ray.get(getattr(actor, method).remote())
+        return ray.get(getattr(actor, method).remote(*args))
 
     def status(self) -> dict:
         return self._call("status")
@@ -223,3 +223,6 @@ class ActorControl:
 
     def resume(self) -> None:
         self._call("resume")
+
+    def train(self, steps: int) -> dict:
+        return self._call("train", steps)

@@ -35,6 +35,7 @@ from store.redis_server import RedisConfig, connect, redacted
 
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # Serve's logs: warnings and errors only
 WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # no model-loading bars from the replicas and trainer
+APP_NAME = "osd"  # the Serve application
 
 
 def parser() -> argparse.ArgumentParser:
@@ -152,7 +153,7 @@ def running(
                 logging_config=QUIET,
             )  # fmt: skip
         with console.status(f"starting the trainer and {config.replicas} replica(s): loading the models"):
-            serve.run(build(config), name="osd", route_prefix="/", logging_config=QUIET)
+            serve.run(build(config), name=APP_NAME, route_prefix="/", logging_config=QUIET)
         yield config
     finally:
         stop(local_redis)
@@ -180,9 +181,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def stop(local_redis) -> None:
-    """Replicas first (they flush their traces), then the trainer (it checkpoints), Ray, Redis."""
+    """Replicas first (they flush their traces), then the trainer (it checkpoints), Ray, Redis.
+    The application is deleted rather than Serve shut down: `serve.shutdown` ends with its
+    controller killing itself mid-task, which Ray reports on the console as a failed task."""
     if ray.is_initialized():
-        serve.shutdown()
+        serve.delete(APP_NAME)
         try:
             trainer = ray.get_actor(TRAINER_NAME, namespace=NAMESPACE)
             ray.get(trainer.stop.remote())

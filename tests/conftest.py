@@ -1,15 +1,21 @@
 """Shared fixtures. Every test model is built with from_config and saved to disk, so tests load
-it through the real loading path (a local directory)."""
+it through the real loading path (a local directory). No process the suite starts may outlive it
+(`no_process_outlives_the_session`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: fail fast instead of retrying a hub
+# Every process the suite starts inherits this mark, even one that leaves its parent's session.
+os.environ["OSD_TEST_SESSION"] = f"{os.getpid()}-{os.urandom(4).hex()}"
 
+import psutil
 import pytest
 import torch
+from polling import wait_for
 from transformers.utils import logging as hf_logging
 
 from deploy.demo.build import build_demo_models
@@ -18,6 +24,37 @@ from tiny_models import ARCHS, TINY_DEMO, build, perturbed
 
 hf_logging.disable_progress_bar()
 torch.set_num_threads(1)  # tiny models: one thread beats two on this 2-core machine
+
+
+def started_by_the_suite() -> list[psutil.Process]:
+    """Processes that carry this session's mark, other than the test process itself."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            mark = process.environ().get("OSD_TEST_SESSION")
+            if process.pid != os.getpid() and mark == os.environ["OSD_TEST_SESSION"]:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_session():
+    """Set up first, torn down last: after every other fixture has stopped what it started, no
+    redis-server, Ray process, `osd` child or browser of this session may still run. Processes
+    that are shutting down get a generous grace period; what is left then is killed and fails the
+    run, named."""
+    yield
+    try:
+        wait_for(lambda: not started_by_the_suite(), timeout=60, every=0.5)
+    except AssertionError:
+        names = []
+        for process in started_by_the_suite():
+            with contextlib.suppress(psutil.Error):
+                names.append(f"{process.pid}: {' '.join(process.cmdline()[:4])}")
+                process.kill()
+        pytest.fail(f"{len(names)} process(es) started by the tests outlived them: {names}")
 
 
 @pytest.fixture(scope="session")

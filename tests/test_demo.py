@@ -1,9 +1,14 @@
-"""`osd demo --quick` as a new user runs it, from an empty model cache: the quick pair is built, the
-stack (as `osd serve` runs it: embedded redis-server, local Ray, two Ray Serve replicas, the
-trainer) serves the phased workload over HTTP while the trainer learns, and the summary holds the
-numbers the issue asks for. With --keep-running the stack stays up: the official `openai` client
-checks the API through Ray Serve's proxy; then Ctrl-C leaves no process behind. The slowest test
-of the suite (about 4 minutes on 2 cores); it also makes the checks of the quick pair's build."""
+"""`osd demo --quick` from an empty model cache, as a new user's first run: the quick pair is built,
+the stack (as `osd serve` runs it: embedded redis-server, local Ray, two Ray Serve replicas, the
+trainer) serves the phased workload over HTTP, the trainer learns from its traces, and the summary
+holds the numbers the issue asks for. The trainer gets its steps explicitly (`--train-steps`:
+lockstep, a fixed number of steps after every window of requests), so what it learns does not
+depend on how much idle CPU it happened to get; learning is judged on the draft's expected
+acceptance on the run's held-out traces, which depends only on weights and traces. With
+--keep-running the stack stays up: the official `openai` client checks the API through Ray
+Serve's proxy; then Ctrl-C leaves no process behind, and the output no traceback. The slowest
+test of the suite (about 4 minutes on 2 cores); it also makes the checks of the quick pair's
+build."""
 
 from __future__ import annotations
 
@@ -28,13 +33,15 @@ from serving.engine import SpecEngine
 from store.redis_server import free_port
 
 PROMPT = "def main():\n    "
+TRAIN_STEPS = 8  # after every window of 16 requests
 
 
 @pytest.mark.slow
 def test_quick_demo_learns_online_over_http_and_stops_cleanly(tmp_path):
     port, summary = free_port(), tmp_path / "demo.json"
     command = [
-        sys.executable, "-m", "deploy.cli", "demo", "--quick", "--json", str(summary), "--keep-running",
+        sys.executable, "-m", "deploy.cli", "demo", "--quick", "--train-steps", str(TRAIN_STEPS),
+        "--json", str(summary), "--keep-running",
         "--port", str(port), "--cache-dir", str(tmp_path / "models"), "--state-dir", str(tmp_path / "state"),
     ]  # fmt: skip
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -44,7 +51,7 @@ def test_quick_demo_learns_online_over_http_and_stops_cleanly(tmp_path):
     try:
         # the summary, its plot (matplotlib's first import can be slow), then the stack stays up
         up = lambda: "Ctrl-C stops it" in " ".join("".join(lines).split())  # noqa: E731
-        assert wait_for(lambda: up() or child.poll() is not None, timeout=480), "".join(lines)
+        assert wait_for(lambda: up() or child.poll() is not None, timeout=900), "".join(lines)
         assert summary.exists() and up(), "".join(lines)
         processes = psutil.Process(child.pid).children(recursive=True)
         assert any("redis-server" in p.name() for p in processes)
@@ -59,18 +66,23 @@ def test_quick_demo_learns_online_over_http_and_stops_cleanly(tmp_path):
         reader.join(timeout=10)
     output = "".join(lines)
     assert child.returncode == 0, output
-    _, alive = psutil.wait_procs(processes, timeout=30)
+    assert "Traceback" not in output and "failed" not in output.split("Ctrl-C stops it")[-1], output
+    _, alive = psutil.wait_procs(processes, timeout=60)
     assert not alive, [p.cmdline() for p in alive]  # no redis-server, Ray, replica or trainer left
 
     report = json.loads(summary.read_text())
     assert summary.with_suffix(".png").stat().st_size > 10_000
     plan = PLANS["quick"]
-    assert report["requests"] == sum(p.requests for p in plan.phases)
+    assert report["requests"] == sum(p.requests for p in plan.phases) and report["train_steps"] == TRAIN_STEPS
     assert report["failed"] == 0, report["errors"]
-    code = next(p for p in report["phases"] if p["domain"] != "prose")
-    gain = code["last_window"]["acceptance"] - code["first_window"]["acceptance"]
-    assert gain >= 0.15, report["phases"]
     assert report["published"], report["events"]
+    # What the draft learnt, on the held-out traces of the run's main code phase: the live version
+    # against the starting draft, by expected acceptance (weights and traces only, no timing).
+    code = max(report["phases"], key=lambda p: p["requests"])
+    learnt = report["held_out"][code["domain"]]
+    assert learnt["traces"] >= 5 and learnt["live"] >= learnt["starting"] + 0.15, report["held_out"]
+    # and served: each window ran on what the trainer had published after the windows before it
+    assert code["last_window"]["acceptance"] > code["first_window"]["acceptance"], report["phases"]
     assert report["speedup"]["live_vs_ar"] > 0
     assert f"http://127.0.0.1:{port}/dashboard" in output
 

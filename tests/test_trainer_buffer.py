@@ -41,3 +41,11 @@ def test_replay_favours_prioritised_domains_by_the_boost():
     assert 0.75 < share < 0.85  # 4 : 1 odds
     plain = [e.trace.domain for _ in range(200) for e in buffer.batch(5, generator)[1:]]
     assert 0.4 < plain.count("code") / len(plain) < 0.6
+
+
+def test_replay_alone_trains_only_in_a_budget_asked_for():
+    buffer = filled(20)
+    buffer.mark_trained(buffer.batch(20, torch.Generator()))
+    assert buffer.untrained == 0 and buffer.batch(8, torch.Generator()) == []  # spare cycles: no step
+    replayed = buffer.batch(8, torch.Generator().manual_seed(0), replay_alone=True)
+    assert len(replayed) == len({e.entry_id for e in replayed}) == 8 and all(e.trained for e in replayed)

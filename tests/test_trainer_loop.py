@@ -69,14 +69,16 @@ def test_training_on_traces_raises_expected_acceptance_and_the_gate_publishes(
     redis_client, model_dirs, traffic, tmp_path
 ):
     write(redis_client, traffic)
-    settings = config(tmp_path, batch_size=4, learning_rate=1e-2)
+    settings = config(tmp_path, batch_size=4, learning_rate=1e-2, pause_seconds=0.01)
     trainer = OnlineTrainer(settings, model_dirs["llama"]["small"], redis_client, stream=STREAM)
     assert trainer.registry.live_version("draft") == 1  # the starting draft, published as the baseline
     trainer.poll()
     before = trainer.evaluate()
     assert before.candidate == pytest.approx(before.live) and not before.publish
-    train(trainer, 60)
-    decision = trainer.maybe_publish()
+    publish_load(redis_client, "replica-a", in_flight=100, queued=100)  # busy: run_once waits
+    assert trainer.run_once() == "throttled" and trainer.state.step == 0
+    decision = trainer.train(60)  # a budget of steps, whatever the load, then the gate
+    assert trainer.state.step == 60 and trainer.reader.backlog().pending == 0  # checkpointed, acked
     assert decision.publish, decision.reason
     assert decision.candidate > decision.live + 0.05, decision
     live = trainer.registry.live("draft")
@@ -236,3 +238,18 @@ def test_versions_made_live_past_the_gate_are_followed_watched_or_rolled_back(
     trainer.watching = None
     trainer.run_once()
     assert trainer.state.live_version == start.version and trainer.watching is None
+
+
+def test_a_publish_is_checkpointed_first_so_a_restart_never_publishes_the_same_steps_twice(
+    redis_client, model_dirs, traffic, tmp_path
+):
+    write(redis_client, traffic[:80])
+    settings = config(tmp_path, gate_min_positions=1, gate_margin=0.0)  # publish any improvement
+    first = OnlineTrainer(settings, model_dirs["llama"]["small"], redis_client, stream=STREAM)
+    assert first.train(4).publish  # checkpointed at step 4, then published
+    del first  # as after kill -9 right after the publish
+    second = OnlineTrainer(settings, model_dirs["llama"]["small"], redis_client, stream=STREAM)
+    assert (second.state.step, second.state.live_version) == (4, 2)
+    second.train(3)
+    candidates = [v for v in second.registry.versions("draft") if "gate" in v.extra]
+    assert [v.train_steps for v in candidates] == [4, 7]  # the restart went on from the publish

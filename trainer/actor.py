@@ -2,7 +2,9 @@
 
 The actor runs `OnlineTrainer.run_once` in a background thread at the lowest OS priority
 (SCHED_IDLE: it gets only CPU time nothing else wants) with few torch threads, so serving keeps
-the CPU it needs; `pause` and `resume` hold it between steps. A restart re-runs the constructor,
+the CPU it needs; `pause` and `resume` hold it between steps. `train(steps)` trains a given
+number of steps at once instead, at the caller's priority: a budget that does not depend on
+idle CPU. A restart re-runs the constructor,
 which resumes from the last checkpoint; traces trained on after it were never acked, so the
 stream delivers them again. When Redis is unreachable the trainer pauses and retries.
 """
@@ -48,28 +50,29 @@ class Trainer:
         self.trainer = kind(config, base, open_redis(redis_url), consumer, stream)
         self.state = "starting"
         self._stop, self._paused = threading.Event(), threading.Event()
+        self._working = threading.Lock()  # held by the loop for one iteration, by `train` throughout
         self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         lower_priority(self.trainer.config)
         while not self._stop.is_set():
-            if self._paused.is_set():
-                self.state = "paused"
-                self._stop.wait(0.1)
-                continue
-            try:
-                self.state = self.trainer.run_once()
-                if self.state == "idle":
-                    self._stop.wait(self.trainer.config.pause_seconds)
-            except redis.RedisError as err:
-                self.state = "paused: redis unavailable"
-                log.warning("trainer paused, redis unavailable: %s", err)
-                self._stop.wait(1.0)
-            except Exception:
-                self.state = "paused: error"
-                log.exception("trainer step failed")
-                self._stop.wait(1.0)
+            with self._working:  # one piece of work at a time: pause and train wait for it
+                wait = 0.1 if self._paused.is_set() else self._work()
+            self._stop.wait(wait)
+
+    def _work(self) -> float:
+        """One iteration of the loop; returns how long to wait before the next."""
+        try:
+            self.state = self.trainer.run_once()
+            return self.trainer.config.pause_seconds if self.state == "idle" else 0.0
+        except redis.RedisError as err:
+            self.state = "paused: redis unavailable"
+            log.warning("trainer paused, redis unavailable: %s", err)
+        except Exception:
+            self.state = "paused: error"
+            log.exception("trainer step failed")
+        return 1.0
 
     def status(self) -> dict:
         try:
@@ -80,11 +83,26 @@ class Trainer:
                 "time": time.time()}  # fmt: skip
 
     def pause(self) -> None:
-        """Stop training after the current step (status says "paused"); traces queue up meanwhile."""
+        """Stop training; returns once the step in progress has finished, so that no step runs
+        from then on until `resume` (status says "paused"). Traces queue up meanwhile."""
         self._paused.set()
+        with self._working:
+            self.state = "paused"
 
     def resume(self) -> None:
         self._paused.clear()
+        self.state = "resuming"  # until the loop's next iteration says what it did
+
+    def train(self, steps: int) -> dict:
+        """Train exactly `steps` steps now on what the stream holds, at this caller's priority and
+        whatever the servers' load, then gate (`OnlineTrainer.train`); returns the status. The
+        background loop waits meanwhile. A budget given explicitly: what is learnt then does not
+        depend on how much idle CPU the loop got (`osd demo --train-steps`, the tests)."""
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        with self._working:
+            self.trainer.train(steps)
+        return self.status()
 
     def stop(self) -> None:
         self._stop.set()

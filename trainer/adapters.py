@@ -6,7 +6,8 @@ gets its adapter once `min_traces` of its traces came: an `OnlineTrainer` with a
 registry domain set to that domain, a checkpoint folder and a consumer group of its own (read from
 the stream's start, so it also learns from the domain's traces still kept). Each adapter is gated,
 published, watched and rolled back on its own domain's traces alone; the base draft stays as it
-is, since every adapter is trained on top of it. `run_once` gives the trainers turns in rotation.
+is, since every adapter is trained on top of it. `run_once` gives the trainers turns in rotation;
+`train` gives each of them a budget of steps at once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from store.metrics import MetricsConfig
 from store.registry import ALL_DOMAINS, Registry
 from store.traces import StreamConfig, TraceReader
 from trainer.config import TrainerConfig
+from trainer.gate import GateDecision
 from trainer.loop import OnlineTrainer
 from trainer.router import RouterLearner
 
@@ -81,6 +83,14 @@ class DomainTrainers:
         domains = sorted(self.trainers)
         self._turn = (self._turn + 1) % len(domains)
         return self.trainers[domains[self._turn]].run_once()
+
+    def train(self, steps: int) -> dict[str, GateDecision]:
+        """Count every trace the stream holds, refit the router when due, then give each domain's
+        adapter `steps` steps and its gate (`OnlineTrainer.train`)."""
+        while self.observe():
+            pass
+        self.router.maybe_refit()
+        return {domain: trainer.train(steps) for domain, trainer in sorted(self.trainers.items())}
 
     def observe(self) -> int:
         """Count and ack a batch of new traces; start the adapters that are due."""

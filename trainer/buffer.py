@@ -1,7 +1,8 @@
 """The replay buffer: traces waiting to be trained on, and those kept for replay.
 
 Every new trace is trained on at least once: a batch takes untrained traces first (oldest first)
-and fills up with replayed ones (no new trace, no step), drawn with weights that halve every
+and fills up with replayed ones (no new trace, no step, except in a budget of steps asked for
+explicitly), drawn with weights that halve every
 `half_life` arrivals, and multiplied by `boost` for traces of prioritised domains (those with a
 drift alert; their untrained traces also go first). The buffer keeps at most `cap` traces,
 evicting the oldest trained ones; the trainer reads from the stream only while fewer than a batch
@@ -59,13 +60,15 @@ class ReplayBuffer:
         generator: torch.Generator,
         priority: frozenset[str] = frozenset(),
         boost: float = 1.0,
+        replay_alone: bool = False,
     ) -> list[Entry]:
         """Up to `size` entries: untrained first (those of `priority` domains before the rest), then
         replayed by recency weight, times `boost` in `priority` domains. Empty when no untrained
-        entry waits: replay alone does not train (it would only overfit the past)."""
+        entry waits, unless `replay_alone`: replay alone does not train in spare cycles (it would
+        only overfit the past), only in a budget of steps asked for explicitly."""
         untrained = [e for e in self._entries.values() if not e.trained]
         chosen = sorted(untrained, key=lambda e: e.trace.domain not in priority)[:size]  # stable
-        if not chosen:
+        if not chosen and not replay_alone:
             return []
         replayable = [e for e in self._entries.values() if e.trained]
         if len(chosen) < size and replayable:

@@ -127,9 +127,7 @@ class OnlineTrainer:
         if self._busy():
             time.sleep(self.config.pause_seconds)
             return "throttled"
-        self.poll()
-        self.check_drift()
-        if self.train_step() is None:
+        if not self._step():
             if self.pending_acks:  # traffic paused: commit what was trained, so that it is acked now
                 self.checkpoint()
             return "idle"
@@ -138,6 +136,26 @@ class OnlineTrainer:
         if self.state.step % self.config.gate_every == 0:
             self.maybe_publish()
         return "trained"
+
+    def train(self, steps: int) -> GateDecision:
+        """Exactly `steps` training steps now, whatever the servers' load, on what the stream holds
+        (new traces first; once all are trained on, replayed ones), then a checkpoint and the gate:
+        a budget of steps given explicitly, so that what is learnt does not depend on how much idle
+        CPU the trainer happened to get. Fewer steps only when no trace has come at all."""
+        self._sync_live()
+        self.maybe_watch()
+        for _ in range(steps):
+            if not self._step(replay_alone=True):
+                break
+        self.checkpoint()
+        return self.maybe_publish()
+
+    def _step(self, replay_alone: bool = False) -> bool:
+        """Read what waits in the stream, then one training step; False when there was nothing to
+        train on (see `ReplayBuffer.batch` for `replay_alone`)."""
+        self.poll()
+        self.check_drift()
+        return self.train_step(replay_alone) is not None
 
     def _busy(self) -> bool:
         in_flight = sum(load.in_flight + load.queued for load in read_load(self.client))
@@ -175,9 +193,9 @@ class OnlineTrainer:
             log.info("prioritising traces of %s (drift alerts)", sorted(prioritised) or "no domain")
         self.prioritised = prioritised
 
-    def train_step(self) -> float | None:
+    def train_step(self, replay_alone: bool = False) -> float | None:
         entries = self.buffer.batch(
-            self.config.batch_size, self.generator, self.prioritised, self.config.drift_boost
+            self.config.batch_size, self.generator, self.prioritised, self.config.drift_boost, replay_alone
         )
         if not entries:
             return None

@@ -4,7 +4,8 @@
 (greedy or sampled as the request says, its domain in `metadata`), waits for the whole response,
 records what it saw (`Served`), then thinks for `think_seconds` before its next one. The think
 time is the idle time real traffic has; the trainer trains in it. Requests are never retried, so
-every failure is counted.
+every failure is counted. With a `Lockstep`, requests go in windows instead: a window's requests
+start once every request of the one before has ended and the work between windows is done.
 """
 
 from __future__ import annotations
@@ -76,6 +77,41 @@ def send(client: openai.OpenAI, model: str, index: int, request: Request, tagged
     )
 
 
+class Lockstep:
+    """Windows of `size` requests, one after the other: after the last request of a window ends,
+    `between()` runs (on that client's thread) before any request of the next window starts."""
+
+    def __init__(self, size: int, between: Callable[[], None]):
+        if size < 1:
+            raise ValueError(f"a window needs at least one request, got {size}")
+        self.size, self.between = size, between
+        self._ended = 0  # requests ended
+        self._open = 1  # windows whose requests may start
+        self._cond = threading.Condition()
+
+    def admit(self, index: int, stop: threading.Event) -> bool:
+        """Wait until request `index` may start; False when `stop` was set meanwhile."""
+        with self._cond:
+            while index // self.size >= self._open:
+                if stop.is_set():
+                    return False
+                self._cond.wait(0.1)
+        return True
+
+    def ended(self) -> None:
+        """A request ended, served or failed; the one that closes a window runs `between`."""
+        with self._cond:
+            self._ended += 1
+            closes = self._ended % self.size == 0
+        if closes:
+            try:
+                self.between()
+            finally:  # whatever happened between, the next window goes
+                with self._cond:
+                    self._open += 1
+                    self._cond.notify_all()
+
+
 class Clients:
     """The client threads, started by `start`; `stop` makes them finish their current request and
     exit. `on_served` is called (from the client threads) with each result."""
@@ -89,12 +125,13 @@ class Clients:
         think_seconds: float,
         on_served: Callable[[Served], None],
         untagged_every: int = 0,  # every n-th request names no domain (the router's case); 0: none
+        lockstep: Lockstep | None = None,
     ):
         if concurrency < 1 or think_seconds < 0:
             raise ValueError(f"need concurrency >= 1 and think_seconds >= 0: {concurrency}, {think_seconds}")
         self.client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="demo", max_retries=0, timeout=300)
         self.model, self.think_seconds, self.on_served = model, think_seconds, on_served
-        self.untagged_every = untagged_every
+        self.untagged_every, self.lockstep = untagged_every, lockstep
         self._queue = iter(enumerate(requests))
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._threads = [
@@ -113,8 +150,12 @@ class Clients:
     def _run(self) -> None:
         while not self._stop.is_set() and (item := self._next()) is not None:
             index, request = item
+            if self.lockstep is not None and not self.lockstep.admit(index, self._stop):
+                return
             tagged = not self.untagged_every or index % self.untagged_every != 0
             self.on_served(send(self.client, self.model, index, request, tagged))
+            if self.lockstep is not None:
+                self.lockstep.ended()
             self._stop.wait(self.think_seconds)
 
     @property

@@ -120,7 +120,7 @@ def _placed(item: dict, ok: Sequence[Served]) -> dict:
 
 
 def speedup_summary(measured: dict, initial: str, live: str) -> dict:
-    """`benchmarks.speed.rotate`'s result with the ratios to plain decoding."""
+    """`deploy.demo.measure.rotate`'s result with the ratios to plain decoding."""
     per_s = measured["tokens_per_s"]
     return measured | {
         "initial_draft": initial,

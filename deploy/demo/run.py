@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import secrets
@@ -35,29 +36,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
-import torch
 from ray.exceptions import RayError
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-from benchmarks.results import write_report
-from benchmarks.speed import rotate
 from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, DemoModels, build_demo_models, cached
-from deploy.demo.client import Clients, Served
+from deploy.demo.client import Clients, Lockstep, Served
+from deploy.demo.measure import held_out_acceptance, measure_speed
 from deploy.demo.report import acceptance, plot, speedup_summary, summarise, tables
 from deploy.demo.screenshot import dashboard_screenshot
 from deploy.demo.workloads import Phase, WorkloadSpec, request_stream
 from deploy.ray_serve import NAMESPACE, TRAINER_NAME, ActorControl, ServiceConfig
 from deploy.serve import Endpoint, running, stop_on_signals, wait_for_ctrl_c
-from distill.heads import DraftHeads
-from serving.engine import SpecEngine
-from serving.proposers import DraftModelProposer, HeadsProposer, NullProposer
-from serving.server import version_draft
 from store.drift import read_alerts
+from store.load import read_load
 from store.redis_server import open_redis
-from store.registry import DraftVersion, Registry
+from store.registry import Registry
 
 DEFAULT_STATE_DIR = Path.home() / ".cache" / "osd" / "demo-state"
 DRAFT = "draft"  # the registry name the trainer publishes under
@@ -81,6 +77,7 @@ class DemoPlan:
     probe_prompts: int = 8  # the last prompts of the run, for the speed measurement
     held_out_fraction: float = 0.1
     trainer_settings: dict = field(default_factory=dict)
+    train_steps: int | None = None  # lockstep: steps after every window; None: in spare cycles
 
 
 PLANS = {
@@ -123,6 +120,12 @@ def parser() -> argparse.ArgumentParser:
         "--proposer", choices=("draft", "medusa", "hydra"), default="draft", help="what drafts and learns"
     )
     p.add_argument("--adapters", action="store_true", help="a LoRA adapter per domain, and the router")
+    p.add_argument(
+        "--train-steps", type=int, metavar="N",
+        help="lockstep: after every window of requests the clients wait while the trainer trains "
+        "exactly N steps and the replicas take what it publishes (default: the trainer learns in "
+        "spare cycles). A run whose learning does not depend on the machine's load",
+    )  # fmt: skip
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--seed", type=int, default=0, help="the workload's seed")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the demo models live")
@@ -139,6 +142,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         if args.concurrency < 1:
             parser().error(f"--concurrency must be at least 1, got {args.concurrency}")
         plan = dataclasses.replace(plan, concurrency=args.concurrency)
+    if args.train_steps is not None:
+        if args.train_steps < 1:
+            parser().error(f"--train-steps must be at least 1, got {args.train_steps}")
+        # the trainer trains while the clients wait: no think time is needed to leave it CPU
+        plan = dataclasses.replace(plan, train_steps=args.train_steps, think_seconds=0.0)
     console = Console(soft_wrap=True)  # long lines whole, also in logs
     build = 0 if cached(PRESETS[plan.preset], args.cache_dir) else plan.build_minutes
     console.print(
@@ -180,7 +188,8 @@ def demo(args: argparse.Namespace, plan: DemoPlan, console: Console) -> dict:
     with running(config, endpoint, state / "redis", console) as config:
         report = run(plan, models, config, endpoint, args.seed, console)
         if args.json:
-            write_report(args.json, report)
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
             plot(report, args.json.with_suffix(".png"))
             console.print(f"summary: {args.json}; plot: {args.json.with_suffix('.png')}")
         if args.screenshot:
@@ -215,11 +224,17 @@ def run(
         + " -> ".join(f"{p.domain} ({p.requests})" for p in plan.phases)
         + f", {plan.concurrency} clients, {plan.max_new_tokens} tokens each; "
         f"starting from {first}"
-    )
+        + (f"\nLockstep: the trainer trains {plan.train_steps} steps after every {plan.window} requests"
+           if plan.train_steps else "")
+    )  # fmt: skip
     board = Board(plan, len(requests), first, config.adapters)
+    lockstep = None
+    if plan.train_steps:
+        trainer.pause()  # it trains only when told, between windows
+        lockstep = Lockstep(plan.window, lambda: train_between(trainer, registry, client, plan, board))
     clients = Clients(
         endpoint.base_url, config.served_model, requests, plan.concurrency, plan.think_seconds, board.add,
-        untagged_every=4 if config.adapters else 0,
+        untagged_every=4 if config.adapters else 0, lockstep=lockstep,
     )  # fmt: skip
     began = time.time()
     with Live(board.render(), console=console, refresh_per_second=2) as live:
@@ -239,7 +254,11 @@ def run(
     try:
         with console.status("measuring decoding speed: no speculation, starting draft, live draft"):
             prompts = [s.prompt for s in sorted(board.served, key=lambda s: s.end)[-plan.probe_prompts :]]
-            speedup = measure_speed(models, config, plan, registry, ended, prompts)
+            measured = measure_speed(models, config, registry, ended, prompts, plan.max_new_tokens)
+        label = f"{DRAFT}:base" if ended is None else ended.label
+        speedup = speedup_summary(measured, f"{DRAFT}:base", label)
+        with console.status("expected acceptance on the held-out traces: starting draft, live draft"):
+            held_out = None if config.adapters else held_out_acceptance(config, registry, client, ended)
     finally:
         trainer.resume()
     report = summarise(board.served, plan.phases, plan.window, board.events, board.alerts, speedup)
@@ -247,12 +266,14 @@ def run(
         "demo": plan.preset,
         "concurrency": plan.concurrency,
         "think_seconds": plan.think_seconds,
+        "train_steps": plan.train_steps,
         "max_new_tokens": plan.max_new_tokens,
         "k": plan.k,
         "proposer": config.proposer or "draft",
         "replicas": plan.replicas,
         "started_from": first,
         "ended_with": speedup["live_draft"],
+        "held_out": held_out,
     } | report
     for table in tables(report):
         console.print(table)
@@ -264,6 +285,11 @@ def run(
         f"live draft {speedup['live_vs_ar']:.2f}x, starting draft {speedup['initial_vs_ar']:.2f}x "
         f"({speedup['tokens_per_s']['no speculation']:.0f} tokens/s without speculation)."
     )
+    if held_out:
+        console.print(
+            "Expected acceptance on the run's held-out traces, starting -> live draft: "
+            + ", ".join(f"{d} {r['starting']:.2f} -> {r['live']:.2f}" for d, r in held_out.items())
+        )
     return report
 
 
@@ -271,44 +297,22 @@ def _versions(versions: list) -> str:
     return ", ".join(f"v{v}" if isinstance(v, int) else v for v in versions) or "none"
 
 
-def measure_speed(
-    models: DemoModels,
-    config: ServiceConfig,
-    plan: DemoPlan,
-    registry: Registry,
-    live: DraftVersion | None,
-    prompts: list[tuple[int, ...]],
-) -> dict:
-    """Greedy tokens/s on `prompts` with no speculation, the starting draft (or heads) and the live
-    one, in rotation, on one thread as a replica decodes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def train_between(trainer: ActorControl, registry: Registry, client, plan: DemoPlan, board: Board) -> None:
+    """Lockstep, between two windows: the trainer trains `plan.train_steps` steps on what the stream
+    holds and gates; then every replica serves the live version before the next window starts."""
     try:
-        target = AutoModelForCausalLM.from_pretrained(models.target).eval()
-
-        def proposer(version: DraftVersion | None) -> DraftModelProposer | HeadsProposer:
-            """The starting draft (or heads), or with `version` its weights loaded into it."""
-            heads = config.heads
-            if heads:
-                module = DraftHeads.for_target(heads, target)
-            else:
-                module = AutoModelForCausalLM.from_pretrained(models.draft)
-            if version is not None and heads:
-                module.load_state_dict(registry.load(version))
-            elif version is not None:
-                module = version_draft(module, version, registry.load(version))
-            module.eval()
-            return HeadsProposer(module) if heads else DraftModelProposer(module)
-
-        engines = {
-            "no speculation": SpecEngine(target, NullProposer(), 0),
-            "initial draft": SpecEngine(target, proposer(None), plan.k),
-            "live draft": SpecEngine(target, proposer(live), plan.k),
-        }
-        measured = rotate(engines, prompts, plan.max_new_tokens)
-    finally:
-        torch.set_num_threads(threads)
-    return speedup_summary(measured, f"{DRAFT}:base", f"{DRAFT}:base" if live is None else live.label)
+        status = trainer.train(plan.train_steps)
+        board.trainer = f"{status['state']}, step {status['step']}, {status['trained_traces']} traces"
+        live = registry.live(DRAFT)  # none with adapters: the base draft serves until they come
+        if live is None:
+            return
+        deadline = time.monotonic() + 60
+        while {load.draft_version for load in read_load(client)} != {live.label}:
+            if time.monotonic() > deadline:  # a replica slow to swap: the next window goes on
+                break
+            time.sleep(0.05)
+    except (redis.RedisError, RayError) as err:
+        board.trainer = f"not answering ({type(err).__name__})"
 
 
 class Board:
