@@ -87,7 +87,8 @@ class MetricsRecorder:
         self.client, self.config = client, config
         self.flush_errors = 0
         self._pending: dict[tuple[int, str, str], Counter] = defaultdict(Counter)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _pending; record() takes only this one
+        self._flushing = threading.Lock()  # one flush at a time (see flush)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="metrics-flush", daemon=True)
         self._thread.start()
@@ -104,7 +105,13 @@ class MetricsRecorder:
             self._pending[start, version, domain].update(counters)
 
     def flush(self) -> bool:
-        """Write the accumulated counters now; False (and they are kept) when Redis fails."""
+        """Write the accumulated counters now; False (and they are kept) when Redis fails. Flushes
+        run one at a time, so a True means that every counter recorded before the call is in Redis,
+        those a concurrent flush (the background one) had already taken included."""
+        with self._flushing:
+            return self._flush()
+
+    def _flush(self) -> bool:
         with self._lock:
             pending, self._pending = self._pending, defaultdict(Counter)
         if not pending:

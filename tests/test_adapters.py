@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from polling import wait_for
+from polling import PATIENCE, wait_for
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deploy.demo.workloads import fixed_prompts
@@ -73,7 +73,8 @@ def test_busy_domains_get_adapters_that_beat_the_shared_draft_there_and_serve_on
     target, draft = (str(model_dirs["llama"][name]) for name in ("target", "small"))
     stream = StreamConfig(stream="t:adapters", held_out_fraction=0.25)
     metrics = MetricsConfig(prefix="t:adapters:metrics", flush_seconds=0.05)
-    engine, writer = SpecEngine.from_pretrained(target), TraceWriter(redis_client, stream)
+    # One writer thread: the traces land in the order they were made, so training is reproducible.
+    engine, writer = SpecEngine.from_pretrained(target), TraceWriter(redis_client, stream, writers=1)
     rng = np.random.default_rng(0)
 
     def prompt(domain: str) -> list[int]:
@@ -85,6 +86,7 @@ def test_busy_domains_get_adapters_that_beat_the_shared_draft_there_and_serve_on
         ids = prompt(domain)
         out = engine.generate(ids, 24, temperature=1.0, seed=i, stop_token_ids=[], top_logprobs=16)
         writer.append(trace_of(f"req-{i}", domain, "tiny-llama", "draft:base", ids, out, {}))
+    assert writer.flush(timeout=PATIENCE)
     writer.close()
     policy = AdapterPolicy(min_traces=20, lora=LORA, router=RouterConfig(refit_every=20, min_held_out=8))
     config = TrainerConfig(
@@ -110,7 +112,7 @@ def test_busy_domains_get_adapters_that_beat_the_shared_draft_there_and_serve_on
         for domain in ("low", "high"):  # each domain's requests, and only they, get its adapter
             assert served(replica, prompt(domain), domain).draft_version.startswith(f"draft/{domain}:")
         assert served(replica, prompt("low"), "other").draft_version == "draft:base"  # no adapter
-        wait_for(lambda: replica.status()["router"] is not None, timeout=10)  # learnt from the tags
+        wait_for(lambda: replica.status()["router"] is not None)  # learnt from the tags
         for domain in ("low", "high"):
             routed = {served(replica, prompt(domain)).draft_version.split(":")[0] for _ in range(5)}
             assert routed == {f"draft/{domain}"}
@@ -124,12 +126,12 @@ def test_a_swap_of_one_domains_adapter_leaves_the_others_untouched(tiny_replica,
     registry, extra = Registry(redis_client), {"lora": dataclasses.asdict(LORA)}
     registry.publish("draft", adapter(models, 1), domain="python", kind="lora", extra=extra)
     registry.publish("draft", adapter(models, 2), domain="c", kind="lora", extra=extra)
-    wait_for(lambda: len(replica.status()["adapters"]) == 2, timeout=10)
+    wait_for(lambda: len(replica.status()["adapters"]) == 2)
     c_prompt = prompts(models, "c", 1, seed=4)[0]
     before = served(replica, c_prompt, "c", tokens=12)
     engine = replica._adapters["c"].proposer
     registry.publish("draft", adapter(models, 3), domain="python", kind="lora", extra=extra)
-    wait_for(lambda: replica.status()["adapters"]["python"] == "draft/python:v2", timeout=10)
+    wait_for(lambda: replica.status()["adapters"]["python"] == "draft/python:v2")
     after = served(replica, c_prompt, "c", tokens=12)
     assert replica._adapters["c"].proposer is engine  # the c adapter was not touched
     assert (after.draft_version, after.generation.stats) == (before.draft_version, before.generation.stats)
@@ -147,7 +149,7 @@ def test_a_corrupt_adapter_or_router_is_refused_and_the_shared_draft_serves(
         router = DomainRouter(["c", "python"], RouterSpec(buckets=64))
         extra = router.metadata() | {"domains": ["c"]}
         registry.publish(ROUTER, router.state_dict(), kind="router", extra=extra)
-        wait_for(lambda: replica.refused == 2, timeout=10)
+        wait_for(lambda: replica.refused == 2)
     assert "refused draft draft/c:v1, serving draft:base on" in caplog.text
     assert "refused router router:v1" in caplog.text
     assert replica.status()["adapters"] == {} and replica.status()["router"] is None

@@ -32,8 +32,9 @@ def setup(tiny_demo, redis_server, redis_client, tmp_path):
     )  # fmt: skip
     replica = Replica(config, redis_client)
     trainer_config = TrainerConfig(
-        checkpoint_dir=tmp_path / "ckpt", torch_threads=torch.get_num_threads(), max_seq_len=replica.context
-    )
+        checkpoint_dir=tmp_path / "ckpt", torch_threads=torch.get_num_threads(), max_seq_len=replica.context,
+        sched_idle=False, niceness=0,  # pause() waits for its step: that must not hang on idle CPU
+    )  # fmt: skip
     trainer = Trainer(
         trainer_config, str(models.draft), redis_server.url, "trainer-admin", StreamConfig(stream="t:admin")
     )

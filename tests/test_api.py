@@ -102,7 +102,7 @@ def test_a_drop_in_a_domain_s_acceptance_is_an_alert_in_json_and_in_metrics(serv
     for i in range(100):  # ~17 minutes of history, then acceptance falls from 0.6 to 0.2
         accepted = 180 if i < 90 else 60
         recorder.record("draft:v1", "shift", Counter(accepted=accepted, drafted=300), at=now - (100 - i) * 10)
-    recorder.flush()
+    assert recorder.flush()  # in Redis now, whatever the background flush was doing
     alerts = client.get("/alerts").json()["alerts"]
     (drop,) = [a for a in alerts if a["domain"] == "shift"]
     assert "new_domain" not in {a["kind"] for a in alerts}  # no adapters: the shared draft serves all

@@ -81,7 +81,7 @@ def test_the_page_its_script_and_its_data(client):
         "metadata": {"domain": "py"},
     }
     assert http.post("/v1/completions", json=body).status_code == 200
-    replica.recorder.flush()
+    assert replica.recorder.flush()  # the request's counters, recorded before its reply, are in Redis
     data = http.get("/dashboard/data", params={"range": "5m"}).json()
     assert data["store"] == "ok" and data["range"] == "5m"
     assert data["overall"][-1]["requests"] >= 1 and "py" in data["by_domain"]
@@ -90,7 +90,7 @@ def test_the_page_its_script_and_its_data(client):
     assert versions == [("draft/c:v1", "candidate"), ("draft:v1", "live")]
     assert data["domain"] == "-" and data["trainer"] is None
     # The speedup model's k and c come from the replicas' heartbeats: k = 2 here, c measured.
-    assert wait_for(lambda: "speculation" in http.get("/dashboard/data").json(), timeout=10)
+    assert wait_for(lambda: "speculation" in http.get("/dashboard/data").json())
     data = http.get("/dashboard/data", params={"range": "5m"}).json()
     k, c = data["speculation"]["k"], data["speculation"]["c"]
     assert k == 2 and c == replica.cost_ratio > 0

@@ -11,7 +11,10 @@ from collections import Counter
 import httpx
 import pytest
 from http_server import serving
+from polling import PATIENCE
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -52,24 +55,26 @@ def test_the_dashboard_renders_data_markers_alerts_and_guards_rollback(site, bro
     for i in range(4):
         body = {"model": "demo", "prompt": f"def f{i}():", "max_tokens": 12, "temperature": 0,
                 "metadata": {"domain": "python"}}  # fmt: skip
-        assert httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code == 200
+        assert httpx.post(f"{base}/v1/completions", json=body, timeout=PATIENCE).status_code == 200
     now = time.time()  # a forced domain shift: "shift" acceptance falls from 0.6 to 0.2
     for i in range(100):
         accepted = 180 if i < 90 else 60
         replica.recorder.record(
             "draft:v1", "shift", Counter(accepted=accepted, drafted=300), at=now - (100 - i) * 10
         )
-    replica.recorder.flush()
+    assert replica.recorder.flush()
 
     browser.get(f"{base}/dashboard")
-    wait = WebDriverWait(browser, 30)
+    # The page redraws every 3 s, replacing its elements: an element found in one drawing may be
+    # gone by the next command, so a stale one is looked up again.
+    wait = WebDriverWait(browser, PATIENCE, ignored_exceptions=(StaleElementReferenceException,))
     wait.until(lambda d: count(d, "#acceptance .point") > 0 and count(d, "#throughput .point") > 0)
     assert count(browser, "#acceptance .marker-publish") == 1  # the publish, with its tooltip
     wait.until(lambda d: count(d, '#alerts .alert[data-kind="drop"]') == 1)
     assert "shift" in browser.find_element(By.CSS_SELECTOR, "#alerts").text
     browser.save_screenshot(str(tmp_path / "dashboard.png"))
 
-    browser.find_element(By.ID, "rollback").click()  # no token typed
-    browser.switch_to.alert.accept()  # "Roll back the live draft version...?"
+    wait.until(lambda d: d.find_element(By.ID, "rollback").click() or True)  # no token typed
+    wait.until(expected_conditions.alert_is_present()).accept()  # "Roll back the live draft version...?"
     wait.until(lambda d: "refused (401)" in d.find_element(By.ID, "message").text)
     assert Registry(replica.client).live_version("draft") == 1  # nothing rolled back

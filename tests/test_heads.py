@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from polling import wait_for
+from polling import PATIENCE, wait_for
 from safetensors.torch import load, save
 from transformers import AutoModelForCausalLM
 
@@ -118,7 +118,7 @@ def test_hidden_states_are_those_that_gave_each_token_and_sampled_traces_carry_t
     config = ReplicaConfig(target=str(target_dir), hidden_fraction=1.0, stream=stream, replica_id="r-hidden")
     replica = Replica(config, redis_client)
     asyncio.run(replica.complete(Request(PROMPT, 12, stop_token_ids=[])))
-    replica.close()
+    replica.close(timeout=PATIENCE)  # its trace written (the timeout only guards a hang)
     (delivery,) = TraceReader(redis_client, "c", stream).read(count=10)
     assert delivery.trace.hidden.dtype == np.float16
     assert np.allclose(delivery.trace.hidden, out.hidden.numpy(), atol=1e-2)
@@ -169,11 +169,11 @@ def test_a_heads_replica_serves_losslessly_and_swaps_in_published_heads_only(red
     registry, spec = Registry(redis_client), replica.base_heads.spec
     trained = random_heads(AutoModelForCausalLM.from_pretrained(target_dir), "hydra").state_dict()
     registry.publish("draft", trained, kind="heads", extra={"heads": dataclasses.asdict(spec)})
-    assert wait_for(lambda: replica.draft_version == "draft:v1", timeout=10)
+    assert wait_for(lambda: replica.draft_version == "draft:v1")
     assert served() == (expected, "draft:v1")  # new heads, the target's own output
     draft_model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]["small"]).state_dict()
     registry.publish("draft", draft_model)  # a draft model's weights: not for a heads replica
-    assert wait_for(lambda: replica.refused == 1, timeout=10)
+    assert wait_for(lambda: replica.refused == 1)
     assert served() == (expected, "draft:v1")
     replica.close()
 
@@ -185,12 +185,14 @@ def test_the_online_trainer_learns_gates_and_publishes_heads_skipping_traces_wit
     target.save_pretrained(tmp_path / "target")
     engine = SpecEngine(target, NullProposer(), 0)
     stream = StreamConfig(stream="t:heads-trainer", held_out_fraction=0.25)
-    writer, generator = TraceWriter(redis_client, stream), torch.Generator().manual_seed(1)
+    # One writer thread: the traces land in the order they were made, so training is reproducible.
+    writer, generator = TraceWriter(redis_client, stream, writers=1), torch.Generator().manual_seed(1)
     for i in range(100):
         prompt = torch.randint(0, 128, (6,), generator=generator).tolist()
         out = engine.generate(prompt, 20, temperature=1.0, seed=i, stop_token_ids=[], top_logprobs=16,
                               hidden_states=i % 10 != 0)  # fmt: skip
         writer.append(trace_of(f"req-{i}", "code", "tiny", "draft:v1", prompt, out, {}))
+    assert writer.flush(timeout=PATIENCE)
     writer.close()
     config = TrainerConfig(
         heads=HeadsSpec("hydra", 3), checkpoint_dir=tmp_path / "ckpt", batch_size=8, learning_rate=1e-2,
@@ -231,17 +233,18 @@ def test_the_demo_measures_the_speed_of_published_heads(tiny_demo, redis_client)
     """`osd demo --proposer hydra`'s closing measurement rebuilds the starting and the live heads
     (and `rotate` checks that their outputs are plain decoding's)."""
     from deploy.demo.build import build_demo_models
-    from deploy.demo.run import PLANS, measure_speed
+    from deploy.demo.measure import measure_speed
+    from deploy.demo.report import speedup_summary
     from deploy.ray_serve import ServiceConfig
 
     models = build_demo_models(TINY_DEMO, tiny_demo)
     config = ServiceConfig(target=str(models.target), proposer="hydra", k=2)
-    plan = dataclasses.replace(PLANS["quick"], max_new_tokens=6)
     target = AutoModelForCausalLM.from_pretrained(models.target)
     registry = Registry(redis_client)
     weights = random_heads(target, "hydra", num_heads=2).state_dict()
     extra = {"heads": {"kind": "hydra", "num_heads": 2}}
     live = registry.publish("draft", weights, kind="heads", extra=extra)
-    speed = measure_speed(models, config, plan, registry, live, [PROMPT, PROMPT[:4]])
+    measured = measure_speed(models, config, registry, live, [PROMPT, PROMPT[:4]], max_new_tokens=6)
+    speed = speedup_summary(measured, "draft:base", live.label)  # as `osd demo` reports it
     assert set(speed["tokens_per_s"]) == {"no speculation", "initial draft", "live draft"}
     assert speed["live_draft"] == "draft:v1" and speed["live_vs_ar"] > 0

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import time
+import threading
 
 import pytest
 import torch
-from polling import wait_for
+from polling import PATIENCE, wait_for
 from transformers import AutoModelForCausalLM
 
 from distill.lora import LoraSpec, adapter_weights, wrap_lora
@@ -71,7 +71,7 @@ def test_a_request_is_served_traced_metered_and_its_load_published(redis_client,
             == [("r-test", "draft:base")]
         )
     )
-    server.close()
+    server.close(timeout=PATIENCE)  # its trace and metrics written (the timeout only guards a hang)
     assert read_load(redis_client) == []  # a closed replica's heartbeat goes at once
     (delivery,) = TraceReader(redis_client, "c", STREAM).read(count=10)
     assert delivery.trace.domain == "python" and delivery.trace.draft_versions == ("draft:base",)
@@ -98,25 +98,45 @@ def test_bad_requests_are_refused_and_the_replica_goes_on(redis_client, model_di
     server.close()
 
 
-def test_a_full_queue_refuses_and_an_abandoned_request_frees_the_decoder(redis_client, model_dirs):
+def test_a_full_queue_refuses_and_an_abandoned_request_frees_the_decoder(
+    redis_client, model_dirs, monkeypatch
+):
     server = replica(redis_client, model_dirs, max_queue=1, max_batch=1)  # one decodes, one waits
+    # The decode thread takes the long request's first step, then holds before its second until
+    # the test has filled the queue and hung up: the long request cannot finish first, however fast
+    # the decoder runs, and every step taken after the hang-up is counted (engine.steps).
+    first_taken, go_on, step = threading.Event(), threading.Event(), server.engine.step
+
+    def held_step(*args, **kwargs):
+        if first_taken.is_set():
+            go_on.wait()
+        first_taken.set()
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(server.engine, "step", held_step)
 
     async def run():
         long = server.stream(Request(PROMPT, 200, stop_token_ids=[]))
         await anext(long)  # decoding now: the queue is empty again
         waiting = asyncio.ensure_future(server.complete(Request(PROMPT, 3, stop_token_ids=[])))
-        await asyncio.sleep(0.05)  # queued behind the long one
+        await asyncio.to_thread(wait_for, lambda: server.status()["queued"] == 1)  # behind the long one
         with pytest.raises(ServerBusyError):
             await server.complete(Request(PROMPT, 3))
-        began = time.perf_counter()
+        steps = server.engine.steps
         await long.aclose()  # the client went away
+        go_on.set()
         finished = await waiting
-        return finished, time.perf_counter() - began
+        return finished, server.engine.steps - steps
 
-    finished, seconds = asyncio.run(run())
-    assert len(finished.generation.token_ids) == 3
-    assert seconds < 5  # the 200-token request stopped at its next step
-    server.close()
+    try:
+        finished, steps = asyncio.run(run())
+    finally:
+        go_on.set()
+    assert len(finished.generation.token_ids) == 3 and finished.generation.stats.steps <= 3
+    # The long request took the step it was held before, then left: 200 tokens would take at
+    # least 50 steps at k = 3.
+    assert steps == 1 + finished.generation.stats.steps
+    server.close(timeout=PATIENCE)
     traces = TraceReader(redis_client, "c", STREAM).read(count=10)
     assert [len(d.trace.output_ids) for d in traces] == [3]  # the abandoned request left no trace
 
@@ -139,7 +159,7 @@ def test_concurrent_requests_share_steps_and_each_gets_its_own_greedy_output(red
         assert finished.generation.token_ids == expected
     again = asyncio.run(server.complete(requests[5]))  # alone now: the seed gives the same sample
     assert again.generation.token_ids == results[5].generation.token_ids
-    assert server.status()["in_flight"] == 0
+    wait_for(lambda: server.status()["in_flight"] == 0)  # counted out just after its caller heard
     server.close()
 
 

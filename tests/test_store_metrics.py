@@ -16,6 +16,8 @@ from store.metrics import (
     request_counters,
 )
 
+NEVER = 24 * 3600.0  # seconds: a background flush that never comes during a test; tests flush
+
 
 def counters(drafted: int, accepted: int, ttft: float = 0.02, tpot: float = 0.005):
     steps, first = 4, min(accepted, 4)
@@ -32,7 +34,7 @@ def test_latency_bins_cover_the_range():
 
 
 def test_recorded_requests_come_back_per_bucket_version_and_domain(redis_client):
-    config = MetricsConfig(prefix="m:test", bucket_seconds=10, flush_seconds=60)
+    config = MetricsConfig(prefix="m:test", bucket_seconds=10, flush_seconds=NEVER)
     recorder = MetricsRecorder(redis_client, config)
     t0 = int(time.time()) // 10 * 10 - 3600  # an hour ago: inside the retention window
     recorder.record("v1", "python", counters(8, 4), at=t0)
@@ -63,18 +65,19 @@ def test_recorded_requests_come_back_per_bucket_version_and_domain(redis_client)
 
 
 def test_buckets_past_retention_leave_the_index(redis_client):
+    # An hour of retention: far more than any pause between recording, flushing and reading.
     config = MetricsConfig(
-        prefix="m:old", bucket_seconds=10, rollup_seconds=30, retention_seconds=60, flush_seconds=60
+        prefix="m:old", bucket_seconds=10, rollup_seconds=30, retention_seconds=3600, flush_seconds=NEVER
     )
     recorder = MetricsRecorder(redis_client, config)
-    recorder.record("v1", "c", counters(4, 2), at=time.time() - 3600)
+    recorder.record("v1", "c", counters(4, 2), at=time.time() - 10 * 3600)
     recorder.record("v1", "c", counters(4, 2))
     recorder.close()
     assert len(read_series(redis_client, config)) == len(read_series(redis_client, config, rollup=True)) == 1
 
 
 def test_counters_survive_a_failed_flush(redis_client):
-    config = MetricsConfig(prefix="m:retry", flush_seconds=60)
+    config = MetricsConfig(prefix="m:retry", flush_seconds=NEVER)
     recorder = MetricsRecorder(redis_client, config)
     recorder.record("v1", "c", counters(4, 1))
     pool = redis_client.connection_pool
@@ -89,7 +92,7 @@ def test_counters_survive_a_failed_flush(redis_client):
 
 
 def test_separator_in_labels_is_refused(redis_client):
-    recorder = MetricsRecorder(redis_client, MetricsConfig(prefix="m:bad", flush_seconds=60))
+    recorder = MetricsRecorder(redis_client, MetricsConfig(prefix="m:bad", flush_seconds=NEVER))
     with pytest.raises(ValueError, match="may not contain"):
         recorder.record("v|1", "c", counters(1, 1))
     recorder.close()

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 import redis
+from polling import PATIENCE
 
 from store.redis_server import LocalRedis, RedisConfig, RedisUnavailableError, connect, free_port, open_redis
 
@@ -16,16 +17,16 @@ def test_missing_binary_names_the_install_command():
 
 
 def test_local_server_binds_loopback_persists_with_aof_and_stops(tmp_path):
-    server = LocalRedis(data_dir=tmp_path).start()
+    server = LocalRedis(data_dir=tmp_path).start(timeout=PATIENCE)
     client = server.client()
     config = client.config_get("*")
     assert config["bind"].startswith("127.0.0.1") and config["appendonly"] == "yes"
     assert config["appendfsync"] == "everysec"
     client.set("kept", "yes")
-    server.stop()  # a clean shutdown fsyncs the AOF
+    server.stop(timeout=PATIENCE)  # a clean shutdown fsyncs the AOF (the timeout only guards a hang)
     with pytest.raises(redis.ConnectionError):
         client.ping()
-    server.start()
+    server.start(timeout=PATIENCE)
     assert client.get("kept") == b"yes"
     server.close()
     assert (tmp_path / "appendonlydir").exists()  # a caller-owned data dir is left in place
@@ -71,5 +72,5 @@ def test_rediss_url_connects_over_tls(tmp_path):
     with LocalRedis(extra_args=tls):
         client = open_redis(f"rediss://127.0.0.1:{tls_port}/0", ssl_ca_certs=str(cert))
         assert client.ping()
-        with pytest.raises(redis.ConnectionError):  # plain text to the TLS port fails
-            open_redis(f"redis://127.0.0.1:{tls_port}/0", socket_timeout=1).ping()
+        with pytest.raises(redis.ConnectionError):  # plain text to the TLS port: the server hangs up
+            open_redis(f"redis://127.0.0.1:{tls_port}/0", socket_timeout=PATIENCE).ping()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 import torch
 from polling import wait_for
 
 from store.registry import (
+    ALL_DOMAINS,
     EVENTS_CHANNEL,
     CorruptWeightsError,
     LiveWatcher,
@@ -22,6 +22,25 @@ from store.registry import (
 def weights(seed: int, size: int = 64) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return {"embed.weight": torch.randn(size, 8, generator=gen), "norm.weight": torch.ones(8) * seed}
+
+
+NEVER = 3600.0  # seconds: a watcher poll that never comes during a test, so only pub/sub can tell
+
+
+def listeners(client) -> set[str]:
+    """The ids of the connections subscribed to a channel (in these tests, the registry's): a
+    publish after one is listed here reaches it. Ids are never reused, so a new one is new."""
+    return {c["id"] for c in client.client_list(_type="pubsub") if int(c["sub"]) > 0}
+
+
+class CountingRegistry(Registry):
+    """A registry that counts its look-ups of the live version: one per domain a watcher checks."""
+
+    looks = 0
+
+    def live_version(self, name: str, domain: str = ALL_DOMAINS) -> int | None:
+        self.looks += 1
+        return super().live_version(name, domain)
 
 
 def assert_weights_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -133,31 +152,37 @@ def test_a_concurrent_reader_never_sees_a_half_written_version(redis_client):
 
     thread = threading.Thread(target=read_live)
     thread.start()
-    for seed in range(1, 15):
-        if seed % 5 == 0:
-            registry.rollback("draft")
-        else:
-            registry.publish("draft", weights(seed, size=2048))
-    done.set()
-    thread.join()
+    live = [1]
+    try:
+        for seed in range(1, 15):
+            if seed % 5 == 0:
+                live.append(registry.rollback("draft").version)
+            else:
+                live.append(registry.publish("draft", weights(seed, size=2048)).version)
+            # The reader loads each version while the next one is being written.
+            wait_for(lambda v=live[-1]: v in seen or errors)
+    finally:
+        done.set()
+        thread.join()
     assert not errors, errors[:3]
-    assert len(seen) > 1
+    assert seen == set(live)
 
 
 def test_publish_announces_and_the_watcher_follows_live(redis_client):
     registry = Registry(redis_client)
     pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    before = listeners(redis_client)
     pubsub.subscribe(EVENTS_CHANNEL)
+    (ours,) = wait_for(lambda: listeners(redis_client) - before)
     changes: list[int] = []
     registry.publish("draft", weights(1))
-    watcher = LiveWatcher(registry, "draft", lambda meta: changes.append(meta.version), poll_seconds=30)
+    watcher = LiveWatcher(registry, "draft", lambda meta: changes.append(meta.version), poll_seconds=NEVER)
     wait_for(lambda: changes == [1])  # the version live at start-up
-    start = time.monotonic()
+    wait_for(lambda: listeners(redis_client) - before - {ours})  # the watcher listens
     registry.publish("draft", weights(2))
-    wait_for(lambda: changes == [1, 2])
-    assert time.monotonic() - start < 5  # by pub/sub: the 30 s poll never ran
+    wait_for(lambda: changes == [1, 2])  # by pub/sub: its first poll is an hour away
     watcher.stop()
-    event = json.loads(next_message(pubsub)["data"])
+    event = json.loads(wait_for(pubsub.get_message)["data"])
     assert (event["event"], event["version"], event["previous"]) == ("publish", 1, None)
 
 
@@ -171,11 +196,14 @@ def test_a_refused_version_is_not_offered_again_and_watching_goes_on(redis_clien
             raise CorruptWeightsError("refused")
 
     registry.publish("draft", weights(1))
-    watcher = LiveWatcher(registry, "draft", refuse_two, poll_seconds=0.05)
+    watched = CountingRegistry(redis_client)
+    watcher = LiveWatcher(watched, "draft", refuse_two, poll_seconds=0.05)
     wait_for(lambda: offered == [1])  # the version live at start-up
     registry.publish("draft", weights(2))
     wait_for(lambda: offered == [1, 2])
-    time.sleep(0.2)  # several polls
+    looks = watched.looks
+    wait_for(lambda: watched.looks >= looks + 3)  # three more looks at the live version, still 2
+    assert offered == [1, 2]
     registry.publish("draft", weights(3))
     wait_for(lambda: offered == [1, 2, 3])
     watcher.stop()
@@ -195,23 +223,16 @@ def test_a_watcher_of_every_domain_sees_each_domains_changes(redis_client):
     registry = Registry(redis_client)
     seen: list[str] = []
     registry.publish("draft", weights(1))
-    watcher = LiveWatcher(registry, "draft", lambda m: seen.append(m.label), domain=None, poll_seconds=30)
+    before = listeners(redis_client)
+    watcher = LiveWatcher(registry, "draft", lambda m: seen.append(m.label), domain=None, poll_seconds=NEVER)
     wait_for(lambda: seen == ["draft:v1"])
+    wait_for(lambda: listeners(redis_client) - before)  # the watcher listens: only pub/sub tells it below
     registry.publish("draft", weights(2), domain="c")  # a domain that did not exist at start-up
     wait_for(lambda: seen == ["draft:v1", "draft/c:v1"])
     registry.publish("draft", weights(3), domain="python")
     wait_for(lambda: seen[-1] == "draft/python:v1")
     assert sorted(seen) == ["draft/c:v1", "draft/python:v1", "draft:v1"]
     watcher.stop()
-
-
-def next_message(pubsub, timeout: float = 5.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        message = pubsub.get_message(timeout=0.1)
-        if message is not None:
-            return message
-    raise AssertionError("no message")
 
 
 def test_publishes_rollbacks_and_rejections_are_kept_in_a_history(redis_client):

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
-import time
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from polling import PATIENCE, wait_for
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from store.redis_server import LocalRedis
 from store.traces import (
@@ -18,6 +23,7 @@ from store.traces import (
     TraceDecodeError,
     TraceReader,
     TraceWriter,
+    WriterStats,
     decode,
     encode,
     is_held_out,
@@ -101,7 +107,7 @@ def test_a_bad_trace_fails_in_the_caller_and_the_writer_goes_on(redis_client):
     with pytest.raises(ValueError):
         writer.append(Trace(**{**trace.__dict__, "top_ids": trace.top_ids[:-1]}))
     writer.append(trace)
-    writer.close()
+    writer.close(timeout=PATIENCE)
     assert writer.stats().written == 1 and redis_client.xlen(config.stream) == 1
 
 
@@ -135,7 +141,7 @@ def test_writer_and_reader_round_trip_through_redis(redis_client):
     traces = [make_trace(i, hidden=8 if i % 2 else None) for i in range(50)]
     for trace in traces:
         writer.append(trace)
-    assert writer.flush()
+    assert writer.flush(timeout=PATIENCE)
     writer.close()
     assert writer.stats().written == 50 and writer.stats().dropped == 0
 
@@ -150,19 +156,25 @@ def test_writer_and_reader_round_trip_through_redis(redis_client):
     assert reader.backlog().pending == 0 and reader.read(count=10) == []
 
 
+def idle_pending(client, config: StreamConfig, idle_ms: int) -> int:
+    """How many of the group's pending entries have been idle (not delivered again) for idle_ms.
+    Redis measures idle time on its own clock since the last delivery, so it only grows."""
+    return len(client.xpending_range(config.stream, config.group, "-", "+", 100, idle=idle_ms))
+
+
 def test_a_dead_consumers_batch_is_claimed_and_nothing_acked_is_lost(redis_client):
     config = StreamConfig(stream="t:claim")
     writer = TraceWriter(redis_client, config)
     for i in range(30):
         writer.append(make_trace(i))
-    writer.close()
+    writer.close(timeout=PATIENCE)
 
     dead = TraceReader(redis_client, "dead", config, claim_idle_ms=50)
     first = dead.read(count=10)
     dead.ack([d.entry_id for d in first[:4]])  # committed 4, then died mid-batch holding 6
 
     survivor = TraceReader(redis_client, "survivor", config, claim_idle_ms=50)
-    time.sleep(0.1)  # the dead consumer's entries go idle
+    wait_for(lambda: idle_pending(redis_client, config, 50) == 6)  # the dead one's entries are claimable
     trained: list[str] = []
     while batch := survivor.read(count=8):
         trained += [d.trace.request_id for d in batch]
@@ -178,7 +190,7 @@ def test_a_restarted_consumer_reads_its_own_pending_entries_first(redis_client):
     writer = TraceWriter(redis_client, config)
     for i in range(5):
         writer.append(make_trace(i))
-    writer.close()
+    writer.close(timeout=PATIENCE)
     before = TraceReader(redis_client, "trainer-0", config).read(count=3)
     after = TraceReader(redis_client, "trainer-0", config).read(count=10)  # same name, new process
     assert [d.entry_id for d in after[:3]] == [d.entry_id for d in before]
@@ -199,7 +211,7 @@ def test_unknown_schema_and_pickle_entries_are_skipped_counted_and_never_execute
     redis_client.xadd(config.stream, {b"data": payload})
     writer = TraceWriter(redis_client, config)
     writer.append(make_trace(7))
-    writer.close()
+    writer.close(timeout=PATIENCE)
 
     reader = TraceReader(redis_client, "c", config)
     got = reader.read(count=10)
@@ -216,7 +228,7 @@ def test_trimming_counts_every_entry_the_trainer_had_not_processed(redis_client)
         writer = TraceWriter(redis_client, config, trim_every=10**9)  # trim only when told
         for i in range(30):
             writer.append(make_trace(i))
-        assert writer.flush()
+        assert writer.flush(timeout=PATIENCE)
         reader = TraceReader(redis_client, "c", config)
         delivered = reader.read(count=10)
         reader.ack([d.entry_id for d in delivered[:6]])  # 6 acked, 4 pending, 20 never delivered
@@ -226,7 +238,7 @@ def test_trimming_counts_every_entry_the_trainer_had_not_processed(redis_client)
         assert lost == 14  # the oldest 20: 6 acked, then 4 pending and 10 never delivered
         for i in range(30, 40):
             writer.append(make_trace(i))
-        assert writer.flush()
+        assert writer.flush(timeout=PATIENCE)
         assert writer.trim() == (10, 10)  # 10 never delivered; the 4 pending are not counted twice
         writer.close()
     finally:
@@ -234,36 +246,65 @@ def test_trimming_counts_every_entry_the_trainer_had_not_processed(redis_client)
     assert reader.backlog().trimmed_unprocessed == 24
 
 
+def counts(stats: WriterStats) -> dict[str, int]:
+    """A writer's accounting: every appended trace is written, dropped or still queued."""
+    return {name: getattr(stats, name) for name in ("appended", "written", "dropped", "queued")}
+
+
 def test_appending_never_blocks_while_redis_is_down_and_resumes_after_restart(tmp_path):
+    """Redis first hangs (SIGSTOP: no reply ever comes, so an append that waited on it would never
+    return), then crashes (SIGKILL) and restarts from its AOF. Every append returns while it hangs;
+    the writer keeps the newest queue_cap traces, counts each one it dropped, and writes the kept
+    ones once Redis is back."""
     config = StreamConfig(stream="t:outage")
-    with LocalRedis(data_dir=tmp_path / "redis") as server:
-        client = server.client(socket_timeout=1.0)
-        writer = TraceWriter(client, config, queue_cap=50, retry_seconds=(0.02, 0.2))
+    # appendfsync always: Redis writes and fsyncs the AOF before it replies, so every write that
+    # flush() saw acknowledged survives the crash.
+    with LocalRedis(data_dir=tmp_path / "redis", extra_args=["--appendfsync", "always"]) as server:
+        # The writer's connection has no socket timeout, so a hung Redis holds its write for good,
+        # and no retries inside redis-py, so every failed write is one of the writer's own.
+        client = server.client(socket_timeout=None, retry=Retry(NoBackoff(), 0))
+        assert client.config_get("appendfsync")["appendfsync"] == "always"
+        # One writer thread: at most one batch is in flight, so what it keeps is exact.
+        writer = TraceWriter(client, config, queue_cap=50, writers=1, retry_seconds=(0.02, 0.2))
         for i in range(20):
             writer.append(make_trace(i))
-        assert writer.flush()
-        time.sleep(1.2)  # appendfsync everysec: let the AOF catch up before the crash
+        assert writer.flush(timeout=PATIENCE)  # acknowledged, so in the AOF
 
-        server.kill()
-        latencies = []
-        for i in range(20, 220):
-            start = time.perf_counter()
-            writer.append(make_trace(i))
-            latencies.append(time.perf_counter() - start)
-        time.sleep(0.3)
-        stats = writer.stats()
-        assert max(latencies) < 0.01, max(latencies)  # a queue append, never a Redis round trip
-        assert not stats.connected and stats.write_errors > 0
-        assert stats.dropped >= 150 and stats.queued <= 50
+        returned: list[int] = []
 
-        server.start()  # same port, same data directory: recovers from the AOF
-        assert writer.flush(timeout=15)
-        writer.close()
+        def append_the_rest() -> None:
+            for i in range(20, 220):
+                writer.append(make_trace(i))
+                returned.append(i)
+
+        os.kill(server.process.pid, signal.SIGSTOP)  # hung: it accepts bytes and never answers
+        try:
+            appender = threading.Thread(target=append_the_rest, daemon=True)
+            appender.start()
+            appender.join(PATIENCE)  # a guard: an append that waited on Redis would hang here
+            assert len(returned) == 200, "an append waited on a Redis that never answers"
+            stats = writer.stats()
+            assert (stats.appended, stats.written, stats.write_errors) == (220, 20, 0)  # nothing answered
+            assert stats.written + stats.dropped + stats.queued == stats.appended
+        finally:
+            server.kill()  # the crash: the write it held fails, and so does every retry until start()
+
+        # After the first failed write the queue holds the newest 50 (in flight or waiting) and
+        # every other trace appended during the outage was dropped and counted.
+        wait_for(lambda: writer.stats().write_errors > 0)
         stats = writer.stats()
-        assert stats.connected and stats.written + stats.dropped == stats.appended == 220
-        ids = {decode(f).request_id for _, f in client.xrange(config.stream)}
-        before_crash = {f"req-{i}" for i in range(20)}  # kept by the AOF
-        assert ids == before_crash | {f"req-{i}" for i in range(220 - len(ids) + 20, 220)}  # the newest
+        assert counts(stats) == {"appended": 220, "written": 20, "dropped": 150, "queued": 50}
+        assert not stats.connected and stats.last_error
+
+        server.start(timeout=PATIENCE)  # same port, same data directory: recovers from the AOF
+        assert writer.flush(timeout=PATIENCE)
+        writer.close(timeout=PATIENCE)
+        stats = writer.stats()
+        assert counts(stats) == {"appended": 220, "written": 70, "dropped": 150, "queued": 0}
+        assert stats.connected
+        ids = [decode(f).request_id for _, f in client.xrange(config.stream)]
+        before_crash = [f"req-{i}" for i in range(20)]  # kept by the AOF
+        assert ids == before_crash + [f"req-{i}" for i in range(170, 220)]  # the newest, in order
         client.close()
 
 
@@ -272,10 +313,10 @@ def test_a_slow_reader_is_not_handed_its_own_unacked_entries_twice(redis_client)
     writer = TraceWriter(redis_client, config)
     for i in range(6):
         writer.append(make_trace(i))
-    writer.close()
+    writer.close(timeout=PATIENCE)
     reader = TraceReader(redis_client, "slow", config, claim_idle_ms=10)
     first = reader.read(count=3)
-    time.sleep(0.05)  # its own entries go idle: XAUTOCLAIM returns them to it
+    wait_for(lambda: idle_pending(redis_client, config, 10) == 3)  # XAUTOCLAIM now returns them to it
     second = reader.read(count=3)  # the three others, not its own three again
     assert {d.trace.request_id for d in first + second} == {f"req-{i}" for i in range(6)}
     reader.ack([d.entry_id for d in first + second])

@@ -14,6 +14,7 @@ import pytest
 import schemathesis
 from http_server import serving
 from hypothesis import HealthCheck, given, settings
+from polling import PATIENCE
 from transformers import AutoTokenizer
 
 from serving.api import create_app
@@ -37,7 +38,7 @@ def rss_mb() -> float:
 
 
 def still_serves(base: str) -> None:
-    response = httpx.post(f"{base}/v1/completions", json=GOOD, timeout=60)
+    response = httpx.post(f"{base}/v1/completions", json=GOOD, timeout=PATIENCE)
     assert response.status_code == 200 and response.json()["choices"][0]["text"] is not None
 
 
@@ -51,7 +52,7 @@ def test_schemathesis_finds_no_server_error_and_memory_stays_bounded(base):
         @settings(max_examples=100, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))  # fmt: skip
         def fuzz(case):
-            response = case.call(base_url=base, timeout=60)
+            response = case.call(base_url=base, timeout=PATIENCE)
             if response.status_code >= 500:
                 failures.append(f"{case.method} {case.path} {case.body!r:.200} -> {response.status_code}")
 
@@ -89,7 +90,7 @@ BAD_JSON = {
 def test_malformed_bodies_get_a_4xx_with_a_message(base, raw):
     for path in ("/v1/completions", "/v1/chat/completions"):
         response = httpx.post(
-            base + path, content=raw, headers={"content-type": "application/json"}, timeout=60
+            base + path, content=raw, headers={"content-type": "application/json"}, timeout=PATIENCE
         )
         assert 400 <= response.status_code < 500, response.text[:300]
         assert response.json()["error"]["message"]
@@ -98,10 +99,10 @@ def test_malformed_bodies_get_a_4xx_with_a_message(base, raw):
 def test_abusive_values_get_a_4xx_with_a_message_and_serving_goes_on(base):
     for name, body in BAD_JSON.items():
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-        response = httpx.post(base + path, json=body, timeout=60)
+        response = httpx.post(base + path, json=body, timeout=PATIENCE)
         assert 400 <= response.status_code < 500, (name, response.text[:300])
         assert response.json()["error"]["message"], name
-    huge_stop = httpx.post(f"{base}/v1/completions", json=GOOD | {"stop": "x" * 1_000_000}, timeout=60)
+    huge_stop = httpx.post(f"{base}/v1/completions", json=GOOD | {"stop": "x" * 1_000_000}, timeout=PATIENCE)
     assert huge_stop.status_code == 200  # a long stop string is legal: it just never matches
     still_serves(base)
 
@@ -110,7 +111,7 @@ def test_streaming_clients_that_disconnect_free_the_replica(base):
     body = GOOD | {"max_tokens": 64, "stream": True}
     before = rss_mb()
     for _ in range(20):
-        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as response:
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=PATIENCE) as response:
             assert response.status_code == 200
             next(response.iter_lines())  # the first event, then hang up
     still_serves(base)
