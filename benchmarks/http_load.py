@@ -143,11 +143,12 @@ async def swap_run(base: str, prompts, registry: Registry, weights, args, failur
     deadline = time.perf_counter() + args.swap_seconds
 
     async def publisher() -> None:
-        await asyncio.sleep(args.swap_every / 2)
-        while time.perf_counter() < deadline - args.swap_every / 2:
+        """A publish at each planned time (late if the loop is): their number is fixed by the args."""
+        start = time.perf_counter()
+        for at in np.arange(args.swap_every / 2, args.swap_seconds - args.swap_every / 2, args.swap_every):
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
             publishes.append(time.perf_counter())
             await asyncio.to_thread(registry.publish, "draft", weights)
-            await asyncio.sleep(args.swap_every)
 
     def running() -> bool:
         return time.perf_counter() < deadline

@@ -234,7 +234,7 @@ class StreamConfig:
 
     stream: str = DEFAULT_STREAM
     group: str = DEFAULT_GROUP
-    max_len: int = 20_000  # entries; about 25 KB each at 256 tokens with top-16 (see README)
+    max_len: int = 20_000  # entries; about 25 KB each at 256 tokens with top-16 (docs/benchmarks.md)
     held_out_fraction: float = 0.05
 
     def __post_init__(self):

@@ -58,7 +58,7 @@ def test_the_router_tells_the_demo_domains_apart_on_held_out_prompts(tiny_replic
     router = DomainRouter(domains, spec)
     fit(router, *stack(train, domains), steps=200)
     x, labels = torch.stack([x for x, _ in held_out]), [d for _, d in held_out]
-    assert domain_accuracy(router, x, labels) >= 0.9  # the README's threshold
+    assert domain_accuracy(router, x, labels) >= 0.9  # the threshold docs/architecture.md states
     again = DomainRouter.from_registry(router.state_dict(), router.metadata())
     prompt = prompts(models, "python", 1, seed=3)[0]
     assert again.route(prompt) == router.route(prompt)

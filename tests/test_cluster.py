@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import httpx
 import ray
-from polling import wait_for
+from polling import PATIENCE, wait_for
 from ray import serve
 from ray._private import ray_constants
 from ray.cluster_utils import Cluster
@@ -57,21 +57,19 @@ def test_replicas_on_one_node_the_trainer_on_another_and_a_publish_reaches_all(
         def versions() -> set[str]:
             return {load.draft_version for load in read_load(redis_client)}
 
-        wait_for(lambda: versions() == {"draft:v1"}, timeout=60)  # the trainer's starting draft
+        wait_for(lambda: versions() == {"draft:v1"})  # the trainer's starting draft
         weights = AutoModelForCausalLM.from_pretrained(models.draft).state_dict()
         Registry(redis_client).publish("draft", {n: t * 1.01 for n, t in weights.items()})
-        wait_for(lambda: versions() == {"draft:v2"} and len(read_load(redis_client)) == 2, timeout=60)
+        wait_for(lambda: versions() == {"draft:v2"} and len(read_load(redis_client)) == 2)
         body = {"model": "demo", "prompt": "def f():", "max_tokens": 8, "temperature": 0}
         for _ in range(4):
-            out = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
+            out = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=PATIENCE).json()
             assert out["metrics"]["draft_version"] == "draft:v2"
 
         # A replica that dies is replaced by Serve, and the new one starts on the live version.
         before = {load.replica for load in read_load(redis_client)}
         ray.kill(replicas[0])
-        replaced = wait_for(
-            lambda: [load for load in read_load(redis_client) if load.replica not in before], timeout=120
-        )
+        replaced = wait_for(lambda: [load for load in read_load(redis_client) if load.replica not in before])
         assert [load.draft_version for load in replaced] == ["draft:v2"]
     finally:
         serve.shutdown()

@@ -23,7 +23,7 @@ import httpx
 import openai
 import psutil
 import pytest
-from polling import wait_for
+from polling import PATIENCE, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
@@ -56,18 +56,18 @@ def test_quick_demo_learns_online_over_http_and_stops_cleanly(tmp_path):
         processes = psutil.Process(child.pid).children(recursive=True)
         assert any("redis-server" in p.name() for p in processes)
         base = f"http://127.0.0.1:{port}"
-        assert httpx.get(f"{base}/dashboard", timeout=10).status_code == 200  # still up, as promised
+        assert httpx.get(f"{base}/dashboard", timeout=PATIENCE).status_code == 200  # still up, as promised
         check_with_the_openai_client(base, "osd-demo-quick", tmp_path / "models" / "quick" / "target")
-        families = text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=10).text)
+        families = text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=PATIENCE).text)
         assert {f.name: f for f in families}["osd:replicas"].samples[0].value == 2  # either shows both
     finally:
         child.send_signal(signal.SIGINT)
-        child.wait(timeout=120)
+        child.wait(timeout=PATIENCE)
         reader.join(timeout=10)
     output = "".join(lines)
     assert child.returncode == 0, output
     assert "Traceback" not in output and "failed" not in output.split("Ctrl-C stops it")[-1], output
-    _, alive = psutil.wait_procs(processes, timeout=60)
+    _, alive = psutil.wait_procs(processes, timeout=PATIENCE)
     assert not alive, [p.cmdline() for p in alive]  # no redis-server, Ray, replica or trainer left
 
     report = json.loads(summary.read_text())

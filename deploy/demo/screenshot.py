@@ -1,5 +1,5 @@
 """A picture of the dashboard: headless Chromium (Debian's `chromium` and `chromedriver`) driven by
-Selenium, which the dev extras install; for the README and for `osd demo --screenshot`."""
+Selenium, which the dev extras install; for the README's picture and for `osd demo --screenshot`."""
 
 from __future__ import annotations
 
