@@ -6,9 +6,14 @@ dashboard's address, and sends the demo workload over HTTP with the openai clien
 domains (prose, then code), `concurrency` clients that think between requests, so that the trainer
 has spare cycles. A live display shows the phase, the requests done, the acceptance of the last
 requests, the draft version serving them and the trainer; publishes, rollbacks, refusals and drift
-alerts are printed as they happen. Then, with the trainer paused, it measures decoding speed on
-the last prompts of the run, with no speculation, the starting draft and the live draft, and ends
-with the summary (`deploy.demo.report`), as tables and with `--json` as JSON and a PNG plot.
+alerts are printed as they happen. Then, with the trainer paused, it measures (`deploy.demo.measure`)
+decoding speed on the last prompts of the run, with no speculation, the starting draft and the
+live draft, and the two drafts' expected acceptance on the run's held-out traces; it ends with the
+summary (`deploy.demo.report`), as tables and with `--json` as JSON and a PNG plot.
+
+`--train-steps N` runs lockstep instead of spare cycles: after every window of requests the
+clients wait while the trainer trains exactly N steps and the replicas take what it published, so
+that what is learnt does not depend on the machine's load.
 
 `--proposer medusa|hydra` runs the same with draft heads over the target in place of the draft
 model (K = k heads; every request logs the target's hidden states, so that the heads learn from
@@ -301,8 +306,7 @@ def train_between(trainer: ActorControl, registry: Registry, client, plan: DemoP
     """Lockstep, between two windows: the trainer trains `plan.train_steps` steps on what the stream
     holds and gates; then every replica serves the live version before the next window starts."""
     try:
-        status = trainer.train(plan.train_steps)
-        board.trainer = f"{status['state']}, step {status['step']}, {status['trained_traces']} traces"
+        board.trainer = trainer_line(trainer.train(plan.train_steps))
         live = registry.live(DRAFT)  # none with adapters: the base draft serves until they come
         if live is None:
             return
@@ -313,6 +317,11 @@ def train_between(trainer: ActorControl, registry: Registry, client, plan: DemoP
             time.sleep(0.05)
     except (redis.RedisError, RayError) as err:
         board.trainer = f"not answering ({type(err).__name__})"
+
+
+def trainer_line(status: dict) -> str:
+    """The trainer's status as the live display shows it."""
+    return f"{status['state']}, step {status['step']}, {status['trained_traces']} traces"
 
 
 class Board:
@@ -354,8 +363,7 @@ class Board:
             if time.monotonic() < self._next_slow:
                 return
             self._next_slow = time.monotonic() + 2.0
-            status = trainer.status()
-            self.trainer = f"{status['state']}, step {status['step']}, {status['trained_traces']} traces"
+            self.trainer = trainer_line(trainer.status())
             for alert in read_alerts(client, DRAFT, adapters=self.adapters):
                 key = (alert.domain, alert.kind, alert.at)
                 if key not in self._seen_alerts:
