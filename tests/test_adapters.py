@@ -120,6 +120,24 @@ def test_busy_domains_get_adapters_that_beat_the_shared_draft_there_and_serve_on
         replica.close()
 
 
+def test_a_budget_of_steps_reaches_every_busy_domain_s_adapter(model_dirs, redis_client, tmp_path):
+    stream = StreamConfig(stream="t:adapters-budget", held_out_fraction=0.25)
+    engine = SpecEngine.from_pretrained(model_dirs["llama"]["target"])
+    writer = TraceWriter(redis_client, stream)
+    for i in range(60):
+        ids = [3 + i % 7, 9, 27 + i % 5, 4]
+        out = engine.generate(ids, 8, temperature=1.0, seed=i, stop_token_ids=[], top_logprobs=16)
+        writer.append(trace_of(f"req-{i}", ("low", "high")[i % 2], "tiny-llama", "draft:base", ids, out, {}))
+    assert writer.flush(timeout=PATIENCE)
+    writer.close()
+    policy = AdapterPolicy(min_traces=20, lora=LORA, router=RouterConfig(refit_every=20, min_held_out=8))
+    config = TrainerConfig(checkpoint_dir=tmp_path, batch_size=4, gate_every=10**6, adapters=policy)
+    trainers = DomainTrainers(config, str(model_dirs["llama"]["small"]), redis_client, stream=stream)
+    decisions = trainers.train(3)  # every trace counted, then each busy domain's adapter gets 3 steps
+    assert trainers.seen == {"low": 30, "high": 30} and set(decisions) == {"low", "high"}
+    assert {domain: t.state.step for domain, t in trainers.trainers.items()} == {"low": 3, "high": 3}
+
+
 def test_a_swap_of_one_domains_adapter_leaves_the_others_untouched(tiny_replica, redis_client):
     make, models = tiny_replica
     replica = make("swap-one", adapters=True)

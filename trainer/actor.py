@@ -3,10 +3,10 @@
 The actor runs `OnlineTrainer.run_once` in a background thread at the lowest OS priority
 (SCHED_IDLE: it gets only CPU time nothing else wants) with few torch threads, so serving keeps
 the CPU it needs; `pause` and `resume` hold it between steps. `train(steps)` trains a given
-number of steps at once instead, at the caller's priority: a budget that does not depend on
-idle CPU. A restart re-runs the constructor,
-which resumes from the last checkpoint; traces trained on after it were never acked, so the
-stream delivers them again. When Redis is unreachable the trainer pauses and retries.
+number of steps at once instead, at the caller's priority: a budget that does not depend on idle
+CPU. A restart re-runs the constructor, which resumes from the last checkpoint; traces trained
+on after it were never acked, so the stream delivers them again. When Redis is unreachable the
+trainer pauses and retries.
 """
 
 from __future__ import annotations

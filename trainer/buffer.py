@@ -2,11 +2,11 @@
 
 Every new trace is trained on at least once: a batch takes untrained traces first (oldest first)
 and fills up with replayed ones (no new trace, no step, except in a budget of steps asked for
-explicitly), drawn with weights that halve every
-`half_life` arrivals, and multiplied by `boost` for traces of prioritised domains (those with a
-drift alert; their untrained traces also go first). The buffer keeps at most `cap` traces,
-evicting the oldest trained ones; the trainer reads from the stream only while fewer than a batch
-of untrained traces wait, so untrained ones are never evicted.
+explicitly), drawn with weights that halve every `half_life` arrivals, and multiplied by `boost`
+for traces of prioritised domains (those with a drift alert; their untrained traces also go
+first). The buffer keeps at most `cap` traces, evicting the oldest trained ones; the trainer
+reads from the stream only while fewer than a batch of untrained traces wait, so untrained ones
+are never evicted.
 (OSD's research loop instead cleared its buffer every I requests.)
 """
 
