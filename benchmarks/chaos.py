@@ -289,7 +289,7 @@ def chaos_stack(models: DemoModels, workdir: Path, config: ChaosConfig) -> Itera
     ports, until exit."""
     with LocalRedis(data_dir=workdir / "redis") as server:
         settings = {
-            "target": str(models.target), "draft": str(models.draft), "model_name": "demo",
+            "target": str(models.target), "draft": str(models.draft), "served_model_names": ["demo"],
             "replicas": config.replicas, "replica_cpus": 0.5, "torch_threads": 1,
             "redis_url": server.url, "trainer_dir": str(workdir / "trainer"),
             "trace_max_len": config.trace_max_len, "trainer_settings": config.trainer_settings,

@@ -55,6 +55,7 @@ from serving.engine import SpecEngine, heads_cost_ratio
 from serving.kv import SlotCache
 from serving.models import forward_slots, prefill, resolve_device, resolve_dtype
 from serving.proposers import DraftModelProposer, HeadsProposer, NgramProposer, NullProposer, Proposer
+from serving.speculation import speedup_bound
 
 Sample = tuple[list[int], int, int, int]  # new token ids, drafted, accepted, steps
 Generate = Callable[[list[int], int, int], Sample]  # (prompt, max_new_tokens, seed) -> Sample
@@ -91,12 +92,6 @@ class Row:
     fraction_of_model: float  # speedup_vs_ar / modelled_speedup
     costed_speedup: float  # tau / (k_bar c + v(k_bar)): measured acceptance and measured step costs
     fraction_of_costed: float  # speedup_vs_ar / costed_speedup: what per-step overhead leaves
-
-
-def modelled_speedup(alpha: float, k: int, c: float) -> float:
-    """S = (1 - alpha^(k+1)) / ((1 - alpha)(k c + 1)), Leviathan et al.; alpha -> 1 gives (k+1)/(kc+1)."""
-    gain = k + 1 if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
-    return gain / (k * c + 1)
 
 
 def costed_speedup(tau: float, drafted_per_step: float, c: float, verify_cost: dict[int, float]) -> float:
@@ -265,7 +260,7 @@ def make_rows(
         drafted, accepted, steps = (sum(sample[i] for sample in results[m.label][1]) for i in (1, 2, 3))
         alpha = None if m.k == 0 else accepted / drafted if drafted else 0.0
         cost = None if m.k == 0 else costs[m.proposer]
-        bound = 1.0 if m.k == 0 else modelled_speedup(alpha, m.k, cost)
+        bound = 1.0 if m.k == 0 else speedup_bound(alpha, m.k, cost)
         median = statistics.median(tokens_per_s[m.label])
         tau, k_bar = (accepted + steps) / steps, drafted / steps
         costed = 1.0 if m.k == 0 else costed_speedup(tau, k_bar, cost, verify_cost)

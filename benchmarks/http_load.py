@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     console = Console()
     models, draft, held_out = demo_pair(args, console)
     prompts = itertools.cycle(held_out)
-    common = ["--target", str(models.target), "--model-name", "demo", "--no-trainer",
+    common = ["--target", str(models.target), "--served-model-name", "demo", "--no-trainer",
               "--replicas", str(args.replicas)]  # fmt: skip
     failures: list[str] = []
     with (

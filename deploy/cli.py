@@ -86,6 +86,13 @@ def bench(argv: list[str]) -> None:
     importlib.import_module(f"benchmarks.{BENCHMARKS[which]}").main(argv[1:])
 
 
+def check(argv: list[str]) -> None:
+    """`osd check ...`: see deploy/check.py."""
+    from deploy.check import main as check_main
+
+    check_main(argv)
+
+
 def serve(argv: list[str]) -> None:
     """`osd serve ...`: see deploy/serve.py."""
     from deploy.serve import main as serve_main
@@ -104,8 +111,9 @@ BENCHMARKS = {
     "http": "http_load",
     "dashboard": "dashboard_load",
     "heads": "heads",
+    "seeds": "seeds",
 }
-COMMANDS = {"demo": demo, "demo-models": demo_models, "bench": bench, "serve": serve}
+COMMANDS = {"demo": demo, "demo-models": demo_models, "bench": bench, "check": check, "serve": serve}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "command",
         choices=sorted(COMMANDS),
-        help="demo: the main job; demo-models: build the demo pair; bench: benchmarks; serve: the API",
+        help="demo: the main job; demo-models: build the demo pair; bench: benchmarks; "
+        "check: preflight a model pair; serve: the API",
     )
     args = parser.parse_args(argv[:1])
     hf_logging.disable_progress_bar()  # osd commands show their own progress

@@ -30,7 +30,7 @@ from ray import serve
 from transformers import AutoConfig, AutoTokenizer
 
 from distill.heads import HeadsSpec, heads_spec
-from serving.api import create_app
+from serving.api import MAX_LOGPROBS, create_app
 from serving.engine import ProposerName
 from serving.server import Replica, ReplicaConfig
 from store.redis_server import open_redis
@@ -50,7 +50,8 @@ class ServiceConfig:
     draft: str | None = None
     proposer: ProposerName | None = None
     k: int = 3  # speculative tokens per step
-    model_name: str | None = None  # the id clients ask for; default: the target's directory name
+    served_model_names: tuple[str, ...] = ()  # aliases clients may ask for, beside the target's id
+    max_logprobs: int = MAX_LOGPROBS  # the most top log-probs a request may ask for
     redis_url: str | None = None  # default: $OSD_REDIS_URL, else redis://127.0.0.1:6379/0
     replicas: int = 1
     replica_cpus: float = 1.0
@@ -78,8 +79,19 @@ class ServiceConfig:
     admin_token_env: str = "OSD_ADMIN_TOKEN"
 
     def __post_init__(self):
-        if self.replicas < 1 or self.k < 0 or self.max_queue < 1 or self.max_batch < 1:
-            raise ValueError("need replicas >= 1, k >= 0, max_queue >= 1 and max_batch >= 1")
+        if (
+            self.replicas < 1
+            or self.k < 0
+            or self.max_queue < 1
+            or self.max_batch < 1
+            or self.max_logprobs < 0
+        ):
+            raise ValueError(
+                "need replicas >= 1, k >= 0, max_queue >= 1, max_batch >= 1 and max_logprobs >= 0"
+            )
+        object.__setattr__(self, "served_model_names", tuple(self.served_model_names))  # YAML gives lists
+        if problem := combination_problem(self.draft, self.proposer, self.heads_tree, self.adapters):
+            raise ValueError(problem)
         fixed = {"checkpoint_dir", "registry_dir", "lora", "heads", "adapters"}  # set by fields here
         settable = {f.name for f in dataclasses.fields(TrainerConfig)} - fixed
         if unknown := sorted(set(self.trainer_settings) - settable):
@@ -87,8 +99,6 @@ class ServiceConfig:
         _ = self.stream  # StreamConfig checks its own settings
         if self.hidden_fraction is not None and not 0.0 <= self.hidden_fraction <= 1.0:
             raise ValueError(f"hidden_fraction must lie in [0, 1], got {self.hidden_fraction}")
-        if self.adapters and (self.draft is None or self.heads is not None):
-            raise ValueError("adapters need a draft model (LoRA adapters over it), not heads")
 
     @classmethod
     def from_args(cls, args: Mapping) -> ServiceConfig:
@@ -110,8 +120,14 @@ class ServiceConfig:
         return StreamConfig(held_out_fraction=self.held_out_fraction, max_len=self.trace_max_len)
 
     @property
+    def served_names(self) -> tuple[str, ...]:
+        """The ids /v1/models lists: the target as given, then the aliases."""
+        return (self.target, *self.served_model_names)
+
+    @property
     def served_model(self) -> str:
-        return self.model_name or Path(self.target).name
+        """The id to tell clients: the first alias, else the target as given."""
+        return (self.served_model_names or (self.target,))[0]
 
     @property
     def heads(self) -> HeadsSpec | None:
@@ -152,10 +168,30 @@ class OSDServer:
         config = self.config
         trainer = ActorControl(TRAINER_NAME, NAMESPACE) if config.learns else None
         token = os.environ.get(config.admin_token_env)
-        return create_app(self.replica, self.tokenizer, config.served_model, token, trainer)
+        return create_app(
+            self.replica, self.tokenizer, config.served_names, token, trainer, config.max_logprobs
+        )
 
     def __del__(self):
         self.replica.close()
+
+
+def combination_problem(
+    draft: str | None, proposer: ProposerName | None, heads_tree: tuple[int, ...] | None, adapters: bool
+) -> str | None:
+    """Why these settings cannot serve together, in one line; None when they can."""
+    proposer = proposer or ("draft" if draft else "none")
+    if proposer == "draft" and draft is None:
+        return "proposer 'draft' needs a draft model (--draft)"
+    if proposer != "draft" and draft is not None:
+        return (
+            f"a draft model is used by proposer 'draft' only, not {proposer!r}: drop --draft or the proposer"
+        )
+    if heads_tree and proposer not in ("medusa", "hydra"):
+        return f"a heads tree is verified for proposers 'medusa' and 'hydra' only, not {proposer!r}"
+    if adapters and proposer != "draft":
+        return "adapters are LoRA adapters over a draft model: they need proposer 'draft' and --draft"
+    return None
 
 
 def build(args: Mapping | ServiceConfig) -> serve.Application:

@@ -6,9 +6,10 @@ It connects to Redis (`--redis-url`) or starts the embedded redis-server (data u
 (`deploy.ray_serve`), and serves the OpenAI-compatible API on loopback unless `--host` says
 otherwise. `--demo quick|full` serves the demo pair, building it first when it is missing;
 `--config FILE` takes the settings of `deploy.ray_serve.ServiceConfig` from YAML (a flat mapping,
-or a Serve config such as deploy/serve.yaml, whose first application's `args` are used). Ctrl-C
-stops everything; the trainer's checkpoint and Redis's AOF keep what was learnt and logged for
-the next start.
+or a Serve config such as deploy/serve.yaml, whose first application's `args` are used). Settings
+that cannot work together are refused in one line before anything starts. Ctrl-C stops
+everything; the trainer's checkpoint and Redis's AOF keep what was learnt and logged for the
+next start.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +31,7 @@ import yaml
 from ray import serve
 from rich.console import Console
 
-from deploy.ray_serve import NAMESPACE, TRAINER_NAME, ServiceConfig, build
+from deploy.ray_serve import NAMESPACE, TRAINER_NAME, ServiceConfig, build, combination_problem
 from serving.engine import PROPOSERS
 from store.redis_server import RedisConfig, connect, redacted
 
@@ -58,7 +60,14 @@ def parser() -> argparse.ArgumentParser:
         help="train a LoRA adapter of the draft per busy domain (metadata.domain), and a router for "
         "requests that name none",
     )  # fmt: skip
-    p.add_argument("--model-name", help="the model id clients ask for (default: the target's directory name)")
+    p.add_argument(
+        "--served-model-name", nargs="+", default=[], metavar="NAME",
+        help="aliases clients may ask for, beside the --target string (the model's id)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-logprobs", type=int, default=ServiceConfig.max_logprobs,
+        help="the most top log-probs a request may ask for (more gets a 400)",
+    )  # fmt: skip
     p.add_argument("--replicas", type=int, default=1, help="server replicas")
     p.add_argument(
         "--max-batch", type=int, default=ServiceConfig.max_batch,
@@ -88,16 +97,25 @@ def service_config(args: argparse.Namespace, console: Console) -> ServiceConfig:
         if "applications" in settings:  # a Serve config file
             settings = settings["applications"][0].get("args", {})
         return ServiceConfig.from_args(settings)
-    target, draft, name = args.target, args.draft, args.model_name
-    if args.demo:
+    target, draft, names = args.target, args.draft, tuple(args.served_model_name)
+    if args.demo:  # the demo's draft, unless another proposer is asked for
         from deploy.demo.build import PRESETS, build_demo_models
 
+        if args.draft:
+            raise ValueError("--draft goes with --target; --demo serves its own draft")
+        uses_draft = args.proposer in (None, "draft")
+        if problem := combination_problem(
+            "demo" if uses_draft else None, args.proposer, args.heads_tree, args.adapters
+        ):
+            raise ValueError(problem)  # before a build that may take minutes
         models = build_demo_models(PRESETS[args.demo], console=console)
-        target, draft, name = str(models.target), str(models.draft), name or f"osd-demo-{args.demo}"
+        target, draft = str(models.target), str(models.draft) if uses_draft else None
+        names = names or (f"osd-demo-{args.demo}",)
     cpus = os.cpu_count() or 1
     return ServiceConfig(
         target=target, draft=draft, proposer=args.proposer, k=args.k, heads_tree=args.heads_tree,
-        adapters=args.adapters, model_name=name, max_batch=args.max_batch, adaptive_k=not args.fixed_k,
+        adapters=args.adapters, served_model_names=names, max_logprobs=args.max_logprobs,
+        max_batch=args.max_batch, adaptive_k=not args.fixed_k,
         replicas=args.replicas, replica_cpus=min(1.0, cpus / args.replicas),
         torch_threads=max(1, cpus // args.replicas), trainer=not args.no_trainer,
         trainer_dir=str(args.trainer_dir),
@@ -162,7 +180,10 @@ def running(
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     console = Console()
-    config = service_config(args, console)
+    try:
+        config = service_config(args, console)
+    except (ValueError, OSError) as err:  # bad settings, or a config file that cannot be read
+        sys.exit(f"osd serve: {err}")
     if args.redis_url:
         config = dataclasses.replace(config, redis_url=args.redis_url)
     endpoint = Endpoint(args.host, args.port, args.admin_token)

@@ -43,10 +43,10 @@ def trace_acceptance(
     greedy=True scores instead whether the draft's argmax is the token the target emitted: the
     acceptance of a greedy draft on greedy requests, which needs no truncated p. With a small K
     and a flat target, sum min(p_hat, q) on the top-K is far below the full-vocabulary value."""
-    device = next(draft.parameters()).device
+    device, rows = next(draft.parameters()).device, draft.get_input_embeddings().weight.shape[0]
     results = []
     for start in range(0, len(traces), batch_size):
-        batch = make_batch(traces[start : start + batch_size], max_len).to(device)
+        batch = make_batch(traces[start : start + batch_size], max_len, vocab=rows).to(device)
         logits = draft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         if greedy:
             accepted = (logits.argmax(-1) == batch.emitted).float() * batch.mask  # [B, L]

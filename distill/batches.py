@@ -4,7 +4,8 @@ every position where the target emitted a token.
 A trace of prompt P and output T becomes the sequence s = P + T; the draft reads s[:-1] and at
 position j predicts s[j + 1], so output token t is predicted at position len(P) + t - 1. Long
 sequences keep their last `max_len` input tokens (the output end), rows are right-padded, and
-`mask` marks the positions that carry a logged target distribution.
+`mask` marks the positions that carry a logged target distribution. A draft with fewer rows
+than the target (serving.vocab) reads the ids it has no embedding for as `pad_id`.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ class TraceBatch:
         return TraceBatch(*(t.to(device) for t in vars(self).values()))
 
 
-def make_batch(traces: Sequence[TraceLike], max_len: int, pad_id: int = 0) -> TraceBatch:
-    """Pad traces into one batch of at most max_len input positions per row."""
+def make_batch(
+    traces: Sequence[TraceLike], max_len: int, pad_id: int = 0, vocab: int | None = None
+) -> TraceBatch:
+    """Pad traces into one batch of at most max_len input positions per row, for a draft with
+    `vocab` input rows (None: every id has one)."""
     if not traces:
         raise ValueError("a batch needs at least one trace")
     top_k = {np.shape(t.top_ids)[1] for t in traces}
@@ -73,4 +77,6 @@ def make_batch(traces: Sequence[TraceLike], max_len: int, pad_id: int = 0) -> Tr
         emitted[row, positions] = torch.from_numpy(np.asarray(trace.output_ids, np.int64)[outputs])
         top_ids[row, positions] = torch.from_numpy(np.asarray(trace.top_ids, np.int64)[outputs])
         top_logprobs[row, positions] = torch.from_numpy(np.asarray(trace.top_logprobs, np.float32)[outputs])
+    if vocab is not None:
+        input_ids = input_ids.masked_fill(input_ids >= vocab, pad_id)
     return TraceBatch(input_ids, attention_mask, mask, emitted, top_ids, top_logprobs)

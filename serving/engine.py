@@ -11,7 +11,9 @@ heads (`HeadsProposer`) read the target's hidden state from that forward, so the
 their own; for greedy requests they may propose a static tree instead of a chain, verified in
 the same forward (serving.tree): the greedy walk keeps a path and the slot keeps its positions.
 k is fixed, or, once `calibrate` has measured step costs, chosen per step from the batch size
-and each sequence's recent acceptance (serving.speculation), down to 0.
+and each sequence's recent acceptance (serving.speculation), down to 0. A request with a seed
+draws through the exponential race of serving.sampling: its text depends on the seed, the
+prompt and the target only, never on k, the drafts or the batch.
 
 `stream` and `generate` run one request alone through the same `add` and `step`.
 
@@ -54,10 +56,11 @@ from serving.proposers import (
     Proposal,
     Proposer,
 )
-from serving.sampling import SamplingParams, process_logits, rejection_sample
+from serving.sampling import SamplingParams, process_logits, race, rejection_sample, seeded_noise
 from serving.speculation import MARGIN, PLAIN_EVERY, PROBE_EVERY, AcceptanceEstimate, StepCosts, choose_k
 from serving.stats import SpecStats
 from serving.tree import greedy_path, node_depths, static_tree
+from serving.vocab import check_pair
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +89,32 @@ class Generation:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """The target's log-probs (temperature 1, before any sampling processing) at n emitted
+    positions: the emitted token's [n], and the K most likely tokens' ids and values [n, K]."""
+
+    chosen: torch.Tensor
+    top_ids: torch.Tensor
+    top_values: torch.Tensor
+
+    def __getitem__(self, rows: slice) -> TokenLogprobs:
+        return TokenLogprobs(self.chosen[rows], self.top_ids[rows], self.top_values[rows])
+
+    @staticmethod
+    def cat(parts: Sequence[TokenLogprobs]) -> TokenLogprobs:
+        return TokenLogprobs(
+            *(torch.cat([getattr(p, f) for p in parts]) for f in ("chosen", "top_ids", "top_values"))
+        )
+
+
+@dataclass(frozen=True)
 class Step:
-    """The tokens one decode step emitted for a sequence (1 to k + 1); its last step also carries
-    the Generation."""
+    """The tokens one decode step emitted for a sequence (1 to k + 1), with their log-probs when
+    the request asked for top_logprobs; its last step also carries the Generation."""
 
     token_ids: list[int]
     generation: Generation | None = None
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass
@@ -105,6 +128,7 @@ class Decoding:
     params: SamplingParams
     stop_ids: frozenset[int]
     generator: torch.Generator
+    seed: int | None
     top_logprobs: int
     hidden_states: bool
     proposer: Proposer
@@ -112,12 +136,22 @@ class Decoding:
     acceptance: AcceptanceEstimate
     output: list[int] = field(default_factory=list)
     stats: SpecStats = field(default_factory=SpecStats)
-    tops: list[torch.return_types.topk] = field(default_factory=list)  # per step, emitted positions
+    tops: list[TokenLogprobs] = field(default_factory=list)  # per step, emitted positions
     hiddens: list[torch.Tensor] = field(default_factory=list)  # per step, emitted positions
 
-    def row(self, k: int) -> DraftRow:
+    def noise(self, k: int, vocab: int) -> torch.Tensor | None:
+        """A seeded sampled request's race noise [k + 1, V] for this step's positions (the k drafts,
+        then the bonus); None for the others."""
+        if self.seed is None or self.params.greedy:
+            return None
+        return seeded_noise(self.seed, len(self.output), k + 1, vocab, self.tokens.device)
+
+    def row(self, k: int, noise: torch.Tensor | None) -> DraftRow:
         """What this sequence asks of its proposer for k drafts."""
-        return DraftRow(self.draft_state, self.tokens[: self.length], k, self.params, self.generator)
+        drafts_noise = None if noise is None else noise[:k]
+        return DraftRow(
+            self.draft_state, self.tokens[: self.length], k, self.params, self.generator, drafts_noise
+        )
 
 
 @dataclass(frozen=True)
@@ -194,12 +228,14 @@ class SpecEngine:
         apply_memory_budget(profile, device)
         if proposer == "draft":
             draft_model = load_causal_lm(draft, device, dtype)
-            if vocab_size(draft_model) != vocab_size(target_model):
+            rows = vocab_size(target_model)
+            try:
+                check_pair(target, draft, rows, vocab_size(draft_model))
+            except IncompatibleDraftError as err:
                 raise IncompatibleDraftError(
-                    f"draft {draft!r} has a vocabulary of {vocab_size(draft_model)} tokens but target "
-                    f"{target!r} has {vocab_size(target_model)}; they must share one tokenizer"
-                )
-            chosen: Proposer = DraftModelProposer(draft_model, profile)
+                    f"draft {draft!r} cannot propose for {target!r}: {err}"
+                ) from None
+            chosen: Proposer = DraftModelProposer(draft_model, profile, rows)
         elif proposer in (
             "medusa",
             "hydra",
@@ -299,11 +335,8 @@ class SpecEngine:
             raise InvalidRequestError(f"seed must be an integer or None, got {seed!r}")
         if not _is_int(top_logprobs) or not 0 <= top_logprobs <= self.vocab_size:
             raise InvalidRequestError(f"top_logprobs must be an integer in [0, {self.vocab_size}]")
-        generator = torch.Generator(device=self.device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
+        generator = torch.Generator(device=self.device)  # unseeded requests' draws
+        generator.seed()
         proposer = proposer or self.proposer
         slot = self.cache.acquire()
         try:
@@ -316,7 +349,7 @@ class SpecEngine:
             raise
         decoding = Decoding(
             slot=slot, tokens=torch.cat([prompt, prompt.new_empty(max_new_tokens)]), length=prompt.shape[0],
-            max_new_tokens=max_new_tokens, params=params, stop_ids=stop_ids, generator=generator,
+            max_new_tokens=max_new_tokens, params=params, stop_ids=stop_ids, generator=generator, seed=seed,
             top_logprobs=top_logprobs, hidden_states=hidden_states, proposer=proposer,
             draft_state=draft_state, acceptance=self.acceptance.prior(),
         )  # fmt: skip
@@ -341,7 +374,8 @@ class SpecEngine:
             return []
         began = time.perf_counter()
         ks, by_load = self._choose_ks(batch, k)
-        proposals = self._propose(batch, ks)
+        noises = [d.noise(k, self.vocab_size) for d, k in zip(batch, ks, strict=True)]
+        proposals = self._propose(batch, ks, noises)
         inputs = [
             torch.cat([d.tokens[d.length - 1 : d.length], p.tokens])
             for d, p in zip(batch, proposals, strict=True)
@@ -354,7 +388,7 @@ class SpecEngine:
         for i, (decoding, proposal) in enumerate(zip(batch, proposals, strict=True)):
             n = inputs[i].shape[0]
             if proposal.parents is None:
-                verified = self._verify_chain(decoding, proposal, logits[i, :n], hidden[i, :n])
+                verified = self._verify_chain(decoding, proposal, logits[i, :n], hidden[i, :n], noises[i])
             else:
                 verified = self._verify_tree(decoding, proposal, logits[i, :n], hidden[i, :n])
             events.append((decoding, self._emit(decoding, verified)))
@@ -388,7 +422,9 @@ class SpecEngine:
         left = [d.max_new_tokens - len(d.output) - 1 for d in batch]  # drafts past it would be wasted
         return [min(wanted, room) for wanted, room in zip(ks, left, strict=True)], by_load
 
-    def _propose(self, batch: list[Decoding], ks: list[int]) -> list[Proposal]:
+    def _propose(
+        self, batch: list[Decoding], ks: list[int], noises: list[torch.Tensor | None]
+    ) -> list[Proposal]:
         """Each sequence's proposal for up to ks[i] tokens: one batched call per proposer."""
         proposals = [Proposal(tokens=torch.empty(0, dtype=torch.long, device=self.device))] * len(batch)
         groups: dict[int, list[int]] = {}
@@ -396,18 +432,28 @@ class SpecEngine:
             if ks[i] > 0:
                 groups.setdefault(id(decoding.proposer), []).append(i)
         for indices in groups.values():
-            rows = [batch[i].row(ks[i]) for i in indices]
+            rows = [batch[i].row(ks[i], noises[i]) for i in indices]
             for i, proposal in zip(indices, batch[indices[0]].proposer.propose(rows), strict=True):
                 proposals[i] = proposal
         return proposals
 
     def _verify_chain(
-        self, decoding: Decoding, proposal: Proposal, logits: torch.Tensor, hidden: torch.Tensor
+        self,
+        decoding: Decoding,
+        proposal: Proposal,
+        logits: torch.Tensor,
+        hidden: torch.Tensor,
+        noise: torch.Tensor | None,
     ) -> _Verified:
         """The rejection sampler over the last emitted token and the k drafts after it (logits
-        [1+k, V]); the slot is cut back to what was kept."""
+        [1+k, V]); the slot is cut back to what was kept. A seeded request's p is one-hot at its
+        race's winner (`noise` [1+k, V]), so it is decided by comparison, as greedy ones are."""
+        probs = process_logits(logits, decoding.params)  # [1+k, V]
+        if noise is not None:
+            winners = race(probs, noise[: probs.shape[0]]).unsqueeze(-1)  # [1+k, 1]
+            probs = torch.zeros_like(probs).scatter_(-1, winners, 1.0)
         verification = rejection_sample(
-            process_logits(logits, decoding.params).unsqueeze(0),  # [1, 1+k, V]
+            probs.unsqueeze(0),  # [1, 1+k, V]
             proposal.tokens.unsqueeze(0),
             None if proposal.probs is None else proposal.probs.unsqueeze(0),
             decoding.generator,
@@ -439,30 +485,36 @@ class SpecEngine:
         decoding.acceptance.update(verified.drafted, accepted)
         self.acceptance.update(verified.drafted, accepted)
         if decoding.top_logprobs:
-            decoding.tops.append(
-                torch.log_softmax(verified.logits.float(), dim=-1).topk(decoding.top_logprobs)
-            )
+            logprobs = torch.log_softmax(verified.logits.float(), dim=-1)  # [a + 1, V]
+            chosen = logprobs.gather(-1, emitted.unsqueeze(-1)).squeeze(-1)  # [a + 1]
+            top = logprobs.topk(decoding.top_logprobs)
+            decoding.tops.append(TokenLogprobs(chosen, top.indices, top.values))
         if decoding.hidden_states:
             decoding.hiddens.append(verified.hidden)
         decoding.tokens[decoding.length : decoding.length + accepted + 1] = emitted
         decoding.length += accepted + 1
         new: list[int] = []
+        reason: Literal["stop", "length"] | None = None
         for token in emitted.tolist():
             decoding.output.append(token)
             new.append(token)
             if token in decoding.stop_ids:
-                return self._finish(decoding, new, "stop")
-        if len(decoding.output) >= decoding.max_new_tokens:
-            return self._finish(decoding, new, "length")
-        return Step(new)
+                reason = "stop"
+                break
+        if reason is None and len(decoding.output) >= decoding.max_new_tokens:
+            reason = "length"
+        logprobs = decoding.tops[-1][: len(new)] if decoding.top_logprobs else None
+        if reason is None:
+            return Step(new, logprobs=logprobs)
+        return Step(new, self._finish(decoding, reason), logprobs)
 
-    def _finish(self, decoding: Decoding, new: list[int], reason: Literal["stop", "length"]) -> Step:
+    def _finish(self, decoding: Decoding, reason: Literal["stop", "length"]) -> Generation:
         self.abandon(decoding)
         n, top = len(decoding.output), decoding.top_logprobs
-        top_ids = torch.cat([t.indices for t in decoding.tops])[:n] if top else None
-        top_values = torch.cat([t.values for t in decoding.tops])[:n] if top else None
+        top_ids = torch.cat([t.top_ids for t in decoding.tops])[:n] if top else None
+        top_values = torch.cat([t.top_values for t in decoding.tops])[:n] if top else None
         hidden = torch.cat(decoding.hiddens)[:n] if decoding.hidden_states else None
-        return Step(new, Generation(decoding.output, decoding.stats, reason, top_ids, top_values, hidden))
+        return Generation(decoding.output, decoding.stats, reason, top_ids, top_values, hidden)
 
     def calibrate(self, max_batch: int, context: int = 64, repeats: int = 5) -> StepCosts:
         """Time whole decode steps drafting k = 0..self.k tokens for batch sizes up to max_batch, on

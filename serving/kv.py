@@ -4,9 +4,10 @@ A sequence holds a slot from `acquire` to `release`. One forward (`serving.model
 runs the rows [0, rows): every slot in use and any free ones between them, which are padding.
 Each row's n new keys and values are written at that row's own length, and a 4D mask
 (`slot_attention`) shows each query its row's cached positions plus the new positions it may
-see (its chain prefix, or its ancestors in a tree). Rolling a sequence back after a rejection is
-setting its length: nothing moves. Slots are handed out lowest first, so the rows in use stay
-packed at the front.
+see (its chain prefix, or its ancestors in a tree), within the layer's sliding window if it has
+one: every layer keeps every position, whatever its window. Rolling a sequence back after a
+rejection is setting its length: nothing moves. Slots are handed out lowest first, so the rows in
+use stay packed at the front.
 
 Two layouts, picked by the device (`serving.device`):
 - dynamic (CPU): slots and capacity grow on demand, and a forward attends over the rows in use
@@ -163,18 +164,36 @@ class SlotCache(Cache):
 
 
 def slot_attention(
-    lengths: torch.Tensor, visible: torch.Tensor, width: int, dtype: torch.dtype
+    lengths: torch.Tensor,
+    visible: torch.Tensor,
+    width: int,
+    dtype: torch.dtype,
+    depths: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Additive mask [rows, 1, n, width] for n new tokens per row written at each row's length.
 
     lengths [rows]: cached positions per row. visible [rows, n, n]: whether new token t may see
     new token s (a chain: s <= t; a tree: s is t or an ancestor). Query t of row r sees columns
-    below lengths[r] and columns lengths[r] + s where visible[r, t, s].
+    below lengths[r] and columns lengths[r] + s where visible[r, t, s]. With a sliding `window`
+    (a sliding-attention layer), it sees only keys fewer than `window` positions before its own:
+    column c < lengths[r] holds position c, new token s position lengths[r] + depths[r, s]
+    (depths [rows, n]: its depth in the tree; None, a chain: s).
     """
     n = visible.shape[-1]
-    relative = torch.arange(width, device=lengths.device) - lengths.unsqueeze(1)  # [rows, width]
+    columns = torch.arange(width, device=lengths.device)
+    relative = columns - lengths.unsqueeze(1)  # [rows, width]
     new = (relative >= 0) & (relative < n)
-    index = relative.clamp(0, n - 1).unsqueeze(1).expand(-1, n, -1)  # [rows, n, width]
-    allowed = (relative < 0).unsqueeze(1) | (new.unsqueeze(1) & visible.gather(2, index))
+    index = relative.clamp(0, n - 1)  # [rows, width]: the new token a column holds, if any
+    seen = visible.gather(2, index.unsqueeze(1).expand(-1, n, -1))  # [rows, n, width]
+    allowed = (relative < 0).unsqueeze(1) | (new.unsqueeze(1) & seen)
+    if window is not None:
+        if depths is None:
+            depths = torch.arange(n, device=lengths.device).expand(lengths.shape[0], n)
+        keys = torch.where(
+            relative < 0, columns, lengths.unsqueeze(1) + depths.gather(1, index)
+        )  # [rows, width]
+        queries = lengths.unsqueeze(1) + depths  # [rows, n]
+        allowed &= queries.unsqueeze(2) - keys.unsqueeze(1) < window
     mask = torch.zeros(allowed.shape, dtype=dtype, device=lengths.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)

@@ -21,7 +21,7 @@ from distill.heads import DraftHeads
 from serving.device import DeviceProfile, compiled, new_cache
 from serving.errors import IncompatibleDraftError
 from serving.models import context_length, forward_slots, prefill
-from serving.sampling import SamplingParams, process_logits, sample
+from serving.sampling import SamplingParams, process_logits, race, sample
 from serving.tree import Tree
 
 
@@ -48,6 +48,14 @@ class DraftRow:
     k: int
     params: SamplingParams
     generator: torch.Generator
+    noise: torch.Tensor | None = None  # [k, V] a seeded request's race noise (serving.sampling)
+
+    def pick(self, probs: torch.Tensor, i: int) -> torch.Tensor:
+        """Draft i's token [1] from q [1, V']: the race with the request's noise when it is seeded,
+        else a draw from the generator (sampled requests; greedy ones take the argmax themselves)."""
+        if self.noise is not None:
+            return race(probs, self.noise[i : i + 1])
+        return sample(probs, self.generator)
 
 
 class Proposer(Protocol):
@@ -152,14 +160,27 @@ class DraftModelProposer:
     Each row's slot is reconciled with its sequence first: it keeps the longest prefix it shares
     with token_ids and runs the rest. That covers partial acceptance (drop rejected drafts), full
     acceptance (the last draft and the bonus token were never run) and steps that drafted nothing.
-    Greedy drafts are the argmax, a deterministic proposal (q one-hot), so they come without probs.
+    Greedy and seeded drafts are deterministic proposals (q one-hot), so they come without probs.
+
+    Padded vocabularies (serving.vocab): the draft proposes only the ids below `shared_rows`, its
+    q is zero on the target's other rows (`target_rows`), and ids it has no embedding for (tokens
+    only the target can emit) are read as id 0: worse drafts after them, never a wrong output.
     """
 
-    def __init__(self, model: PreTrainedModel, profile: DeviceProfile | None = None):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        profile: DeviceProfile | None = None,
+        target_rows: int | None = None,
+    ):
         self.model = model
         self.max_length = context_length(model)
         self.cache = new_cache(model, profile)
         self._base = compiled(model.base_model, profile)
+        rows = model.get_output_embeddings().weight.shape[0]
+        self.target_rows = target_rows or rows
+        self.shared_rows = min(rows, self.target_rows)
+        self.input_rows = model.get_input_embeddings().weight.shape[0]
 
     def new_state(self) -> DraftState:
         empty = torch.empty(0, dtype=torch.long, device=self.model.device)
@@ -179,17 +200,21 @@ class DraftModelProposer:
             active = [i for i in inputs if ks[i] > depth]
             slots = [rows[i].state.slot for i in active]
             last, _ = forward_slots(
-                self.model, self.cache, slots, [inputs[i] for i in active], base=self._base, last_only=True
-            )  # [active, V]
+                self.model, self.cache, slots, [self._known(inputs[i]) for i in active], base=self._base,
+                last_only=True,
+            )  # fmt: skip
+            last = last[:, : self.shared_rows]  # [active, V']: the ids the target shares
             greedy = last.argmax(-1)  # [active]
             for j, i in enumerate(active):
                 self.cache.lengths[slots[j]] += inputs[i].shape[0]
-                params = rows[i].params
-                if params.greedy:  # q is one-hot at the argmax: a deterministic draft
+                row = rows[i]
+                if row.params.greedy:  # q is one-hot at the argmax: a deterministic draft
                     inputs[i] = greedy[j : j + 1]  # [1]
                 else:
-                    probs[i].append(process_logits(last[j : j + 1], params))  # [1, V]
-                    inputs[i] = sample(probs[i][-1], rows[i].generator)  # [1]
+                    q = process_logits(last[j : j + 1], row.params)  # [1, V']
+                    inputs[i] = row.pick(q, depth)  # [1]
+                    if row.noise is None:  # q itself, over the target's rows, for the sampler
+                        probs[i].append(torch.nn.functional.pad(q, (0, self.target_rows - q.shape[-1])))
                 drafted[i].append(inputs[i])
         proposals = []
         for i, row in enumerate(rows):
@@ -209,10 +234,14 @@ class DraftModelProposer:
         keep = min(common_prefix_length(state.cached_ids, ids), ids.shape[0] - 1)
         behind = ids.shape[0] - keep
         if behind > 1 and (keep == 0 or behind > CATCH_UP):
-            prefill(self.model, self.cache, state.slot, ids[:-1])
+            prefill(self.model, self.cache, state.slot, self._known(ids[:-1]))
             keep = ids.shape[0] - 1
         self.cache.lengths[state.slot] = keep
         return ids[keep:]
+
+    def _known(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [n] with those the draft has no embedding for read as 0."""
+        return ids.masked_fill(ids >= self.input_rows, 0)
 
     @torch.no_grad()
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
@@ -267,8 +296,10 @@ class HeadsProposer:
             if params.greedy:
                 token = logits.argmax(-1)  # [1]
             else:
-                probs.append(process_logits(logits, params))  # [1, V]
-                token = sample(probs[-1], row.generator)  # [1]
+                q = process_logits(logits, params)  # [1, V]
+                token = row.pick(q, i)  # [1]
+                if row.noise is None:
+                    probs.append(q)
             tokens.append(token)
             before = torch.cat([before, token.unsqueeze(0)], dim=1)  # [1, i + 2]
         return Proposal(tokens=torch.cat(tokens), probs=torch.cat(probs) if probs else None)

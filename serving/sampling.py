@@ -2,7 +2,14 @@
 
 Notation, fixed here for the whole project: p is the target's distribution, q the draft's,
 k the number of drafted tokens in one step, V the vocabulary size. Every function is pure:
-no models, caches or globals; randomness comes only from the `torch.Generator` passed in.
+no models, caches or globals; randomness comes only from the `torch.Generator` passed in, or,
+for a request with a seed, from `seeded_noise`, a function of the seed and the output position.
+
+Seeded requests use an exponential race (the Gumbel-max trick): the token at output position t
+is argmax_x p_t(x) / e_t(x), with e_t(x) ~ Exp(1) drawn from (seed, t) alone, which is a draw from
+p_t. Drafts race with the same noise (argmax q_t / e_t), and the target's race decides, so the
+text is the target's own seeded sample whatever the drafts, k, the batch or the replica; drafts
+that agree with the target are simply accepted more often.
 """
 
 from __future__ import annotations
@@ -68,6 +75,33 @@ def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     cdf = probs.double().cumsum(-1)  # [..., V]
     u = 1 - torch.rand(cdf.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype, device=cdf.device)
     return torch.searchsorted(cdf, u * cdf[..., -1:]).squeeze(-1)  # [...]
+
+
+MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A 64-bit seed for one output position of a seeded request (splitmix64 of both)."""
+    x = (seed + 0x9E3779B97F4A7C15 * (position + 1)) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def seeded_noise(seed: int, first: int, count: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """Exp(1) noise [count, V] for output positions first..first + count - 1 of a seeded request;
+    each row depends on (seed, position) only."""
+    rows = []
+    for position in range(first, first + count):
+        generator = torch.Generator(device=device).manual_seed(position_seed(seed, position))
+        rows.append(-torch.rand(vocab, generator=generator, device=device).log())  # (0, inf]
+    return torch.stack(rows) if rows else torch.empty(0, vocab, device=device)
+
+
+def race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The exponential race's winners: ids [...] = argmax probs / noise over the last axis (the
+    first columns of `noise` when probs has fewer); each is a draw from its row of probs."""
+    return (probs / noise[..., : probs.shape[-1]]).argmax(-1)
 
 
 @dataclass(frozen=True)

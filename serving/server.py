@@ -125,6 +125,7 @@ class Request:
     stop_token_ids: list[int] | None = None  # None: the target's EOS
     domain: str = "-"
     request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex}")
+    logprobs: int | None = None  # the target's top log-probs per token the caller wants (0: the chosen only)
 
     def __post_init__(self):
         if not DOMAIN.fullmatch(self.domain):
@@ -377,8 +378,8 @@ class Replica:
             try:
                 decoding = self.engine.add(
                     request.prompt_ids, request.max_new_tokens, request.temperature, request.top_p,
-                    request.top_k, request.seed, request.stop_token_ids, self.config.trace_top_k, hidden,
-                    served.proposer,
+                    request.top_k, request.seed, request.stop_token_ids,
+                    max(self.config.trace_top_k, request.logprobs or 0), hidden, served.proposer,
                 )  # fmt: skip
             except EngineError as err:  # a bad request: the caller gets it as is
                 job.put(err)
@@ -426,7 +427,7 @@ class Replica:
             sampling["seed"] = request.seed
         trace = trace_of(
             request.request_id, request.domain, self.target_id, finished.draft_version,
-            request.prompt_ids, generation, sampling,
+            request.prompt_ids, generation, sampling, self.config.trace_top_k,
         )  # fmt: skip
         self.writer.append(trace)
         tokens = len(generation.token_ids)

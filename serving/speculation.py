@@ -36,6 +36,12 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
+def speedup_bound(alpha: float, k: int, c: float) -> float:
+    """DESIGN.md's S = (1 - alpha^(k+1)) / ((1 - alpha)(k c + 1)) (Leviathan et al.): the speedup over
+    plain decoding when verifying k drafts costs one target step and each draft step c of one."""
+    return expected_tokens(alpha, k) / (k * c + 1)
+
+
 @dataclass(frozen=True)
 class StepCosts:
     """Measured seconds of whole decode steps (proposing, verifying, sampling, bookkeeping):

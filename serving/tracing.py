@@ -19,8 +19,10 @@ def trace_of(
     prompt_ids: Sequence[int],
     generation: Generation,
     sampling: dict,
+    top_k: int | None = None,
 ) -> Trace:
-    """The trace of one request; `generation` must come from generate(top_logprobs=K > 0)."""
+    """The trace of one request, with the target's `top_k` (default: all the generation has) most
+    likely tokens per position; `generation` must come from generate(top_logprobs=K > 0)."""
     if generation.top_ids is None:
         raise ValueError("a trace needs the target's top-K: generate with top_logprobs > 0")
     return Trace(
@@ -31,8 +33,8 @@ def trace_of(
         draft_versions=(draft_version,),
         prompt_ids=np.asarray(prompt_ids, np.int32),
         output_ids=np.asarray(generation.token_ids, np.int32),
-        top_ids=generation.top_ids.numpy().astype(np.int32),
-        top_logprobs=generation.top_logprobs.numpy().astype(np.float16),
+        top_ids=generation.top_ids[:, :top_k].numpy().astype(np.int32),
+        top_logprobs=generation.top_logprobs[:, :top_k].numpy().astype(np.float16),
         drafted=np.asarray(generation.stats.drafted_per_step, np.uint8),
         accepted=np.asarray(generation.stats.accepted_per_step, np.uint8),
         sampling=sampling,

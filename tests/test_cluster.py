@@ -38,7 +38,7 @@ def test_replicas_on_one_node_the_trainer_on_another_and_a_publish_reaches_all(
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
         config = ServiceConfig(
-            target=str(models.target), draft=str(models.draft), model_name="demo", k=2,
+            target=str(models.target), draft=str(models.draft), served_model_names=("demo",), k=2,
             redis_url=redis_server.url,
             replicas=2, replica_cpus=0.5, replica_resources={"osd_replica": 1}, torch_threads=1,
             trainer_resources={"osd_trainer": 1}, trainer_dir=str(tmp_path / "trainer"),

@@ -6,9 +6,10 @@ lockstep, a fixed number of steps after every window of requests), so what it le
 depend on how much idle CPU it happened to get; learning is judged on the draft's expected
 acceptance on the run's held-out traces, which depends only on weights and traces. With
 --keep-running the stack stays up: the official `openai` client checks the API through Ray
-Serve's proxy; then Ctrl-C leaves no process behind, and the output no traceback. The slowest
-test of the suite (about 4 minutes on 2 cores); it also makes the checks of the quick pair's
-build."""
+Serve's proxy (completions, and chat through the demo pair's ChatML template); then Ctrl-C leaves
+no process behind, and the output no traceback. The slowest test of the suite (about 4 minutes on
+2 cores); it also makes the checks of the quick pair's build. A quarter of the workload goes
+through the chat API."""
 
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ def test_quick_demo_learns_online_over_http_and_stops_cleanly(tmp_path):
     plan = PLANS["quick"]
     assert report["requests"] == sum(p.requests for p in plan.phases) and report["train_steps"] == TRAIN_STEPS
     assert report["failed"] == 0, report["errors"]
+    chat = report["endpoints"]["chat"]  # every fourth request went through /v1/chat/completions
+    assert chat["requests"] == report["requests"] // plan.chat_every and chat["acceptance"] is not None
     assert report["published"], report["events"]
     # What the draft learnt, on the held-out traces of the run's main code phase: the live version
     # against the starting draft, by expected acceptance (weights and traces only, no timing).
@@ -95,19 +98,23 @@ def test_quick_demo_learns_online_over_http_and_stops_cleanly(tmp_path):
 
 
 def check_with_the_openai_client(base: str, model: str, target: Path) -> None:
-    """Completion (the target's greedy text), chat, streaming with usage, and errors as the
-    client's exception types, through Ray Serve's proxy."""
+    """Completion and chat (the target's greedy text, the chat's on its ChatML prompt), streaming
+    with usage, and errors as the client's exception types, through Ray Serve's proxy."""
     api = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-    assert [m.id for m in api.models.list()] == [model]
+    assert [m.id for m in api.models.list()] == [str(target), model]  # the target as given, the alias
     tokenizer = AutoTokenizer.from_pretrained(target)
-    ids = tokenizer.encode(PROMPT, add_special_tokens=False)
-    greedy = SpecEngine.from_pretrained(str(target)).generate(ids, 16).token_ids
+    engine = SpecEngine.from_pretrained(str(target))
+    greedy = engine.generate(tokenizer.encode(PROMPT, add_special_tokens=False), 16).token_ids
     completion = api.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0)
     assert completion.choices[0].text == tokenizer.decode(greedy, skip_special_tokens=True)
     assert completion.model_extra["metrics"]["draft_version"].startswith("draft:v")  # from the registry
     messages = [{"role": "user", "content": "hi"}]
     chat = api.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
     assert chat.choices[0].message.role == "assistant"
+    chatml = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chatml == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    greedy = engine.generate(tokenizer.encode(chatml, add_special_tokens=False), 8).token_ids
+    assert chat.choices[0].message.content == tokenizer.decode(greedy, skip_special_tokens=True)
     chunks = list(
         api.chat.completions.create(
             model=model, messages=messages, max_tokens=8, temperature=0, stream=True,

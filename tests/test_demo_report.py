@@ -1,5 +1,5 @@
 """The demo's report (pure): windows per phase in finishing order, failures, events placed on the
-request axis, the acceptance series, the tables and the plot."""
+request axis, the acceptance series, the requests per endpoint, the tables and the plot."""
 
 from __future__ import annotations
 
@@ -11,10 +11,19 @@ from deploy.demo.report import plot, speedup_summary, summarise, tables, window_
 from deploy.demo.workloads import Phase
 
 
-def served(index: int, phase: int, accepted: int, end: float, error: str | None = None) -> Served:
+def served(
+    index: int,
+    phase: int,
+    accepted: int,
+    end: float,
+    error: str | None = None,
+    chat: bool = False,
+    finish_reason: str = "length",
+) -> Served:
     domain = ("prose", "python")[phase]
     return Served(index, phase, domain, (1, 2), start=end - 1.0, end=end, error=error,
-                  draft_version="draft:v1", drafted=10, accepted=accepted, tokens=20, ttft=0.01)  # fmt: skip
+                  draft_version="draft:v1", drafted=10, accepted=accepted, tokens=20, ttft=0.01, chat=chat,
+                  finish_reason=None if error else finish_reason)  # fmt: skip
 
 
 def test_windows_follow_the_finishing_order_and_failures_are_counted():
@@ -56,3 +65,23 @@ def test_tables_and_plot(tmp_path):
     assert "python" in text and "+0.00" in text and "0.20" in text
     plot(report, tmp_path / "demo.png")
     assert (tmp_path / "demo.png").stat().st_size > 5_000
+
+
+def test_chat_and_completion_requests_are_reported_apart():
+    log = [served(i, i // 4, 1, end=float(i), chat=i % 4 == 3) for i in range(8)]
+    log += [
+        served(8, 1, 9, 8.0, chat=True, finish_reason="stop"),
+        served(9, 1, 0, 9.0, error="boom", chat=True),
+    ]
+    report = summarise(log, (Phase("prose", 4), Phase("python", 6)), 2, [], [], None)
+    chat, completions = report["endpoints"]["chat"], report["endpoints"]["completions"]
+    assert (chat["requests"], chat["failed"], chat["stopped_early"]) == (4, 1, 1)
+    assert chat["acceptance"] == round(11 / 30, 3) and chat["tokens_per_request"] == 20.0
+    assert (completions["requests"], completions["failed"], completions["acceptance"]) == (6, 0, 0.1)
+    console = Console(record=True, width=120)
+    for table in tables(report):
+        console.print(table)
+    text = console.export_text()
+    assert "ended early" in text and "│        chat │" in text
+    only_completions = summarise(log[:3], (Phase("prose", 4),), 2, [], [], None)
+    assert only_completions["endpoints"]["chat"]["requests"] == 0 and len(tables(only_completions)) == 2

@@ -1,22 +1,30 @@
-"""The demo world: corpora and their held-out split, the tokenizer, and the cached model build."""
+"""The demo world: corpora and their held-out split, the tokenizer and its ChatML template, and the
+cached model build (with the finishing step that gives a pair cached before it the template)."""
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import shutil
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from rich.console import Console
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deploy.demo import build as build_module
-from deploy.demo.build import PRESETS, build_demo_models, cached
+from deploy.demo.build import CHAT_VERSION, PRESETS, build_demo_models, cached, finish_chat
 from deploy.demo.corpus import build_corpus, is_held_out, prose_of
 from deploy.demo.offline_distill import DistillSpec, distill, distill_demo_draft
 from deploy.demo.pretrain import target_continuations
-from deploy.demo.tokenizer import train_tokenizer
+from deploy.demo.run import claim_state
+from deploy.demo.tokenizer import CHATML, IM_END, IM_START, train_tokenizer
 from distill.acceptance import expected_acceptance
+from serving.api import ChatMessage, chat_prompt
 from serving.engine import SpecEngine
+from serving.vocab import check_pair
 from tiny_models import SMALL_CORPUS, TINY_DEMO, build
 
 
@@ -105,6 +113,113 @@ def test_tiny_build_through_the_real_path(tiny_models):
     again = build_demo_models(TINY_DEMO, tmp_path)  # reused, not rebuilt
     assert again.manifest["built_at"] == manifest["built_at"]
     assert cached(dataclasses.replace(TINY_DEMO, vocab_size=400), tmp_path) is None  # another recipe
+
+
+def test_the_built_pair_has_the_chatml_template_and_rows_for_its_tokens(tiny_models):
+    _, models = tiny_models
+    tokenizer = AutoTokenizer.from_pretrained(models.target)
+    trained = len(tokenizer) - 2  # the BPE's own vocabulary, then the two chat tokens
+    start, end = tokenizer.convert_tokens_to_ids([IM_START, IM_END])
+    assert (start, end) == (trained, trained + 1)
+    assert tokenizer.chat_template == CHATML and {IM_START, IM_END} <= set(tokenizer.all_special_tokens)
+    assert tokenizer.encode(f"{IM_START}{IM_END}", add_special_tokens=False) == [start, end]  # one id each
+    assert tokenizer.decode([start, 5, end], skip_special_tokens=True) == tokenizer.decode([5])
+    chat = models.manifest["chat"]
+    assert chat["version"] == CHAT_VERSION and chat["token_ids"] == {IM_START: start, IM_END: end}
+    assert models.manifest["vocab_size"] == len(tokenizer)
+    for path in (models.target, models.draft):
+        assert AutoTokenizer.from_pretrained(path).get_vocab() == tokenizer.get_vocab()
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == model.config.vocab_size
+        assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, end]
+    shared = check_pair(str(models.target), str(models.draft), len(tokenizer), len(tokenizer))
+    assert shared.rows == len(tokenizer) and not shared.padded  # the draft may propose the chat tokens
+    # a chat prompt decodes; the engine stops at <|im_end|> as at <|endoftext|>
+    engine = SpecEngine.from_pretrained(models.target, draft=models.draft, num_speculative_tokens=2)
+    assert engine.default_stop_ids == {tokenizer.eos_token_id, end}
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert 1 <= len(engine.generate(list(ids["input_ids"]), 4).token_ids) <= 4
+
+
+def test_a_multi_turn_conversation_renders_as_chatml(tiny_models):
+    _, models = tiny_models
+    tokenizer = AutoTokenizer.from_pretrained(models.target)
+    messages = [
+        {"role": "system", "content": "You continue the user's Python code."},
+        {"role": "user", "content": "def add(a, b):"},
+        {"role": "assistant", "content": "    return a + b"},
+        {"role": "user", "content": "def sub(a, b):\n"},
+    ]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == (
+        "<|im_start|>system\nYou continue the user's Python code.<|im_end|>\n"
+        "<|im_start|>user\ndef add(a, b):<|im_end|>\n"
+        "<|im_start|>assistant\n    return a + b<|im_end|>\n"
+        "<|im_start|>user\ndef sub(a, b):\n<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    start, end = tokenizer.convert_tokens_to_ids([IM_START, IM_END])
+
+    def encode(piece: str) -> list[int]:
+        return tokenizer.encode(piece, add_special_tokens=False)
+
+    expected = [
+        i for m in messages for i in [start, *encode(f"{m['role']}\n{m['content']}"), end, *encode("\n")]
+    ] + [start, *encode("assistant\n")]  # the special tokens split the text; the rest is plain BPE
+    assert encode(text) == expected
+    assert chat_prompt(tokenizer, [ChatMessage(**m) for m in messages]) == expected  # what the API sends
+    no_prompt = tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=False)
+    assert no_prompt.endswith("def add(a, b):<|im_end|>\n")
+
+
+def test_a_pair_cached_before_the_chat_template_is_finished_not_retrained(tiny_models, tmp_path, monkeypatch):
+    fresh_root, fresh = tiny_models
+
+    def pre_chat_finish(root, manifest):  # what builds wrote before the finishing step
+        (root / "manifest.json").write_text(json.dumps(manifest))
+        return manifest
+
+    monkeypatch.setattr(build_module, "finish_chat", pre_chat_finish)
+    old = build_demo_models(TINY_DEMO, tmp_path)
+    assert "chat" not in old.manifest and AutoTokenizer.from_pretrained(old.target).chat_template is None
+    shutil.copytree(old.draft, old.root / "draft-distilled-python")  # a derived draft: finished too
+    monkeypatch.setattr(build_module, "finish_chat", finish_chat)
+    monkeypatch.setattr(build_module, "pretrain", lambda *a, **k: pytest.fail("retrained"))
+
+    finished = build_demo_models(TINY_DEMO, tmp_path)
+    assert finished.manifest["built_at"] == old.manifest["built_at"]  # the same training, finished
+    assert finished.manifest["chat"] == fresh.manifest["chat"]
+    assert {p.name for p in tmp_path.iterdir()} == {"tiny"}  # no copy left behind
+    for name in ("target", "draft", "draft-distilled-python"):
+        made, built = finished.root / name, fresh_root / "tiny" / ("draft" if "distilled" in name else name)
+        for file in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "generation_config.json",
+        ):
+            assert (made / file).read_text() == (built / file).read_text(), (name, file)
+        weights, fresh_weights = load_file(made / "model.safetensors"), load_file(built / "model.safetensors")
+        assert weights.keys() == fresh_weights.keys()
+        assert all(torch.equal(weights[k], fresh_weights[k]) for k in weights), name  # as a fresh build
+    # finishing again changes nothing
+    before = {p: p.read_bytes() for p in finished.root.rglob("*") if p.is_file()}
+    assert finish_chat(finished.root, finished.manifest) == finished.manifest
+    assert {p: p.read_bytes() for p in finished.root.rglob("*") if p.is_file()} == before
+    assert build_demo_models(TINY_DEMO, tmp_path).manifest == finished.manifest  # reused now
+
+
+def test_demo_state_made_with_another_build_of_the_pair_starts_over(tiny_models, tmp_path):
+    _, models = tiny_models
+    state, console = tmp_path / "state", Console(file=io.StringIO())
+    claim_state(state, models, console)
+    (state / "trainer").mkdir()
+    claim_state(state, models, console)  # the same pair: the state is kept
+    assert (state / "trainer").is_dir()
+    before_chat = {k: v for k, v in models.manifest.items() if k != "chat"}
+    claim_state(state, dataclasses.replace(models, manifest=before_chat), console)
+    assert not (state / "trainer").exists() and (state / "pair.json").exists()
+    assert "starting over" in console.file.getvalue()
 
 
 def test_failed_build_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):

@@ -4,16 +4,17 @@ import json
 
 import pytest
 
-from benchmarks.engine import PRESETS, costed_speedup, modelled_speedup, parser, run
+from benchmarks.engine import PRESETS, costed_speedup, parser, run
 from benchmarks.engine import main as main_bench
 from deploy.cli import main
+from serving.speculation import speedup_bound
 from tiny_models import TINY_DEMO
 
 
-def test_modelled_speedup():
-    assert modelled_speedup(0.5, 1, 0.0) == pytest.approx(1.5)
-    assert modelled_speedup(0.0, 4, 0.1) == pytest.approx(1 / 1.4)
-    assert modelled_speedup(1.0, 3, 0.5) == pytest.approx(4 / 2.5)
+def test_speedup_bound():
+    assert speedup_bound(0.5, 1, 0.0) == pytest.approx(1.5)
+    assert speedup_bound(0.0, 4, 0.1) == pytest.approx(1 / 1.4)
+    assert speedup_bound(1.0, 3, 0.5) == pytest.approx(4 / 2.5)
 
 
 def test_costed_speedup_interpolates_the_measured_verify_cost():

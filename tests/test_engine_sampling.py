@@ -1,6 +1,10 @@
-"""End to end: sampled output of the engine has the target's distribution, whatever the draft."""
+"""End to end: sampled output of the engine has the target's distribution, whatever the draft,
+with a generator (unseeded requests) and with the seeded race (serving.sampling), and for a draft
+with fewer output rows than the target (a padded vocabulary)."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -25,7 +29,7 @@ def joint_first_two(model, params: SamplingParams) -> torch.Tensor:
     return (first[:, None] * second).double()
 
 
-def empirical_first_two(engine: SpecEngine, params: SamplingParams) -> torch.Tensor:
+def empirical_first_two(engine: SpecEngine, params: SamplingParams, seeded: bool) -> torch.Tensor:
     counts = torch.zeros(VOCAB, VOCAB, dtype=torch.float64)
     for seed in range(SAMPLES):
         out = engine.generate(
@@ -34,7 +38,7 @@ def empirical_first_two(engine: SpecEngine, params: SamplingParams) -> torch.Ten
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
-            seed=seed,
+            seed=seed if seeded else None,
             stop_token_ids=[],
         ).token_ids
         counts[out[0], out[1]] += 1
@@ -58,25 +62,36 @@ def noise_bound(expected: torch.Tensor) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "proposer,params",
+    "proposer,params,seeded",
     [
-        ("draft", SamplingParams(1.0)),
-        ("draft", SamplingParams(0.8, top_p=0.9, top_k=5)),
-        ("ngram", SamplingParams(1.2, top_p=0.95)),
-        ("hydra heads", SamplingParams(0.9, top_k=6)),
+        ("draft", SamplingParams(1.0), False),
+        ("draft", SamplingParams(0.8, top_p=0.9, top_k=5), False),
+        ("ngram", SamplingParams(1.2, top_p=0.95), False),
+        ("hydra heads", SamplingParams(0.9, top_k=6), True),
+        ("padded draft", SamplingParams(1.0), False),
+        ("padded draft", SamplingParams(0.9, top_k=6), True),
     ],
     ids=str,
 )
-def test_first_two_tokens_follow_target(pair, proposer, params):
+def test_first_two_tokens_follow_target(pair, proposer, params, seeded):
     target, draft = pair
     chosen = {
         "draft": lambda: DraftModelProposer(draft),
         "ngram": NgramProposer,
         "hydra heads": lambda: HeadsProposer(random_heads(target, "hydra")),
+        "padded draft": lambda: DraftModelProposer(padded(draft, VOCAB - 2), target_rows=VOCAB),
     }[proposer]()
     engine = SpecEngine(target, chosen, num_speculative_tokens=3)
     expected = joint_first_two(target, params)
-    observed = empirical_first_two(engine, params)
+    observed = empirical_first_two(engine, params, seeded)
     assert tv(observed, expected) < noise_bound(expected)
     if proposer == "draft":  # the test can fail: the draft's own distribution is far from the target's
         assert tv(joint_first_two(draft, params), expected) > 5 * noise_bound(expected)
+
+
+def padded(draft, rows: int):
+    """A copy of `draft` with only its first `rows` output rows: the target's last ids are then ones
+    it cannot propose, as a draft of a padded vocabulary cannot propose the target's padding."""
+    smaller = copy.deepcopy(draft)
+    smaller.resize_token_embeddings(rows)
+    return smaller

@@ -1,4 +1,5 @@
-"""Workloads: seeded, held-out-only prompts that round-trip through the tokenizer, in phase order."""
+"""Workloads: seeded, held-out-only prompts that round-trip through the tokenizer, in phase order;
+every n-th request a chat request."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from deploy.demo.workloads import (
     Phase,
     Prompt,
     WorkloadSpec,
+    chat_messages,
     fixed_prompts,
     request_stream,
 )
@@ -71,6 +73,17 @@ def test_same_seed_same_requests_and_another_seed_others(corpus, tokenizer):
     assert [r.seed for r in first] != [r.seed for r in other]
 
 
+def test_every_nth_request_is_a_chat_request_and_the_requests_stay_the_same(corpus, tokenizer):
+    plain = list(request_stream(SPEC, corpus, tokenizer))
+    chat = list(request_stream(dataclasses.replace(SPEC, chat_every=4), corpus, tokenizer))
+    assert not any(r.chat for r in plain)
+    assert [i for i, r in enumerate(chat) if r.chat] == [3, 7, 11, 15, 19]  # across phases
+    assert [dataclasses.replace(r, chat=False) for r in chat] == plain  # prompts and seeds unchanged
+    system, user = chat_messages(chat[7].prompt)  # phase 2: python
+    assert system["role"] == "system" and "Python code" in system["content"]
+    assert user == {"role": "user", "content": chat[7].prompt.text}
+
+
 def test_prompts_are_cut_from_held_out_documents_of_their_domain(corpus, tokenizer):
     for request in request_stream(SPEC, corpus, tokenizer):
         prompt = request.prompt
@@ -124,6 +137,7 @@ def test_missing_domains_can_be_dropped_keeping_phase_indices(corpus, tokenizer)
         (lambda: WorkloadSpec(prompt_tokens=(50, 40)), r"1 <= min <= max, got \(50, 40\)"),
         (lambda: WorkloadSpec(prompt_tokens=(5,)), "prompt_tokens must be"),
         (lambda: WorkloadSpec(max_new_tokens=0), "max_new_tokens must be at least 1"),
+        (lambda: WorkloadSpec(chat_every=-1), "chat_every must be >= 0"),
         (lambda: WorkloadSpec(temperature=-0.5), "temperature must be >= 0"),
         (lambda: WorkloadSpec(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (lambda: WorkloadSpec(top_p=1.5), r"top_p must be in \(0, 1\]"),

@@ -5,6 +5,14 @@ every domain and the draft on prose only (so it starts poor on code), measures b
 text, and saves them with `save_pretrained` under `<cache_dir>/<preset>/`. A finished build is
 reused: the manifest records a hash of the recipe, and a build is written to a temporary
 directory and renamed into place, so an interrupted build never looks finished.
+
+Every build ends with a cheap finishing step (`finish_chat`, versioned by `CHAT_VERSION` in the
+manifest's `chat` entry): the tokenizer gets the ChatML tokens and template
+(`deploy.demo.tokenizer.add_chat_template`), every model of the pair gets an embedding row for
+each new token (the mean of its trained rows), and `<|im_end|>` joins `<|endoftext|>` as the
+generation config's EOS. A pair cached before that step, or by an older version of it, is
+finished in a copy that replaces it: seconds, where the training would take minutes, and the
+result is the same files a fresh build writes.
 """
 
 from __future__ import annotations
@@ -28,14 +36,15 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel
 
 from deploy.demo.corpus import Corpus, CorpusSpec, Document, build_corpus
 from deploy.demo.pretrain import ModelSpec, TrainSpec, evaluate, pretrain, token_streams
-from deploy.demo.tokenizer import train_tokenizer
+from deploy.demo.tokenizer import CHAT_TOKENS, add_chat_template, train_tokenizer
 from serving.engine import cost_ratio
 
 RECIPE_VERSION = 1  # bump when the build's code changes what a recipe produces
+CHAT_VERSION = 1  # bump when `finish_chat` changes what it makes of a build (cheap: no retraining)
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "osd" / "demo"
 CODE_AND_PROSE = ("prose", "python", "c")
 
@@ -120,23 +129,83 @@ def build_demo_models(
     force: bool = False,
     console: Console | None = None,
 ) -> DemoModels:
-    """Return the cached build of `preset`, building it first when missing (or when forced)."""
+    """Return the cached build of `preset`, building it first when missing (or when forced), and
+    finishing it (`finish_chat`) when it was built before the current finishing step."""
     console = console or Console(stderr=True)
-    if not force and (hit := cached(preset, cache_dir)):
+    hit = None if force else cached(preset, cache_dir)
+    if hit and hit.manifest.get("chat", {}).get("version") == CHAT_VERSION:
         console.print(f"demo models ({preset.name}): reusing {hit.root}")
         return hit
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{preset.name}-building-"))
     try:
-        manifest = _build(preset, tmp, console)
+        if hit:  # trained already: finish a copy
+            shutil.copytree(hit.root, tmp, dirs_exist_ok=True)
+            manifest = finish_chat(tmp, hit.manifest)
+        else:
+            manifest = finish_chat(tmp, _build(preset, tmp, console))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     root = cache_dir / preset.name
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
-    console.print(f"demo models ({preset.name}): built in {manifest['build_seconds']:.0f} s -> {root}")
+    if hit:
+        console.print(f"demo models ({preset.name}): added the ChatML chat template to {root}")
+    else:
+        console.print(f"demo models ({preset.name}): built in {manifest['build_seconds']:.0f} s -> {root}")
     return DemoModels(root, manifest)
+
+
+def finish_chat(root: Path, manifest: dict) -> dict:
+    """Give the pair saved at `root` the ChatML chat template, in place: the tokenizer's tokens and
+    template, an embedding row per new token in every model there (target, draft, distilled drafts),
+    and `<|im_end|>` as an EOS of their generation configs. Writes and returns the manifest.
+
+    Idempotent: rows already there are kept. A new row is the mean of the model's trained rows
+    (tied embeddings: its input vector and its output row), so the target's next-token
+    distribution over the trained vocabulary barely moves and it never picks a chat token
+    greedily; raw-text pretraining never taught it to end a reply with `<|im_end|>`.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(root / "target")
+    chat_ids = add_chat_template(tokenizer)
+    eos_ids = [tokenizer.eos_token_id, chat_ids[-1]]
+    for model_dir in sorted(p for p in root.iterdir() if (p / "config.json").exists()):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        grow_embeddings(model, len(tokenizer))
+        model.generation_config.eos_token_id = eos_ids
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    manifest = manifest | {
+        "vocab_size": len(tokenizer),
+        "chat": {
+            "version": CHAT_VERSION,
+            "template": "chatml",
+            "token_ids": dict(zip(CHAT_TOKENS, chat_ids, strict=True)),
+            "eos_token_ids": eos_ids,
+        },
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+@torch.no_grad()
+def grow_embeddings(model: PreTrainedModel, rows: int) -> None:
+    """Resize `model`'s input and output embeddings to `rows` (never shrinking them); each new row
+    is the mean of the old ones. Deterministic, unlike a random initialisation."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if rows <= old:
+        return
+    means = [m.weight[:old].mean(0) for m in _embeddings(model)]
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    for module, mean in zip(_embeddings(model), means, strict=True):
+        module.weight[old:] = mean
+
+
+def _embeddings(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The input embeddings and, unless tied to them, the output ones."""
+    modules = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return [modules[0]] if modules[1] is None or modules[1].weight is modules[0].weight else modules
 
 
 def progress_bars(console: Console) -> Progress:
@@ -245,5 +314,4 @@ def _build(preset: DemoPreset, out: Path, console: Console) -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return manifest  # written by finish_chat

@@ -1,11 +1,13 @@
 """The demo's clients: a workload sent over HTTP with the openai client, as users send it.
 
 `concurrency` client threads take the workload's requests in order; each sends one request
-(greedy or sampled as the request says, its domain in `metadata`), waits for the whole response,
-records what it saw (`Served`), then thinks for `think_seconds` before its next one. The think
-time is the idle time real traffic has; the trainer trains in it. Requests are never retried, so
-every failure is counted. With a `Lockstep`, requests go in windows instead: a window's requests
-start once every request of the one before has ended and the work between windows is done.
+(greedy or sampled as the request says, its domain in `metadata`; to `/v1/chat/completions` as
+messages when the request is a chat request, else to `/v1/completions` as token ids), waits for
+the whole response, records what it saw (`Served`, the same fields for both endpoints), then
+thinks for `think_seconds` before its next one. The think time is the idle time real traffic has;
+the trainer trains in it. Requests are never retried, so every failure is counted. With a
+`Lockstep`, requests go in windows instead: a window's requests start once every request of the
+one before has ended and the work between windows is done.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import openai
 
-from deploy.demo.workloads import Request
+from deploy.demo.workloads import Request, chat_messages
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class Served:
     index: int  # position in the workload
     phase: int
     domain: str
-    prompt: tuple[int, ...]
+    prompt: tuple[int, ...]  # the workload's prompt ids (a chat request sends their text as a message)
     start: float
     end: float
     error: str | None = None
@@ -36,6 +38,8 @@ class Served:
     accepted: int = 0
     tokens: int = 0
     ttft: float | None = None  # as the server measured it
+    chat: bool = False  # sent through /v1/chat/completions
+    finish_reason: str | None = None  # "stop": an EOS or stop string came before max_tokens
 
     @property
     def ok(self) -> bool:
@@ -47,21 +51,25 @@ class Served:
 
 
 def send(client: openai.OpenAI, model: str, index: int, request: Request, tagged: bool = True) -> Served:
-    """One completion request, naming its domain when `tagged`; a failure is returned as a `Served`
-    with its error, never raised."""
+    """One request, a chat or a completion as `request.chat` says, naming its domain when `tagged`;
+    a failure is returned as a `Served` with its error, never raised."""
     start = time.time()
     prompt = request.prompt
-    fields = dict(index=index, phase=request.phase, domain=prompt.domain, prompt=prompt.token_ids)
+    fields = dict(index=index, phase=request.phase, domain=prompt.domain, prompt=prompt.token_ids,
+                  chat=request.chat)  # fmt: skip
+    sampling = dict(
+        model=model,
+        max_tokens=request.max_new_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        seed=request.seed,
+        extra_body={"metadata": {"domain": prompt.domain}} if tagged else None,
+    )
     try:
-        response = client.completions.create(
-            model=model,
-            prompt=list(prompt.token_ids),
-            max_tokens=request.max_new_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=request.seed,
-            extra_body={"metadata": {"domain": prompt.domain}} if tagged else None,
-        )
+        if request.chat:
+            response = client.chat.completions.create(messages=chat_messages(prompt), **sampling)
+        else:
+            response = client.completions.create(prompt=list(prompt.token_ids), **sampling)
     except openai.OpenAIError as err:
         return Served(**fields, start=start, end=time.time(), error=f"{type(err).__name__}: {err}")
     metrics = (response.model_extra or {}).get("metrics") or {}
@@ -74,6 +82,7 @@ def send(client: openai.OpenAI, model: str, index: int, request: Request, tagged
         accepted=metrics.get("spec_accepted", 0),
         tokens=response.usage.completion_tokens if response.usage else 0,
         ttft=metrics.get("time_to_first_token"),
+        finish_reason=response.choices[0].finish_reason if response.choices else None,
     )
 
 

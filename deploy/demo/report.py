@@ -4,7 +4,8 @@ summary (JSON), its table and its plot.
 Requests are counted in the order they finished, the order in which the trainer saw their traces.
 A window is `window` consecutive finished requests. Acceptance is accepted / drafted speculative
 tokens; tokens/s is the generated tokens of a window over the time from its first request's
-start to its last one's end (all clients together).
+start to its last one's end (all clients together). Windows mix both endpoints; `endpoints`
+accounts for the completion and the chat requests apart.
 """
 
 from __future__ import annotations
@@ -53,6 +54,23 @@ def window_stats(served: Sequence[Served]) -> dict:
     }
 
 
+def endpoint_stats(served: Sequence[Served]) -> dict:
+    """Per endpoint (completions, chat): requests, failures, and of the successful ones the
+    acceptance, the mean generated tokens and how many stopped before max_tokens."""
+    stats = {}
+    for name, chat in (("completions", False), ("chat", True)):
+        own = [s for s in served if s.chat == chat]
+        ok = [s for s in own if s.ok]
+        stats[name] = {
+            "requests": len(own),
+            "failed": len(own) - len(ok),
+            "acceptance": _round(acceptance(ok)),
+            "tokens_per_request": _round(sum(s.tokens for s in ok) / len(ok), 1) if ok else None,
+            "stopped_early": sum(s.finish_reason == "stop" for s in ok),
+        }
+    return stats
+
+
 def requests_before(served: Sequence[Served], at: float) -> int:
     """How many requests had finished at unix time `at`."""
     return sum(s.end <= at for s in served)
@@ -74,8 +92,8 @@ def summarise(
     speedup: dict | None,
 ) -> dict:
     """The demo's report: per phase the first and last window; the first and last windows of the
-    run; the registry's events and the drift alerts placed on the request axis; the acceptance
-    series for the plot; and the measured speedup."""
+    run; the completion and chat requests apart; the registry's events and the drift alerts placed
+    on the request axis; the acceptance series for the plot; and the measured speedup."""
     ok = sorted((s for s in served if s.ok), key=lambda s: s.end)
     per_phase = []
     for index, phase in enumerate(phases):
@@ -97,6 +115,7 @@ def summarise(
         "phases": per_phase,
         "first_window": window_stats(ok[:window]),
         "last_window": window_stats(ok[-window:]),
+        "endpoints": endpoint_stats(served),
         "published": [version_name(e) for e in events if e["event"] == "publish"],
         "rolled_back": [version_name(e, e["previous"]) for e in events if e["event"] == "rollback"],
         "refused": [version_name(e) for e in events if e["event"] == "reject"],
@@ -135,7 +154,8 @@ def _fmt(value: float | None, pattern: str = "{:.2f}") -> str:
 
 
 def tables(report: dict) -> list[Table]:
-    """The summary as rich tables: acceptance per phase, then the run's first and last windows."""
+    """The summary as rich tables: acceptance per phase, the run's first and last windows, and the
+    requests per endpoint when some went through chat."""
     phases = Table(title=f"acceptance per phase (first and last {report['window']} requests)")
     for column in ("phase", "domain", "requests", "first window", "last window", "change"):
         phases.add_column(column, justify="right")
@@ -156,7 +176,18 @@ def tables(report: dict) -> list[Table]:
             f"{_fmt(w.get('latency_p50'))} / {_fmt(w.get('latency_p99'))}",
             f"{_fmt(_ms(w.get('ttft_p50')), '{:.0f}')} / {_fmt(_ms(w.get('ttft_p99')), '{:.0f}')}",
         )  # fmt: skip
-    return [phases, run]
+    endpoints = report.get("endpoints", {})
+    if not endpoints.get("chat", {}).get("requests"):
+        return [phases, run]
+    by_endpoint = Table(title="requests per endpoint (/v1/completions, /v1/chat/completions)")
+    for column in ("endpoint", "requests", "failed", "acceptance", "tokens each", "ended early"):
+        by_endpoint.add_column(column, justify="right")
+    for name, e in endpoints.items():
+        by_endpoint.add_row(
+            name, str(e["requests"]), str(e["failed"]), _fmt(e["acceptance"]),
+            _fmt(e["tokens_per_request"], "{:.1f}"), str(e["stopped_early"]),
+        )  # fmt: skip
+    return [phases, run, by_endpoint]
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -3,13 +3,15 @@
 It builds (or reuses) the demo pair, starts the stack as `osd serve` does (the embedded
 redis-server, local Ray on loopback, the trainer actor and two server replicas), prints the
 dashboard's address, and sends the demo workload over HTTP with the openai client: phases of
-domains (prose, then code), `concurrency` clients that think between requests, so that the trainer
-has spare cycles. A live display shows the phase, the requests done, the acceptance of the last
-requests, the draft version serving them and the trainer; publishes, rollbacks, refusals and drift
-alerts are printed as they happen. Then, with the trainer paused, it measures (`deploy.demo.measure`)
-decoding speed on the last prompts of the run, with no speculation, the starting draft and the
-live draft, and the two drafts' expected acceptance on the run's held-out traces; it ends with the
-summary (`deploy.demo.report`), as tables and with `--json` as JSON and a PNG plot.
+domains (prose, then code), every fourth request through the chat API (the pair's ChatML
+template) and the rest as completions, `concurrency` clients that think between requests, so that
+the trainer has spare cycles. A live display shows the phase, the requests done, the acceptance of
+the last requests, the draft version serving them and the trainer; publishes, rollbacks, refusals
+and drift alerts are printed as they happen. Then, with the trainer paused, it measures
+(`deploy.demo.measure`) decoding speed on the last prompts of the run, with no speculation, the
+starting draft and the live draft, and the two drafts' expected acceptance on the run's held-out
+traces; it ends with the summary (`deploy.demo.report`), as tables and with `--json` as JSON and a
+PNG plot.
 
 `--train-steps N` runs lockstep instead of spare cycles: after every window of requests the
 clients wait while the trainer trains exactly N steps and the replicas take what it published, so
@@ -22,7 +24,8 @@ draft, and the router; every fourth request then names no domain, for the router
 
 State (Redis's data and the trainer's checkpoint) lives under `--state-dir`, one folder per preset
 and proposer, so a second run starts from the draft the first one left live; `--fresh` starts
-over. `--keep-running` leaves the stack up afterwards. Ctrl-C stops everything at any point.
+over, and so does a run whose demo pair is not the one the state was made with. `--keep-running`
+leaves the stack up afterwards. Ctrl-C stops everything at any point.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class DemoPlan:
     k: int = 3
     replicas: int = 2
     probe_prompts: int = 8  # the last prompts of the run, for the speed measurement
+    chat_every: int = 4  # every n-th request goes through /v1/chat/completions
     held_out_fraction: float = 0.1
     trainer_settings: dict = field(default_factory=dict)
     train_steps: int | None = None  # lockstep: steps after every window; None: in spare cycles
@@ -177,12 +181,13 @@ def demo(args: argparse.Namespace, plan: DemoPlan, console: Console) -> dict:
     state = args.state_dir / (f"{plan.preset}-{variant}" if variant else plan.preset)
     if args.fresh:
         shutil.rmtree(state, ignore_errors=True)
+    claim_state(state, models, console)
     token = os.environ.get("OSD_ADMIN_TOKEN") or secrets.token_urlsafe(12)
     endpoint = Endpoint(port=args.port, admin_token=token)
     cpus = os.cpu_count() or 1
     config = ServiceConfig(
         target=str(models.target), draft=None if heads else str(models.draft), k=plan.k,
-        model_name=f"osd-demo-{plan.preset}", replicas=plan.replicas,
+        served_model_names=(f"osd-demo-{plan.preset}",), replicas=plan.replicas,
         replica_cpus=min(1.0, cpus / plan.replicas), torch_threads=max(1, cpus // plan.replicas),
         trainer_dir=str(state / "trainer"),
         trainer_settings=plan.trainer_settings, held_out_fraction=plan.held_out_fraction,
@@ -212,6 +217,24 @@ def demo(args: argparse.Namespace, plan: DemoPlan, console: Console) -> dict:
     return report
 
 
+def claim_state(state: Path, models: DemoModels, console: Console) -> None:
+    """Mark `state` as made with this build of the demo pair; state made with another build (or
+    before the pair had its chat tokens), whose draft versions and checkpoint would not fit the
+    models, is removed first."""
+    mark = state / "pair.json"
+    pair = {key: models.manifest.get(key) for key in ("recipe_hash", "built_at", "vocab_size")}
+    pair["chat"] = models.manifest.get("chat", {}).get("version")
+    try:
+        made_with = json.loads(mark.read_text())
+    except (OSError, json.JSONDecodeError):
+        made_with = None
+    if made_with != pair and state.exists():
+        console.print(f"The demo pair is not the one {state} was made with: starting over.")
+        shutil.rmtree(state)
+    state.mkdir(parents=True, exist_ok=True)
+    mark.write_text(json.dumps(pair) + "\n")
+
+
 def run(
     plan: DemoPlan, models: DemoModels, config: ServiceConfig, endpoint: Endpoint, seed: int, console: Console
 ) -> dict:
@@ -219,7 +242,9 @@ def run(
     client = open_redis(config.redis)
     registry, trainer = Registry(client), ActorControl(TRAINER_NAME, NAMESPACE)
     tokenizer = AutoTokenizer.from_pretrained(models.target)
-    spec = WorkloadSpec(phases=plan.phases, max_new_tokens=plan.max_new_tokens, seed=seed)
+    spec = WorkloadSpec(
+        phases=plan.phases, max_new_tokens=plan.max_new_tokens, seed=seed, chat_every=plan.chat_every
+    )
     requests = list(request_stream(spec, models.held_out_corpus(), tokenizer))
     live = registry.live(DRAFT)  # none yet with adapters: the base draft serves until they come
     first = f"{DRAFT}:base" if live is None else live.label
@@ -227,8 +252,8 @@ def run(
         f"Dashboard: {endpoint.base_url}/dashboard   API: {endpoint.base_url}/v1 ({config.served_model!r})\n"
         f"Workload: {len(requests)} requests in phases "
         + " -> ".join(f"{p.domain} ({p.requests})" for p in plan.phases)
-        + f", {plan.concurrency} clients, {plan.max_new_tokens} tokens each; "
-        f"starting from {first}"
+        + f", {plan.concurrency} clients, {plan.max_new_tokens} tokens each, "
+        f"{sum(r.chat for r in requests)} of them through chat; starting from {first}"
         + (f"\nLockstep: the trainer trains {plan.train_steps} steps after every {plan.window} requests"
            if plan.train_steps else "")
     )  # fmt: skip
@@ -283,7 +308,8 @@ def run(
     for table in tables(report):
         console.print(table)
     console.print(
-        f"requests {report['requests']}, failed {report['failed']}; published "
+        f"requests {report['requests']} ({report['endpoints']['chat']['requests']} through chat), "
+        f"failed {report['failed']}; published "
         f"{_versions(report['published'])}, rolled back {_versions(report['rolled_back'])}, refused "
         f"{_versions(report['refused'])}; drift alerts {len(report['alerts'])}.\n"
         f"Speedup vs no speculation on the last {speedup['prompts']} prompts (greedy, outputs identical): "

@@ -1,7 +1,9 @@
 """Demo workloads: seeded request streams whose prompts are cut from held-out documents only.
 
 A workload is a schedule of domain phases (e.g. prose -> python -> c -> python); each request carries
-its prompt, the domain and phase it belongs to, and its sampling parameters. The same corpus,
+its prompt, the domain and phase it belongs to, its sampling parameters, and whether it goes
+through the chat API (every `chat_every`-th request: a system message and the prompt's text as the
+user's message, `chat_messages`) or the completions API (the prompt's ids). The same corpus,
 tokenizer, spec and seed always give the same requests.
 
 What a prompt guarantees:
@@ -26,6 +28,7 @@ from serving.sampling import SamplingParams
 
 MAX_TRIES = 100  # draws per prompt before a domain is declared unable to give one
 MAX_CHARS_PER_TOKEN = 16  # characters encoded per wanted token: enough text behind any cut
+DOMAIN_NAMES = {"prose": "English prose", "python": "Python code", "c": "C code"}  # for chat_messages
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,8 @@ class WorkloadSpec:
     """A schedule of phases and the parameters every request shares.
 
     `prompt_tokens` is the inclusive (min, max) range of prompt lengths. With `drop_missing_domains`
-    phases whose domain the corpus lacks are skipped; without it they are an error.
+    phases whose domain the corpus lacks are skipped; without it they are an error. With
+    `chat_every` = n > 0, requests n-1, 2n-1, ... (counted over the whole stream) are chat requests.
     """
 
     phases: tuple[Phase, ...] = DEFAULT_PHASES
@@ -56,10 +60,13 @@ class WorkloadSpec:
     top_p: float = 1.0
     seed: int = 0
     drop_missing_domains: bool = False
+    chat_every: int = 0  # 0: no chat requests
 
     def __post_init__(self) -> None:
         if not self.phases:
             raise ValueError("a workload needs at least one phase")
+        if self.chat_every < 0:
+            raise ValueError(f"chat_every must be >= 0, got {self.chat_every}")
         _check_prompt_tokens(self.prompt_tokens)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
@@ -84,6 +91,13 @@ class Request:
     temperature: float
     top_p: float
     seed: int  # the request's own sampling seed
+    chat: bool = False  # sent to /v1/chat/completions as `chat_messages(prompt)`
+
+
+def chat_messages(prompt: Prompt) -> list[dict[str, str]]:
+    """A chat request for `prompt`: a system message naming its domain, then its text as the user's."""
+    system = f"You continue the user's {DOMAIN_NAMES.get(prompt.domain, prompt.domain)}."
+    return [{"role": "system", "content": system}, {"role": "user", "content": prompt.text}]
 
 
 def request_stream(
@@ -109,6 +123,7 @@ def _requests(spec: WorkloadSpec, corpus: Corpus, tokenizer: PreTrainedTokenizer
                 temperature=spec.temperature,
                 top_p=spec.top_p,
                 seed=rng.randrange(2**31),
+                chat=spec.chat_every > 0 and index % spec.chat_every == spec.chat_every - 1,
             )
             index += 1
 
