@@ -480,7 +480,8 @@ class Replica:
             return proposer
         if meta.kind == "heads":
             raise IncompatibleDraftError(f"this replica serves a draft model; {meta.label} is draft heads")
-        return DraftModelProposer(version_draft(self.base_draft, meta, weights), self.engine.profile)
+        model = version_draft(self.base_draft, meta, weights)
+        return DraftModelProposer(model, self.engine.profile, self.engine.vocab_size)
 
     def _swap(self, meta: DraftVersion) -> None:
         """Load `meta` into a fresh draft next to the served one, then serve it to new requests."""

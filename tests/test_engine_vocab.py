@@ -1,12 +1,17 @@
 """Vocabularies: a draft whose output rows are the target's minus padding serves losslessly and
 proposes only shared ids; tokenizers that disagree, or rows no tokenizer can vouch for, are
-refused at start naming why; traces of such a pair train the draft (full and LoRA) without NaNs."""
+refused at start naming why; traces of such a pair train the draft (full and LoRA) without NaNs;
+a hot-swapped version of such a draft keeps drafting over the target's rows."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
+from polling import wait_for
 from test_engine_lossless import hf_greedy
+from transformers import AutoModelForCausalLM
 
 from distill.acceptance import mean_acceptance, trace_acceptance
 from distill.batches import make_batch
@@ -15,8 +20,12 @@ from distill.losses import topk_loss
 from serving.engine import SpecEngine
 from serving.errors import IncompatibleDraftError
 from serving.proposers import DraftModelProposer
+from serving.server import Replica, ReplicaConfig, Request
 from serving.tracing import trace_of
 from serving.vocab import shared_vocabulary
+from store.metrics import MetricsConfig
+from store.registry import Registry
+from store.traces import StreamConfig
 from tiny_models import byte_tokenizer, save_chat_pair
 
 DRAFT_ROWS = 264  # the tokenizer has 259 tokens; the target 272 rows
@@ -103,3 +112,24 @@ def test_traces_of_a_padded_pair_train_its_draft(padded_pair, loss, lora):
     assert values[-1] < values[0]
     if loss != "ce":  # cross-entropy fits the sampled tokens, not the distribution acceptance measures
         assert mean_acceptance(trace_acceptance(model, traces, 64)) > before
+
+
+def test_a_hot_swapped_version_of_a_padded_draft_still_drafts_over_the_targets_rows(
+    padded_pair, redis_server
+):
+    target, draft = padded_pair
+    client = redis_server.client()
+    config = ReplicaConfig(
+        target=str(target), draft=str(draft), draft_name="padded", num_speculative_tokens=3, adaptive_k=False,
+        stream=StreamConfig(stream="t:padded"), metrics=MetricsConfig(prefix="t:padded:m"),
+    )  # fmt: skip
+    replica = Replica(config, client)
+    try:
+        weights = AutoModelForCausalLM.from_pretrained(draft).state_dict()
+        Registry(client).publish("padded", {name: t * 1.01 for name, t in weights.items()})
+        wait_for(lambda: replica.swaps == 1)
+        finished = asyncio.run(replica.complete(Request(PROMPTS[1], 24, temperature=1.0, stop_token_ids=[])))
+        assert finished.draft_version == replica.draft_version != "padded:base"
+        assert finished.generation.stats.drafted > 0 and len(finished.generation.token_ids) == 24
+    finally:
+        replica.close()
