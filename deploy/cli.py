@@ -104,6 +104,7 @@ BENCHMARKS = {
     "adapters": "adapters",
     "batching": "batching",
     "chaos": "chaos",
+    "coldstart": "coldstart",
     "engine": "engine",
     "store": "store_bench",
     "online": "online",

@@ -6,7 +6,8 @@ chosen range (`store.metrics`: 10 s buckets, or its 5-minute rollups for the day
 at most `BINS` display bins of whole buckets, overall,
 per domain and per draft version, with latency percentiles read off the histogram bins; the
 registry's history gives the publish, rollback and reject markers; the draft versions, the
-standing drift alerts (`store.drift`) and the trainer's status complete it. The speedup over plain
+standing drift alerts (`store.drift`) and the trainer's status (with what it is doing or
+waiting for, in words) complete it. The speedup over plain
 decoding comes from the speedup model with each bin's measured tau and the k and c the replicas
 report in their heartbeats. `aggregate` and `with_speedup` are pure.
 """

@@ -179,7 +179,7 @@ def test_the_service_config_turns_adapters_on_for_a_draft_only(tiny_replica):
     target, draft = str(models.target), str(models.draft)
     config = ServiceConfig(target=target, draft=draft, adapters=True, adapter_min_traces=7)
     assert trainer_config(config).adapters == AdapterPolicy(min_traces=7)
-    with pytest.raises(ValueError, match="adapters need a draft model"):
+    with pytest.raises(ValueError, match="adapters are LoRA adapters over a draft model"):
         ServiceConfig(target=str(models.target), proposer="hydra", adapters=True)
 
 

@@ -1,6 +1,6 @@
 """The dashboard in headless Chromium (Debian's `chromium` and `chromedriver`, via Selenium)
 against a real server on loopback: charts with data points, a publish marker, a drift alert
-after a forced domain shift, and a rollback refused without the admin token."""
+after a forced domain shift, the trainer's panel, and a rollback refused without the admin token."""
 
 from __future__ import annotations
 
@@ -35,17 +35,40 @@ def browser():
     driver.quit()
 
 
+class ColdTrainer:
+    """The trainer as the panel sees it (its status), on a cold start: a neighbour of the dashboard."""
+
+    def status(self) -> dict:
+        return {
+            "state": "idle", "activity": "waiting for held-out traces: 312 of 500 positions", "step": 33,
+            "trained_traces": 98, "held_out_positions": 312,
+            "history": [{"kind": "gate", "step": 30, "publish": True, "reason": "gain +0.1000 over live",
+                         "candidate": 0.3, "live": 0.2, "positions": 312, "replay": {"scores": [0.2, 0.3]}}],
+        }  # fmt: skip
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+
 @pytest.fixture
 def site(tiny_replica):
     make, models = tiny_replica
     replica = make("browser")
-    app = create_app(replica, AutoTokenizer.from_pretrained(models.target), "demo", admin_token="secret")
+    tokenizer = AutoTokenizer.from_pretrained(models.target)
+    app = create_app(replica, tokenizer, "demo", admin_token="secret", trainer=ColdTrainer())
     with serving(app) as base:
         yield base, replica, models
 
 
 def count(driver, selector: str) -> int:
     return len(driver.find_elements(By.CSS_SELECTOR, selector))
+
+
+def trainer_panel(driver) -> dict[str, str]:
+    """The trainer panel's rows: status key -> the text shown."""
+    rows = driver.find_elements(By.CSS_SELECTOR, "#trainer tr[data-key]")
+    return {row.get_attribute("data-key"): row.find_element(By.TAG_NAME, "td").text for row in rows}
 
 
 def test_the_dashboard_renders_data_markers_alerts_and_guards_rollback(site, browser, tmp_path):
@@ -72,6 +95,9 @@ def test_the_dashboard_renders_data_markers_alerts_and_guards_rollback(site, bro
     assert count(browser, "#acceptance .marker-publish") == 1  # the publish, with its tooltip
     wait.until(lambda d: count(d, '#alerts .alert[data-kind="drop"]') == 1)
     assert "shift" in browser.find_element(By.CSS_SELECTOR, "#alerts").text
+    panel = wait.until(lambda d: trainer_panel(d))  # it says what the trainer waits for
+    assert panel["activity"] == "waiting for held-out traces: 312 of 500 positions"
+    assert panel["held_out_positions"] == "312" and "replay rounds: 1" in panel["history"]
     browser.save_screenshot(str(tmp_path / "dashboard.png"))
 
     wait.until(lambda d: d.find_element(By.ID, "rollback").click() or True)  # no token typed

@@ -43,7 +43,7 @@ def test_replay_favours_prioritised_domains_by_the_boost():
     assert 0.4 < plain.count("code") / len(plain) < 0.6
 
 
-def test_replay_alone_trains_only_in_a_budget_asked_for():
+def test_replay_alone_comes_only_when_asked_for():
     buffer = filled(20)
     buffer.mark_trained(buffer.batch(20, torch.Generator()))
     assert buffer.untrained == 0 and buffer.batch(8, torch.Generator()) == []  # spare cycles: no step

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import time
 from collections import Counter
 
@@ -37,7 +39,7 @@ def traffic(model_dirs):
 
 
 def write(client, traces) -> None:
-    writer = TraceWriter(client, STREAM)
+    writer = TraceWriter(client, STREAM, writers=1)  # in the order given: training is reproducible
     for trace in traces:
         writer.append(trace)
     writer.close()
@@ -176,6 +178,9 @@ def test_an_idle_trainer_checkpoints_and_acks_what_it_trained(redis_client, mode
     assert trainer.run_once() == "trained" and trainer.reader.backlog().pending > 0
     assert trainer.run_once() == "idle"  # no new trace: no step, but the trained ones are committed
     assert trainer.reader.backlog().pending == 0
+    # Too few held-out positions to judge replay by, even now that traces have stopped: it says so.
+    positions = trainer.held_out_positions()
+    assert trainer.status()["activity"] == f"waiting for held-out traces: {positions} of 100 positions"
     assert load_checkpoint(tmp_path / "ckpt")[2].step == 1
 
 
@@ -253,3 +258,56 @@ def test_a_publish_is_checkpointed_first_so_a_restart_never_publishes_the_same_s
     second.train(3)
     candidates = [v for v in second.registry.versions("draft") if "gate" in v.extra]
     assert [v.train_steps for v in candidates] == [4, 7]  # the restart went on from the publish
+
+
+def until_idle(trainer: OnlineTrainer, limit: int = 500) -> list[str]:
+    """run_once until the trainer is idle; returns its activity after each iteration."""
+    activities = []
+    for _ in range(limit):
+        idle = trainer.run_once() == "idle"
+        activities.append(trainer.activity)
+        if idle:
+            return activities
+    raise AssertionError(f"not idle after {limit} iterations: {activities[-3:]}")
+
+
+def test_a_cold_start_replays_its_buffer_once_traces_stop_and_publishes_what_held_out_traces_favour(
+    redis_client, model_dirs, traffic, tmp_path
+):
+    """A hundred traces of a new domain, then none: far fewer held-out positions than the gate
+    needs while traces come, and no more coming."""
+    write(redis_client, [dataclasses.replace(t, domain="chat") for t in traffic[:100]])
+    settings = config(
+        tmp_path, gate_every=50, gate_min_positions=10_000, gate_dry_min_positions=100,
+        replay_round_steps=5, replay_patience=2, replay_max_rounds=40, learning_rate=1e-2,
+    )  # fmt: skip
+    trainer = OnlineTrainer(settings, model_dirs["llama"]["small"], redis_client, stream=STREAM)
+    activities = until_idle(trainer)
+    positions = trainer.held_out_positions()
+    assert 100 <= positions < 10_000
+    waiting = r"training on new traces \(\d+ untrained\); waiting for held-out traces: \d+ of 10000 positions"
+    assert re.fullmatch(waiting, activities[0]), activities[0]
+    training = [t for t in traffic[:100] if not is_held_out(t.request_id, STREAM.held_out_fraction)]
+    assert trainer.state.trained_traces == len(training) and trainer.reader.backlog().pending == 0
+
+    (decision,) = [e for e in trainer.state.history if e["kind"] == "gate"]
+    scores, stop = decision["replay"]["scores"], decision["replay"]["stop"]
+    best = scores.index(max(scores))
+    assert best > 0 and scores[best] > scores[0] + 0.1  # replay went on while held-out acceptance rose
+    assert len(scores) - 1 == best + 2 < 40 and stop.startswith("no gain in 2 rounds")  # then stopped
+    best_so_far = f"{scores[best]:.3f}, best {scores[best]:.3f}"
+    assert f"replaying the buffer (round {best + 1}, held-out acceptance {best_so_far})" in activities
+    assert decision["candidate"] == pytest.approx(scores[best])  # the best round's weights were gated
+    assert decision["publish"] and decision["positions"] == positions, decision["reason"]
+    live = trainer.registry.live("draft")
+    assert live.version == 2 and live.gate_acceptance > decision["live"] + 0.1
+    assert activities[-2].startswith("idle: no new traces since the last decision (no gain in 2 rounds")
+    assert activities[-1] == trainer.status()["activity"] == "idle: no new traces since the last decision"
+
+    step = trainer.state.step
+    assert trainer.run_once() == "idle" and trainer.state.step == step  # the buffer is not replayed again
+    write(redis_client, [dataclasses.replace(t, domain="chat") for t in traffic[100:130]])
+    until_idle(trainer)  # new traces trained on, then replay and a decision again
+    gates = [e for e in trainer.state.history if e["kind"] == "gate"]
+    assert len(gates) == 2 and gates[1]["step"] > step + 1 and "replay" in gates[1]
+    assert len(trainer.registry.versions("draft")) == 3

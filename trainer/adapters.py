@@ -6,8 +6,9 @@ gets its adapter once `min_traces` of its traces came: an `OnlineTrainer` with a
 registry domain set to that domain, a checkpoint folder and a consumer group of its own (read from
 the stream's start, so it also learns from the domain's traces still kept). Each adapter is gated,
 published, watched and rolled back on its own domain's traces alone; the base draft stays as it
-is, since every adapter is trained on top of it. `run_once` gives the trainers turns in rotation;
-`train` gives each of them a budget of steps at once.
+is, since every adapter is trained on top of it. `run_once` gives the trainers turns in rotation
+(an idle one passes its turn on; each replays its buffer and gates once its domain's traces
+stop, as `OnlineTrainer` does); `train` gives each of them a budget of steps at once.
 """
 
 from __future__ import annotations
@@ -75,14 +76,17 @@ class DomainTrainers:
 
     def run_once(self) -> str:
         """Read and count new traces, spawn adapters that are due, refit the router when due, then
-        give the next domain's trainer a turn; returns what that turn did (idle with none)."""
+        give the next domain's trainer a turn, passed on to the one after while a trainer is idle;
+        returns what the turn did (idle when every trainer was, or there is none)."""
         self.observe()
         self.router.maybe_refit()
-        if not self.trainers:
-            return "idle"
         domains = sorted(self.trainers)
-        self._turn = (self._turn + 1) % len(domains)
-        return self.trainers[domains[self._turn]].run_once()
+        for _ in domains:
+            self._turn = (self._turn + 1) % len(domains)
+            did = self.trainers[domains[self._turn]].run_once()
+            if did != "idle":
+                return did
+        return "idle"
 
     def train(self, steps: int) -> dict[str, GateDecision]:
         """Count every trace the stream holds, refit the router when due, then give each domain's
@@ -113,8 +117,11 @@ class DomainTrainers:
         history = sorted((e for t in trainers for e in t.state.history), key=lambda e: e["time"])
         losses = [t.last_loss for t in trainers if t.last_loss is not None]
         return {
+            "activity": "; ".join(f"{d}: {t.activity}" for d, t in sorted(self.trainers.items()))
+            or f"waiting for {self.policy.min_traces} traces of a domain to train its adapter",
             "step": sum(t.state.step for t in trainers),
             "trained_traces": sum(t.state.trained_traces for t in trainers),
+            "held_out_positions": sum(t.held_out_positions() for t in trainers),
             "skipped_traces": 0,
             "live_version": None,
             "loss": sum(losses) / len(losses) if losses else None,

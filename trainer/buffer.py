@@ -1,12 +1,13 @@
 """The replay buffer: traces waiting to be trained on, and those kept for replay.
 
 Every new trace is trained on at least once: a batch takes untrained traces first (oldest first)
-and fills up with replayed ones (no new trace, no step, except in a budget of steps asked for
-explicitly), drawn with weights that halve every `half_life` arrivals, and multiplied by `boost`
-for traces of prioritised domains (those with a drift alert; their untrained traces also go
-first). The buffer keeps at most `cap` traces, evicting the oldest trained ones; the trainer
-reads from the stream only while fewer than a batch of untrained traces wait, so untrained ones
-are never evicted.
+and fills up with replayed ones, drawn with weights that halve every `half_life` arrivals, and
+multiplied by `boost` for traces of prioritised domains (those with a drift alert; their untrained
+traces also go first). A batch of replayed traces alone comes only when asked: the trainer's
+replay once new traces stop (scored on held-out traces between rounds), or a budget of steps.
+The buffer keeps at most `cap` traces, evicting the oldest trained ones; the trainer reads from
+the stream only while fewer than a batch of untrained traces wait, so untrained ones are never
+evicted.
 (OSD's research loop instead cleared its buffer every I requests.)
 """
 
@@ -64,8 +65,8 @@ class ReplayBuffer:
     ) -> list[Entry]:
         """Up to `size` entries: untrained first (those of `priority` domains before the rest), then
         replayed by recency weight, times `boost` in `priority` domains. Empty when no untrained
-        entry waits, unless `replay_alone`: replay alone does not train in spare cycles (it would
-        only overfit the past), only in a budget of steps asked for explicitly."""
+        entry waits, unless `replay_alone`: replay alone would only overfit the past unless someone
+        watches it (the trainer's held-out score between replay rounds) or asked for it (a budget)."""
         untrained = [e for e in self._entries.values() if not e.trained]
         chosen = sorted(untrained, key=lambda e: e.trace.domain not in priority)[:size]  # stable
         if not chosen and not replay_alone:

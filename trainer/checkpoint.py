@@ -20,6 +20,7 @@ class TrainerState:
     step: int = 0
     live_version: int | None = None  # the registry version the draft was last synced to
     trained_traces: int = 0
+    decided_step: int = 0  # the step of the last gate decision (a publish or a refusal, not a wait)
     history: list[dict] = field(default_factory=list)  # gate and watch decisions, newest last
 
 

@@ -64,7 +64,13 @@ class TrainerConfig:
     gate_every: int = 50  # steps between evaluations of the candidate
     gate_window: int = 200  # the most recent held-out traces per domain to evaluate on
     gate_margin: float = 0.01  # candidate must beat live expected acceptance by this much
-    gate_min_positions: int = 500  # held-out positions needed for a decision
+    gate_min_positions: int = 500  # held-out positions needed for a decision while new traces come
+    gate_dry_min_positions: int = 100  # enough once they have stopped (or gate_min_positions if fewer)
+    # Replay once new traces stop: a candidate trained since the last decision goes on learning from
+    # the buffer in rounds, scored on the held-out traces after each, then is gated (trainer.loop).
+    replay_round_steps: int = 10  # replayed steps between two held-out scores
+    replay_patience: int = 2  # rounds without a new best score before it stops
+    replay_max_rounds: int = 20  # at most (0: gate at once when new traces stop)
     # Watching a publish.
     watch_requests: int = 50  # requests of the new version, per watched domain, before judging
     watch_delta: float = 0.05  # roll back when live acceptance falls this far below the baseline
@@ -90,6 +96,10 @@ class TrainerConfig:
             "checkpoint_every": self.checkpoint_every >= 1,
             "gate_every": self.gate_every >= 1,
             "gate_min_positions": self.gate_min_positions >= 1,
+            "gate_dry_min_positions": self.gate_dry_min_positions >= 1,
+            "replay_round_steps": self.replay_round_steps >= 1,
+            "replay_patience": self.replay_patience >= 1,
+            "replay_max_rounds": self.replay_max_rounds >= 0,
             "watch_requests": self.watch_requests >= 1,
             "jsd_beta": 0.0 < self.jsd_beta < 1.0,
             "watch_delta": self.watch_delta >= 0,

@@ -1,15 +1,18 @@
-"""Pure decisions: publish a candidate (the gate), and keep or roll back a publish (the watch).
+"""Pure decisions: publish a candidate (the gate), keep or roll back a publish (the watch), and
+stop replaying the buffer once new traces have stopped (`replay_stop`).
 
 Gate: on the held-out traces of the last window, the candidate's expected acceptance must beat
 the live version's by `margin` overall, with at least `min_positions` positions, and may not fall
 more than `margin` below it on any domain held out as much (a handful of traces of a domain
 that passed is noise, not a veto). Watch: after a publish, the live acceptance measured
 by the servers on each domain is compared with the previous version's just before the swap;
-when the drafted-weighted difference falls below -delta, roll back.
+when the drafted-weighted difference falls below -delta, roll back. Replay: rounds of replayed
+steps go on while the held-out score keeps reaching new bests, up to a cap.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -110,3 +113,18 @@ def watch(
             "rollback", f"acceptance {now:.3f} fell below baseline {before:.3f} - {delta}", before, now
         )
     return WatchVerdict("keep", f"acceptance {now:.3f} against baseline {before:.3f}", before, now)
+
+
+def replay_stop(scores: Sequence[float], patience: int, max_rounds: int) -> str | None:
+    """Why replaying the buffer should stop now, or None to go on for another round.
+
+    scores: the candidate's held-out expected acceptance before replay (scores[0]) and after each
+    round since. It stops once the best score (the first of equal ones: a tie is no gain) is
+    `patience` rounds old, or after `max_rounds` rounds."""
+    rounds = len(scores) - 1
+    best = max(range(len(scores)), key=scores.__getitem__)
+    if rounds - best >= patience:
+        return f"no gain in {rounds - best} rounds, best {scores[best]:.4f} after round {best}"
+    if rounds >= max_rounds:
+        return f"{max_rounds} rounds, best {scores[best]:.4f} after round {best}"
+    return None

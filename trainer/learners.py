@@ -33,6 +33,9 @@ class Learner(Protocol):
     def usable(self, trace: Trace) -> bool:
         """Whether the trace can be trained and scored on."""
 
+    def positions(self, trace: Trace) -> int:
+        """How many positions `acceptance` scores the trace on (the gate's evidence), without a model."""
+
     def loss(self, module: torch.nn.Module, traces: Sequence[Trace]) -> torch.Tensor:
         """The training loss of `module` on usable traces."""
 
@@ -63,9 +66,13 @@ class DraftLearner:
     def usable(self, trace: Trace) -> bool:
         return True
 
+    def positions(self, trace: Trace) -> int:
+        return int(make_batch([trace], self.config.max_seq_len).mask.sum())  # [1, L] -> those scored
+
     def loss(self, module: torch.nn.Module, traces: Sequence[Trace]) -> torch.Tensor:
         config = self.config
-        batch = make_batch(list(traces), config.max_seq_len).to(config.device)
+        rows = module.get_input_embeddings().weight.shape[0]  # fewer than the target's: serving.vocab
+        batch = make_batch(list(traces), config.max_seq_len, vocab=rows).to(config.device)
         logits = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         weights = token_weights(
             config.selection, batch.mask, logits.detach(), batch.emitted, batch.top_logprobs
@@ -106,6 +113,10 @@ class HeadsLearner:
 
     def usable(self, trace: Trace) -> bool:
         return trace.hidden is not None and len(trace.output_ids) > self.spec.num_heads
+
+    def positions(self, trace: Trace) -> int:
+        k = self.spec.num_heads
+        return (len(trace.output_ids) - k) * k if self.usable(trace) else 0
 
     def loss(self, module: DraftHeads, traces: Sequence[Trace]) -> torch.Tensor:
         batch = heads_batch(traces, self.spec.num_heads).to(self.config.device)

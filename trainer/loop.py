@@ -1,6 +1,13 @@
 """The online distillation loop, one iteration at a time: read traces, train a small step,
 checkpoint then ack, gate and publish, watch the publish and roll back.
 
+While new traces come, the candidate is gated every `gate_every` steps on at least
+`gate_min_positions` held-out positions. Once they stop, a candidate trained since the last
+decision goes on learning from the replay buffer in rounds, scored on the held-out traces after
+each (`replay_once`), and is gated when the score stops improving, on as few as
+`gate_dry_min_positions`: a young deployment reaches a decision from the traffic it has. Then the
+trainer waits for new traces. `activity` says in words what it is doing or waiting for.
+
 `OnlineTrainer` meets serving only through the store: traces in, registry versions out, metric
 series and server load read. trainer.actor runs it in its own process.
 """
@@ -10,7 +17,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict, deque
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import redis
 import torch
@@ -23,10 +32,27 @@ from store.traces import StreamConfig, Trace, TraceReader
 from trainer.buffer import ReplayBuffer
 from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from trainer.config import TrainerConfig
-from trainer.gate import GateDecision, Tally, WatchVerdict, gate, watch
+from trainer.gate import GateDecision, Tally, WatchVerdict, gate, replay_stop, watch
 from trainer.learners import learner_for
 
 log = logging.getLogger(__name__)
+
+
+class HeldOut(NamedTuple):
+    """A trace of the gate set, and how many positions the gate scores it on."""
+
+    trace: Trace
+    positions: int
+
+
+@dataclass
+class Replay:
+    """Replaying the buffer since new traces stopped: the held-out score before it and after each
+    round, the weights of the best score so far, and the replayed steps of the current round."""
+
+    scores: list[float]
+    best_weights: dict[str, torch.Tensor]
+    steps: int = 0
 
 
 class OnlineTrainer:
@@ -50,11 +76,13 @@ class OnlineTrainer:
         self.reader = TraceReader(client, consumer, stream or StreamConfig())
         self.registry = Registry(client, file_dir=config.registry_dir)
         self.buffer = ReplayBuffer(config.buffer_cap, config.recency_half_life)
-        self.gate_set: dict[str, deque[Trace]] = defaultdict(lambda: deque(maxlen=config.gate_window))
+        self.gate_set: dict[str, deque[HeldOut]] = defaultdict(lambda: deque(maxlen=config.gate_window))
         self.pending_acks: list[bytes] = []
         self.generator = torch.Generator().manual_seed(0)
         self.state = TrainerState()
         self.watching: tuple[DraftVersion, float] | None = None  # the publish being watched, and when
+        self.replay: Replay | None = None  # replaying the buffer, once new traces stopped
+        self.activity = "starting"  # what it is doing or waiting for, in words
         self.last_loss: float | None = None
         self.prioritised: frozenset[str] = frozenset()  # domains with a drift alert
         self.skipped = 0  # traces the learner cannot use (heads: no hidden states)
@@ -73,8 +101,10 @@ class OnlineTrainer:
     def status(self) -> dict:
         """What the trainer panel shows (the actor adds its state and the stream's backlog)."""
         return {
+            "activity": self.activity,
             "step": self.state.step,
             "trained_traces": self.state.trained_traces,
+            "held_out_positions": self.held_out_positions(),
             "skipped_traces": self.skipped,  # heads: traces without hidden states
             "live_version": self.state.live_version,
             "loss": self.last_loss,
@@ -120,22 +150,84 @@ class OnlineTrainer:
 
     # One iteration.
     def run_once(self) -> str:
-        """Do the next piece of work; returns what it did: throttled, idle or trained. Following and
-        watching the live version go on while serving is busy; training waits."""
+        """Do the next piece of work; returns what it did: throttled, idle or trained (a step on new
+        traces, or once they stop on replayed ones: `replay_once`). Following and watching the live
+        version go on while serving is busy; training waits."""
         self._sync_live()
         self.maybe_watch()
-        if self._busy():
+        in_flight = self._in_flight()
+        if in_flight > self.config.max_in_flight:
+            self.activity = (
+                f"paused: servers busy ({in_flight} requests in flight or queued, "
+                f"{self.config.max_in_flight} allowed)"
+            )
             time.sleep(self.config.pause_seconds)
             return "throttled"
         if not self._step():
             if self.pending_acks:  # traffic paused: commit what was trained, so that it is acked now
                 self.checkpoint()
-            return "idle"
+            return self.replay_once()
+        self.replay = None  # the candidate moved on: replay starts afresh once new traces stop
         if self.state.step % self.config.checkpoint_every == 0:
             self.checkpoint()
         if self.state.step % self.config.gate_every == 0:
             self.maybe_publish()
+        self.activity = f"training on new traces ({self.buffer.untrained} untrained)"
+        positions, needed = self.held_out_positions(), self.config.gate_min_positions
+        if positions < needed:
+            self.activity += f"; waiting for held-out traces: {positions} of {needed} positions"
         return "trained"
+
+    def replay_once(self) -> str:
+        """With no new trace to train on: a replayed step of a candidate trained since the last
+        decision (`_replay_step`); once replay stops, the best-scoring weights back and the gate, on
+        as few as `gate_dry_min_positions` held-out positions. Idle when there is no such candidate,
+        or too few held-out positions to score it on."""
+        if self.state.step == self.state.decided_step:
+            since = "the last decision" if self.state.step else "the start"
+            self.activity = f"idle: no new traces since {since}"
+            return "idle"
+        positions, needed = self.held_out_positions(), self.dry_min_positions
+        if positions < needed:
+            self.activity = f"waiting for held-out traces: {positions} of {needed} positions"
+            return "idle"
+        if self.replay is None:
+            self.replay = Replay([self.held_out_score()], self.weights())
+        scores = self.replay.scores
+        stop = self._replay_step(self.replay)
+        if stop is None:
+            self.activity = (
+                f"replaying the buffer (round {len(scores)}, held-out acceptance {scores[-1]:.3f}, "
+                f"best {max(scores):.3f})"
+            )
+            return "trained"
+        self.learner.load(self.model, self.replay.best_weights)
+        self.replay = None
+        decision = self.maybe_publish(needed, {"scores": scores, "stop": stop})
+        self.activity = f"idle: no new traces since the last decision ({stop}; {decision.reason})"
+        return "trained"
+
+    def _replay_step(self, replay: Replay) -> str | None:
+        """One replayed step, and the held-out score at the end of a round (keeping the weights of a
+        new best); returns why replay stops (`replay_stop`), or None to go on."""
+        config = self.config
+        if stop := replay_stop(replay.scores, config.replay_patience, config.replay_max_rounds):
+            return stop  # replay_max_rounds 0
+        if self.train_step(replay_alone=True) is None:
+            return "nothing to replay"  # a restart emptied the buffer
+        replay.steps += 1
+        if replay.steps < config.replay_round_steps:
+            return None
+        score = self.held_out_score()
+        if score > max(replay.scores):
+            replay.best_weights = self.weights()
+        replay.scores.append(score)
+        replay.steps = 0
+        return replay_stop(replay.scores, config.replay_patience, config.replay_max_rounds)
+
+    @property
+    def dry_min_positions(self) -> int:
+        return min(self.config.gate_dry_min_positions, self.config.gate_min_positions)
 
     def train(self, steps: int) -> GateDecision:
         """Exactly `steps` training steps now, whatever the servers' load, on what the stream holds
@@ -144,11 +236,14 @@ class OnlineTrainer:
         CPU the trainer happened to get. Fewer steps only when no trace has come at all."""
         self._sync_live()
         self.maybe_watch()
+        self.replay = None
         for _ in range(steps):
             if not self._step(replay_alone=True):
                 break
         self.checkpoint()
-        return self.maybe_publish()
+        decision = self.maybe_publish()
+        self.activity = f"trained a budget of {steps} steps; gate: {decision.reason}"
+        return decision
 
     def _step(self, replay_alone: bool = False) -> bool:
         """Read what waits in the stream, then one training step; False when there was nothing to
@@ -157,9 +252,8 @@ class OnlineTrainer:
         self.check_drift()
         return self.train_step(replay_alone) is not None
 
-    def _busy(self) -> bool:
-        in_flight = sum(load.in_flight + load.queued for load in read_load(self.client))
-        return in_flight > self.config.max_in_flight
+    def _in_flight(self) -> int:
+        return sum(load.in_flight + load.queued for load in read_load(self.client))
 
     def poll(self) -> int:
         """Read traces while fewer than a batch of untrained ones wait; held-out ones go to the gate set.
@@ -175,7 +269,8 @@ class OnlineTrainer:
                 self._skip(delivery.trace)
                 gate_only.append(delivery.entry_id)  # nothing to learn from: acked at once
             elif delivery.held_out:
-                self.gate_set[delivery.trace.domain].append(delivery.trace)
+                held_out = HeldOut(delivery.trace, self.learner.positions(delivery.trace))
+                self.gate_set[delivery.trace.domain].append(held_out)
                 gate_only.append(delivery.entry_id)  # evaluated on, never trained on
             else:
                 self.buffer.add(delivery.entry_id, delivery.trace)
@@ -219,25 +314,44 @@ class OnlineTrainer:
         self.reader.ack(self.pending_acks)
         self.pending_acks = []
 
-    def evaluate(self) -> GateDecision:
-        """Candidate (the model in training) against the live version on the held-out traces."""
-        candidate, live = {}, {}
-        self.model.eval()
-        for domain, traces in self.gate_set.items():
-            if not traces:
-                continue
-            for tallies, model in ((candidate, self.model), (live, self.live_model)):
-                per_trace = self.learner.acceptance(model, list(traces))
-                tallies[domain] = Tally(sum(s for s, _ in per_trace), sum(n for _, n in per_trace))
-        return gate(candidate, live, self.config.gate_margin, self.config.gate_min_positions)
+    def held_out_positions(self) -> int:
+        """The positions the gate would score now, over every domain's held-out traces."""
+        return sum(h.positions for held in self.gate_set.values() for h in held)
 
-    def maybe_publish(self) -> GateDecision:
-        decision = self.evaluate()
-        self._remember({"kind": "gate", "step": self.state.step, **decision.record()})
-        if not decision.publish and decision.positions < self.config.gate_min_positions:
+    def held_out_tallies(self, model: torch.nn.Module) -> dict[str, Tally]:
+        """A model's expected acceptance on each domain's held-out traces."""
+        model.eval()
+        tallies = {}
+        for domain, held in self.gate_set.items():
+            if held:
+                per_trace = self.learner.acceptance(model, [h.trace for h in held])
+                tallies[domain] = Tally(sum(s for s, _ in per_trace), sum(n for _, n in per_trace))
+        return tallies
+
+    def held_out_score(self) -> float:
+        """The candidate's expected acceptance over all held-out positions."""
+        return sum(self.held_out_tallies(self.model).values(), Tally()).rate or 0.0
+
+    def evaluate(self, min_positions: int | None = None) -> GateDecision:
+        """Candidate (the model in training) against the live version on the held-out traces, needing
+        `min_positions` of them (default `gate_min_positions`)."""
+        candidate, live = self.held_out_tallies(self.model), self.held_out_tallies(self.live_model)
+        needed = self.config.gate_min_positions if min_positions is None else min_positions
+        return gate(candidate, live, self.config.gate_margin, needed)
+
+    def maybe_publish(self, min_positions: int | None = None, replay: dict | None = None) -> GateDecision:
+        """Gate the candidate (`evaluate`); a decision, publish or refusal, is checkpointed first, so
+        that the weights it judged are recoverable and a restart does not decide on the same steps
+        twice, then goes to the registry. Too few held-out positions is a wait, not a decision.
+        `replay`: how the replay before it went (its scores and why it stopped), kept with the rest."""
+        needed = self.config.gate_min_positions if min_positions is None else min_positions
+        decision = self.evaluate(needed)
+        record = decision.record() | ({"replay": replay} if replay else {})
+        self._remember({"kind": "gate", "step": self.state.step, **record})
+        if not decision.publish and decision.positions < needed:
             return decision  # a wait for more held-out traces, not a refusal
-        if decision.publish:
-            self.checkpoint()  # the published weights are recoverable from the trainer's side too
+        self.state.decided_step = self.state.step
+        self.checkpoint()
         weights = self.weights()
         candidate = self.registry.add(
             self.config.draft_name,
@@ -247,7 +361,7 @@ class OnlineTrainer:
             train_steps=self.state.step,
             gate_acceptance=decision.candidate,
             kind=self.learner.kind,
-            extra={"gate": decision.record(), **self.learner.extra},
+            extra={"gate": record, **self.learner.extra},
         )
         if not decision.publish:
             self.registry.reject(
@@ -283,6 +397,7 @@ class OnlineTrainer:
             self.learner.load(self.live_model, weights)
             self.learner.load(self.model, weights)  # train on from the version that worked
             self.state.live_version = parent.version
+            self.state.decided_step, self.replay = self.state.step, None  # the candidate is live again
             log.warning("rolled back %s: %s", published.label, verdict.reason)
         if verdict.action != "wait":
             self._remember(

@@ -347,7 +347,8 @@ def train_between(trainer: ActorControl, registry: Registry, client, plan: DemoP
 
 def trainer_line(status: dict) -> str:
     """The trainer's status as the live display shows it."""
-    return f"{status['state']}, step {status['step']}, {status['trained_traces']} traces"
+    line = f"{status['state']}, step {status['step']}, {status['trained_traces']} traces"
+    return f"{line}; {status['activity']}" if status.get("activity") else line
 
 
 class Board:

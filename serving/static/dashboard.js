@@ -74,7 +74,7 @@ function describe(key, value) {
   if (value == null) return "-";
   if (key === "backlog") return `${value.length} in the stream, ${value.pending} pending, ${value.lag ?? "?"} not yet read`;
   if (key === "history") return value.map(h => h.kind === "gate"
-    ? `step ${h.step}: ${h.publish ? "publish" : "hold"}, ${h.reason} (candidate ${h.candidate?.toFixed(3)}, live ${h.live?.toFixed(3)}, ${h.positions} positions)`
+    ? `step ${h.step}: ${h.publish ? "publish" : "hold"}, ${h.reason} (candidate ${h.candidate?.toFixed(3)}, live ${h.live?.toFixed(3)}, ${h.positions} positions${h.replay ? `, replay rounds: ${h.replay.scores.length - 1}` : ""})`
     : `v${h.version}: ${h.action}, ${h.reason}`).reverse().join("<br>");
   if (key === "domains") return Object.entries(value).map(([d, a]) => `${d}: v${a.live_version}, step ${a.step}, ${a.trained_traces} of ${a.seen} traces`).join("<br>") || "none yet";
   if (key === "router") return `held-out accuracy ${value.accuracy.toFixed(3)} over ${value.domains.join(", ")} (${value.held_out} prompts)`;
@@ -110,8 +110,8 @@ function render(data) {
     : "none";
   const t = data.trainer;
   document.getElementById("trainer").innerHTML = t
-    ? ["state", "step", "loss", "trained_traces", "skipped_traces", "untrained", "buffer", "backlog", "live_version", "prioritised_domains", "domains", "router", "history"]
-        .filter(k => k in t).map(k => `<tr><th>${k === "history" ? "last decisions" : k.replace("_", " ")}</th><td>${describe(k, t[k])}</td></tr>`).join("")
+    ? ["state", "activity", "step", "loss", "trained_traces", "held_out_positions", "skipped_traces", "untrained", "buffer", "backlog", "live_version", "prioritised_domains", "domains", "router", "history"]
+        .filter(k => k in t).map(k => `<tr data-key="${k}"><th>${k === "history" ? "last decisions" : k.replaceAll("_", " ")}</th><td>${describe(k, t[k])}</td></tr>`).join("")
     : "<tr><td class='muted'>no trainer attached</td></tr>";
   const liveAcc = Object.fromEntries(Object.entries(data.by_version).map(([v, rows]) => [v, rows.length ? rows[rows.length - 1].acceptance : null]));
   document.getElementById("versions").innerHTML = "<tr><th>version</th><th>parent</th><th>created</th><th>gate acceptance</th><th>live acceptance</th><th>status</th><th></th></tr>" +
