@@ -458,8 +458,9 @@ def bad_draft(stack: Stack, load: Workload, config: ChaosConfig, calm: float) ->
     probes.append(stack.probe() == expected)
     generator = torch.Generator().manual_seed(0)
     shuffled = {n: t.clone() for n, t in weights.items()}
-    order = torch.randperm(AutoTokenizer.from_pretrained(stack.models.target).vocab_size, generator=generator)
-    for name in [n for n in shuffled if n.endswith(("lm_head.weight", "embed_tokens.weight"))]:
+    relabelled = [n for n in shuffled if n.endswith(("lm_head.weight", "embed_tokens.weight"))]
+    order = torch.randperm(shuffled[relabelled[0]].shape[0], generator=generator)  # every row
+    for name in relabelled:
         shuffled[name] = shuffled[name][order]  # the same draft over relabelled tokens
     wrong = registry.publish("draft", shuffled, extra={"origin": "chaos: shuffled output tokens"})
     published = time.monotonic()
