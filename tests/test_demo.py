@@ -50,9 +50,10 @@ def test_quick_demo_learns_online_over_http_and_stops_cleanly(tmp_path):
     reader = threading.Thread(target=lambda: lines.extend(child.stdout), daemon=True)
     reader.start()
     try:
-        # the summary, its plot (matplotlib's first import can be slow), then the stack stays up
+        # the summary, its plot (matplotlib's first import can be slow), then the stack stays up; the
+        # guard is against a hang only (a fresh clone beside other suites took over 900 s once)
         up = lambda: "Ctrl-C stops it" in " ".join("".join(lines).split())  # noqa: E731
-        assert wait_for(lambda: up() or child.poll() is not None, timeout=900), "".join(lines)
+        assert wait_for(lambda: up() or child.poll() is not None, timeout=1800), "".join(lines)
         assert summary.exists() and up(), "".join(lines)
         processes = psutil.Process(child.pid).children(recursive=True)
         assert any("redis-server" in p.name() for p in processes)
