@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -257,11 +257,14 @@ class Stack:
         return ids, oldest
 
 
-def worker_logs() -> list[Path]:
-    """The logs of the newest Ray session on this machine where a replica's warnings land: its Serve
-    log, or its worker's stderr."""
-    logs = Path(tempfile.gettempdir(), "ray", "session_latest", "logs")
-    return sorted([*logs.glob("serve/replica_*.log"), *logs.glob("worker-*.err")])
+def worker_logs(pids: Iterable[int]) -> list[Path]:
+    """Where the replicas with these pids log their warnings: each one's worker stderr, and the Serve
+    replica logs of its Ray session (found by pid, not as the newest session: another Ray instance
+    on the machine may have started since)."""
+    root = Path(tempfile.gettempdir(), "ray")
+    errs = [log for pid in pids for log in root.glob(f"session_*/logs/worker-*-{pid}.err")]
+    sessions = {log.parent for log in errs}
+    return sorted([*errs, *(log for logs in sessions for log in logs.glob("serve/replica_*.log"))])
 
 
 def grown(before: dict[str, float], after: dict[str, float]) -> float:
@@ -511,7 +514,8 @@ def redis_oom(stack: Stack, load: Workload, config: ChaosConfig, calm: float) ->
     end = time.monotonic()
     time.sleep(2.0)  # every replica's next heartbeat: snapshots in Redis are fresh again
     errors = grown(errors_before, stack.metric("traces_write_errors_total"))
-    logged = any("maxmemory" in log.read_text(errors="replace") for log in worker_logs())
+    pids = stack.replica_pids(config.replicas).values()
+    logged = any("maxmemory" in log.read_text(errors="replace") for log in worker_logs(pids))
     checks = {"store_up_0_in_metrics": flagged, "write_errors": int(errors), "oom_in_replica_log": logged}
     return account(stack, load, "redis-oom", calm, start, end, dropped, recovery, checks)
 
