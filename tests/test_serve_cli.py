@@ -52,11 +52,8 @@ def served(tmp_path_factory, redis_server):
     )
     base = f"http://127.0.0.1:{port}"
 
-    def up() -> bool:
-        try:
-            return len(httpx.get(f"{base}/v1/models", timeout=5).json()["data"]) == 2
-        except (httpx.HTTPError, ValueError, KeyError):
-            return False
+    def up() -> bool:  # its banner comes once every replica is serving
+        return "Ctrl-C stops" in " ".join((root / "serve.log").read_text().split())
 
     try:
         wait_for(lambda: child.poll() is not None or up(), timeout=600, every=0.5)
@@ -164,7 +161,12 @@ def test_seeded_repeats_are_identical_across_replicas_and_under_load(served):
 
     def seeded(_) -> str:
         out = client.chat.completions.create(
-            model=ALIAS, messages=CONVERSATION, max_tokens=24, temperature=0.9, seed=7
+            model=ALIAS,
+            messages=CONVERSATION,
+            max_tokens=24,
+            temperature=0.9,
+            seed=7,
+            metadata={"domain": "seeded"},
         )
         return out.choices[0].message.content
 
@@ -181,17 +183,23 @@ def test_seeded_repeats_are_identical_across_replicas_and_under_load(served):
         texts = [f.result() for f in crowded[:12]]
     assert texts == [alone] * 12
 
-    def served_by() -> dict[str, float]:
+    def seeded_served_by() -> dict[str, float]:
+        """Seeded requests finished per replica (their domain tag)."""
         families = text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=30).text)
-        counts: dict[str, float] = {}
-        for family in families:
-            if family.name.endswith("request_success"):
-                for sample in family.samples:
-                    counts[sample.labels["replica"]] = counts.get(sample.labels["replica"], 0) + sample.value
-        return counts
+        return {
+            sample.labels["replica"]: sample.value
+            for family in families
+            for sample in family.samples
+            if sample.name.endswith("e2e_request_latency_seconds_count")
+            and sample.labels.get("domain") == "seeded"
+        }
 
-    counts = wait_for(lambda: (c := served_by()) and len(c) == 2 and all(c.values()) and c)
-    assert len(counts) == 2  # both replicas served some of the seeded requests' crowd
+    def both_replicas_served_it() -> bool:  # more of the same request, until each replica has served
+        assert seeded(0) == alone
+        counts = seeded_served_by()
+        return len(counts) == 2 and all(counts.values())
+
+    wait_for(both_replicas_served_it)
 
 
 @pytest.mark.parametrize(
