@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
             for request in mixed:
                 out = plain.generate(request.prompt.token_ids, request.max_new_tokens, stop_token_ids=[],
                                      top_logprobs=16)  # fmt: skip
-                writer.append(trace_of(request.request_id, request.prompt.domain, "demo-target", "none",
+                writer.append(trace_of(request.request_id, request.prompt.domain, "demo-target", ("none",),
                                        request.prompt.token_ids, out, {"temperature": 0.0}))  # fmt: skip
                 writer.flush()
                 for _ in range(args.steps_per_query):

@@ -269,7 +269,7 @@ def target_answers(target: torch.nn.Module, prompts: list[list[int]], max_tokens
     traces = []
     for i, prompt in enumerate(prompts):
         out = engine.generate(prompt, max_tokens, temperature=1.0, seed=i, top_logprobs=16)
-        traces.append(trace_of(f"unseen-{i}", "-", "demo-target", "none", prompt, out, {"seed": i}))
+        traces.append(trace_of(f"unseen-{i}", "-", "demo-target", ("none",), prompt, out, {"seed": i}))
     return traces
 
 

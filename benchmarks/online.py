@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
                 sampling = {"temperature": request.temperature, "top_p": request.top_p, "seed": request.seed}
                 trace = trace_of(
-                    request.request_id, request.prompt.domain, "demo-target", live.label,
+                    request.request_id, request.prompt.domain, "demo-target", (live.label,),
                     request.prompt.token_ids, out, sampling,
                 )  # fmt: skip
                 writer.append(trace)

@@ -86,7 +86,7 @@ class Server:
             request.prompt.token_ids, self.max_new_tokens, stop_token_ids=[], top_logprobs=16
         )
         trace = trace_of(
-            request.request_id, request.prompt.domain, "demo-target", "draft:v1",
+            request.request_id, request.prompt.domain, "demo-target", ("draft:v1",),
             request.prompt.token_ids, out, {"temperature": 0.0},
         )  # fmt: skip
         self.writer.append(trace)

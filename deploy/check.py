@@ -9,8 +9,11 @@ each, with ok, note (serves, but worth knowing) or FAIL (cannot serve):
 - chat template: the tokenizer's; without one, chat prompts become "<role>: <content>" lines;
 - trees: whether the target verifies token trees exactly (draft heads' tree mode);
 - context: each model's, against `--max-model-len` (default: the target's);
-- memory: weights and KV cache for `--max-batch` x `--max-model-len` tokens (`serving.memory`),
-  against `--memory-gib` when given, and the memory free here;
+- memory: the replica's memory plan (`serving.memory`): weights, and KV caches for `--max-batch`
+  slots of `--max-model-len` + `--k` + 1 positions (default: the target's context, reduced to
+  what fits), within `--gpu-memory-utilization` of a device of `--memory-gib` (default: this
+  one's, and what it has free), beside the trainer's `--trainer-share`; FAIL, with what would
+  fit, when it cannot fit;
 - cost ratio c: a draft decoding step's time over a target decoding step's, measured here (eager,
   batch 1);
 
@@ -32,9 +35,10 @@ from rich.markup import escape
 from rich.table import Table
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from serving.device import SERVING_MEMORY_FRACTION
 from serving.engine import cost_ratio
 from serving.errors import IncompatibleDraftError, ModelLoadError
-from serving.memory import GIB, MemoryEstimate, estimate, kv_bytes_per_token
+from serving.memory import GIB, MemoryPlan, gib, model_size, plan_memory
 from serving.models import (
     context_length,
     load_causal_lm,
@@ -45,10 +49,12 @@ from serving.models import (
 )
 from serving.speculation import speedup_bound
 from serving.vocab import SharedVocabulary, load_tokenizer, shared_vocabulary, token_list
+from trainer.config import TrainerConfig
 
 ALPHAS = (0.5, 0.6, 0.7, 0.8)  # acceptance rates the speedup bound is shown for
 MAX_K = 8  # the best k is searched in 1..MAX_K
 MAX_BATCH = 8  # deploy.ray_serve.ServiceConfig.max_batch (not imported: that module imports Ray)
+K = 3  # deploy.ray_serve.ServiceConfig.k
 COST_PROMPT, COST_TOKENS = 32, 48  # the decode that times c: prompt tokens, new tokens
 STYLE = {"ok": "green", "note": "yellow", "fail": "bold red"}
 
@@ -76,7 +82,8 @@ class Report:
     device: str
     dtype: str
     findings: list[Finding] = field(default_factory=list)
-    memory: dict | None = None  # MemoryEstimate's bytes, when the token budget is known
+    memory: dict | None = None  # the MemoryPlan's numbers, when it fits
+    memory_plan: list[str] = field(default_factory=list)  # MemoryPlan.render's lines
     cost_ratio_c: float | None = None
     speedup: list[SpeedupBound] = field(default_factory=list)
 
@@ -94,24 +101,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", help="draft model: a local directory or hub id (default: none)")
     p.add_argument(
         "--max-batch", type=int, default=MAX_BATCH,
-        help=f"sequences decoded together, for the memory estimate (default {MAX_BATCH})",
+        help=f"sequences decoded together: the memory plan's slots (default {MAX_BATCH})",
     )  # fmt: skip
     p.add_argument(
-        "--max-model-len",
-        type=int,
-        help="tokens per sequence, for the memory estimate (default: the target's context)",
-    )
-    p.add_argument("--memory-gib", type=float, help="fail when the memory estimate exceeds this many GiB")
+        "--max-model-len", type=int,
+        help="tokens per sequence, for the memory plan (default: the target's context, reduced to what fits)",
+    )  # fmt: skip
+    p.add_argument(
+        "--k", type=int, default=K,
+        help=f"speculative tokens per step: each slot holds k + 1 positions more (default {K}, as osd serve)",
+    )  # fmt: skip
+    p.add_argument(
+        "--memory-gib", type=float,
+        help="plan for a device of this many GiB (default: this one, within what it has free)",
+    )  # fmt: skip
+    p.add_argument(
+        "--gpu-memory-utilization", type=float, default=SERVING_MEMORY_FRACTION,
+        help=f"the replica's share of the device (default {SERVING_MEMORY_FRACTION})",
+    )  # fmt: skip
+    p.add_argument(
+        "--trainer-share", type=float, default=TrainerConfig.gpu_memory_fraction,
+        help="the trainer's share of the same device, when it trains there; with the replica's at most 1 "
+        f"(default {TrainerConfig.gpu_memory_fraction})",
+    )  # fmt: skip
     p.add_argument(
         "--device", help="where the models load and c is measured: cpu or cuda (default: cuda when available)"
     )
-    p.add_argument("--dtype", help="float32, bfloat16, ... (default: by device); also the memory estimate's")
+    p.add_argument("--dtype", help="float32, bfloat16, ... (default: by device); also the memory plan's")
     p.add_argument("--json", type=Path, help="write the findings here as JSON too")
     return p
-
-
-def gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
 
 
 def parameters(n: int) -> str:
@@ -198,8 +216,8 @@ def check_vocabulary(
 
 def check_context(
     report: Report, target: PreTrainedModel, draft: PreTrainedModel | None, max_model_len: int | None
-) -> int | None:
-    """The tokens per sequence to plan for: --max-model-len, else the target's context."""
+) -> bool:
+    """Whether memory can be planned: for --max-model-len tokens a sequence, else the target's context."""
     target_context = context_length(target)
     draft_context = None if draft is None else context_length(draft)
     known = f"target {target_context or 'not stated'}" + (
@@ -207,11 +225,11 @@ def check_context(
     )
     length = max_model_len or target_context
     if length is None:
-        report.add("context", "note", f"{known}: give --max-model-len for the memory estimate")
-        return None
+        report.add("context", "note", f"{known}: give --max-model-len for the memory plan")
+        return False
     if target_context is not None and length > target_context:
         report.add("context", "fail", f"{known}: --max-model-len {length} is beyond the target's context")
-        return None
+        return False
     if draft_context is not None and draft_context < length:
         report.add(
             "context", "note",
@@ -219,33 +237,59 @@ def check_context(
         )  # fmt: skip
     else:
         report.add("context", "ok", f"{known}; serving up to {length} tokens a sequence")
-    return length
+    return True
 
 
-def free_bytes(device: torch.device) -> int:
-    """Memory free on `device` now: the GPU's, else the machine's."""
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of `device` now: the GPU's, else the machine's."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return psutil.virtual_memory().available
+        return torch.cuda.mem_get_info(device)
+    memory = psutil.virtual_memory()
+    return memory.available, memory.total
 
 
 def check_memory(
-    report: Report, plan: MemoryEstimate, budget_gib: float | None, free: int, per_token: int
+    report: Report,
+    target: PreTrainedModel,
+    draft: PreTrainedModel | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    args: argparse.Namespace,
 ) -> None:
-    report.memory = asdict(plan) | {"dtype": report.dtype, "total": plan.total, "free_here": free}
-    target, draft = plan.target, plan.draft
-    weights = gib(target.weights) + ("" if draft is None else f" target + {gib(draft.weights)} draft")
-    cache = gib(target.kv_cache) + ("" if draft is None else f" target + {gib(draft.kv_cache)} draft")
-    detail = (
-        f"{gib(plan.total)} in {report.dtype}: weights {weights}, KV cache {cache} for {plan.max_batch} x "
-        f"{plan.max_model_len} tokens ({per_token / 1024:g} KiB a token for the target)"
+    """The memory plan: for a device of --memory-gib, else this one (within what it has free now,
+    the models loaded); weights estimated from the configs, as before they load."""
+    try:
+        sizes = [None if m is None else model_size(m.config, dtype) for m in (target, draft)]
+    except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError) as err:
+        report.add("memory", "note", f"no plan: {type(err).__name__}: {err}")  # shapes the names miss
+        return
+    free, total = (None, round(args.memory_gib * GIB)) if args.memory_gib else device_memory(device)
+    try:
+        plan = plan_memory(
+            *sizes, device_bytes=total, max_batch=args.max_batch, k=args.k, max_model_len=args.max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization, trainer_share=args.trainer_share,
+            free_bytes=free,
+        )  # fmt: skip
+    except ValueError as err:  # MemoryPlanError: it does not fit; else a knob out of range
+        report.add("memory", "fail", str(err))
+        return
+    report.memory = asdict(plan) | {"total": plan.total, "headroom": plan.headroom}
+    report.memory_plan = plan.render().splitlines()
+    report.add(*memory_finding(plan))
+
+
+def memory_finding(plan: MemoryPlan) -> tuple[str, str, str]:
+    """(item, status, detail): ok when it fits as asked; a note when the context was reduced."""
+    fits = (
+        f"{gib(plan.total)} of the replica's {gib(plan.available)} for {plan.slots} x "
+        f"{plan.max_model_len} tokens ({gib(plan.headroom)} to spare)"
     )
-    if budget_gib is not None and plan.total > budget_gib * GIB:
-        report.add("memory", "fail", f"{detail}: beyond --memory-gib {budget_gib:g}")
-    elif plan.total > free:
-        report.add("memory", "note", f"{detail}: more than the {gib(free)} free here")
-    else:
-        report.add("memory", "ok", f"{detail}; {gib(free)} free here")
+    if plan.reduced:
+        return "memory", "note", (
+            f"the target's context {plan.context} does not fit {plan.slots} slots: planned for "
+            f"{plan.max_model_len} tokens a sequence, {fits}"
+        )  # fmt: skip
+    return "memory", "ok", fits
 
 
 def speedup_bounds(c: float) -> list[SpeedupBound]:
@@ -293,18 +337,9 @@ def run(args: argparse.Namespace, console: Console) -> Report:
         report.add("trees", "ok", "the target verifies token trees (draft heads' tree mode)")
     else:
         report.add("trees", "note", f"no: {reason}; draft heads draft chains")
-    length = check_context(report, target, draft, args.max_model_len)
-    if length is not None:
-        with console.status("estimating memory"):
-            try:
-                configs = target.config, None if draft is None else draft.config
-                plan = estimate(*configs, dtype, args.max_batch, length)
-            except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError) as err:
-                plan = None  # a config whose shapes the standard names do not describe
-                report.add("memory", "note", f"no estimate: {type(err).__name__}: {err}")
-        if plan is not None:
-            per_token = kv_bytes_per_token(target.config, dtype)
-            check_memory(report, plan, args.memory_gib, free_bytes(device), per_token)
+    if check_context(report, target, draft, args.max_model_len):
+        with console.status("planning memory"):
+            check_memory(report, target, draft, dtype, device, args)
     if draft is not None and shared is not None and not report.failures:  # c only for a pair that serves
         with console.status(f"measuring c on {device}: the draft's and the target's decoding steps"):
             measure_speed(report, target, draft, shared)
@@ -337,6 +372,10 @@ def print_report(report: Report, console: Console) -> None:
             soft_wrap=True,
             highlight=False,
         )
+    if report.memory_plan:
+        console.print("memory plan:", soft_wrap=True)
+        for line in report.memory_plan:
+            console.print(f"  {escape(line)}", soft_wrap=True, highlight=False)
     if report.speedup:
         console.print(
             f"speedup bound S(α, k, c) = (1 - α^(k+1)) / ((1 - α)(k·c + 1)) at c = "

@@ -9,10 +9,16 @@ back-pressure, so Serve lets that many requests through to it.
 
 The trainer is one named, detached Ray actor (`osd-trainer` in namespace `osd`), created by the
 builder when missing and found by name by each replica's admin routes. Placement is by Ray
-resources: `replica_cpus`/`replica_gpus`/`replica_resources` and the `trainer_*` ones; fractional
-GPUs let a replica and the trainer share one card. Secrets stay out of the config: the admin token
-is read by each replica from the environment variable named by `admin_token_env`, and a Redis URL
-with a password can come from `$OSD_REDIS_URL` instead of `redis_url`.
+resources: `replica_cpus`/`replica_gpus`/`replica_resources` and the `trainer_*` ones. Ray sets
+`CUDA_VISIBLE_DEVICES` for an actor with GPUs, so `cuda` in a replica or the trainer is the GPU Ray
+assigned it; nothing here names a device index. A replica runs on CUDA when it has a GPU share
+(`device` None) and on the CPU otherwise; the trainer trains on CUDA when `trainer_gpus` > 0,
+capped at its share of the card. Fractional GPUs let processes share a card; the rule that keeps
+them within it: on a fractional share, a process's GPU memory stays within that share (the
+replica's `gpu_memory_utilization` <= `replica_gpus`, the trainer's cap = `trainer_gpus`), and Ray
+never packs shares past one GPU. Secrets stay out of the config: the admin token is read by each
+replica from the environment variable named by `admin_token_env`, and a Redis URL with a password
+can come from `$OSD_REDIS_URL` instead of `redis_url`.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from trainer.config import AdapterPolicy, TrainerConfig
 
 TRAINER_NAME, NAMESPACE = "osd-trainer", "osd"
 PATHS = ("target", "draft", "trainer_dir", "registry_dir")  # settings that may start with ~
+DEVICES = ("cpu", "cuda")  # no index: Ray picks the GPU (CUDA_VISIBLE_DEVICES)
+GPU_UNITS = 10_000  # Ray counts GPU shares in units of 1e-4
 
 
 @dataclass(frozen=True)
@@ -58,8 +66,11 @@ class ServiceConfig:
     replica_gpus: float = 0.0
     replica_resources: dict[str, float] = field(default_factory=dict)
     torch_threads: int | None = None  # per replica; default: Ray's (the replica's CPUs)
-    device: str | None = None
-    dtype: str | None = None
+    device: str | None = None  # cpu or cuda; default: cuda where Ray gives a GPU share, else cpu
+    dtype: str | None = None  # default: by device (bfloat16 on CUDA, float32 on the CPU)
+    max_model_len: int | None = None  # prompt plus output, per request; default: the target's context
+    gpu_memory_utilization: float | None = None  # a replica's cap; default: 0.8, or its share if less
+    request_timeout: float | None = None  # seconds from arrival before a request fails; default: none
     max_queue: int = 64  # per replica; beyond it, 503
     max_batch: int = 8  # requests each replica decodes together (continuous batching)
     adaptive_k: bool = True  # k per step from the load and acceptance, up to k (else always k)
@@ -90,9 +101,15 @@ class ServiceConfig:
                 "need replicas >= 1, k >= 0, max_queue >= 1, max_batch >= 1 and max_logprobs >= 0"
             )
         object.__setattr__(self, "served_model_names", tuple(self.served_model_names))  # YAML gives lists
+        if self.heads_tree is not None:
+            object.__setattr__(self, "heads_tree", tuple(self.heads_tree))
         if problem := combination_problem(self.draft, self.proposer, self.heads_tree, self.adapters):
             raise ValueError(problem)
+        if problem := placement_problem(self):
+            raise ValueError(problem)
+        _ = self.replica_config("-")  # ReplicaConfig checks its own settings
         fixed = {"checkpoint_dir", "registry_dir", "lora", "heads", "adapters"}  # set by fields here
+        fixed |= {"device", "gpu_memory_fraction"}  # set by trainer_gpus and device
         settable = {f.name for f in dataclasses.fields(TrainerConfig)} - fixed
         if unknown := sorted(set(self.trainer_settings) - settable):
             raise ValueError(f"unknown trainer_settings {unknown}; known: {sorted(settable)}")
@@ -142,6 +159,32 @@ class ServiceConfig:
     def learns(self) -> bool:
         return self.trainer and (self.draft is not None or self.heads is not None)
 
+    @property
+    def replica_device(self) -> str:
+        """`device`, else CUDA when Ray gives each replica a GPU share, else the CPU."""
+        return self.device or ("cuda" if self.replica_gpus > 0 else "cpu")
+
+    @property
+    def trainer_device(self) -> str:
+        """CUDA with a GPU share, unless `device` is cpu (everything on the CPU, shares reserved)."""
+        return "cuda" if self.trainer_gpus > 0 and self.device != "cpu" else "cpu"
+
+    def replica_config(self, replica_id: str) -> ReplicaConfig:
+        """What each replica serves, and how."""
+        memory = self.gpu_memory_utilization
+        if memory is None:  # the default, or the replica's share of a GPU when that is less
+            memory = min(ReplicaConfig.gpu_memory_utilization, self.replica_gpus or 1.0)
+        shares_a_gpu = 0 < self.replica_gpus < 1 and 0 < self.trainer_gpus < 1  # Ray may pack them on one
+        return ReplicaConfig(
+            target=self.target, draft=self.draft, proposer=self.proposer, num_speculative_tokens=self.k,
+            device=self.replica_device, dtype=self.dtype, max_queue=self.max_queue,
+            max_batch=self.max_batch, max_model_len=self.max_model_len, gpu_memory_utilization=memory,
+            trainer_gpu_share=self.trainer_gpus if shares_a_gpu else 0.0,
+            request_timeout=self.request_timeout, adaptive_k=self.adaptive_k,
+            hidden_fraction=self.traced_hidden, heads_tree=self.heads_tree, adapters=self.adapters,
+            registry_dir=self.registry_dir, stream=self.stream, replica_id=replica_id,
+        )  # fmt: skip
+
 
 @serve.deployment
 @serve.ingress()
@@ -152,17 +195,23 @@ class OSDServer:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.config = config
-        replica = ReplicaConfig(
-            target=config.target, draft=config.draft, proposer=config.proposer,
-            num_speculative_tokens=config.k, device=config.device, dtype=config.dtype,
-            max_queue=config.max_queue, max_batch=config.max_batch, adaptive_k=config.adaptive_k,
-            hidden_fraction=config.traced_hidden,
-            heads_tree=tuple(config.heads_tree) if config.heads_tree else None, adapters=config.adapters,
-            registry_dir=config.registry_dir, stream=config.stream,
-            replica_id=f"replica-{serve.get_replica_context().replica_tag}",
-        )  # fmt: skip
+        replica = config.replica_config(f"replica-{serve.get_replica_context().replica_tag}")
+        self.gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])  # Ray's assignment
         self.replica = Replica(replica, open_redis(config.redis))
         self.tokenizer = AutoTokenizer.from_pretrained(config.target)
+
+    def check_health(self) -> None:
+        """Serve's periodic probe: a replica whose decode loop is gone is replaced."""
+        self.replica.check_health()
+
+    def placement(self) -> dict:
+        """Where this replica runs: the GPU ids Ray assigned it, what CUDA sees, the engine's device."""
+        return {
+            "replica_id": self.replica.config.replica_id,
+            "gpus": self.gpus,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "device": str(self.replica.engine.device),
+        }
 
     def __serve_build_asgi_app__(self):
         config = self.config
@@ -194,6 +243,53 @@ def combination_problem(
     return None
 
 
+def placement_problem(config: ServiceConfig) -> str | None:
+    """Why the device and GPU settings cannot work, in one line; None when they can."""
+    if config.device not in (None, *DEVICES):
+        return f"--device must be one of {DEVICES} (Ray picks the GPU), got {config.device!r}"
+    if config.dtype is not None and not isinstance(getattr(torch, config.dtype, None), torch.dtype):
+        return f"unknown --dtype {config.dtype!r}; use e.g. float32, bfloat16 or float16"
+    for name, share in (("replica-gpus", config.replica_gpus), ("trainer-gpus", config.trainer_gpus)):
+        if share < 0 or (share > 1 and share != int(share)):
+            return f"--{name} must be a fraction of one GPU or a whole number of GPUs, got {share}"
+    if config.device == "cuda" and config.replica_gpus == 0:
+        return "--device cuda needs --replica-gpus > 0 so that Ray gives each replica its own GPU share"
+    memory, share = config.gpu_memory_utilization, config.replica_gpus
+    if memory is not None and config.replica_device == "cuda" and share < 1 and memory > share:
+        return (
+            f"--gpu-memory-utilization {memory} is more than the replica's share of its GPU "
+            f"(--replica-gpus {config.replica_gpus}): on a shared GPU each process stays within its share"
+        )
+    return None
+
+
+def gpu_shortfall(config: ServiceConfig, gpus: int) -> str | None:
+    """Why Ray on a machine with `gpus` GPUs could not place the trainer (started first) and every
+    replica, assigning GPUs as Ray does: a whole share takes the first free GPUs, a fraction the
+    fullest GPU it fits on. None when it can."""
+    trainer = f" and the trainer's {config.trainer_gpus}" if config.learns else ""
+    problem = (
+        f"{config.replicas} replica(s) at --replica-gpus {config.replica_gpus}{trainer} "
+        f"do not fit on this machine's {gpus} GPU(s)"
+    )
+    free = [GPU_UNITS] * gpus  # what is left of each GPU
+    shares = ([config.trainer_gpus] if config.learns else []) + [config.replica_gpus] * config.replicas
+    for share in (share for share in shares if share > 0):
+        if share >= 1:
+            taken = [i for i, left in enumerate(free) if left == GPU_UNITS][: int(share)]
+            if len(taken) < share:
+                return problem
+            for i in taken:
+                free[i] = 0
+        else:
+            units = round(share * GPU_UNITS)
+            fitting = [i for i, left in enumerate(free) if left >= units]
+            if not fitting:
+                return problem
+            free[min(fitting, key=free.__getitem__)] -= units
+    return None
+
+
 def build(args: Mapping | ServiceConfig) -> serve.Application:
     """The Serve application (the trainer actor is started here when missing)."""
     config = args if isinstance(args, ServiceConfig) else ServiceConfig.from_args(args)
@@ -212,15 +308,18 @@ def build(args: Mapping | ServiceConfig) -> serve.Application:
 
 
 def trainer_config(config: ServiceConfig) -> TrainerConfig:
-    """The trainer's settings: its directory, the target's context as the longest trace it trains
-    on, then `trainer_settings`."""
+    """The trainer's settings: its directory, its device and GPU memory cap (its share of the
+    card), the target's context as the longest trace it trains on unless TrainerConfig's default is
+    shorter, then `trainer_settings`."""
     context = getattr(AutoConfig.from_pretrained(config.target), "max_position_embeddings", None)
-    settings = ({"max_seq_len": context} if context else {}) | config.trainer_settings
+    longest = {"max_seq_len": min(context, TrainerConfig.max_seq_len)} if context else {}
+    settings = longest | config.trainer_settings
+    on_gpu = {"gpu_memory_fraction": min(1.0, config.trainer_gpus)} if config.trainer_device == "cuda" else {}
     adapters = AdapterPolicy(min_traces=config.adapter_min_traces) if config.adapters else None
     registry_dir = Path(config.registry_dir) if config.registry_dir else None
     return TrainerConfig(
         checkpoint_dir=Path(config.trainer_dir), registry_dir=registry_dir, heads=config.heads,
-        adapters=adapters, **settings,
+        adapters=adapters, device=config.trainer_device, **on_gpu, **settings,
     )  # fmt: skip
 
 

@@ -6,10 +6,11 @@ It connects to Redis (`--redis-url`) or starts the embedded redis-server (data u
 (`deploy.ray_serve`), and serves the OpenAI-compatible API on loopback unless `--host` says
 otherwise. `--demo quick|full` serves the demo pair, building it first when it is missing;
 `--config FILE` takes the settings of `deploy.ray_serve.ServiceConfig` from YAML (a flat mapping,
-or a Serve config such as deploy/serve.yaml, whose first application's `args` are used). Settings
-that cannot work together are refused in one line before anything starts. Ctrl-C stops
-everything; the trainer's checkpoint and Redis's AOF keep what was learnt and logged for the
-next start.
+or a Serve config such as deploy/serve.yaml, whose first application's `args` are used).
+`--replica-gpus` and `--trainer-gpus` are each one's share of this machine's GPUs, which Ray
+assigns (`deploy.ray_serve`). Settings that cannot work together, and GPU shares this machine's
+GPUs cannot hold, are refused in one line before anything starts. Ctrl-C stops everything; the
+trainer's checkpoint and Redis's AOF keep what was learnt and logged for the next start.
 """
 
 from __future__ import annotations
@@ -27,11 +28,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import torch
 import yaml
 from ray import serve
 from rich.console import Console
 
-from deploy.ray_serve import NAMESPACE, TRAINER_NAME, ServiceConfig, build, combination_problem
+from deploy.ray_serve import (
+    DEVICES,
+    NAMESPACE,
+    TRAINER_NAME,
+    ServiceConfig,
+    build,
+    combination_problem,
+    gpu_shortfall,
+)
 from serving.engine import PROPOSERS
 from store.redis_server import RedisConfig, connect, redacted
 
@@ -76,6 +86,33 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fixed-k", action="store_true", help="always draft --k tokens (default: k follows the load)"
     )
+    p.add_argument(
+        "--device", choices=DEVICES,
+        help="where the replicas run (default: cuda with --replica-gpus > 0, else cpu); cuda is the GPU "
+        "Ray assigns each replica. cpu keeps the trainer on the CPU too",
+    )  # fmt: skip
+    p.add_argument("--dtype", help="float32, bfloat16, ... (default: bfloat16 on cuda, else float32)")
+    p.add_argument(
+        "--replica-gpus", type=float, default=ServiceConfig.replica_gpus, metavar="GPUS",
+        help="GPUs per replica, from Ray: 1 gives each its own GPU; a fraction shares one (default 0)",
+    )  # fmt: skip
+    p.add_argument(
+        "--trainer-gpus", type=float, default=ServiceConfig.trainer_gpus, metavar="GPUS",
+        help="the trainer's GPUs, from Ray; > 0 trains on CUDA within that share (default 0: the CPU)",
+    )  # fmt: skip
+    p.add_argument(
+        "--gpu-memory-utilization", type=float, metavar="FRACTION",
+        help="on cuda, a replica's share of its GPU's memory (default 0.8, or --replica-gpus when less; "
+        "never more than --replica-gpus when that is a fraction)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-model-len", type=int, metavar="N",
+        help="prompt plus output tokens per request (default: the target's context)",
+    )  # fmt: skip
+    p.add_argument(
+        "--request-timeout", type=float, metavar="SECONDS",
+        help="a request still unfinished this long after it arrived fails and frees its slot (default: none)",
+    )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--redis-url", help="an existing Redis (redis:// or rediss://); default: start one")
@@ -118,7 +155,10 @@ def service_config(args: argparse.Namespace, console: Console) -> ServiceConfig:
         max_batch=args.max_batch, adaptive_k=not args.fixed_k,
         replicas=args.replicas, replica_cpus=min(1.0, cpus / args.replicas),
         torch_threads=max(1, cpus // args.replicas), trainer=not args.no_trainer,
-        trainer_dir=str(args.trainer_dir),
+        trainer_dir=str(args.trainer_dir), device=args.device, dtype=args.dtype,
+        replica_gpus=args.replica_gpus, trainer_gpus=args.trainer_gpus,
+        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+        request_timeout=args.request_timeout,
     )  # fmt: skip
 
 
@@ -184,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         config = service_config(args, console)
     except (ValueError, OSError) as err:  # bad settings, or a config file that cannot be read
         sys.exit(f"osd serve: {err}")
+    if problem := gpu_shortfall(config, torch.cuda.device_count()):  # the GPUs local Ray will find
+        sys.exit(f"osd serve: {problem}")
     if args.redis_url:
         config = dataclasses.replace(config, redis_url=args.redis_url)
     endpoint = Endpoint(args.host, args.port, args.admin_token)

@@ -111,9 +111,16 @@ class NoHiddenStatesError(ValueError):
     """Head training was given traces without the target's hidden states."""
 
 
-def heads_batch(traces: Sequence[TraceLike], num_heads: int) -> HeadsBatch:
-    """The rows of every trace that carries hidden states (see HeadsBatch); NoHiddenStatesError
-    when none does."""
+def heads_rows(output_len: int, num_heads: int, max_rows: int | None = None) -> int:
+    """How many rows a trace of `output_len` tokens gives: its positions with all K guessed ones
+    logged, the last `max_rows` of them at most."""
+    rows = max(0, output_len - num_heads)
+    return rows if max_rows is None else min(rows, max_rows)
+
+
+def heads_batch(traces: Sequence[TraceLike], num_heads: int, max_rows: int | None = None) -> HeadsBatch:
+    """The rows of every trace that carries hidden states (see HeadsBatch), the last `max_rows` of
+    each at most (None: all); NoHiddenStatesError when none does."""
     with_hidden = [t for t in traces if getattr(t, "hidden", None) is not None]
     if not with_hidden:
         raise NoHiddenStatesError(
@@ -125,12 +132,16 @@ def heads_batch(traces: Sequence[TraceLike], num_heads: int) -> HeadsBatch:
         n = len(trace.output_ids) - num_heads  # rows j = 0 .. n-1 have all K guessed positions logged
         if n <= 0:
             continue
+        first = n - heads_rows(len(trace.output_ids), num_heads, max_rows)  # rows first .. n-1 are kept
         window = np.lib.stride_tricks.sliding_window_view
-        rows["hidden"].append(np.asarray(trace.hidden[:n], np.float32))
-        rows["following"].append(window(trace.output_ids[: n - 1 + num_heads], num_heads))  # [n, K]
-        rows["emitted"].append(window(trace.output_ids[1:], num_heads)[:n])
-        rows["ids"].append(window(trace.top_ids[1:], num_heads, axis=0)[:n].transpose(0, 2, 1))  # [n, K, k]
-        rows["logprobs"].append(window(trace.top_logprobs[1:], num_heads, axis=0)[:n].transpose(0, 2, 1))
+        rows["hidden"].append(np.asarray(trace.hidden[first:n], np.float32))
+        rows["following"].append(window(trace.output_ids[: n - 1 + num_heads], num_heads)[first:])  # [n, K]
+        rows["emitted"].append(window(trace.output_ids[1:], num_heads)[first:n])
+        ids, logprobs = (
+            window(a[1:], num_heads, axis=0)[first:n] for a in (trace.top_ids, trace.top_logprobs)
+        )
+        rows["ids"].append(ids.transpose(0, 2, 1))  # [n, K, k]
+        rows["logprobs"].append(logprobs.transpose(0, 2, 1))
     if not rows["hidden"]:
         raise ValueError(f"no trace has more than {num_heads} output tokens")
 

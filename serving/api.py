@@ -48,12 +48,13 @@ from transformers import PreTrainedTokenizerBase
 from serving.admin import TrainerControl, admin_router
 from serving.dashboard import dashboard_router
 from serving.engine import Step, TokenLogprobs
-from serving.errors import InvalidRequestError
+from serving.errors import EngineError, InvalidRequestError, RequestTimeoutError, StepFailedError
 from serving.prometheus import render
 from serving.server import Finished, Replica, ServerBusyError
 from serving.server import Request as ReplicaRequest
 from store.drift import DriftAlert, read_alerts
 from store.load import read_metrics
+from store.redis_server import read_restarts
 
 
 class APIError(Exception):
@@ -164,8 +165,9 @@ def requested_logprobs(body: Sampling, most: int) -> int | None:
     return wanted
 
 
-def error_body(message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+def error_body(message: str, param: str | None = None, code: str | None = None, status: int = 400) -> dict:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def create_app(
@@ -191,7 +193,7 @@ def create_app(
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(error_body(err.message, err.param, err.code), status_code=err.status)
+        return JSONResponse(error_body(err.message, err.param, err.code, err.status), status_code=err.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -204,7 +206,11 @@ def create_app(
         return JSONResponse(error_body(str(err.detail)), status_code=err.status_code, headers=err.headers)
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health():
+        try:
+            replica.check_health()
+        except RuntimeError as err:
+            return JSONResponse({"status": "error", "message": str(err)}, status_code=503)
         return {"status": "ok", **replica.status()}
 
     def standing_alerts() -> list[DriftAlert]:
@@ -214,10 +220,11 @@ def create_app(
     def metrics() -> Response:  # sync: FastAPI runs it on a worker thread, off the event loop
         try:
             snapshots, alerts = read_metrics(replica.client), standing_alerts()
+            restarts = read_restarts(replica.client)  # the embedded redis-server's, by `osd serve`
         except redis.RedisError:
-            snapshots, alerts = {}, []  # this replica's own, below, still answer
+            snapshots, alerts, restarts = {}, [], None  # this replica's own, below, still answer
         snapshots[replica.config.replica_id] = replica.metrics_snapshot()
-        return Response(render(snapshots, alerts), media_type=CONTENT_TYPE_LATEST)
+        return Response(render(snapshots, alerts, restarts), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/alerts")
     def alerts() -> dict:
@@ -250,18 +257,33 @@ def create_app(
         pieces = decode_text(replica, request, tokenizer, stop_strings(body.stop))
         try:
             first = await anext(pieces)  # the request's own errors surface before any byte is sent
-        except InvalidRequestError as err:
-            raise APIError(400, str(err)) from err
-        except ServerBusyError as err:
-            raise APIError(503, str(err), code="server_busy") from err
+        except EngineError as err:
+            raise failure(err) from err
         shape = Shape(chat, body.model, len(prompt), request.request_id, logprobs)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(shape.sse(first, pieces, include_usage), media_type="text/event-stream")
-        whole = [first] + [piece async for piece in pieces]
+        try:
+            whole = [first] + [piece async for piece in pieces]
+        except EngineError as err:
+            raise failure(err) from err
         return shape.whole(whole)
 
     return app
+
+
+def failure(err: EngineError) -> APIError:
+    """The HTTP answer to a request the replica failed: its fault (400), a full or stopped replica
+    (503), its deadline (504), or a failed decode step (500, with the reason)."""
+    for kind, status, code in (
+        (InvalidRequestError, 400, None),
+        (ServerBusyError, 503, "server_busy"),
+        (RequestTimeoutError, 504, "request_timeout"),
+        (StepFailedError, 500, "internal_error"),
+    ):
+        if isinstance(err, kind):
+            return APIError(status, str(err), code=code)
+    return APIError(500, str(err), code="internal_error")
 
 
 def to_request(
@@ -492,7 +514,12 @@ class Shape:
             if piece.finish_reason is not None:
                 yield event(self.chunk(None, piece.finish_reason) | {"metrics": self.metrics(piece)})
                 break
-            piece = await anext(rest)
+            try:
+                piece = await anext(rest)
+            except EngineError as err:  # the status is sent: the error comes as an event, as OpenAI's do
+                answer = failure(err)
+                yield event(error_body(answer.message, code=answer.code, status=answer.status))
+                break
         if include_usage:
             yield event(self._envelope(self.chunk_object, []) | {"usage": self.usage(piece.tokens)})
         yield "data: [DONE]\n\n"

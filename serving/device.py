@@ -2,11 +2,12 @@
 
 `profile_for` picks a `DeviceProfile` from the device. On CUDA: bf16, the static slot cache
 (serving.kv: fixed slots at full capacity, so every step has the same shapes), step forwards
-compiled with torch.compile in "reduce-overhead" mode (CUDA graphs, one per step shape: the
-draft's one-token step, each verify width up to k + 1), and a cap on the process's share of GPU
-memory (`SERVING_MEMORY_FRACTION`), so that a trainer on the same GPU keeps its own
-(`TrainerConfig.gpu_memory_fraction`, 0.15; the rest is CUDA contexts and the allocator's
-slack). On the CPU: float32, the dynamic slot cache, eager forwards. Prefills always run eager
+compiled whole (`fullgraph`: a graph break is an error, not a slow path) with torch.compile in
+"reduce-overhead" mode (CUDA graphs, one per step shape), and a cap on the process's share of GPU
+memory (`SERVING_MEMORY_FRACTION`, or `--gpu-memory-utilization`), so that a trainer on the same
+GPU keeps its own. A step's input width is rounded up to a bucket of `STEP_WIDTHS` (the verify
+step's k + 1 or tree, each draft step's catch-up), so each compiled forward has at most
+len(STEP_WIDTHS) graphs, whatever the traffic. On the CPU: float32, the dynamic slot cache, eager forwards. Prefills always run eager
 (their lengths vary). Everything here is plain data and selection, so the CPU tests cover it,
 with torch.compile's "eager" backend standing in for CUDA graphs.
 """
@@ -22,7 +23,14 @@ from transformers import PreTrainedModel
 from serving.kv import SlotCache
 
 SERVING_MEMORY_FRACTION = 0.80  # of the GPU, for the replica (target, draft, static caches, graphs)
-RECOMPILE_LIMIT = 64  # step shapes: verify widths 1..k+1, draft catch-ups, tree sizes
+STEP_WIDTHS = (1, 2, 4, 8, 16, 32, 64)  # a static step's input widths: its graphs
+RECOMPILE_LIMIT = 2 * len(STEP_WIDTHS)  # graphs per compiled forward, with room to spare
+
+
+def step_width(n: int) -> int:
+    """The bucket a static step of n input tokens runs at: the first of STEP_WIDTHS >= n (past
+    the last, the next multiple of it)."""
+    return next((w for w in STEP_WIDTHS if w >= n), -(-n // STEP_WIDTHS[-1]) * STEP_WIDTHS[-1])
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,7 @@ def compiled(module: torch.nn.Module, profile: DeviceProfile | None) -> Callable
     """`module`, compiled for the profile's step forwards (itself when eager)."""
     if profile is None or profile.compile_mode is None:
         return module
-    torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT  # a graph per step shape, not eager after 8
+    torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT  # a graph per step width, not eager after 8
     if profile.compile_backend == "inductor":
-        return torch.compile(module, mode=profile.compile_mode, dynamic=False)
-    return torch.compile(module, backend=profile.compile_backend, dynamic=False)
+        return torch.compile(module, mode=profile.compile_mode, dynamic=False, fullgraph=True)
+    return torch.compile(module, backend=profile.compile_backend, dynamic=False, fullgraph=True)

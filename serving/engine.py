@@ -19,14 +19,22 @@ prompt and the target only, never on k, the drafts or the batch.
 
 Cache invariant: a sequence's slot holds every token of it except the last one, which is always
 the first input of its next verify forward.
+
+Device discipline: a step runs on the device from the drafts to the verification without reading
+anything back; then what leaves it (each sequence's candidate tokens, how many drafts it kept, the
+log-probs and hidden states its request asked for) crosses to the host in one batched transfer
+(`to_host`), and everything after (stop tokens, lengths, stats, traces) works on host values. On a
+GPU that is one synchronisation per step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import statistics
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,8 +43,16 @@ import torch
 from transformers import PreTrainedModel
 
 from distill.heads import DraftHeads, heads_spec
-from serving.device import DeviceProfile, apply_memory_budget, compiled, new_cache, profile_for
+from serving.device import (
+    SERVING_MEMORY_FRACTION,
+    DeviceProfile,
+    apply_memory_budget,
+    compiled,
+    new_cache,
+    profile_for,
+)
 from serving.errors import IncompatibleDraftError, InvalidRequestError
+from serving.memory import plan_on_device
 from serving.models import (
     context_length,
     forward_slots,
@@ -122,8 +138,9 @@ class Decoding:
     """One sequence being decoded: its request, its slot, what it has emitted so far."""
 
     slot: int
-    tokens: torch.Tensor  # [L + max_new_tokens]; tokens[:length] is the sequence so far
-    length: int
+    tokens: torch.Tensor  # [L + max_new_tokens] on the device; tokens[:length] is the sequence so far
+    history: list[int]  # the sequence so far, on the host
+    prompt_length: int
     max_new_tokens: int
     params: SamplingParams
     stop_ids: frozenset[int]
@@ -134,35 +151,112 @@ class Decoding:
     proposer: Proposer
     draft_state: Any
     acceptance: AcceptanceEstimate
-    output: list[int] = field(default_factory=list)
     stats: SpecStats = field(default_factory=SpecStats)
     tops: list[TokenLogprobs] = field(default_factory=list)  # per step, emitted positions
     hiddens: list[torch.Tensor] = field(default_factory=list)  # per step, emitted positions
+
+    @property
+    def length(self) -> int:
+        return len(self.history)
+
+    @property
+    def generated(self) -> int:
+        return len(self.history) - self.prompt_length
+
+    @property
+    def output(self) -> list[int]:
+        return self.history[self.prompt_length :]
 
     def noise(self, k: int, vocab: int) -> torch.Tensor | None:
         """A seeded sampled request's race noise [k + 1, V] for this step's positions (the k drafts,
         then the bonus); None for the others."""
         if self.seed is None or self.params.greedy:
             return None
-        return seeded_noise(self.seed, len(self.output), k + 1, vocab, self.tokens.device)
+        return seeded_noise(self.seed, self.generated, k + 1, vocab, self.tokens.device)
 
     def row(self, k: int, noise: torch.Tensor | None) -> DraftRow:
         """What this sequence asks of its proposer for k drafts."""
         drafts_noise = None if noise is None else noise[:k]
         return DraftRow(
-            self.draft_state, self.tokens[: self.length], k, self.params, self.generator, drafts_noise
-        )
+            self.draft_state, self.tokens[: self.length], self.history, k, self.params, self.generator,
+            drafts_noise,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class _Verified:
-    """What one verification kept: the emitted tokens [a + 1] (a accepted drafts and the target's
-    next), the target's logits [a + 1, V] and hidden states [a + 1, H] that gave them."""
+    """One sequence's verification over its n = 1 + drafts positions, still on the device.
+
+    tokens [n]: what each position emits if it is kept (a chain: the sampler's tokens, -1 past
+    the first rejection; a tree: the target's argmax after the root and after each node).
+    accepted [1]: a chain's kept drafts (a tree's path is walked on the host, from `nodes` [N],
+    its drafted tokens). hidden [n, H]: the target's states. chosen [n], top_ids and top_values
+    [n, K]: the log-probs the request asked for (which positions are kept is known only on the
+    host, so all n cross)."""
 
     drafted: int  # drafts proposed (a tree: its depth)
-    emitted: torch.Tensor
-    logits: torch.Tensor
+    tokens: torch.Tensor
     hidden: torch.Tensor
+    accepted: torch.Tensor | None = None
+    nodes: torch.Tensor | None = None
+    chosen: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_values: torch.Tensor | None = None
+    traced_hidden: torch.Tensor | None = None  # hidden, when the request keeps its hidden states
+
+    def crossing(self) -> list[torch.Tensor | None]:
+        """What crosses to the host, in `_Host`'s order."""
+        return [
+            self.tokens, self.accepted, self.nodes, self.chosen, self.top_ids, self.top_values,
+            self.traced_hidden,
+        ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Host:
+    """A `_Verified`'s crossing, on the host."""
+
+    tokens: list[int]
+    accepted: int | None
+    nodes: list[int] | None
+    chosen: torch.Tensor | None
+    top_ids: torch.Tensor | None
+    top_values: torch.Tensor | None
+    hidden: torch.Tensor | None
+
+    @staticmethod
+    def of(parts: list[torch.Tensor | None]) -> _Host:
+        tokens, accepted, nodes, *rest = parts
+        return _Host(
+            tokens.tolist(),
+            None if accepted is None else accepted.tolist()[0],
+            None if nodes is None else nodes.tolist(),
+            *rest,
+        )
+
+
+def to_host(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The tensors on the host, in one batched transfer: those of a dtype are flattened into one
+    buffer, the buffers are copied without blocking, then one synchronisation; None stays None.
+    On the CPU they are returned as they are."""
+    present = [t for t in tensors if t is not None]
+    if not present or present[0].device.type == "cpu":
+        return list(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        if t is not None:
+            by_dtype[t.dtype].append(i)
+    copies = {
+        dtype: torch.cat([tensors[i].reshape(-1) for i in indices]).to("cpu", non_blocking=True)
+        for dtype, indices in by_dtype.items()
+    }
+    torch.accelerator.synchronize(present[0].device)
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for dtype, indices in by_dtype.items():
+        pieces = copies[dtype].split([tensors[i].numel() for i in indices])
+        for i, piece in zip(indices, pieces, strict=True):
+            out[i] = piece.view(tensors[i].shape)
+    return out
 
 
 class SpecEngine:
@@ -174,6 +268,7 @@ class SpecEngine:
         proposer: Proposer,
         num_speculative_tokens: int = 4,
         profile: DeviceProfile | None = None,
+        max_model_len: int | None = None,
     ):
         if isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int):
             raise ValueError(f"num_speculative_tokens must be an int, got {num_speculative_tokens!r}")
@@ -184,7 +279,7 @@ class SpecEngine:
         self.k = num_speculative_tokens
         self.device = target.device
         self.vocab_size = vocab_size(target)
-        self.max_length = context_length(target)
+        self.max_length = _max_length(context_length(target), max_model_len)
         eos = target.generation_config.eos_token_id
         self.default_stop_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
         self.profile = profile
@@ -207,9 +302,18 @@ class SpecEngine:
         dtype: str | torch.dtype | None = None,
         tree: tuple[int, ...] | None = None,
         max_batch: int = 8,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = SERVING_MEMORY_FRACTION,
+        trainer_share: float = 0.0,
     ) -> SpecEngine:
         """Load a target (local directory or hub id) and a proposer, set up for the device
         (serving.device: on CUDA, static caches for `max_batch` sequences and compiled steps).
+
+        A request's prompt and output fit in `max_model_len` tokens (default: the target's
+        context). On CUDA the memory plan (serving.memory) sizes the caches after the weights have
+        loaded, within `gpu_memory_utilization` of the device (`trainer_share` is the trainer's
+        part of the same device), and is logged; MemoryPlanError, with the numbers, when it
+        cannot fit. The default length is then reduced to what fits.
 
         proposer defaults to "draft" when a draft is given and "none" otherwise. `tree`: for
         heads, the branching of a static tree (serving.tree.static_tree) verified in one forward
@@ -223,19 +327,28 @@ class SpecEngine:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         target_model = load_causal_lm(target, device, dtype)
-        capacity = (context_length(target_model) or 2048) + num_speculative_tokens + 1
-        profile = profile_for(device, dtype, slots=max_batch, capacity=capacity)
-        apply_memory_budget(profile, device)
-        if proposer == "draft":
-            draft_model = load_causal_lm(draft, device, dtype)
-            rows = vocab_size(target_model)
+        draft_model = None if draft is None else load_causal_lm(draft, device, dtype)
+        if draft_model is not None:
             try:
-                check_pair(target, draft, rows, vocab_size(draft_model))
+                check_pair(target, draft, vocab_size(target_model), vocab_size(draft_model))
             except IncompatibleDraftError as err:
                 raise IncompatibleDraftError(
                     f"draft {draft!r} cannot propose for {target!r}: {err}"
                 ) from None
-            chosen: Proposer = DraftModelProposer(draft_model, profile, rows)
+        max_length = _max_length(context_length(target_model), max_model_len)
+        profile = profile_for(device, dtype, memory_fraction=gpu_memory_utilization)
+        if profile.static_cache:
+            plan = plan_on_device(
+                target_model, draft_model, max_batch=max_batch, k=num_speculative_tokens,
+                max_model_len=max_length, gpu_memory_utilization=gpu_memory_utilization,
+                trainer_share=trainer_share,
+            )  # fmt: skip
+            log.info("memory plan for %s:\n%s", target, plan.render())
+            profile = dataclasses.replace(profile, slots=plan.slots, capacity=plan.capacity)
+            max_length = plan.max_model_len
+        apply_memory_budget(profile, device)
+        if draft_model is not None:
+            chosen: Proposer = DraftModelProposer(draft_model, profile, vocab_size(target_model))
         elif proposer in (
             "medusa",
             "hydra",
@@ -249,7 +362,7 @@ class SpecEngine:
             )
         else:
             chosen = NgramProposer() if proposer == "ngram" else NullProposer()
-        return cls(target_model, chosen, num_speculative_tokens, profile)
+        return cls(target_model, chosen, num_speculative_tokens, profile, max_length)
 
     def generate(
         self,
@@ -325,7 +438,8 @@ class SpecEngine:
         """Check a request (InvalidRequestError), prefill its prompt and decode it from the next
         step on, drafting with `proposer` (default: the engine's)."""
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
-        prompt = self._check_prompt(prompt_ids, max_new_tokens)
+        ids = self._check_prompt(prompt_ids, max_new_tokens)
+        prompt = torch.tensor(ids, dtype=torch.long, device=self.device)
         stop_ids = (
             self.default_stop_ids
             if stop_token_ids is None
@@ -348,8 +462,9 @@ class SpecEngine:
             self.cache.release(slot)
             raise
         decoding = Decoding(
-            slot=slot, tokens=torch.cat([prompt, prompt.new_empty(max_new_tokens)]), length=prompt.shape[0],
-            max_new_tokens=max_new_tokens, params=params, stop_ids=stop_ids, generator=generator, seed=seed,
+            slot=slot, tokens=torch.cat([prompt, prompt.new_empty(max_new_tokens)]), history=list(ids),
+            prompt_length=len(ids), max_new_tokens=max_new_tokens, params=params, stop_ids=stop_ids,
+            generator=generator, seed=seed,
             top_logprobs=top_logprobs, hidden_states=hidden_states, proposer=proposer,
             draft_state=draft_state, acceptance=self.acceptance.prior(),
         )  # fmt: skip
@@ -384,14 +499,20 @@ class SpecEngine:
             self.target, self.cache, [d.slot for d in batch], inputs, [p.parents for p in proposals],
             tokens=self.k + 1 if self.cache.static else 1, base=self._base,
         )  # [B, n, V], [B, n, H]; row i valid up to len(inputs[i])  # fmt: skip
-        events = []
+        verified = []
         for i, (decoding, proposal) in enumerate(zip(batch, proposals, strict=True)):
             n = inputs[i].shape[0]
             if proposal.parents is None:
-                verified = self._verify_chain(decoding, proposal, logits[i, :n], hidden[i, :n], noises[i])
+                row = self._verify_chain(decoding, proposal, logits[i, :n], hidden[i, :n], noises[i])
             else:
-                verified = self._verify_tree(decoding, proposal, logits[i, :n], hidden[i, :n])
-            events.append((decoding, self._emit(decoding, verified)))
+                row = self._verify_tree(decoding, proposal, logits[i, :n], hidden[i, :n])
+            verified.append(row)
+        crossing = to_host([t for row in verified for t in row.crossing()])  # the step's one transfer
+        width = len(crossing) // max(1, len(verified))
+        events = [
+            (decoding, self._emit(decoding, row, proposal, _Host.of(crossing[i * width : (i + 1) * width])))
+            for i, (decoding, row, proposal) in enumerate(zip(batch, verified, proposals, strict=True))
+        ]
         if by_load is not None:  # the load's choice (not a probe): its time keeps the costs current,
             # contention for the GIL with the replica's event loop included
             self.costs = self.costs.observe(len(batch), by_load, time.perf_counter() - began)
@@ -419,7 +540,7 @@ class SpecEngine:
         ks = [k] * len(batch)
         if probe:
             ks[(self.steps // PROBE_EVERY) % len(batch)] = min(self.k, 1)
-        left = [d.max_new_tokens - len(d.output) - 1 for d in batch]  # drafts past it would be wasted
+        left = [d.max_new_tokens - d.generated - 1 for d in batch]  # drafts past it would be wasted
         return [min(wanted, room) for wanted, room in zip(ks, left, strict=True)], by_load
 
     def _propose(
@@ -446,8 +567,8 @@ class SpecEngine:
         noise: torch.Tensor | None,
     ) -> _Verified:
         """The rejection sampler over the last emitted token and the k drafts after it (logits
-        [1+k, V]); the slot is cut back to what was kept. A seeded request's p is one-hot at its
-        race's winner (`noise` [1+k, V]), so it is decided by comparison, as greedy ones are."""
+        [1+k, V]). A seeded request's p is one-hot at its race's winner (`noise` [1+k, V]), so it
+        is decided by comparison, as greedy ones are."""
         probs = process_logits(logits, decoding.params)  # [1+k, V]
         if noise is not None:
             winners = race(probs, noise[: probs.shape[0]]).unsqueeze(-1)  # [1+k, 1]
@@ -457,63 +578,87 @@ class SpecEngine:
             proposal.tokens.unsqueeze(0),
             None if proposal.probs is None else proposal.probs.unsqueeze(0),
             decoding.generator,
+            one_hot=decoding.params.greedy or noise is not None,
         )
-        accepted = int(verification.num_accepted[0])
-        self.cache.lengths[decoding.slot] = decoding.length + accepted
-        kept = slice(0, accepted + 1)
-        return _Verified(proposal.tokens.shape[0], verification.tokens[0, kept], logits[kept], hidden[kept])
+        tokens = verification.tokens[0]  # [1+k]
+        return self._verified(
+            decoding, proposal.tokens.shape[0], tokens, logits, hidden, verification.num_accepted
+        )
 
     def _verify_tree(
         self, decoding: Decoding, proposal: Proposal, logits: torch.Tensor, hidden: torch.Tensor
     ) -> _Verified:
-        """The greedy walk over the last emitted token and every tree node (logits [1+N, V],
-        serving.tree); the slot keeps the sequence and the accepted path."""
+        """A greedy request's tree: the target's argmax after the root and after every node (logits
+        [1+N, V], serving.tree); the path is walked on the host."""
         if not decoding.params.greedy:
             raise RuntimeError("tree proposals are verified for greedy requests only")
-        argmax = logits.argmax(-1)
-        path = greedy_path(proposal.parents, proposal.tokens.tolist(), argmax.tolist())
-        self.cache.keep(decoding.slot, decoding.length, [decoding.length + node for node in path])
-        rows = torch.tensor([0] + [1 + node for node in path], device=logits.device)  # each gave the next
-        return _Verified(max(node_depths(proposal.parents)), argmax[rows], logits[rows], hidden[rows])
+        depth = max(node_depths(proposal.parents))
+        return self._verified(decoding, depth, logits.argmax(-1), logits, hidden, nodes=proposal.tokens)
 
-    def _emit(self, decoding: Decoding, verified: _Verified) -> Step:
-        """Append what a verification kept to the sequence; finish it at a stop token or its length."""
-        emitted, accepted = verified.emitted, verified.emitted.shape[0] - 1
-        if getattr(decoding.proposer, "wants_hidden", False):  # the state that gave the last token
-            decoding.proposer.observe(decoding.draft_state, verified.hidden[-1])
+    @staticmethod
+    def _verified(
+        decoding: Decoding,
+        drafted: int,
+        tokens: torch.Tensor,
+        logits: torch.Tensor,
+        hidden: torch.Tensor,
+        accepted: torch.Tensor | None = None,
+        nodes: torch.Tensor | None = None,
+    ) -> _Verified:
+        """A verification with the log-probs (temperature 1) and hidden states its request keeps."""
+        logprobs = {}
+        if decoding.top_logprobs:
+            all_logprobs = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+            top = all_logprobs.topk(decoding.top_logprobs)
+            chosen = all_logprobs.gather(-1, tokens.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # [n]
+            logprobs = {"chosen": chosen, "top_ids": top.indices, "top_values": top.values}
+        traced = hidden if decoding.hidden_states else None
+        return _Verified(drafted, tokens, hidden, accepted, nodes, traced_hidden=traced, **logprobs)
+
+    def _emit(self, decoding: Decoding, verified: _Verified, proposal: Proposal, host: _Host) -> Step:
+        """Keep what a verification accepted (on the host: which positions, then the slot is cut
+        back to them), append it to the sequence; finish it at a stop token or its length."""
+        if host.accepted is not None:  # a chain: the first accepted + 1 positions
+            kept = list(range(host.accepted + 1))
+            self.cache.lengths[decoding.slot] = decoding.length + host.accepted
+        else:  # a tree: the root and the accepted path
+            path = greedy_path(proposal.parents, host.nodes, host.tokens)
+            self.cache.keep(decoding.slot, decoding.length, [decoding.length + node for node in path])
+            kept = [0] + [1 + node for node in path]
+        accepted, emitted = len(kept) - 1, [host.tokens[r] for r in kept]
+        decoding.proposer.observe(decoding.draft_state, accepted, verified.hidden[kept[-1]])
         decoding.stats.record(verified.drafted, accepted)
         decoding.acceptance.update(verified.drafted, accepted)
         self.acceptance.update(verified.drafted, accepted)
-        if decoding.top_logprobs:
-            logprobs = torch.log_softmax(verified.logits.float(), dim=-1)  # [a + 1, V]
-            chosen = logprobs.gather(-1, emitted.unsqueeze(-1)).squeeze(-1)  # [a + 1]
-            top = logprobs.topk(decoding.top_logprobs)
-            decoding.tops.append(TokenLogprobs(chosen, top.indices, top.values))
-        if decoding.hidden_states:
-            decoding.hiddens.append(verified.hidden)
-        decoding.tokens[decoding.length : decoding.length + accepted + 1] = emitted
-        decoding.length += accepted + 1
+        start = decoding.length
+        decoding.tokens[start : start + len(emitted)] = torch.tensor(emitted, device=self.device)
         new: list[int] = []
         reason: Literal["stop", "length"] | None = None
-        for token in emitted.tolist():
-            decoding.output.append(token)
+        for token in emitted:
+            decoding.history.append(token)
             new.append(token)
             if token in decoding.stop_ids:
                 reason = "stop"
                 break
-        if reason is None and len(decoding.output) >= decoding.max_new_tokens:
+        if reason is None and decoding.generated >= decoding.max_new_tokens:
             reason = "length"
-        logprobs = decoding.tops[-1][: len(new)] if decoding.top_logprobs else None
+        rows = kept[: len(new)]
+        logprobs = None
+        if decoding.top_logprobs:
+            logprobs = TokenLogprobs(host.chosen[rows], host.top_ids[rows], host.top_values[rows])
+            decoding.tops.append(logprobs)
+        if decoding.hidden_states:
+            decoding.hiddens.append(host.hidden[rows])
         if reason is None:
             return Step(new, logprobs=logprobs)
         return Step(new, self._finish(decoding, reason), logprobs)
 
     def _finish(self, decoding: Decoding, reason: Literal["stop", "length"]) -> Generation:
         self.abandon(decoding)
-        n, top = len(decoding.output), decoding.top_logprobs
-        top_ids = torch.cat([t.top_ids for t in decoding.tops])[:n] if top else None
-        top_values = torch.cat([t.top_values for t in decoding.tops])[:n] if top else None
-        hidden = torch.cat(decoding.hiddens)[:n] if decoding.hidden_states else None
+        top = decoding.top_logprobs
+        top_ids = torch.cat([t.top_ids for t in decoding.tops]) if top else None
+        top_values = torch.cat([t.top_values for t in decoding.tops]) if top else None
+        hidden = torch.cat(decoding.hiddens) if decoding.hidden_states else None
         return Generation(decoding.output, decoding.stats, reason, top_ids, top_values, hidden)
 
     def calibrate(self, max_batch: int, context: int = 64, repeats: int = 5) -> StepCosts:
@@ -538,26 +683,37 @@ class SpecEngine:
         self.acceptance = _optimistic()  # what the scratch text taught is forgotten
         return StepCosts.measured(batches, seconds)
 
-    def _check_prompt(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Validate a request's prompt and length; return the prompt as ids [L] on the device."""
+    def _check_prompt(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int) -> list[int]:
+        """Validate a request's prompt and length, on the host; return the prompt's ids."""
         if not _is_int(max_new_tokens) or max_new_tokens < 1:
             raise InvalidRequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if isinstance(prompt_ids, torch.Tensor):
             if prompt_ids.dim() != 1 or prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool:
                 raise InvalidRequestError("prompt_ids must be a 1-D tensor of integer token ids")
-            ids = prompt_ids.to(self.device, torch.long)
+            ids = prompt_ids.tolist()  # the caller's tensor (the API sends lists)
         else:
-            ids = torch.tensor(_ids(prompt_ids, "prompt_ids"), dtype=torch.long, device=self.device)
-        if ids.shape[0] == 0:
+            ids = _ids(prompt_ids, "prompt_ids")
+        if not ids:
             raise InvalidRequestError("prompt_ids is empty; at least one token is needed")
-        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise InvalidRequestError(f"prompt_ids must lie in [0, {self.vocab_size}) for this model")
-        if self.max_length is not None and ids.shape[0] + max_new_tokens > self.max_length:
+        if self.max_length is not None and len(ids) + max_new_tokens > self.max_length:
             raise InvalidRequestError(
-                f"prompt ({ids.shape[0]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                 f"model's context of {self.max_length} tokens"
             )
         return ids
+
+
+def _max_length(context: int | None, max_model_len: int | None) -> int | None:
+    """The longest prompt plus output a request may have: max_model_len, within the context."""
+    if max_model_len is None:
+        return context
+    if max_model_len < 2 or (context is not None and max_model_len > context):
+        raise ValueError(
+            f"max_model_len must lie in [2, {context}] (the model's context), got {max_model_len}"
+        )
+    return max_model_len
 
 
 def _is_int(value: object) -> bool:
@@ -616,9 +772,11 @@ def heads_cost_ratio(
     decoding step (the heads read a hidden state, so none is computed here)."""
     proposer, k = HeadsProposer(heads), heads.spec.num_heads
     state = proposer.new_state()
-    proposer.observe(state, torch.zeros(target.config.hidden_size, dtype=target.dtype, device=target.device))
+    proposer.observe(
+        state, 0, torch.zeros(target.config.hidden_size, dtype=target.dtype, device=target.device)
+    )
     ids, greedy = torch.tensor(list(prompt), device=target.device), SamplingParams()
-    rows = [DraftRow(state, ids, k, greedy, torch.Generator())]
+    rows = [DraftRow(state, ids, list(prompt), k, greedy, torch.Generator())]
     proposer.propose(rows)  # warm-up
     runs = max(1, tokens // k)
     start = time.perf_counter()

@@ -15,3 +15,11 @@ class IncompatibleDraftError(EngineError, ValueError):
 
 class ModelLoadError(EngineError, OSError):
     """A model directory or hub id that could not be loaded."""
+
+
+class RequestTimeoutError(EngineError):
+    """A request ran past its deadline (the replica's `request_timeout`); its slot was freed."""
+
+
+class StepFailedError(EngineError):
+    """A decode step failed on the server's side; the requests in it failed, the replica goes on."""

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import get_layer_types_and_kwargs
 
+from serving.device import step_width
 from serving.errors import ModelLoadError
 from serving.kv import SlotCache, slot_attention
 from serving.tree import node_depths, tree_visibility
@@ -114,13 +115,16 @@ def forward_slots(
     of slots[i] (the cache's other rows run padding). A row with a tree (`trees[i]`, the parents
     of serving.tree) runs a root and its nodes, each at position root + depth, seeing its
     ancestors. n is the longest input, and at least `tokens` (the static layout's fixed verify
-    width: one compiled graph); `base` replaces model.base_model (a compiled one). Lengths are
+    width), rounded up to a step width (serving.device) with a static cache: a bounded set of
+    compiled graphs; `base` replaces model.base_model (a compiled one). Lengths are
     not advanced: the caller commits what it keeps. Returns (logits [len(slots), n, V], hidden
     [len(slots), n, H]), row i valid up to n_i; with `last_only`, only at each row's last input
     (logits [len(slots), V], hidden [len(slots), H]: the LM head skips the rest).
     """
     device = model.device
     n = max(tokens, *(x.shape[0] for x in inputs))
+    if cache.static:  # a bounded set of shapes: one compiled graph each
+        n = step_width(n)
     lengths = cache.prepare(n, device)  # [rows]
     rows = lengths.shape[0]
     ids = torch.zeros(rows, n, dtype=torch.long, device=device)

@@ -9,7 +9,8 @@ swaps, refused versions, the last swap's load time, trace writes and drops) and 
 as JSON-able families, which the replica's heartbeat publishes next to its load (`store.load`).
 `render()` merges the snapshots of all live replicas into one exposition, each sample labelled
 `replica`, so a scrape through any load balancer sees the whole deployment. Standing drift
-alerts (`store.drift`) appear as `osd:drift_alert{domain,kind}`.
+alerts (`store.drift`) appear as `osd:drift_alert{domain,kind}`, and restarts of the embedded
+redis-server by `osd serve` (`store.redis_server`) as `osd:redis_restarts_total`.
 """
 
 from __future__ import annotations
@@ -144,9 +145,14 @@ def gauge(snapshots: Mapping[str, Iterable[dict]], name: str) -> list[float]:
     ]
 
 
-def render(snapshots: Mapping[str, Iterable[dict]], alerts: Iterable[DriftAlert] = ()) -> bytes:
-    """One Prometheus text exposition of replica -> snapshot, each sample labelled `replica`, and
-    the standing drift alerts as `osd:drift_alert{domain,kind}`."""
+def render(
+    snapshots: Mapping[str, Iterable[dict]],
+    alerts: Iterable[DriftAlert] = (),
+    redis_restarts: int | None = None,
+) -> bytes:
+    """One Prometheus text exposition of replica -> snapshot, each sample labelled `replica`, the
+    standing drift alerts as `osd:drift_alert{domain,kind}`, and, when it is known (an embedded
+    Redis), how often it was restarted as `osd:redis_restarts_total`."""
     merged: dict[str, Metric] = {}
     for replica, families in sorted(snapshots.items()):
         for family in families:
@@ -158,8 +164,14 @@ def render(snapshots: Mapping[str, Iterable[dict]], alerts: Iterable[DriftAlert]
     drift = Metric(PREFIX + "drift_alert", "Standing acceptance-drift alerts (1 each).", "gauge")
     for alert in alerts:
         drift.add_sample(PREFIX + "drift_alert", {"domain": alert.domain, "kind": alert.kind}, 1.0)
+    families = [*merged.values(), replicas, drift]
+    if redis_restarts is not None:
+        doc = "Restarts of the embedded redis-server after it died."
+        restarts = Metric(PREFIX + "redis_restarts", doc, "counter")
+        restarts.add_sample(PREFIX + "redis_restarts_total", {}, float(redis_restarts))
+        families.append(restarts)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Fixed([*merged.values(), replicas, drift]))
+    registry.register(_Fixed(families))
     return generate_latest(registry)
 
 

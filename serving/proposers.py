@@ -3,9 +3,13 @@
 A proposer is shared by all requests (it holds weights). It drafts for a batch of sequences at
 once (`propose` takes one `DraftRow` per sequence); per-sequence state, such as a draft model's
 cache slot, lives in the object `new_state()` returns, is passed back in each row, and is given
-up by `release`. A proposer with `wants_hidden = True` (draft heads) also gets, after each
-verification, the target's final hidden state at the position whose logits gave the last
-emitted token (`observe`).
+up by `release`. After each verification the engine tells every sequence's proposer what was
+kept (`observe`): how many of its drafts, and the target's final hidden state at the position
+whose logits gave the last emitted token (what draft heads read).
+
+Nothing here reads a device tensor back to the host: what a proposer needs to know on the host
+(the sequence's ids, how many drafts were kept) comes from the engine, which moves a step's
+results to the host in one transfer (serving.engine), so a GPU step never waits on a sync here.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ class DraftRow:
     """What one sequence asks of its proposer in a step: up to k >= 1 tokens to follow token_ids."""
 
     state: Any
-    token_ids: torch.Tensor  # [L] prompt plus output so far
+    token_ids: torch.Tensor  # [L] prompt plus output so far, on the device
+    history: Sequence[int]  # the same L ids, on the host
     k: int
     params: SamplingParams
     generator: torch.Generator
@@ -67,6 +72,10 @@ class Proposer(Protocol):
 
     def propose(self, rows: Sequence[DraftRow]) -> list[Proposal]:
         """A proposal of up to row.k tokens for each row, in order."""
+
+    def observe(self, state: Any, accepted: int, hidden: torch.Tensor | None) -> None:
+        """After a verification: `accepted` of the sequence's drafts were kept (0 when it drafted
+        none), and hidden [H] is the target's state that gave its last emitted token."""
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Replace the proposer's weights (hot-swap); raise IncompatibleDraftError if they do not fit."""
@@ -93,6 +102,9 @@ class _RowByRow:
     def _propose_row(self, row: DraftRow) -> Proposal:
         raise NotImplementedError
 
+    def observe(self, state: None, accepted: int, hidden: torch.Tensor | None) -> None:
+        pass
+
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         if weights:
             raise IncompatibleDraftError(
@@ -109,17 +121,16 @@ class NullProposer(_RowByRow):
         return _empty(row.token_ids.device)
 
 
-def ngram_lookup(token_ids: torch.Tensor, k: int, n_min: int, n_max: int) -> torch.Tensor:
-    """Prompt lookup: find the latest earlier occurrence of the last n tokens (longest n first,
-    n_max down to n_min) and return up to k tokens that followed it; empty when none matches."""
-    length = token_ids.shape[0]
+def ngram_lookup(ids: Sequence[int], k: int, n_min: int, n_max: int) -> list[int]:
+    """Prompt lookup: find the latest earlier occurrence of the last n ids (longest n first,
+    n_max down to n_min) and return up to k ids that followed it; empty when none matches."""
+    ids, length = list(ids), len(ids)
     for n in range(min(n_max, length - 1), n_min - 1, -1):
-        windows = token_ids[: length - 1].unfold(0, n, 1)  # [length - n, n]; each has a successor
-        hits = (windows == token_ids[length - n :]).all(-1).nonzero()
-        if hits.numel():
-            start = int(hits[-1]) + n
-            return token_ids[start : start + k]
-    return token_ids[:0]
+        suffix = ids[length - n :]
+        for start in range(length - n - 1, -1, -1):  # latest first; each window has a successor
+            if ids[start] == suffix[0] and ids[start : start + n] == suffix:
+                return ids[start + n : start + n + k]
+    return []
 
 
 class NgramProposer(_RowByRow):
@@ -133,21 +144,20 @@ class NgramProposer(_RowByRow):
         self.n_min, self.n_max = n_min, n_max
 
     def _propose_row(self, row: DraftRow) -> Proposal:
-        return Proposal(tokens=ngram_lookup(row.token_ids, row.k, self.n_min, self.n_max))
+        tokens = ngram_lookup(row.history, row.k, self.n_min, self.n_max)
+        return Proposal(tokens=torch.tensor(tokens, dtype=torch.long, device=row.token_ids.device))
 
 
 @dataclass
 class DraftState:
-    """A sequence's slot in the draft model's cache and the token ids cached there."""
+    """A sequence's slot in the draft model's cache: its first `valid` positions hold the
+    sequence's first ids, then `pending` drafts not yet verified (`observe` says how many were
+    kept); `weights` is the proposer's weights generation the slot was computed with."""
 
     slot: int
-    cached_ids: torch.Tensor  # [n] ids whose keys and values the slot holds
-
-
-def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
-    n = min(a.shape[0], b.shape[0])
-    mismatches = (a[:n] != b[:n]).nonzero()
-    return int(mismatches[0]) if mismatches.numel() else n
+    weights: int
+    valid: int = 0
+    pending: int = 0
 
 
 CATCH_UP = 64  # a slot further behind its sequence than this is prefilled alone, not batched
@@ -157,9 +167,11 @@ class DraftModelProposer:
     """A small causal LM with the target's vocabulary drafts k tokens autoregressively, for every
     row of the batch in one forward per drafted token (its own cache: serving.kv).
 
-    Each row's slot is reconciled with its sequence first: it keeps the longest prefix it shares
-    with token_ids and runs the rest. That covers partial acceptance (drop rejected drafts), full
-    acceptance (the last draft and the bonus token were never run) and steps that drafted nothing.
+    Each row's slot is reconciled with its sequence first: it keeps the prefix known to match
+    (the sequence as it was at its last proposal, plus the drafts `observe` says were kept) and
+    runs the rest. That covers partial acceptance (drop rejected drafts), full acceptance (the last
+    draft and the bonus token were never run) and steps that drafted nothing. New weights
+    (`load_weights`, a hot-swap in place) invalidate every slot: each is prefilled again.
     Greedy and seeded drafts are deterministic proposals (q one-hot), so they come without probs.
 
     Padded vocabularies (serving.vocab): the draft proposes only the ids below `shared_rows`, its
@@ -181,10 +193,10 @@ class DraftModelProposer:
         self.target_rows = target_rows or rows
         self.shared_rows = min(rows, self.target_rows)
         self.input_rows = model.get_input_embeddings().weight.shape[0]
+        self.weights = 0  # generation: bumped by every load_weights
 
     def new_state(self) -> DraftState:
-        empty = torch.empty(0, dtype=torch.long, device=self.model.device)
-        return DraftState(slot=self.cache.acquire(), cached_ids=empty)
+        return DraftState(slot=self.cache.acquire(), weights=self.weights)
 
     def release(self, state: DraftState) -> None:
         self.cache.release(state.slot)
@@ -192,7 +204,7 @@ class DraftModelProposer:
     @torch.inference_mode()
     def propose(self, rows: Sequence[DraftRow]) -> list[Proposal]:
         limit = self.max_length or 2**62  # the last draft sits at position length + k - 2
-        ks = [min(row.k, limit - row.token_ids.shape[0] + 1) for row in rows]
+        ks = [min(row.k, limit - len(row.history) + 1) for row in rows]
         inputs = {i: self._catch_up(row) for i, row in enumerate(rows) if ks[i] > 0}
         drafted: dict[int, list[torch.Tensor]] = {i: [] for i in inputs}
         probs: dict[int, list[torch.Tensor]] = {i: [] for i in inputs}
@@ -222,7 +234,7 @@ class DraftModelProposer:
                 proposals.append(_empty(row.token_ids.device))
                 continue
             tokens = torch.cat(drafted[i])  # [k]
-            row.state.cached_ids = torch.cat([row.token_ids, tokens[:-1]])
+            row.state.valid, row.state.pending = len(row.history), tokens.shape[0] - 1  # the last is not run
             proposals.append(Proposal(tokens=tokens, probs=torch.cat(probs[i]) if probs[i] else None))
         return proposals
 
@@ -231,7 +243,9 @@ class DraftModelProposer:
         run before the first draft, batched with the other rows' (behind by steps that drafted
         nothing, too). A new sequence, or one a long way behind, is prefilled alone first."""
         state, ids = row.state, row.token_ids
-        keep = min(common_prefix_length(state.cached_ids, ids), ids.shape[0] - 1)
+        if state.weights != self.weights:  # computed with weights since replaced
+            state.weights, state.valid, state.pending = self.weights, 0, 0
+        keep = min(state.valid, ids.shape[0] - 1)
         behind = ids.shape[0] - keep
         if behind > 1 and (keep == 0 or behind > CATCH_UP):
             prefill(self.model, self.cache, state.slot, self._known(ids[:-1]))
@@ -243,9 +257,23 @@ class DraftModelProposer:
         """ids [n] with those the draft has no embedding for read as 0."""
         return ids.masked_fill(ids >= self.input_rows, 0)
 
+    def observe(self, state: DraftState, accepted: int, hidden: torch.Tensor | None) -> None:
+        state.valid += min(accepted, state.pending)
+        state.pending = 0
+
     @torch.no_grad()
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        load_checked(self.model, weights, "draft")
+        """Copy `weights` into the draft in place (its cache and compiled graphs stay); an output
+        layer that the weights set apart from the input embeddings is untied first (once)."""
+        check_weights(self.model, weights, "draft")
+        head, embeddings = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        if head.weight is embeddings.weight:
+            tied = [n for n, p in self.model.named_parameters(remove_duplicate=False) if p is head.weight]
+            given = [weights[n] for n in tied if n in weights]
+            if len(given) > 1 and not torch.equal(given[0], given[1]):
+                head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        self.model.load_state_dict(dict(weights), strict=False)
+        self.weights += 1
 
 
 @dataclass
@@ -265,8 +293,6 @@ class HeadsProposer:
     static tree's nodes, each the rank-r candidate of its depth's head under its parent's path,
     verified in one forward (serving.tree)."""
 
-    wants_hidden = True
-
     def __init__(self, heads: DraftHeads, tree: Tree | None = None):
         self.heads, self.tree = heads, tree
 
@@ -276,7 +302,7 @@ class HeadsProposer:
     def release(self, state: HeadsState) -> None:
         pass
 
-    def observe(self, state: HeadsState, hidden: torch.Tensor) -> None:
+    def observe(self, state: HeadsState, accepted: int, hidden: torch.Tensor | None) -> None:
         state.hidden = hidden
 
     @torch.inference_mode()
@@ -306,20 +332,21 @@ class HeadsProposer:
 
     def _tree(self, hidden: torch.Tensor, root: torch.Tensor, tree: Tree) -> Proposal:
         """The tree's tokens, depth by depth: each parent's path (from the root) goes through the
-        depth's head once, and its children take their ranks among the head's candidates."""
-        paths: dict[int, list[int]] = {-1: [int(root)]}  # node -> tokens from the root to it
-        tokens = [0] * len(tree.parents)
+        depth's head once, and its children take their ranks among the head's candidates (all on
+        the device: no token is read back)."""
+        paths: dict[int, torch.Tensor] = {-1: root.view(1)}  # node -> ids [depth + 1] from the root to it
+        tokens: list[torch.Tensor] = [root] * len(tree.parents)
         for depth in range(1, max(tree.depths) + 1):
             nodes = [j for j, d in enumerate(tree.depths) if d == depth]
             parents = sorted({tree.parents[j] for j in nodes})
-            before = torch.tensor([paths[p] for p in parents], device=hidden.device)  # [P, depth]
+            before = torch.stack([paths[p] for p in parents])  # [P, depth]
             logits = self.heads.head(depth - 1, hidden.expand(len(parents), -1), before)  # [P, V]
-            top = logits.topk(1 + max(tree.ranks[j] for j in nodes), dim=-1).indices.tolist()
+            top = logits.topk(1 + max(tree.ranks[j] for j in nodes), dim=-1).indices  # [P, R]
             for j in nodes:
                 parent = tree.parents[j]
-                tokens[j] = top[parents.index(parent)][tree.ranks[j]]
-                paths[j] = paths[parent] + [tokens[j]]
-        return Proposal(tokens=torch.tensor(tokens, device=hidden.device), parents=tree.parents)
+                tokens[j] = top[parents.index(parent), tree.ranks[j]]
+                paths[j] = torch.cat([paths[parent], tokens[j].view(1)])
+        return Proposal(tokens=torch.stack(tokens), parents=tree.parents)
 
     @torch.no_grad()
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
@@ -327,8 +354,14 @@ class HeadsProposer:
 
 
 def load_checked(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], what: str) -> None:
-    """Load `weights` into `module` after checking that they name its tensors with its shapes;
-    IncompatibleDraftError otherwise, with the module untouched."""
+    """Load `weights` into `module` after `check_weights`; the module is untouched when they fail it."""
+    check_weights(module, weights, what)
+    module.load_state_dict(dict(weights), strict=False)
+
+
+def check_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], what: str) -> None:
+    """IncompatibleDraftError unless `weights` name `module`'s tensors with its shapes (tensors
+    tied to one another may be given once)."""
     current = module.state_dict()
     unknown = sorted(set(weights) - set(current))
     if unknown:
@@ -344,4 +377,3 @@ def load_checked(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], w
     missing = sorted(n for n in set(current) - set(weights) if current[n].data_ptr() not in given_storage)
     if missing:  # tied tensors (shared storage) may be given once
         raise IncompatibleDraftError(f"weights lack tensors the {what} needs: {missing[:5]}")
-    module.load_state_dict(dict(weights), strict=False)

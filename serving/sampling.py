@@ -122,6 +122,7 @@ def rejection_sample(
     draft_tokens: torch.Tensor,
     draft_probs: torch.Tensor | None,
     generator: torch.Generator,
+    one_hot: bool = False,
 ) -> Verification:
     """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023), batched over rows.
 
@@ -135,14 +136,16 @@ def rejection_sample(
     token is drawn from p_{k+1}. Each emitted token is then distributed exactly as p, whatever q
     is, provided p and q were processed (temperature, top-k, top-p) identically.
 
-    When every p is one-hot (greedy), x_i is accepted exactly when it is p_i's argmax, whatever q
-    is, and the next token is the argmax at the first mismatch: that case is decided by comparison
-    alone, with no draw from the generator.
+    When every p is one-hot (greedy, or a seeded race's winner) the caller says so (`one_hot`):
+    x_i is accepted exactly when it is p_i's argmax, whatever q is, and the next token is the
+    argmax at the first mismatch, decided by comparison alone, with no draw from the generator.
+    (The general path gives the same distribution for one-hot p, drawing.) Nothing here reads a
+    value back to the host: on a GPU the step runs without a synchronisation.
     """
     batch, k_plus_1, vocab = target_probs.shape
     k = k_plus_1 - 1
     positions = torch.arange(k_plus_1, device=target_probs.device)  # [k+1]
-    if bool(target_probs.count_nonzero(-1).eq(1).all()):
+    if one_hot:
         argmax = target_probs.argmax(-1)  # [B, k+1]
         num_accepted = (draft_tokens == argmax[:, :k]).cumprod(-1).sum(-1)  # [B] leading accepts
         tokens = argmax.masked_fill(positions > num_accepted.unsqueeze(-1), -1)  # [B, k+1]

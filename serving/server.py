@@ -14,20 +14,23 @@ thread publishes the replica's load (requests in flight and queued) for the trai
 whenever it changes, and its version and metrics snapshot every `heartbeat_seconds`
 (`store.load`).
 
-Hot-swap: a `LiveWatcher` follows the registry's live version of the draft. A new version is
-loaded and checked on the watcher's thread, off the decode path, into a fresh proposer (its own
-draft model and cache); the swap itself is one reference assignment. A request finishes on the
-proposer it started with, so no request ever sees two drafts; requests on different versions
-share the batch's target forward. A version that fails to load (corrupt blob, wrong vocabulary
-or shapes) is refused and counted, and the replica keeps serving the one it has. At start-up
-the replica loads the live version, if any, before it takes requests.
+Hot-swap in place: a `LiveWatcher` follows the registry's live version of the draft. A new
+version's weights are loaded and checked on the watcher's thread, off the decode path, on the
+host (a LoRA adapter is merged there, into a host copy of the base draft); the decode thread then
+copies them into the live draft (or heads) between two steps: no new module, no new cache, no
+recompiled graph. The served version's weights and the previous ones stay on the host, so a
+rollback copies them back without a load. Requests in flight go on with the new weights (each
+draft slot is prefilled again; the target's verification keeps the output exact), and a trace
+names every version that drafted for its request. A version that fails to load (corrupt blob,
+wrong vocabulary or shapes) is refused and counted, and the replica keeps serving the one it
+has. At start-up the replica loads the live version, if any, before it takes requests.
 
 Per-domain adapters (`adapters`): the watcher follows every domain of the draft's name, and each
-domain's live LoRA adapter is merged into its own copy of the base draft, so that switching
-between domains from one request to the next costs nothing. A request goes to the adapter of the
-domain it names, else to the one the live router (`distill.router`) picks with at least
-`router_min_confidence`, else to the shared draft. A domain whose adapter fails to load keeps
-what it had, or the shared draft.
+domain's live LoRA adapter is merged into its own draft (built once per domain, then updated in
+place), so that switching between domains from one request to the next costs nothing. A request
+goes to the adapter of the domain it names, else to the one the live router (`distill.router`)
+picks with at least `router_min_confidence`, else to the shared draft. A domain whose adapter
+fails to load keeps what it had, or the shared draft.
 
 Redis failures degrade, never fail, serving: traces queue and drop oldest-first in the writer,
 metric counters wait for the next flush, and a failed load publication is logged and retried on
@@ -56,9 +59,15 @@ from distill.heads import HeadsSpec
 from distill.lora import LoraSpec, merged_adapter
 from distill.router import ROUTER, DomainRouter, served_domain
 from serving.engine import Decoding, Generation, ProposerName, SpecEngine, Step
-from serving.errors import EngineError, IncompatibleDraftError, InvalidRequestError
+from serving.errors import (
+    EngineError,
+    IncompatibleDraftError,
+    InvalidRequestError,
+    RequestTimeoutError,
+    StepFailedError,
+)
 from serving.prometheus import ReplicaMetrics
-from serving.proposers import DraftModelProposer, HeadsProposer, Proposer
+from serving.proposers import DraftModelProposer, Proposer, check_weights
 from serving.tracing import trace_of
 from store.load import forget, publish_load
 from store.metrics import MetricsConfig, MetricsRecorder, request_counters
@@ -67,6 +76,8 @@ from store.traces import StreamConfig, TraceWriter, in_fraction
 
 log = logging.getLogger(__name__)
 
+IDLE_WAKE_SECONDS = 0.2  # an idle decode thread looks for staged versions this often
+DEADLINE_GRACE_SECONDS = 1.0  # a caller waits this long past its deadline for the decode thread's answer
 DOMAIN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a request's domain tag, as traces and metrics key it
 
 
@@ -91,6 +102,10 @@ class ReplicaConfig:
     replica_id: str = field(default_factory=lambda: f"replica-{uuid.uuid4().hex[:8]}")
     max_queue: int = 64  # waiting requests beyond this are refused with ServerBusyError
     max_batch: int = 8  # requests decoded together (continuous batching); 1: one at a time
+    max_model_len: int | None = None  # prompt plus output, per request; None: the target's context
+    gpu_memory_utilization: float = 0.8  # on CUDA, the replica's share of the GPU (weights, KV, graphs)
+    trainer_gpu_share: float = 0.0  # the trainer's part of the same GPU, when it trains there
+    request_timeout: float | None = None  # seconds from arrival; past it a request fails and frees its slot
     adaptive_k: bool = True  # choose k per step from the load and acceptance (else always k)
     trace_top_k: int = 16  # the target's top-K logged per position
     hidden_fraction: float = 0.0  # requests whose traces carry the target's hidden states (for heads)
@@ -108,6 +123,12 @@ class ReplicaConfig:
             raise ValueError("max_queue, max_batch and trace_top_k must be >= 1")
         if not 0.0 <= self.hidden_fraction <= 1.0:
             raise ValueError(f"hidden_fraction must lie in [0, 1], got {self.hidden_fraction}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must lie in (0, 1], got {self.gpu_memory_utilization}")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError(f"request_timeout must be > 0 seconds, got {self.request_timeout}")
         if not 0 < self.heartbeat_seconds < self.load_ttl_seconds:
             raise ValueError("need 0 < heartbeat_seconds < load_ttl_seconds")
 
@@ -137,7 +158,8 @@ class Finished:
     """The end of a request: what was generated, and by which draft version."""
 
     generation: Generation
-    draft_version: str  # e.g. "draft:v3", or the proposer's name without a registry ("ngram")
+    draft_version: str  # it started on, e.g. "draft:v3", or the proposer's name without a registry ("ngram")
+    draft_versions: tuple[str, ...]  # every version that drafted for it, in order
     ttft_seconds: float
     seconds: float
 
@@ -148,7 +170,11 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue  # Step, then Finished; or an exception
     enqueued: float
+    deadline: float | None  # perf_counter time past which it fails (request_timeout)
     cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
 
     def put(self, event: object) -> None:
         _deliver([(self, event)])
@@ -181,13 +207,23 @@ class _Served:
     version: str
 
 
+@dataclass(frozen=True)
+class _Staged:
+    """A version's weights on the host, checked, for the decode thread to copy in between steps."""
+
+    meta: DraftVersion
+    weights: dict[str, torch.Tensor]
+    began: float  # when its load began
+
+
 @dataclass
 class _Running:
-    """A request in the batch: its caller, its sequence, and the version and domain it is served as."""
+    """A request in the batch: its caller, its sequence, the versions that drafted for it (the first
+    is the one it started on) and the domain it is served as."""
 
     job: _Job
     decoding: Decoding
-    version: str
+    versions: list[str]
     domain: str
     first: float | None = None  # when its first tokens were handed over
 
@@ -206,12 +242,17 @@ class Replica:
             config.dtype,
             config.heads_tree,
             config.max_batch,
+            config.max_model_len,
+            config.gpu_memory_utilization,
+            config.trainer_gpu_share,
         )
         self.target_id = config.target_id or Path(config.target).name
         self.context = self.engine.max_length  # prompt plus new tokens
         proposer = self.engine.proposer
         self.base_draft = getattr(proposer, "model", None)  # None unless the proposer is a draft
         self.base_heads = getattr(proposer, "heads", None)  # None unless it is draft heads
+        live = self.base_draft if self.base_draft is not None else self.base_heads
+        self._host_base = None if live is None else copy.deepcopy(live).to("cpu")  # merges start here
         learns = self.base_draft is not None or self.base_heads is not None  # registry versions apply
         self.k = self.engine.k
         # Step costs, timed once (a swap keeps the architecture): c of the speedup model for the
@@ -221,14 +262,21 @@ class Replica:
         self.engine.costs = costs if config.adaptive_k else None
         self.registry = Registry(client, file_dir=config.registry_dir)
         self.swaps = self.refused = 0
-        self.last_swap_seconds: float | None = None  # load and check, off the decode path
+        self.last_swap_seconds: float | None = None  # from the load's start to serving it
+        self.last_swap_pause_seconds: float | None = None  # the copy in place, between two steps
         self._served = _Served(proposer, f"{config.draft_name}:base" if learns else "none")
+        self._staged: queue.SimpleQueue[_Staged] = queue.SimpleQueue()
+        self._serving = False  # once the decode thread runs, only it installs versions
+        self._running: dict[int, _Running] = {}  # id(decoding) -> the request: the decode thread's
+        self._host: dict[str, tuple[str, dict]] = {}  # domain -> (label, weights) served, on the host
+        self._previous: dict[str, tuple[str, dict]] = {}  # domain -> what it served before (rollback)
         self.writer = TraceWriter(client, config.stream)
         self.recorder = MetricsRecorder(client, config.metrics)
         self.metrics = ReplicaMetrics()
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=config.max_queue)
         self._in_flight = 0
         self._closed = False
+        self._broken: str | None = None  # why the decode loop stopped, if it did while serving
         self._adapters: dict[str, _Served] = {}  # domain -> its own version (with `adapters`)
         self._router: tuple[DomainRouter, str] | None = None  # the live router and its label
         self.watcher = self.router_watcher = None
@@ -246,6 +294,7 @@ class Replica:
         self._thread = threading.Thread(
             target=self._decode_loop, name=f"decode-{config.replica_id}", daemon=True
         )
+        self._serving = True
         self._thread.start()
         self._changed = threading.Event()  # the load changed: beat now
         self._changed.set()  # the first beat announces the replica
@@ -258,17 +307,20 @@ class Replica:
     async def stream(self, request: Request) -> AsyncIterator[Step | Finished]:
         """Each decode step's tokens as they come, then a Finished. Raises InvalidRequestError for
         a bad request and ServerBusyError when the queue is full. Leaving early frees the slot."""
-        job = _Job(request, asyncio.get_running_loop(), asyncio.Queue(), time.perf_counter())
-        if self._closed:
-            raise ServerBusyError("the replica is shutting down")
+        now, timeout = time.perf_counter(), self.config.request_timeout
+        job = _Job(request, asyncio.get_running_loop(), asyncio.Queue(), now, timeout and now + timeout)
+        if self._closed or self._broken:
+            raise ServerBusyError(self._broken or "the replica is shutting down")
         try:
             self._queue.put_nowait(job)
         except queue.Full:
             raise ServerBusyError(f"{self._queue.qsize()} requests are waiting; try again later") from None
         self._changed.set()
+        if self._broken:  # it broke while this one was queued: nobody else will answer it
+            self._fail_queued()
         try:
             while True:
-                event = await job.events.get()
+                event = await self._next_event(job)
                 if isinstance(event, BaseException):
                     raise event
                 yield event
@@ -276,6 +328,22 @@ class Replica:
                     return
         finally:
             job.cancelled.set()  # a no-op when it finished; else the decode thread stops at the next step
+
+    async def _next_event(self, job: _Job) -> object:
+        """The job's next event; past its deadline (and a grace for the decode thread, which fails
+        it between steps) a RequestTimeoutError, even when a step never returns."""
+        if job.deadline is None:
+            return await job.events.get()
+        wait = max(0.0, job.deadline - time.perf_counter()) + DEADLINE_GRACE_SECONDS
+        try:
+            return await asyncio.wait_for(job.events.get(), wait)
+        except TimeoutError:
+            return self._timed_out(job)
+
+    def _timed_out(self, job: _Job) -> RequestTimeoutError:
+        return RequestTimeoutError(
+            f"request {job.request.request_id} ran past its deadline of {self.config.request_timeout:g} s"
+        )
 
     async def complete(self, request: Request) -> Finished:
         events = [event async for event in self.stream(request)]
@@ -297,6 +365,7 @@ class Replica:
             "swaps": self.swaps,
             "refused_versions": self.refused,
             "last_swap_seconds": self.last_swap_seconds,
+            "last_swap_pause_seconds": self.last_swap_pause_seconds,
             "traces": vars(self.writer.stats()),
         }
 
@@ -319,6 +388,11 @@ class Replica:
         }
         return self.metrics.snapshot(self._served.version, state)
 
+    def check_health(self) -> None:
+        """Raise RuntimeError when the decode loop is gone (Ray Serve then replaces the replica)."""
+        if self._broken or (not self._thread.is_alive() and not self._closed):
+            raise RuntimeError(self._broken or "the decode thread has exited")
+
     def close(self, timeout: float = 10.0) -> None:
         """Finish what is queued, then stop; flush traces and metrics."""
         self._closed = True
@@ -334,43 +408,75 @@ class Replica:
 
     # The decode thread.
     def _decode_loop(self) -> None:
-        """Admit, step, hand over; until close() and the batch has drained."""
-        running: dict[int, _Running] = {}  # id(decoding) -> the request
+        """Serve until close(); if the loop itself breaks, every request it holds or will be given
+        fails at once and check_health says why."""
+        running = self._running
+        try:
+            self._serve(running)
+        except BaseException as err:
+            self._broken = f"the decode loop has stopped: {err!r}"
+            log.critical("%s; failing %d requests", self._broken, len(running), exc_info=err)
+            _deliver([(run.job, ServerBusyError(self._broken)) for run in running.values()])
+            self._fail_queued()
+
+    def _serve(self, running: dict[int, _Running]) -> None:
+        """Admit, step, hand over, expire; until close() and the batch has drained."""
         stopping = False
         while not stopping or running:
+            self._install_staged()
             stopping = self._admit(running) or stopping
-            try:
-                events = self.engine.step()
-            except Exception as err:  # a bug: the batch's requests fail, the replica goes on
-                log.exception("a decode step failed; failing its %d requests", len(running))
-                for run in running.values():
-                    self.engine.abandon(run.decoding)
-                    run.job.put(RuntimeError(f"internal error: {err}"))
-                running.clear()
-                events = []
             handed: list[tuple[_Job, object]] = []
-            for decoding, step in events:
+            for decoding, step in self._step(running):
                 handed += self._hand_over(running, running[id(decoding)], step)
-            _deliver(handed)
-            for key, run in list(running.items()):  # callers that went away
-                if run.job.cancelled.is_set():
+            now = time.perf_counter()
+            for key, run in list(running.items()):  # callers that went away, and requests out of time
+                if run.job.cancelled.is_set() or run.job.expired(now):
                     self.engine.abandon(run.decoding)
                     del running[key]
+                    if not run.job.cancelled.is_set():
+                        handed.append((run.job, self._timed_out(run.job)))
+            _deliver(handed)
             if self._in_flight != len(running):
                 self._in_flight = len(running)
                 self._changed.set()
+
+    def _step(self, running: dict[int, _Running]) -> list[tuple[Decoding, Step]]:
+        """One engine step; if it raises, its requests fail (logged) and the replica goes on."""
+        try:
+            return self.engine.step()
+        except Exception as err:
+            log.exception("a decode step failed; failing its %d requests", len(running))
+            failure = StepFailedError(f"a decode step failed: {err!r}; the request may be retried")
+            _deliver([(run.job, failure) for run in running.values()])
+            for run in running.values():
+                self.engine.abandon(run.decoding)
+            running.clear()
+            return []
+
+    def _fail_queued(self) -> None:
+        """Answer every queued request with why the decode loop stopped."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.put(ServerBusyError(self._broken))
 
     def _admit(self, running: dict[int, _Running]) -> bool:
         """Move queued requests into the batch while it has room (waiting for one when it is
         empty); True once close() has been asked for."""
         while len(running) < self.config.max_batch:
-            try:
-                job = self._queue.get(block=not running)
+            try:  # idle, it wakes now and then to install staged versions
+                job = self._queue.get(block=not running, timeout=None if running else IDLE_WAKE_SECONDS)
             except queue.Empty:
                 return False
             if job is None:
                 return True
             if job.cancelled.is_set():
+                continue
+            if job.expired(time.perf_counter()):
+                job.put(self._timed_out(job))
                 continue
             request = job.request
             served, domain = self._route(request)  # the version it starts and finishes on
@@ -388,7 +494,7 @@ class Replica:
                 log.exception("request %s failed", request.request_id)
                 job.put(RuntimeError(f"internal error: {err}"))
                 continue
-            running[id(decoding)] = _Running(job, decoding, served.version, domain)
+            running[id(decoding)] = _Running(job, decoding, [served.version], domain)
             self._in_flight = len(running)
             self._changed.set()
         return False
@@ -407,8 +513,12 @@ class Replica:
         if step.generation is None:
             return [(run.job, step)]
         enqueued = run.job.enqueued
-        finished = Finished(step.generation, run.version, run.first - enqueued, now - enqueued)
-        self._log(run.job.request, finished, run.domain)
+        versions = tuple(run.versions)
+        finished = Finished(step.generation, versions[0], versions, run.first - enqueued, now - enqueued)
+        try:
+            self._log(run.job.request, finished, run.domain)
+        except Exception:  # a bug in what a request leaves: the caller still gets its answer
+            log.exception("could not log request %s", run.job.request.request_id)
         return [(run.job, step), (run.job, finished)]
 
     def _route(self, request: Request) -> tuple[_Served, str]:
@@ -426,7 +536,7 @@ class Replica:
         if request.seed is not None:
             sampling["seed"] = request.seed
         trace = trace_of(
-            request.request_id, request.domain, self.target_id, finished.draft_version,
+            request.request_id, request.domain, self.target_id, finished.draft_versions,
             request.prompt_ids, generation, sampling, self.config.trace_top_k,
         )  # fmt: skip
         self.writer.append(trace)
@@ -468,38 +578,79 @@ class Replica:
             )
 
     # The watcher's thread.
-    def _proposer_for(self, meta: DraftVersion, weights: dict[str, torch.Tensor]) -> Proposer:
-        """A proposer with `meta`'s weights, built next to the served one; IncompatibleDraftError when
-        the version is of another kind than this replica serves (heads for a draft, or the reverse)."""
+    def _host_weights(self, meta: DraftVersion) -> dict[str, torch.Tensor]:
+        """`meta`'s weights on the host, checked against the live draft or heads: what was served
+        just before (a rollback) as kept, else loaded; IncompatibleDraftError when the version is of
+        another kind than this replica serves (heads for a draft, or the reverse), or does not fit."""
+        previous = self._previous.get(meta.domain)
+        if previous is not None and previous[0] == meta.label:
+            return previous[1]
         if self.base_heads is not None:
             spec = self.base_heads.spec
             if meta.kind != "heads" or HeadsSpec(**meta.extra.get("heads", {})) != spec:
                 raise IncompatibleDraftError(f"this replica serves {spec}; {meta.label} is {meta.kind}")
-            proposer = HeadsProposer(self.base_heads.like(), self._served.proposer.tree)
-            proposer.load_weights(weights)
-            return proposer
+            weights = self.registry.load(meta)
+            check_weights(self._host_base, weights, "heads")
+            return weights
         if meta.kind == "heads":
             raise IncompatibleDraftError(f"this replica serves a draft model; {meta.label} is draft heads")
-        model = version_draft(self.base_draft, meta, weights)
-        return DraftModelProposer(model, self.engine.profile, self.engine.vocab_size)
+        weights = version_weights(self._host_base, meta, self.registry.load(meta))
+        check_weights(self._host_base, weights, "draft")
+        return weights
 
     def _swap(self, meta: DraftVersion) -> None:
-        """Load `meta` into a fresh draft next to the served one, then serve it to new requests."""
+        """Load and check `meta` here, then have the decode thread copy it in between two steps
+        (before the decode thread starts: at once)."""
         began = time.perf_counter()
         try:
-            proposer = self._proposer_for(meta, self.registry.load(meta))
+            staged = _Staged(meta, self._host_weights(meta), began)
         except (CorruptWeightsError, IncompatibleDraftError, KeyError, TypeError, ValueError) as err:
             self.refused += 1
             kept = self._adapters.get(meta.domain, self._served).version
             log.error("refused draft %s, serving %s on: %s", meta.label, kept, err)
             return
-        if meta.domain == self.config.domain:
+        if self._serving:
+            self._staged.put(staged)
+        else:
+            self._install(staged)
+
+    # The decode thread (or start-up, before it runs).
+    def _install_staged(self) -> None:
+        while True:
+            try:
+                self._install(self._staged.get_nowait())
+            except queue.Empty:
+                return
+
+    def _install(self, staged: _Staged) -> None:
+        """Copy a staged version into the draft of its domain, in place, and serve it from now on:
+        to new requests, and to those in flight on that draft."""
+        meta, domain = staged.meta, staged.meta.domain
+        served = self._served if domain == self.config.domain else self._adapters.get(domain)
+        if served is None:  # a domain's first adapter: its own draft, built once
+            model = copy.deepcopy(self._host_base).to(self.engine.device)
+            proposer = DraftModelProposer(model, self.engine.profile, self.engine.vocab_size)
+        else:
+            proposer = served.proposer
+        paused = time.perf_counter()
+        proposer.load_weights(staged.weights)
+        now = time.perf_counter()
+        if domain == self.config.domain:
             self._served = _Served(proposer, meta.label)
         else:
-            self._adapters = self._adapters | {meta.domain: _Served(proposer, meta.label)}
+            self._adapters = self._adapters | {domain: _Served(proposer, meta.label)}
+        for run in self._running.values():
+            if run.decoding.proposer is proposer:
+                run.versions.append(meta.label)
+        if domain in self._host:
+            self._previous[domain] = self._host[domain]
+        self._host[domain] = (meta.label, staged.weights)
         self.swaps += 1
-        self.last_swap_seconds = time.perf_counter() - began
-        log.info("serving draft %s (loaded in %.3f s)", meta.label, self.last_swap_seconds)
+        self.last_swap_seconds, self.last_swap_pause_seconds = now - staged.began, now - paused
+        log.info(
+            "serving draft %s (ready in %.3f s, copied in place in %.3f s)",
+            meta.label, self.last_swap_seconds, self.last_swap_pause_seconds,
+        )  # fmt: skip
 
     def _load_router(self, meta: DraftVersion) -> None:
         try:
@@ -512,13 +663,21 @@ class Replica:
         log.info("routing with %s over %s", meta.label, list(router.domains))
 
 
+def version_weights(
+    base: torch.nn.Module, meta: DraftVersion, weights: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A draft version's whole weights for a model shaped as `base` (left untouched): a LoRA
+    adapter merged into a copy of it, else the version's weights as they are."""
+    if meta.kind == "lora":
+        return merged_adapter(copy.deepcopy(base), LoraSpec(**meta.extra["lora"]), weights).state_dict()
+    return weights
+
+
 def version_draft(
     base: torch.nn.Module, meta: DraftVersion, weights: dict[str, torch.Tensor]
 ) -> torch.nn.Module:
-    """A draft version as a plain model, built in a copy of `base`: a LoRA adapter merged into it,
-    or all its weights loaded (IncompatibleDraftError or ValueError when they do not fit)."""
+    """A draft version as a plain model, in a copy of `base` (IncompatibleDraftError or ValueError
+    when its weights do not fit)."""
     model = copy.deepcopy(base)
-    if meta.kind == "lora":
-        return merged_adapter(model, LoraSpec(**meta.extra["lora"]), weights).eval()
-    DraftModelProposer(model).load_weights(weights)
+    DraftModelProposer(model).load_weights(version_weights(base, meta, weights))
     return model.eval()

@@ -5,7 +5,9 @@ URI for large drafts; a full model or only a LoRA adapter) and its metadata (JSO
 writes the weights and metadata first, then a Lua script moves `live` and updates statuses
 atomically and announces the change on a pub/sub channel. A reader therefore never sees a
 half-written version. Servers learn of changes through `LiveWatcher` (pub/sub, with a poll as a
-fallback, so a missed message costs latency only). A SHA-256 checksum is verified on every load,
+fallback, so a missed message costs latency only); a version whose handling failed on a transient
+error (Redis down, a timeout) is offered again at the next look, one refused for what it is
+(corrupt, incompatible) is not. A SHA-256 checksum is verified on every load,
 and every weight must be finite; corrupt weights raise `CorruptWeightsError` and the caller keeps
 what it has. Nothing is unpickled. File URIs are read, and deleted by retention, only inside the
 registry's `file_dir`: metadata read from Redis cannot point a server at any other file.
@@ -45,6 +47,7 @@ Kind = Literal["full", "lora", "heads", "router"]  # a draft model or adapter, d
 EVENTS_CHANNEL = "osd:registry:events"
 ALL_DOMAINS = "-"
 CHUNK_BYTES = 4 << 20
+TRANSIENT_ERRORS = (redis.RedisError, ConnectionError, TimeoutError)  # not the version's fault: retried
 
 
 class CorruptWeightsError(ValueError):
@@ -344,7 +347,9 @@ class Registry:
 class LiveWatcher:
     """Calls `on_change(version)` from a daemon thread whenever (name, domain)'s live version changes,
     or with domain None that of any domain of `name`: at start, on each pub/sub announcement, and
-    on a poll every `poll_seconds` as a fallback."""
+    on a poll every `poll_seconds` as a fallback. A version counts as handled once on_change
+    returned, or raised anything but a transient error (TRANSIENT_ERRORS: it is offered again at
+    the next look)."""
 
     def __init__(
         self,
@@ -356,7 +361,7 @@ class LiveWatcher:
     ):
         self.registry, self.name, self.domain = registry, name, domain
         self.on_change, self.poll_seconds = on_change, poll_seconds
-        self.seen: dict[str, int] = {}  # per domain, the last live version handed to on_change
+        self.seen: dict[str, int] = {}  # per domain, the last live version on_change handled
         self.started = threading.Event()  # set once the first look at the live version is over
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"live-watcher-{name}", daemon=True)
@@ -366,9 +371,18 @@ class LiveWatcher:
         domains = self.registry.domains(self.name) if self.domain is None else [self.domain]
         for domain in domains:
             version = self.registry.live_version(self.name, domain)
-            if version is not None and version != self.seen.get(domain):
-                self.seen[domain] = version  # a version on_change refuses is not offered again
+            if version is None or version == self.seen.get(domain):
+                continue
+            try:
                 self.on_change(self.registry.get(self.name, domain, version))
+            except TRANSIENT_ERRORS as err:  # not seen: offered again at the next look
+                log.warning(
+                    "%s/%s v%d not loaded, retrying at the next look: %s", self.name, domain, version, err
+                )
+                continue
+            except Exception:  # refused for what it is (e.g. corrupt weights): not offered again
+                log.exception("handling %s/%s v%d failed", self.name, domain, version)
+            self.seen[domain] = version
 
     def _run(self) -> None:
         pubsub, next_poll = None, 0.0
@@ -390,8 +404,8 @@ class LiveWatcher:
                 log.warning("registry watch for %s/%s failed, retrying: %s", self.name, self.domain, err)
                 pubsub = None
                 self._stop.wait(min(self.poll_seconds, 5.0))
-            except Exception:  # on_change failed (e.g. refused weights): keep watching
-                log.exception("handling live version of %s/%s failed", self.name, self.domain)
+            except Exception:  # e.g. an unreadable domain list: keep watching
+                log.exception("watching %s/%s failed", self.name, self.domain)
         if pubsub is not None:
             pubsub.close()
 

@@ -1,5 +1,5 @@
-"""`osd check`, the preflight, on tiny saved pairs (with tokenizers built here), and the memory
-estimate (serving.memory) on real models' shapes, built as configs only."""
+"""`osd check`, the preflight, on tiny saved pairs (with tokenizers built here). The memory plan
+itself, on real models' shapes, is tests/test_memory_plan.py's."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from deploy.check import main, parser
-from serving.memory import GIB, estimate, kv_bytes_per_token, kv_cache_bytes, kv_shape, parameter_count
+from serving.memory import ACTIVATION_RESERVE, GIB, model_size
 from tiny_models import VOCAB, build
 
 TOKENS = 120  # the tiny tokenizer's tokens: fewer than the models' VOCAB (128) rows
@@ -33,8 +33,13 @@ def tokenizer(tokens: int = TOKENS, swap: int | None = None, chat: bool = True) 
     return fast
 
 
-def save(path: Path, arch: str, layers: int, hidden: int, seed: int, vocab: int = VOCAB, tok=None) -> str:
-    build(arch, layers, hidden, seed, vocab=vocab).save_pretrained(path)
+def save(
+    path: Path, arch: str, layers: int, hidden: int, seed: int, vocab: int = VOCAB, tok=None, context=None
+) -> str:
+    model = build(arch, layers, hidden, seed, vocab=vocab)
+    if context is not None:  # RoPE: any context; the config states it
+        model.config.max_position_embeddings = context
+    model.save_pretrained(path)
     if tok is not None:
         tok.save_pretrained(path)
     return str(path)
@@ -42,7 +47,8 @@ def save(path: Path, arch: str, layers: int, hidden: int, seed: int, vocab: int 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> dict[str, str]:
-    """A target and drafts: same tokenizer; padded (fewer rows); disagreeing tokenizer; none."""
+    """A target and drafts: same tokenizer; padded (fewer rows); disagreeing tokenizer; none; and a
+    target that states a 4096-token context."""
     root = tmp_path_factory.mktemp("check")
     return {
         "target": save(root / "target", "llama", 2, 64, seed=1, tok=tokenizer()),
@@ -51,6 +57,7 @@ def pair(tmp_path_factory) -> dict[str, str]:
         "disagrees": save(root / "disagrees", "llama", 1, 32, seed=4, tok=tokenizer(swap=7)),
         "bare": save(root / "bare", "llama", 1, 32, seed=5, vocab=TOKENS),
         "no-template": save(root / "no-template", "gpt2", 1, 32, seed=6, tok=tokenizer(chat=False)),
+        "long": save(root / "long", "llama", 2, 64, seed=1, tok=tokenizer(), context=4096),
     }
 
 
@@ -79,12 +86,16 @@ def test_a_good_pair_reports_every_item_and_a_speedup_bound(pair, capsys, tmp_pa
     assert report["ready"] and report["cost_ratio_c"] > 0
     assert [b["alpha"] for b in report["speedup"]] == [0.5, 0.6, 0.7, 0.8]
     assert all(1 <= b["best_k"] <= 8 and b["speedup"] > 0 for b in report["speedup"])
-    memory = report["memory"]
-    assert memory["max_model_len"] == 256 and memory["max_batch"] == 8  # the target's context, the default
-    # 2 layers x 2 KV heads x head_dim 16, float32; the draft: 1 layer
-    assert memory["target"]["kv_cache"] == 2 * 2 * 2 * 16 * 4 * 8 * 256
-    assert memory["draft"]["kv_cache"] == 2 * 1 * 2 * 8 * 4 * 8 * 256
-    assert memory["total"] == sum(memory[m]["weights"] + memory[m]["kv_cache"] for m in ("target", "draft"))
+    memory = report["memory"]  # the plan, on this machine's memory
+    assert memory["max_model_len"] == 256 and memory["slots"] == 8 and not memory["reduced"]  # the defaults
+    assert memory["capacity"] == 256 + 3 + 1 and memory["k"] == 3 and memory["trainer_share"] == 0.15
+    # 2 layers x 2 KV heads x head_dim 16, float32; the draft: 1 layer x 2 x 8
+    assert memory["target_kv_per_token"] == 2 * 2 * 2 * 16 * 4 == 512
+    assert memory["draft_kv_per_token"] == 2 * 1 * 2 * 8 * 4 == 128
+    assert memory["target_kv"] == 8 * 260 * 512 and memory["draft_kv"] == 8 * 260 * 128
+    assert memory["in_use"] == memory["target_weights"] + memory["draft_weights"] > 0
+    assert memory["total"] + memory["headroom"] == memory["available"] <= memory["budget"]
+    assert report["memory_plan"] and "memory plan: replica:" in out and "trainer: 0.15 of the device" in out
 
 
 def test_a_padded_draft_is_fine_and_reported_as_padded(pair, capsys):
@@ -136,58 +147,53 @@ def test_a_target_that_cannot_serve_says_why_without_a_traceback(what, pair, cap
 
 def test_a_memory_budget_too_small_or_a_length_too_long_fails(pair, capsys):
     status, out = check(["--target", pair["target"], "--memory-gib", "0.0001"], capsys)
-    assert status == 1 and "beyond --memory-gib 0.0001" in out
+    assert status == 1 and "the weights alone do not fit" in out and "cannot serve" in out
     status, out = check(["--target", pair["target"], "--max-model-len", "4096"], capsys)
     assert status == 1 and "--max-model-len 4096 is beyond the target's context" in out
+
+
+def device_gib(path: str, draft: str | None, positions: float) -> str:
+    """--memory-gib for a device whose replica (0.8 of it) holds the models' float32 weights, the
+    activation reserve, and room for exactly `positions` positions of their caches."""
+    sizes = [model_size(AutoConfig.from_pretrained(p), torch.float32) for p in (path, draft) if p]
+    room = positions * sum(s.kv_per_token for s in sizes) + sum(s.weights for s in sizes)
+    return repr(room / (0.8 * (1 - ACTIVATION_RESERVE)) / GIB)
+
+
+def test_a_plan_that_does_not_fit_is_refused_with_what_fits(pair, capsys):
+    # room for 3.5 slots of 260 positions: 2 slots and the prefill's copy of one, at 256 + k 3 + 1
+    memory = device_gib(pair["target"], pair["draft"], 3.5 * 260)
+    argv = ["--target", pair["target"], "--draft", pair["draft"], "--memory-gib", memory]
+    argv += ["--max-model-len", "256"]
+    status, out = check(argv, capsys)
+    assert status == 1 and "does not fit: 8 slots of 256 tokens (+ k 3 + 1)" in out
+    assert "max_batch 2 at max_model_len 256" in out and "cannot serve" in out and "cost ratio" not in out
+    status, out = check([*argv, "--max-batch", "2"], capsys)
+    assert status == 0, out
+    assert "for 2 x 256 tokens" in out and "2 slots x 260 positions" in out and "ready to serve" in out
+
+
+def test_a_long_context_that_does_not_fit_is_reduced_and_noted(pair, capsys):
+    # room for 9 x 1404 positions: 8 slots of 1400 + 4, and the prefill's copy; 1280 in 256s
+    memory = device_gib(pair["long"], None, 9 * 1404)
+    status, out = check(["--target", pair["long"], "--memory-gib", memory], capsys)
+    assert status == 0, out
+    assert "the target's context 4096 does not fit 8 slots: planned for 1280 tokens a sequence" in out
+    assert "the target's context 4096 reduced to fit" in out and "ready to serve" in out
+
+
+def test_the_replica_and_the_trainer_may_not_share_more_than_the_device(pair, capsys):
+    status, out = check(["--target", pair["target"], "--gpu-memory-utilization", "0.9"], capsys)
+    assert status == 1 and "the replica's 0.90 and the trainer's 0.15 of the device add up to 1.05" in out
+    argv = ["--target", pair["target"], "--gpu-memory-utilization", "0.9", "--trainer-share", "0"]
+    status, out = check(argv, capsys)
+    assert status == 0, out
+    assert "0.90 of the device's" in out and "trainer: no share of this device" in out
 
 
 def test_the_parser_is_osd_check():
     p = parser()
     assert p.prog == "osd check"
     args = p.parse_args(["--target", "t"])
-    assert args.draft is None and args.max_batch == 8 and args.max_model_len is None
-
-
-# --- serving.memory on real shapes, configs only ----------------------------------------------
-
-LLAMA_31_8B = LlamaConfig(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, tie_word_embeddings=False,
-)  # fmt: skip
-QWEN25_7B = Qwen2Config(
-    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-    num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, tie_word_embeddings=False,
-)  # fmt: skip
-QWEN25_05B = Qwen2Config(
-    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
-)  # fmt: skip
-
-
-def test_kv_cache_of_real_shapes():
-    assert kv_bytes_per_token(LLAMA_31_8B, torch.bfloat16) == 128 * 1024  # 2 x 32 x 8 x 128 x 2 bytes
-    assert kv_cache_bytes(LLAMA_31_8B, torch.bfloat16, 1, 131072) == 16 * GIB  # its full context
-    assert kv_bytes_per_token(QWEN25_7B, torch.bfloat16) == 56 * 1024  # 2 x 28 x 4 x 128 x 2
-    assert kv_bytes_per_token(QWEN25_7B, torch.float32) == 112 * 1024
-    assert kv_cache_bytes(QWEN25_7B, torch.bfloat16, 8, 4096) == 8 * 4096 * 56 * 1024
-    assert kv_bytes_per_token(QWEN25_05B, torch.bfloat16) == 12 * 1024  # 2 x 24 x 2 x 64 x 2
-
-
-def test_kv_shape_reads_gpt2_and_neox_names():
-    from transformers import GPT2Config, GPTNeoXConfig
-
-    gpt2 = GPT2Config(n_layer=12, n_head=12, n_embd=768)  # GPT-2 small: no grouped-query attention
-    assert (kv_shape(gpt2).layers, kv_shape(gpt2).kv_heads, kv_shape(gpt2).head_dim) == (12, 12, 64)
-    neox = GPTNeoXConfig(num_hidden_layers=32, num_attention_heads=32, hidden_size=4096)  # Pythia-6.9B
-    assert kv_bytes_per_token(neox, torch.float16) == 2 * 32 * 32 * 128 * 2
-
-
-def test_weights_of_real_shapes_counted_on_the_meta_device():
-    assert parameter_count(LLAMA_31_8B) == 8_030_261_248
-    assert parameter_count(QWEN25_05B) == 494_032_768  # tied embeddings counted once
-    plan = estimate(LLAMA_31_8B, None, torch.bfloat16, max_batch=4, max_model_len=8192)
-    assert plan.target.weights == 2 * 8_030_261_248 and plan.draft is None
-    assert plan.target.kv_cache == 4 * 8192 * 128 * 1024 == 4 * GIB
-    assert plan.total == plan.target.weights + 4 * GIB
-    with pytest.raises(ValueError):
-        estimate(LLAMA_31_8B, None, torch.bfloat16, max_batch=0, max_model_len=8192)
+    assert args.draft is None and args.max_batch == 8 and args.max_model_len is None and args.k == 3
+    assert args.memory_gib is None and args.gpu_memory_utilization == 0.8 and args.trainer_share == 0.15

@@ -1,5 +1,7 @@
 """The deployment files: Serve config, KubeRay RayService and cluster launcher YAML are valid for
-Ray's own schemas and name settings that `deploy.ray_serve.ServiceConfig` accepts."""
+Ray's own schemas and name settings that `deploy.ray_serve.ServiceConfig` accepts. And the
+settings themselves: what `osd serve`'s flags make, what each replica and the trainer are given
+(device, GPU memory), GPU settings refused in one line, and GPU shares packed as Ray packs them."""
 
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from rich.console import Console
 from transformers import AutoConfig
 
 from deploy.demo.build import build_demo_models
-from deploy.ray_serve import ServiceConfig, build, trainer_config
+from deploy.ray_serve import ServiceConfig, build, gpu_shortfall, trainer_config
 from deploy.serve import parser as serve_parser
 from deploy.serve import service_config
 from distill.heads import HeadsSpec
 from tiny_models import TINY_DEMO
+from trainer.config import TrainerConfig
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 
@@ -43,6 +46,7 @@ def test_serve_yaml_serves_the_quick_demo_pair_on_loopback():
     service = check_serve_config(config)
     assert service.target == str(Path.home() / ".cache/osd/demo/quick/target")  # ~ expanded
     assert service.replicas == 2 and service.learns
+    assert service.replica_device == service.trainer_device == "cpu"
 
 
 def test_the_rayservice_manifest_shares_a_gpu_between_a_replica_and_the_trainer():
@@ -50,6 +54,8 @@ def test_the_rayservice_manifest_shares_a_gpu_between_a_replica_and_the_trainer(
     assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayService")
     service = check_serve_config(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
     assert service.replica_gpus + service.trainer_gpus == 1.0 and service.redis_url is None  # from the Secret
+    assert service.replica_config("r").gpu_memory_utilization <= service.replica_gpus  # within its share
+    assert service.trainer_device == "cuda"
     env = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
         "env"
     ]
@@ -77,7 +83,7 @@ def test_service_config_refuses_unknown_or_missing_settings():
 def test_trainer_settings_override_the_trainer_config(tiny_demo, tmp_path):
     target = str(build_demo_models(TINY_DEMO, tiny_demo).target)
     context = AutoConfig.from_pretrained(target).max_position_embeddings
-    assert trainer_config(ServiceConfig(target=target)).max_seq_len == context
+    assert trainer_config(ServiceConfig(target=target)).max_seq_len == min(context, TrainerConfig.max_seq_len)
     settings = {"gate_every": 7, "max_seq_len": 64}
     trainer = trainer_config(ServiceConfig(target, trainer_dir=str(tmp_path), trainer_settings=settings))
     assert (trainer.gate_every, trainer.max_seq_len, trainer.checkpoint_dir) == (7, 64, tmp_path)
@@ -93,5 +99,81 @@ def test_osd_serve_flags_and_config_files_make_the_service_config(tmp_path):
     assert (config.target, config.draft, config.replicas, config.k) == ("t", "d", 2, 4)
     assert not config.learns and config.trainer_dir == str(tmp_path)
     assert config.replica_cpus * config.replicas <= os.cpu_count()
+    assert (config.device, config.replica_gpus, config.trainer_gpus) == (None, 0.0, 0.0)
+    gpu_flags = [
+        "--device", "cuda", "--dtype", "bfloat16", "--replica-gpus", "1", "--trainer-gpus", "0.25",
+        "--max-model-len", "512", "--gpu-memory-utilization", "0.7", "--request-timeout", "30",
+    ]  # fmt: skip
+    on_gpus = service_config(serve_parser().parse_args([*flags[:4], *gpu_flags]), Console())
+    assert (on_gpus.replica_gpus, on_gpus.trainer_gpus, on_gpus.trainer_device) == (1.0, 0.25, "cuda")
+    replica = on_gpus.replica_config("r")
+    assert (replica.device, replica.dtype, replica.max_model_len) == ("cuda", "bfloat16", 512)
+    assert (replica.gpu_memory_utilization, replica.request_timeout) == (0.7, 30.0)
     from_yaml = service_config(serve_parser().parse_args(["--config", str(DEPLOY / "serve.yaml")]), Console())
     assert from_yaml == check_serve_config(yaml.safe_load((DEPLOY / "serve.yaml").read_text()))
+
+
+def test_the_trainer_trains_on_cuda_within_its_gpu_share(tiny_demo):
+    target = str(build_demo_models(TINY_DEMO, tiny_demo).target)
+    assert trainer_config(ServiceConfig(target)).device == "cpu"
+    quarter = trainer_config(ServiceConfig(target, trainer_gpus=0.25))
+    assert (quarter.device, quarter.gpu_memory_fraction) == ("cuda", 0.25)
+    whole = trainer_config(ServiceConfig(target, trainer_gpus=1))
+    assert (whole.device, whole.gpu_memory_fraction) == ("cuda", 1.0)
+    assert trainer_config(ServiceConfig(target, trainer_gpus=1, device="cpu")).device == "cpu"
+    with pytest.raises(ValueError, match="unknown trainer_settings \\['device'\\]"):  # trainer_gpus says
+        ServiceConfig(target, trainer_settings={"device": "cuda"})
+
+
+def test_each_replica_runs_where_its_gpu_share_says():
+    cpu = ServiceConfig("t").replica_config("r")
+    assert (cpu.device, cpu.replica_id) == ("cpu", "r")
+    whole = ServiceConfig("t", replica_gpus=1, dtype="bfloat16").replica_config("r")
+    assert (whole.device, whole.dtype, whole.gpu_memory_utilization) == ("cuda", "bfloat16", 0.8)
+    assert ServiceConfig("t", replica_gpus=0.5).replica_config("r").gpu_memory_utilization == 0.5
+    assert ServiceConfig("t", replica_gpus=1, device="cpu").replica_config("r").device == "cpu"
+    settings = {"max_model_len": 512, "gpu_memory_utilization": 0.45, "request_timeout": 30.0}
+    given = ServiceConfig("t", replica_gpus=0.5, **settings).replica_config("r")
+    assert {name: getattr(given, name) for name in settings} == settings
+    heads = ServiceConfig.from_args({"target": "t", "proposer": "hydra", "heads_tree": [3, 2]})  # YAML list
+    assert heads.replica_config("r").heads_tree == (3, 2)
+
+
+@pytest.mark.parametrize(
+    "settings,reason",
+    [
+        ({"device": "cuda"}, "--device cuda needs --replica-gpus > 0"),
+        ({"device": "cuda:1", "replica_gpus": 1}, "Ray picks the GPU"),
+        ({"dtype": "bf16"}, "unknown --dtype 'bf16'"),
+        ({"replica_gpus": 1.5}, "--replica-gpus must be a fraction of one GPU or a whole number"),
+        ({"trainer_gpus": -1}, "--trainer-gpus must be"),
+        ({"replica_gpus": 0.5, "gpu_memory_utilization": 0.6}, "more than the replica's share"),
+        ({"replica_gpus": 1, "gpu_memory_utilization": 1.5}, "gpu_memory_utilization must lie in"),
+        ({"max_model_len": 1}, "max_model_len must be >= 2"),
+        ({"request_timeout": 0}, "request_timeout must be > 0"),
+    ],
+)
+def test_gpu_and_limit_settings_are_refused_in_one_line(settings, reason):
+    with pytest.raises(ValueError) as raised:
+        ServiceConfig("t", **settings)
+    assert reason in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "settings,gpus,fits",
+    [
+        ({}, 0, True),  # on the CPU
+        ({"replicas": 2, "replica_gpus": 1, "trainer_gpus": 0.25}, 3, True),
+        ({"replicas": 2, "replica_gpus": 1, "trainer_gpus": 0.25}, 2, False),
+        ({"replicas": 1, "replica_gpus": 0.75, "trainer_gpus": 0.25}, 1, True),  # one GPU, shared
+        ({"replicas": 4, "replica_gpus": 0.75, "trainer_gpus": 0.25}, 4, True),  # the trainer beside one
+        ({"replicas": 2, "replica_gpus": 0.75, "trainer_gpus": 0.5}, 2, False),
+        ({"replicas": 3, "replica_gpus": 0.6, "trainer": False}, 2, False),  # 1.8 GPUs, but in 0.6 pieces
+        ({"replicas": 2, "replica_gpus": 2, "trainer_gpus": 0.5, "trainer": False}, 4, True),
+        ({"replicas": 1, "replica_gpus": 1, "trainer_gpus": 1}, 1, False),
+    ],
+)
+def test_gpu_shares_are_packed_as_ray_packs_them(settings, gpus, fits):
+    problem = gpu_shortfall(ServiceConfig("t", draft="d", **settings), gpus)
+    assert (problem is None) == fits
+    assert fits or f"this machine's {gpus} GPU(s)" in problem

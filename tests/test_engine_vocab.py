@@ -90,7 +90,7 @@ def test_traces_of_a_padded_pair_train_its_draft(padded_pair, loss, lora):
     traces = []
     for i, prompt in enumerate(PROMPTS * 3):
         out = engine.generate(prompt, 20, temperature=1.0, seed=i, stop_token_ids=[], top_logprobs=16)
-        traces.append(trace_of(f"r{i}", "-", "target", "draft:base", prompt, out, {"temperature": 1.0}))
+        traces.append(trace_of(f"r{i}", "-", "target", ("draft:base",), prompt, out, {"temperature": 1.0}))
     assert any(int(t.top_ids.max()) >= DRAFT_ROWS for t in traces)  # the case this test is about
     model = engine.proposer.model
     model = wrap_lora(model) if lora else model

@@ -36,6 +36,7 @@ from store.registry import Registry
 from store.traces import StreamConfig, TraceReader, TraceWriter
 from tiny_models import ARCHS, TINY_DEMO, build, random_heads
 from trainer.config import TrainerConfig
+from trainer.learners import HeadsLearner
 from trainer.loop import OnlineTrainer
 
 PROMPT = [5, 3, 8, 1, 9, 2, 7]
@@ -248,3 +249,36 @@ def test_the_demo_measures_the_speed_of_published_heads(tiny_demo, redis_client)
     speed = speedup_summary(measured, "draft:base", live.label)  # as `osd demo` reports it
     assert set(speed["tokens_per_s"]) == {"no speculation", "initial draft", "live draft"}
     assert speed["live_draft"] == "draft:v1" and speed["live_vs_ar"] > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # an LM head of its own, and one tied to the embeddings
+def test_the_heads_learner_holds_the_targets_lm_head_alone_and_learns_as_over_the_whole_target(
+    arch, tmp_path
+):
+    target = build(arch, 2, 32, seed=3, init_std=0.15)
+    target.save_pretrained(tmp_path / "target")
+    spec = HeadsSpec("hydra", 3)
+    learner = HeadsLearner(TrainerConfig(heads=spec), tmp_path / "target", spec)
+    held = [v for v in vars(learner).values() if isinstance(v, torch.nn.Module)]
+    assert held == [learner.lm_head, learner.embeddings]  # no decoder layer, no whole target
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path / "target")
+    assert torch.equal(learner.lm_head.weight, whole.get_output_embeddings().weight)
+    assert torch.equal(learner.embeddings.weight, whole.get_input_embeddings().weight)
+    tied = whole.get_output_embeddings().weight is whole.get_input_embeddings().weight
+    assert tied == (arch == "gpt2") and (learner.lm_head.weight is learner.embeddings.weight) == tied
+
+    engine, generator, traces = SpecEngine(target, NullProposer(), 0), torch.Generator().manual_seed(0), []
+    for i in range(6):
+        prompt = torch.randint(0, 128, (6,), generator=generator).tolist()
+        out = engine.generate(prompt, 16, stop_token_ids=[], top_logprobs=16, hidden_states=True)
+        traces.append(trace_of(f"r{i}", "-", "tiny", "none", prompt, out, {}))
+    ours, reference = learner.build(), DraftHeads.for_target(spec, whole)
+    for heads in (ours, reference):
+        optimizer = torch.optim.AdamW(heads.parameters(), lr=1e-2)
+        for _ in range(5):
+            optimizer.zero_grad()
+            learner.loss(heads, traces).backward()
+            optimizer.step()
+    for name, tensor in ours.state_dict().items():
+        torch.testing.assert_close(tensor, reference.state_dict()[name], rtol=0, atol=0)
+    assert learner.acceptance(ours, traces) == learner.acceptance(reference, traces)

@@ -31,7 +31,7 @@ def ids(*values: int) -> torch.Tensor:
     ],
 )
 def test_ngram_lookup(sequence, k, n_min, n_max, expected):
-    assert ngram_lookup(ids(*sequence), k, n_min, n_max).tolist() == list(expected)
+    assert ngram_lookup(sequence, k, n_min, n_max) == list(expected)
 
 
 def test_ngram_proposer_validates_n():
@@ -43,8 +43,9 @@ def test_ngram_proposer_validates_n():
 
 def test_draft_cache_stays_consistent_for_a_batch():
     """Three sequences drafted together, each with its own history of full acceptance (+ bonus),
-    partial and zero acceptance, steps that drafted nothing, and a long jump ahead: every
-    proposal equals a fresh full forward of the draft on the same sequence."""
+    partial and zero acceptance, steps that drafted nothing, and a long jump ahead, told to the
+    proposer as the engine does (`observe`): every proposal equals a fresh full forward of the
+    draft on the same sequence."""
     draft = build("llama", 2, 32, seed=5)
     proposer = DraftModelProposer(draft)
     params = SamplingParams(temperature=1.0)
@@ -55,18 +56,20 @@ def test_draft_cache_stays_consistent_for_a_batch():
     history = [(k, 0, 2), (0, None, k), (2, 1, None), (k, k, 0), (1, 30, 70), (0, 0, 1)]  # None: no drafts
     for accepted in history:
         rows = [i for i, a in enumerate(accepted) if a is not None]
-        asked = [DraftRow(states[i], sequences[i], k, params, gen) for i in rows]
+        asked = [DraftRow(states[i], sequences[i], sequences[i].tolist(), k, params, gen) for i in rows]
         for i, proposal in zip(rows, proposer.propose(asked), strict=True):
             context = torch.cat([sequences[i], proposal.tokens[:-1]])
             with torch.no_grad():
                 fresh = process_logits(draft(context[None]).logits[0, -k:], params)  # [k, V]
             torch.testing.assert_close(proposal.probs, fresh, atol=1e-5, rtol=1e-4)
             keep = proposal.tokens[: min(accepted[i], k)]
+            proposer.observe(states[i], keep.shape[0], None)
             # The target keeps `accepted` drafts and adds tokens of its own (30: caught up in the
             # batched forward; 70: far ahead, prefilled alone).
             extra = torch.randint(0, draft.config.vocab_size, (max(1, accepted[i] - k + 1),), generator=gen)
             sequences[i] = torch.cat([sequences[i], keep, extra])
         for i in set(range(3)) - set(rows):  # not drafted this step: the sequence moves on anyway
+            proposer.observe(states[i], 0, None)
             sequences[i] = torch.cat([sequences[i], torch.randint(0, 100, (2,), generator=gen)])
     for state in states:
         proposer.release(state)
@@ -78,7 +81,7 @@ def test_draft_respects_its_context_length():
     proposer = DraftModelProposer(draft)
     sequence = torch.arange(254) % 100
     (proposal,) = proposer.propose(
-        [DraftRow(proposer.new_state(), sequence, 8, SamplingParams(), torch.Generator())]
+        [DraftRow(proposer.new_state(), sequence, sequence.tolist(), 8, SamplingParams(), torch.Generator())]
     )
     assert proposal.tokens.shape[0] == 3  # drafts occupy positions 254..256; 255 is the last fed
 

@@ -100,10 +100,10 @@ def test_greedy_is_the_argmax_case():
     assert torch.equal(p, torch.eye(3)[[1, 0, 2]])
     gen = torch.Generator().manual_seed(0)
     # Drafts [1, 2]: the first matches the argmax, the second does not -> correction is argmax 0.
-    out = rejection_sample(p[None], torch.tensor([[1, 2]]), None, gen)
+    out = rejection_sample(p[None], torch.tensor([[1, 2]]), None, gen, one_hot=True)
     assert out.num_accepted.tolist() == [1] and out.tokens.tolist() == [[1, 0, -1]]
     # Both match -> bonus token is the argmax of the last position.
-    out = rejection_sample(p[None], torch.tensor([[1, 0]]), None, gen)
+    out = rejection_sample(p[None], torch.tensor([[1, 0]]), None, gen, one_hot=True)
     assert out.num_accepted.tolist() == [2] and out.tokens.tolist() == [[1, 0, 2]]
 
 

@@ -2,8 +2,9 @@
 tokenizer carries a ChatML template, with a padded-vocabulary draft and two replicas: the
 served names, chat templating, content parts, logprobs in OpenAI's shapes (whole and streamed),
 max_completion_tokens, a 400 for every unsupported parameter, and seeded repeats across replicas
-under concurrent load. Settings that cannot work together are refused in one line. And in
-process, a Llama-3-style tokenizer's BOS: once in completions and once in chat."""
+under concurrent load. Settings that cannot work together, and GPU shares the machine cannot
+hold, are refused in one line. And in process, a Llama-3-style tokenizer's BOS: once in
+completions and once in chat."""
 
 from __future__ import annotations
 
@@ -209,6 +210,8 @@ def test_seeded_repeats_are_identical_across_replicas_and_under_load(served):
         (["--target", "t", "--draft", "d", "--proposer", "ngram"], "drop --draft"),
         (["--target", "t", "--proposer", "draft"], "needs a draft model"),
         (["--target", "t", "--draft", "d", "--adapters", "--proposer", "hydra"], "proposer 'draft' only"),
+        (["--target", "t", "--device", "cuda"], "--device cuda needs --replica-gpus > 0"),
+        (["--target", "t", "--replica-gpus", "1024"], "do not fit on this machine's"),
     ],
 )
 def test_settings_that_cannot_work_together_are_refused_in_one_line(flags, reason):

@@ -4,7 +4,6 @@ back-pressure, abandoned requests and hot-swap of draft versions."""
 from __future__ import annotations
 
 import asyncio
-import copy
 import threading
 
 import pytest
@@ -163,11 +162,12 @@ def test_concurrent_requests_share_steps_and_each_gets_its_own_greedy_output(red
     server.close()
 
 
-def test_the_live_version_is_loaded_at_start_and_swapped_between_requests(redis_client, model_dirs):
+def test_the_live_version_is_loaded_at_start_and_copied_in_place_mid_request(redis_client, model_dirs):
     registry = Registry(redis_client)
     registry.publish("draft", draft_weights(model_dirs, 0.01))
     server = replica(redis_client, model_dirs)
     assert server.draft_version == "draft:v1"  # before the first request
+    live = server._served.proposer
     target_greedy = SpecEngine.from_pretrained(model_dirs["llama"]["target"]).generate(
         PROMPT, 40, stop_token_ids=[]
     )
@@ -182,9 +182,12 @@ def test_the_live_version_is_loaded_at_start_and_swapped_between_requests(redis_
         return events[-1], after
 
     during, after = asyncio.run(run())
-    assert during.draft_version == "draft:v1" and after.draft_version == "draft:v2"  # no mid-request swap
+    assert during.draft_versions == ("draft:v1", "draft:v2") and after.draft_versions == ("draft:v2",)
     assert during.generation.token_ids == after.generation.token_ids == target_greedy.token_ids  # lossless
-    assert server.swaps == 2 and server.last_swap_seconds > 0
+    assert server._served.proposer is live and live.weights == 2  # the same draft and cache, new weights
+    weights = draft_weights(model_dirs, 0.02)
+    assert all(torch.equal(t, weights[n]) for n, t in live.model.state_dict().items())
+    assert server.swaps == 2 and server.last_swap_seconds >= server.last_swap_pause_seconds > 0
     server.close()
 
 
@@ -200,7 +203,7 @@ def test_a_version_that_does_not_fit_is_refused_and_serving_goes_on(redis_client
     server.close()
 
 
-def test_a_lora_version_is_merged_into_a_copy_of_the_base_draft(redis_client, model_dirs):
+def test_a_lora_version_is_merged_on_the_host_and_copied_into_the_draft(redis_client, model_dirs):
     spec = LoraSpec(rank=4, alpha=8, target_modules=("q_proj", "v_proj"))
     adapted = wrap_lora(AutoModelForCausalLM.from_pretrained(model_dirs["llama"]["small"]), spec)
     weights = {n: t + 0.05 for n, t in adapter_weights(adapted).items()}  # a trained-looking adapter
@@ -209,6 +212,7 @@ def test_a_lora_version_is_merged_into_a_copy_of_the_base_draft(redis_client, mo
     assert server.draft_version == "draft:v1" and server.refused == 0
     served = server._served.proposer.model
     assert not any("lora" in name for name in served.state_dict())  # merged: a plain model
-    base = copy.deepcopy(server.base_draft.state_dict())
+    assert served is server.base_draft  # in place
+    base = server._host_base.state_dict()  # the base, kept on the host for merges
     assert any(not torch.equal(base[n], t) for n, t in served.state_dict().items())
     server.close()

@@ -1,14 +1,25 @@
-"""The embedded redis-server launcher and connecting by URL."""
+"""The embedded redis-server launcher, its supervision, and connecting by URL."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import threading
 
 import pytest
 import redis
-from polling import PATIENCE
+from polling import PATIENCE, wait_for
 
-from store.redis_server import LocalRedis, RedisConfig, RedisUnavailableError, connect, free_port, open_redis
+from store.redis_server import (
+    LocalRedis,
+    RedisConfig,
+    RedisUnavailableError,
+    connect,
+    free_port,
+    open_redis,
+    read_restarts,
+)
 
 
 def test_missing_binary_names_the_install_command():
@@ -22,6 +33,7 @@ def test_local_server_binds_loopback_persists_with_aof_and_stops(tmp_path):
     config = client.config_get("*")
     assert config["bind"].startswith("127.0.0.1") and config["appendonly"] == "yes"
     assert config["appendfsync"] == "everysec"
+    assert not supervisors(server) and read_restarts(client) is None  # unsupervised unless asked
     client.set("kept", "yes")
     server.stop(timeout=PATIENCE)  # a clean shutdown fsyncs the AOF (the timeout only guards a hang)
     with pytest.raises(redis.ConnectionError):
@@ -30,6 +42,58 @@ def test_local_server_binds_loopback_persists_with_aof_and_stops(tmp_path):
     assert client.get("kept") == b"yes"
     server.close()
     assert (tmp_path / "appendonlydir").exists()  # a caller-owned data dir is left in place
+
+
+def supervisors(server: LocalRedis) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"redis-supervisor-{server.port}"]
+
+
+def recorded_restarts(client: redis.Redis) -> int | None:
+    try:
+        return read_restarts(client)
+    except redis.RedisError:  # not back yet
+        return None
+
+
+def test_a_supervised_server_killed_comes_back_on_its_port_with_its_data(tmp_path, caplog):
+    server = LocalRedis(data_dir=tmp_path, supervise=True).start(timeout=PATIENCE)
+    try:
+        client, port = server.client(), server.port
+        assert read_restarts(client) == 0
+        client.set("kept", "yes")
+        client.xgroup_create("stream", "group", id="0", mkstream=True)
+        client.xadd("stream", {"n": "1"})
+        assert len(client.xreadgroup("group", "reader", {"stream": ">"})[0][1]) == 1  # now pending
+        for restart in (1, 2):  # the second dies soon after its start: it comes back after a pause
+            killed = server.process.pid
+            os.kill(killed, signal.SIGKILL)  # as an operator's kill -9, not through the object
+            wait_for(lambda n=restart: recorded_restarts(client) == n)  # the same client reconnects
+            assert server.process.pid != killed and server.port == port and server.restarts == restart
+            assert client.get("kept") == b"yes"
+        # The consumer group survives from the AOF: its pending entry, and new ones after it.
+        assert [e[1] for e in client.xreadgroup("group", "reader", {"stream": "0"})[0][1]] == [{b"n": b"1"}]
+        client.xadd("stream", {"n": "2"})
+        assert [e[1] for e in client.xreadgroup("group", "reader", {"stream": ">"})[0][1]] == [{b"n": b"2"}]
+        assert f"redis-server on port {port} died (SIGKILL)" in caplog.text
+    finally:
+        server.close()
+
+
+def test_a_deliberate_stop_is_not_healed_and_a_start_supervises_again(tmp_path):
+    server = LocalRedis(data_dir=tmp_path, supervise=True).start(timeout=PATIENCE)
+    client = server.client()
+    assert supervisors(server)
+    server.stop(timeout=PATIENCE)
+    assert not supervisors(server) and server.process is None  # nothing is left to restart it
+    with pytest.raises(redis.ConnectionError):
+        client.ping()
+    server.start(timeout=PATIENCE)
+    try:
+        assert read_restarts(client) == 0  # counted anew from each start
+        os.kill(server.process.pid, signal.SIGKILL)
+        wait_for(lambda: recorded_restarts(client) == 1)
+    finally:
+        server.close()
 
 
 def test_redis_url_with_password(redis_server):
@@ -48,6 +112,7 @@ def test_connect_starts_the_embedded_server_without_a_url(tmp_path):
     client, server = connect(RedisConfig(data_dir=tmp_path / "data"))
     try:
         assert client.ping() and server is not None and server.data_dir == tmp_path / "data"
+        assert server.supervise and read_restarts(client) == 0  # healed when it dies, counted
     finally:
         server.close()
 

@@ -6,6 +6,7 @@ import json
 import threading
 
 import pytest
+import redis
 import torch
 from polling import wait_for
 
@@ -206,6 +207,42 @@ def test_a_refused_version_is_not_offered_again_and_watching_goes_on(redis_clien
     assert offered == [1, 2]
     registry.publish("draft", weights(3))
     wait_for(lambda: offered == [1, 2, 3])
+    watcher.stop()
+
+
+class FlakyRegistry(CountingRegistry):
+    """A registry whose first weight load fails as a load does while Redis restarts."""
+
+    def __init__(self, client, error: Exception):
+        super().__init__(client)
+        self.error = error
+
+    def load(self, meta):
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+        return super().load(meta)
+
+
+@pytest.mark.parametrize("error", [redis.ConnectionError("Connection refused"), TimeoutError("timed out")])
+def test_a_version_whose_load_failed_on_a_transient_error_is_offered_again(redis_client, error, caplog):
+    registry = Registry(redis_client)
+    published = registry.publish("draft", weights(1))
+    flaky = FlakyRegistry(redis_client, error)
+    offered, loaded = [], []
+
+    def swap(meta) -> None:  # as a replica's: a load's Redis error is not caught, content errors are
+        offered.append(meta.version)
+        loaded.append(flaky.load(meta))
+
+    watcher = LiveWatcher(flaky, "draft", swap, poll_seconds=0.05)
+    wait_for(lambda: watcher.seen == {ALL_DOMAINS: 1})  # retried on a later look, with no new publish
+    assert offered == [1, 1]
+    assert_weights_equal(loaded[0], weights(1))
+    assert f"draft/{ALL_DOMAINS} v{published.version} not loaded, retrying" in caplog.text
+    looks = flaky.looks
+    wait_for(lambda: flaky.looks >= looks + 3)  # handled now: not offered again
+    assert offered == [1, 1]
     watcher.stop()
 
 

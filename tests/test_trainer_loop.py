@@ -311,3 +311,88 @@ def test_a_cold_start_replays_its_buffer_once_traces_stop_and_publishes_what_hel
     gates = [e for e in trainer.state.history if e["kind"] == "gate"]
     assert len(gates) == 2 and gates[1]["step"] > step + 1 and "replay" in gates[1]
     assert len(trainer.registry.versions("draft")) == 3
+
+
+def held_out_ids(trainer: OnlineTrainer) -> dict[str, list[bytes]]:
+    return {domain: [h.entry_id for h in held] for domain, held in trainer.gate_set.items()}
+
+
+def newest_held_out(traces, per_domain: int) -> dict[str, list[str]]:
+    held_out = [t for t in traces if is_held_out(t.request_id, STREAM.held_out_fraction)]
+    return {d: [t.request_id for t in held_out if t.domain == d][-per_domain:] for d in ("code", "prose")}
+
+
+def test_a_restarted_trainer_gates_on_the_same_held_out_traces(redis_client, model_dirs, traffic, tmp_path):
+    write(redis_client, traffic[:120])
+    settings = config(tmp_path, gate_window=8, gate_min_positions=10**6)  # no decision: the gate waits
+    first = OnlineTrainer(settings, model_dirs["llama"]["small"], redis_client, stream=STREAM)
+    first.train(20)  # every trace read: the training ones trained on and acked
+    assert first.reader.backlog().lag == 0
+    requests = {d: [h.trace.request_id for h in held] for d, held in first.gate_set.items()}
+    assert requests == newest_held_out(traffic[:120], 8)  # each domain's window: its newest 8
+    assert len(newest_held_out(traffic[:120], 10**6)["prose"]) > 8  # older ones left it
+    assert len(list((tmp_path / "ckpt" / "gate").iterdir())) == 16  # and the disk
+    gate_set, decision = held_out_ids(first), first.evaluate()
+    del first  # as after kill -9
+
+    second = OnlineTrainer(settings, model_dirs["llama"]["small"], redis_client, stream=STREAM)
+    assert held_out_ids(second) == gate_set  # before reading anything: the same traces, in order
+    assert second.evaluate() == decision
+    write(redis_client, traffic[120:160])
+    second.train(10)
+    requests = {d: [h.trace.request_id for h in held] for d, held in second.gate_set.items()}
+    assert requests == newest_held_out(traffic[:160], 8)
+
+
+def test_held_out_traces_delivered_again_after_a_crash_are_held_once(
+    redis_client, model_dirs, traffic, tmp_path, monkeypatch
+):
+    write(redis_client, traffic[:40])
+    settings = config(tmp_path, batch_size=200)
+    first = OnlineTrainer(settings, model_dirs["llama"]["small"], redis_client, stream=STREAM)
+    monkeypatch.setattr(first.reader, "ack", lambda entry_ids: 0)  # it dies before any ack
+    first.poll()
+    gate_set = held_out_ids(first)
+    assert sum(map(len, gate_set.values())) > 0 and first.reader.backlog().pending == 40
+    del first
+
+    second = OnlineTrainer(settings, model_dirs["llama"]["small"], redis_client, stream=STREAM)
+    second.poll()  # its pending entries come again, held-out ones among them
+    assert held_out_ids(second) == gate_set and second.reader.backlog().pending == len(second.buffer)
+
+
+def test_the_live_version_is_scored_from_its_weights_without_a_second_model(
+    redis_client, model_dirs, traffic, tmp_path
+):
+    write(redis_client, traffic[:80])
+    trainer = OnlineTrainer(config(tmp_path), model_dirs["llama"]["small"], redis_client, stream=STREAM)
+    train(trainer, 10)
+    modules = [v for v in vars(trainer).values() if isinstance(v, torch.nn.Module)]
+    assert modules == [trainer.model]  # the live version waits as weights on the CPU
+    candidate = {n: t.clone() for n, t in trainer.weights().items()}
+    decision = trainer.evaluate()
+    for name, tensor in trainer.weights().items():  # scoring the live version left the candidate as it was
+        torch.testing.assert_close(tensor, candidate[name], rtol=0, atol=0)
+    live = trainer.learner.build().eval()
+    trainer.learner.load(live, trainer.registry.load(trainer.registry.live("draft")))
+    held = [h.trace for held in trainer.gate_set.values() for h in held]
+    per_trace = trainer.learner.acceptance(live, held)
+    assert decision.live == pytest.approx(sum(s for s, _ in per_trace) / sum(n for _, n in per_trace))
+    assert trainer.evaluate() == decision  # from the cached live scores, the same
+    trainer.config = dataclasses.replace(trainer.config, gate_min_positions=1, gate_margin=0.0)
+    assert decision.candidate > decision.live and trainer.maybe_publish().publish  # any gain publishes
+    after = trainer.evaluate()
+    assert after.candidate == pytest.approx(after.live)  # the live version is the candidate now
+
+
+def test_the_loop_trains_and_scores_under_autocast(redis_client, model_dirs, traffic, tmp_path):
+    write(redis_client, traffic[:40])
+    settings = config(tmp_path, autocast_dtype="bfloat16", gate_min_positions=1)
+    trainer = OnlineTrainer(settings, model_dirs["llama"]["small"], redis_client, stream=STREAM)
+    dtypes = []
+    trainer.model.lm_head.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    train(trainer, 3)
+    decision = trainer.evaluate()
+    assert dtypes and set(dtypes) == {torch.bfloat16} and np.isfinite(trainer.last_loss)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert 0 < decision.candidate <= 1 and 0 < decision.live <= 1

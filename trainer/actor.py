@@ -6,7 +6,8 @@ the CPU it needs; `pause` and `resume` hold it between steps. `train(steps)` tra
 number of steps at once instead, at the caller's priority: a budget that does not depend on idle
 CPU. A restart re-runs the constructor, which resumes from the last checkpoint; traces trained
 on after it were never acked, so the stream delivers them again. When Redis is unreachable the
-trainer pauses and retries.
+trainer pauses and retries. On CUDA the process caps its GPU memory at `gpu_memory_fraction` of
+the device it trains on (`claim_device`), and its status names the GPUs Ray assigned it.
 """
 
 from __future__ import annotations
@@ -43,9 +44,7 @@ class Trainer:
         stream: StreamConfig | None = None,
     ):
         torch.set_num_threads(config.torch_threads)
-        if config.device.startswith("cuda"):  # the GPU is shared with replicas: stay within a share
-            device = torch.device(config.device)
-            torch.cuda.set_per_process_memory_fraction(config.gpu_memory_fraction, device)
+        self.device = claim_device(config)
         kind = DomainTrainers if config.adapters else OnlineTrainer
         self.trainer = kind(config, base, open_redis(redis_url), consumer, stream)
         self.state = "starting"
@@ -79,8 +78,15 @@ class Trainer:
             backlog = asdict(self.trainer.reader.backlog())  # the stream's length, pending and lag
         except redis.RedisError:
             backlog = None
-        return {"state": self.state, "pid": os.getpid(), **self.trainer.status(), "backlog": backlog,
-                "time": time.time()}  # fmt: skip
+        return {
+            "state": self.state,
+            "pid": os.getpid(),
+            **self.trainer.status(),
+            "backlog": backlog,
+            "device": str(self.device),  # where it trains
+            "accelerators": accelerator_ids(),  # the GPUs Ray assigned it
+            "time": time.time(),
+        }
 
     def pause(self) -> None:
         """Stop training; returns once the step in progress has finished, so that no step runs
@@ -107,6 +113,23 @@ class Trainer:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+
+
+def claim_device(config: TrainerConfig) -> torch.device:
+    """The device the trainer trains on. On CUDA, shared with the replicas, the process caps its
+    memory there at `gpu_memory_fraction` (the allocator refuses beyond it)."""
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_per_process_memory_fraction(config.gpu_memory_fraction, device)
+    return device
+
+
+def accelerator_ids() -> list[str]:
+    """The GPU ids Ray assigned this process ([] outside Ray, or with none)."""
+    if not ray.is_initialized():
+        return []
+    return list(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
 
 
 def lower_priority(config: TrainerConfig) -> None:

@@ -1,18 +1,33 @@
 """Trainer checkpoints: the draft's trainable weights and the optimizer state as safetensors, the
 rest as JSON, written to a temporary directory and renamed into place, so that a `kill -9` at
-any moment leaves either the previous checkpoint or the new one, never a torn one."""
+any moment leaves either the previous checkpoint or the new one, never a torn one.
+
+Beside them, the gate set: one file per held-out trace (`root/gate/<stream id>.trace`, its stream
+fields as store.traces encodes them, in safetensors), written atomically before the trace is acked
+and removed when it leaves the set, so that a restart gates on the same traces.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_arrays
+from safetensors.numpy import save as save_arrays
 from safetensors.torch import load_file, save_file
 
+from store.traces import Trace, TraceDecodeError, decode, encode
+
+log = logging.getLogger(__name__)
+
 CURRENT = "current"
+GATE = "gate"
 
 
 @dataclass
@@ -78,3 +93,42 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], layout: dict) -> dict:
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     return {"state": state, "param_groups": layout["param_groups"]}
+
+
+def save_held_out(root: Path, entry_id: bytes, trace: Trace) -> None:
+    """Write a held-out trace of the gate set, by its stream id, atomically."""
+    folder = root / GATE
+    folder.mkdir(parents=True, exist_ok=True)
+    fields = {name.decode(): np.frombuffer(value, np.uint8) for name, value in encode(trace).items()}
+    path = _held_out_path(root, entry_id)
+    staging = path.with_suffix(".staging")
+    staging.write_bytes(save_arrays(fields))
+    staging.replace(path)
+
+
+def drop_held_out(root: Path, entry_id: bytes) -> None:
+    _held_out_path(root, entry_id).unlink(missing_ok=True)
+
+
+def load_held_out(root: Path) -> list[tuple[bytes, Trace]]:
+    """The saved gate set: (stream id, trace) in stream order. An unreadable file is skipped, with a
+    warning, and removed."""
+    held = []
+    for path in (root / GATE).glob("*.trace"):
+        try:
+            fields = {
+                name.encode(): array.tobytes() for name, array in load_arrays(path.read_bytes()).items()
+            }
+            held.append((path.stem.encode(), decode(fields)))
+        except (SafetensorError, TraceDecodeError) as err:
+            log.warning("dropping unreadable held-out trace %s: %s", path.name, err)
+            path.unlink()
+    return sorted(held, key=lambda item: tuple(int(part) for part in item[0].split(b"-")))
+
+
+def _held_out_path(root: Path, entry_id: bytes) -> Path:
+    """Stream ids are `<ms>-<seq>`: safe as a file name."""
+    name = entry_id.decode()
+    if not all(part.isdigit() for part in name.split("-")):
+        raise ValueError(f"not a stream id: {entry_id!r}")
+    return root / GATE / f"{name}.trace"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+import torch
 
 from distill.heads import HeadsSpec
 from distill.lora import LoraSpec
@@ -45,14 +48,15 @@ class TrainerConfig:
     loss: LossName = "fkl"
     jsd_beta: float = 0.5
     selection: Selection = "all"
-    lora: LoraSpec | None = None  # None: full fine-tuning of the draft
+    lora: LoraSpec | None = None  # an adapter; None: by size (lora_min_params)
+    lora_min_params: int | None = 100_000_000  # drafts this large get LoraSpec() (None: always full)
     heads: HeadsSpec | None = None  # train draft heads on the target's hidden states instead
     adapters: AdapterPolicy | None = None  # one LoRA adapter per busy domain, and the router
     # How.
     learning_rate: float = 3e-4
     weight_decay: float = 0.0
     batch_size: int = 8  # traces per step; new ones first, the rest replayed
-    max_seq_len: int = 256
+    max_seq_len: int = 2_048  # input tokens per trace (the output end); heads: rows per trace
     grad_clip: float = 1.0
     # The replay buffer.
     buffer_cap: int = 2_000
@@ -80,6 +84,9 @@ class TrainerConfig:
     torch_threads: int = 1
     device: str = "cpu"  # where it trains: "cuda" shares the replicas' GPU, within gpu_memory_fraction
     gpu_memory_fraction: float = 0.15  # on CUDA, this process's cap (the replicas take 0.80)
+    # Compute dtype of training and scoring (torch.autocast; the weights stay float32).
+    # "auto": bfloat16 on CUDA, none elsewhere.
+    autocast_dtype: Literal["auto", "bfloat16"] | None = "auto"
     sched_idle: bool = True  # Linux: the training thread runs only on otherwise idle CPU (SCHED_IDLE)
     niceness: int = 10  # where SCHED_IDLE is off or missing: the training thread's nice increment
     read_count: int = 64  # traces per read from the stream
@@ -106,9 +113,18 @@ class TrainerConfig:
             "gpu_memory_fraction": 0.0 < self.gpu_memory_fraction <= 1.0,
             "drift_check_seconds": self.drift_check_seconds > 0,
             "drift_boost": self.drift_boost >= 1,
+            "lora_min_params": self.lora_min_params is None or self.lora_min_params >= 1,
+            "autocast_dtype": self.autocast_dtype in ("auto", "bfloat16", None),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(
                 f"invalid trainer settings: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}"
             )
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        """The dtype the forward passes compute in under torch.autocast, or None for none."""
+        if self.autocast_dtype == "auto":
+            return torch.bfloat16 if torch.device(self.device).type == "cuda" else None
+        return torch.bfloat16 if self.autocast_dtype == "bfloat16" else None

@@ -8,6 +8,11 @@ each (`replay_once`), and is gated when the score stops improving, on as few as
 `gate_dry_min_positions`: a young deployment reaches a decision from the traffic it has. Then the
 trainer waits for new traces. `activity` says in words what it is doing or waiting for.
 
+The gate set (held-out traces, per domain) is kept on disk beside the checkpoints, one file per
+trace written before its ack, so that a restart gates on the same traces. The live version is
+scored on it once per trace and version: its weights wait on the CPU and are loaded into the
+model only to score traces it has not scored yet, so no second copy of the draft sits on the device.
+
 `OnlineTrainer` meets serving only through the store: traces in, registry versions out, metric
 series and server load read. trainer.actor runs it in its own process.
 """
@@ -30,19 +35,30 @@ from store.metrics import MetricsConfig, read_series
 from store.registry import ALL_DOMAINS, CorruptWeightsError, DraftVersion, Registry
 from store.traces import StreamConfig, Trace, TraceReader
 from trainer.buffer import ReplayBuffer
-from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    TrainerState,
+    drop_held_out,
+    load_checkpoint,
+    load_held_out,
+    save_checkpoint,
+    save_held_out,
+)
 from trainer.config import TrainerConfig
 from trainer.gate import GateDecision, Tally, WatchVerdict, gate, replay_stop, watch
-from trainer.learners import learner_for
+from trainer.learners import autocast, learner_for
 
 log = logging.getLogger(__name__)
 
 
 class HeldOut(NamedTuple):
-    """A trace of the gate set, and how many positions the gate scores it on."""
+    """A trace of the gate set, its stream id, and how many positions the gate scores it on."""
 
+    entry_id: bytes
     trace: Trace
     positions: int
+
+
+Scores = dict[bytes, tuple[float, int]]  # per held-out trace (stream id): summed acceptance, positions
 
 
 @dataclass
@@ -69,14 +85,16 @@ class OnlineTrainer:
         self.config, self.client, self.metrics = config, client, metrics or MetricsConfig()
         self.learner = learner_for(config, base)
         self.model = self.learner.build()
-        self.live_model = self.learner.build().eval()  # what servers run now, for the gate
-        self.learner.load(self.live_model, self.learner.weights(self.model))
+        self.live_weights: dict[str, torch.Tensor] = {}  # what servers run now, on the CPU
+        self.live_scores: Scores = {}  # the live version's, on the gate set
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.reader = TraceReader(client, consumer, stream or StreamConfig())
         self.registry = Registry(client, file_dir=config.registry_dir)
         self.buffer = ReplayBuffer(config.buffer_cap, config.recency_half_life)
         self.gate_set: dict[str, deque[HeldOut]] = defaultdict(lambda: deque(maxlen=config.gate_window))
+        for entry_id, trace in load_held_out(config.checkpoint_dir):
+            self._hold_out(entry_id, trace, save=False)
         self.pending_acks: list[bytes] = []
         self.generator = torch.Generator().manual_seed(0)
         self.state = TrainerState()
@@ -120,6 +138,7 @@ class OnlineTrainer:
         anything with access to the registry) is watched like a publish of ours, and one whose
         weights do not load (non-finite, corrupt) is rolled back at once."""
         name, domain, known = self.config.draft_name, self.config.domain, self.state.live_version
+        loaded = bool(self.live_weights)  # false at the start, a restart's too
         live = self.registry.live(name, domain)
         if live is None:
             live = self.registry.publish(
@@ -129,7 +148,7 @@ class OnlineTrainer:
                 kind=self.learner.kind,
                 extra={"origin": "starting draft", **self.learner.extra},
             )
-        if live.version == known:
+        if live.version == known and loaded:
             return
         try:
             weights = self.registry.load(live)
@@ -141,7 +160,7 @@ class OnlineTrainer:
             log.warning("rolled back %s, %s", live.label, reason)
             self._remember({"kind": "watch", "version": live.version, "action": "rollback", "reason": reason})
             return
-        self.learner.load(self.live_model, weights)
+        self._set_live(weights)
         if known is None:
             self.learner.load(self.model, weights)
         elif live.version > known and live.parent is not None:
@@ -269,9 +288,8 @@ class OnlineTrainer:
                 self._skip(delivery.trace)
                 gate_only.append(delivery.entry_id)  # nothing to learn from: acked at once
             elif delivery.held_out:
-                held_out = HeldOut(delivery.trace, self.learner.positions(delivery.trace))
-                self.gate_set[delivery.trace.domain].append(held_out)
-                gate_only.append(delivery.entry_id)  # evaluated on, never trained on
+                self._hold_out(delivery.entry_id, delivery.trace)
+                gate_only.append(delivery.entry_id)  # evaluated on, never trained on; saved, then acked
             else:
                 self.buffer.add(delivery.entry_id, delivery.trace)
         self.reader.ack(gate_only)
@@ -295,7 +313,8 @@ class OnlineTrainer:
         if not entries:
             return None
         self.model.train()
-        loss = self.learner.loss(self.model, [e.trace for e in entries])
+        with autocast(self.config):
+            loss = self.learner.loss(self.model, [e.trace for e in entries])
         self.optimizer.zero_grad()
         loss.backward()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -318,26 +337,75 @@ class OnlineTrainer:
         """The positions the gate would score now, over every domain's held-out traces."""
         return sum(h.positions for held in self.gate_set.values() for h in held)
 
-    def held_out_tallies(self, model: torch.nn.Module) -> dict[str, Tally]:
-        """A model's expected acceptance on each domain's held-out traces."""
-        model.eval()
+    def _hold_out(self, entry_id: bytes, trace: Trace, save: bool = True) -> None:
+        """Add a trace to its domain's gate set (saved first unless it was read back from disk); the
+        oldest beyond `gate_window` leaves it, and the disk. A trace already held (delivered again:
+        a crash came between its save and its ack) is not added twice."""
+        held = self.gate_set[trace.domain]
+        if any(h.entry_id == entry_id for h in held):
+            return
+        if save:
+            save_held_out(self.config.checkpoint_dir, entry_id, trace)
+        evicted = held[0] if len(held) == held.maxlen else None
+        held.append(HeldOut(entry_id, trace, self.learner.positions(trace)))
+        if evicted is not None:
+            drop_held_out(self.config.checkpoint_dir, evicted.entry_id)
+
+    def _held_out(self) -> list[HeldOut]:
+        return [h for held in self.gate_set.values() for h in held]
+
+    def _score(self, held: list[HeldOut]) -> Scores:
+        """The model's expected acceptance on held-out traces."""
+        if not held:
+            return {}
+        self.model.eval()
+        with autocast(self.config):
+            per_trace = self.learner.acceptance(self.model, [h.trace for h in held])
+        return {h.entry_id: score for h, score in zip(held, per_trace, strict=True)}
+
+    def candidate_scores(self) -> Scores:
+        """The candidate's (the model in training) expected acceptance on the gate set."""
+        return self._score(self._held_out())
+
+    def live_version_scores(self) -> Scores:
+        """The live version's expected acceptance on the gate set, kept while it stays live: traces it
+        has not scored yet are scored with its weights loaded into the model for the moment."""
+        held = self._held_out()
+        missing = [h for h in held if h.entry_id not in self.live_scores]
+        if missing:
+            candidate = self.weights()
+            try:
+                self.learner.load(self.model, self.live_weights)
+                self.live_scores |= self._score(missing)
+            finally:  # the candidate back, whatever happened
+                self.learner.load(self.model, candidate)
+        self.live_scores = {h.entry_id: self.live_scores[h.entry_id] for h in held}  # the evicted go
+        return self.live_scores
+
+    def _set_live(self, weights: dict[str, torch.Tensor], scores: Scores | None = None) -> None:
+        """A new live version: its weights (on the CPU), and its scores on the gate set if known."""
+        self.live_weights, self.live_scores = weights, dict(scores or {})
+
+    def tallies(self, scores: Scores) -> dict[str, Tally]:
+        """Per domain, the summed scores of its held-out traces."""
         tallies = {}
         for domain, held in self.gate_set.items():
             if held:
-                per_trace = self.learner.acceptance(model, [h.trace for h in held])
+                per_trace = [scores[h.entry_id] for h in held]
                 tallies[domain] = Tally(sum(s for s, _ in per_trace), sum(n for _, n in per_trace))
         return tallies
 
     def held_out_score(self) -> float:
         """The candidate's expected acceptance over all held-out positions."""
-        return sum(self.held_out_tallies(self.model).values(), Tally()).rate or 0.0
+        return sum(self.tallies(self.candidate_scores()).values(), Tally()).rate or 0.0
 
-    def evaluate(self, min_positions: int | None = None) -> GateDecision:
-        """Candidate (the model in training) against the live version on the held-out traces, needing
-        `min_positions` of them (default `gate_min_positions`)."""
-        candidate, live = self.held_out_tallies(self.model), self.held_out_tallies(self.live_model)
+    def evaluate(self, min_positions: int | None = None, candidate: Scores | None = None) -> GateDecision:
+        """Candidate (the model in training, or its `candidate` scores) against the live version on
+        the held-out traces, needing `min_positions` of them (default `gate_min_positions`)."""
+        candidate = self.candidate_scores() if candidate is None else candidate
         needed = self.config.gate_min_positions if min_positions is None else min_positions
-        return gate(candidate, live, self.config.gate_margin, needed)
+        live = self.live_version_scores()
+        return gate(self.tallies(candidate), self.tallies(live), self.config.gate_margin, needed)
 
     def maybe_publish(self, min_positions: int | None = None, replay: dict | None = None) -> GateDecision:
         """Gate the candidate (`evaluate`); a decision, publish or refusal, is checkpointed first, so
@@ -345,7 +413,8 @@ class OnlineTrainer:
         twice, then goes to the registry. Too few held-out positions is a wait, not a decision.
         `replay`: how the replay before it went (its scores and why it stopped), kept with the rest."""
         needed = self.config.gate_min_positions if min_positions is None else min_positions
-        decision = self.evaluate(needed)
+        scores = self.candidate_scores()
+        decision = self.evaluate(needed, scores)
         record = decision.record() | ({"replay": replay} if replay else {})
         self._remember({"kind": "gate", "step": self.state.step, **record})
         if not decision.publish and decision.positions < needed:
@@ -369,7 +438,7 @@ class OnlineTrainer:
             )
             return decision
         published = self.registry.promote(self.config.draft_name, self.config.domain, candidate.version)
-        self.learner.load(self.live_model, weights)
+        self._set_live(weights, scores)  # the candidate it was: scored already
         self.state.live_version = published.version
         self.watching = (published, time.time())
         log.info("published %s: %s", published.label, decision.reason)
@@ -394,7 +463,7 @@ class OnlineTrainer:
         if verdict.action == "rollback":
             self.registry.rollback(published.name, published.domain, to=parent.version, reason=verdict.reason)
             weights = self.registry.load(parent)
-            self.learner.load(self.live_model, weights)
+            self._set_live(weights)
             self.learner.load(self.model, weights)  # train on from the version that worked
             self.state.live_version = parent.version
             self.state.decided_step, self.replay = self.state.step, None  # the candidate is live again

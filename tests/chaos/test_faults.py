@@ -1,7 +1,8 @@
 """Every fault scenario of benchmarks/chaos.py, in a bounded-time form, against one real `osd serve`
-stack of the tiny demo pair (two replicas and the trainer) on loopback, under a live workload:
-Redis killed and restarted from its AOF, the trainer and a replica killed with SIGKILL, bad drafts
-published past the gate, Redis out of memory, and a short soak.
+stack of the tiny demo pair (two replicas, the trainer and its embedded redis-server) on loopback,
+under a live workload: the redis-server killed with SIGKILL (`osd serve` restarts it from its AOF),
+the trainer and a replica killed with SIGKILL, bad drafts published past the gate, Redis out of
+memory, and a short soak.
 
 The trainer runs at normal priority here (not SCHED_IDLE): the scenarios wait for it to notice a
 fault and judge a draft, and that must not hang on how much idle CPU a busy machine leaves. It
@@ -46,13 +47,19 @@ def served_everything(result) -> None:
 
 
 @pytest.mark.slow
-def test_redis_killed_then_restarted_from_its_aof(results):
+def test_the_embedded_redis_killed_is_restarted_by_osd_serve_from_its_aof(results):
     result = results["redis-kill"]
-    served_everything(result)  # traces queued in the replicas while Redis was down, then landed
     checks = result.checks
-    assert checks["trainer_paused_while_down"] and checks["trainer_resumed"]
+    print(f"redis-server answered again {checks['back_s']} s after its SIGKILL")  # measured, not asserted
+    served_everything(result)  # traces queued in the replicas while Redis was down, then landed
+    assert checks["back_s"] is not None and checks["same_port"]  # a new process, on the same port
+    assert checks["pid_after"] != checks["pid_before"]
+    assert checks["restart_logged"] and checks["restart_counted_on_metrics"]  # osd:redis_restarts_total
+    assert checks["stream_kept"]  # the AOF had every trace written before the kill
+    # Traces flow again (the stream grows) and the trainer trains again (its step count grows).
+    assert checks["traces_and_training_again"]
+    assert checks["trainer_step_after"] > checks["trainer_step_at_back"]
     assert checks["live_version_after"] == checks["live_version_before"] is not None
-    assert result.recovery_s is not None
 
 
 @pytest.mark.slow
