@@ -159,13 +159,19 @@ def main(argv: list[str] | None = None) -> dict:
         "domains": domains,
         "training_requests": len(mixed),
         "k": args.k,
-        "adapter_policy": {"min_traces": args.min_traces, "learning_rate": args.adapter_lr,
-                           "lora": vars(policy.lora)},  # fmt: skip
+        "adapter_policy": {
+            "min_traces": args.min_traces,
+            "learning_rate": args.adapter_lr,
+            "lora": vars(policy.lora),
+        },  # fmt: skip
         "sizes": sizes,
-        "router": {"version": None if router_meta is None else router_meta.label,
-                   "fit": None if router_meta is None else router_meta.extra.get("fit"),
-                   "routed_to_own_domain": own_share, "min_confidence": args.min_confidence,
-                   "route_ms_median": round(statistics.median(route_seconds) * 1e3, 3)},  # fmt: skip
+        "router": {
+            "version": None if router_meta is None else router_meta.label,
+            "fit": None if router_meta is None else router_meta.extra.get("fit"),
+            "routed_to_own_domain": own_share,
+            "min_confidence": args.min_confidence,
+            "route_ms_median": round(statistics.median(route_seconds) * 1e3, 3),
+        },  # fmt: skip
         "trainers": trained,
         "rows": rows,
         "seconds": round(time.perf_counter() - began, 1),

@@ -146,6 +146,9 @@ class SyntheticProposer:
             out.append(Proposal(tokens=torch.where(right, truth, (truth + 1) % VOCAB)))
         return out
 
+    def observe(self, state, accepted: int, hidden: torch.Tensor | None) -> None:
+        self.inner.observe(state, accepted, hidden)
+
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         self.inner.load_weights(weights)
 

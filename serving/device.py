@@ -7,9 +7,10 @@ compiled whole (`fullgraph`: a graph break is an error, not a slow path) with to
 memory (`SERVING_MEMORY_FRACTION`, or `--gpu-memory-utilization`), so that a trainer on the same
 GPU keeps its own. A step's input width is rounded up to a bucket of `STEP_WIDTHS` (the verify
 step's k + 1 or tree, each draft step's catch-up), so each compiled forward has at most
-len(STEP_WIDTHS) graphs, whatever the traffic. On the CPU: float32, the dynamic slot cache, eager forwards. Prefills always run eager
-(their lengths vary). Everything here is plain data and selection, so the CPU tests cover it,
-with torch.compile's "eager" backend standing in for CUDA graphs.
+len(STEP_WIDTHS) graphs, whatever the traffic. On the CPU: float32, the dynamic slot cache,
+eager forwards. Prefills always run eager (their lengths vary). Everything here is plain data
+and selection, so the CPU tests cover it (tests/test_engine_compiled.py compiles the steps with
+inductor and fullgraph on the CPU).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ from serving.device import (
     profile_for,
 )
 from serving.errors import IncompatibleDraftError, InvalidRequestError
-from serving.memory import plan_on_device
+from serving.memory import MemoryPlan, plan_on_device
 from serving.models import (
     context_length,
     forward_slots,
@@ -290,6 +290,7 @@ class SpecEngine:
         self.costs: StepCosts | None = None  # calibrate's measurement: k then follows the load
         self.steps = 0
         self.speculating = False  # whether the load's last choice was k > 0
+        self.memory_plan: MemoryPlan | None = None  # from_pretrained's, on CUDA
 
     @classmethod
     def from_pretrained(
@@ -337,6 +338,7 @@ class SpecEngine:
                 ) from None
         max_length = _max_length(context_length(target_model), max_model_len)
         profile = profile_for(device, dtype, memory_fraction=gpu_memory_utilization)
+        plan = None
         if profile.static_cache:
             plan = plan_on_device(
                 target_model, draft_model, max_batch=max_batch, k=num_speculative_tokens,
@@ -362,7 +364,9 @@ class SpecEngine:
             )
         else:
             chosen = NgramProposer() if proposer == "ngram" else NullProposer()
-        return cls(target_model, chosen, num_speculative_tokens, profile, max_length)
+        engine = cls(target_model, chosen, num_speculative_tokens, profile, max_length)
+        engine.memory_plan = plan
+        return engine
 
     def generate(
         self,

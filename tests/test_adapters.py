@@ -85,7 +85,7 @@ def test_busy_domains_get_adapters_that_beat_the_shared_draft_there_and_serve_on
         domain = ("low", "high")[i % 2]
         ids = prompt(domain)
         out = engine.generate(ids, 24, temperature=1.0, seed=i, stop_token_ids=[], top_logprobs=16)
-        writer.append(trace_of(f"req-{i}", domain, "tiny-llama", "draft:base", ids, out, {}))
+        writer.append(trace_of(f"req-{i}", domain, "tiny-llama", ("draft:base",), ids, out, {}))
     assert writer.flush(timeout=PATIENCE)
     writer.close()
     policy = AdapterPolicy(min_traces=20, lora=LORA, router=RouterConfig(refit_every=20, min_held_out=8))
@@ -127,7 +127,8 @@ def test_a_budget_of_steps_reaches_every_busy_domain_s_adapter(model_dirs, redis
     for i in range(60):
         ids = [3 + i % 7, 9, 27 + i % 5, 4]
         out = engine.generate(ids, 8, temperature=1.0, seed=i, stop_token_ids=[], top_logprobs=16)
-        writer.append(trace_of(f"req-{i}", ("low", "high")[i % 2], "tiny-llama", "draft:base", ids, out, {}))
+        domain = ("low", "high")[i % 2]
+        writer.append(trace_of(f"req-{i}", domain, "tiny-llama", ("draft:base",), ids, out, {}))
     assert writer.flush(timeout=PATIENCE)
     writer.close()
     policy = AdapterPolicy(min_traces=20, lora=LORA, router=RouterConfig(refit_every=20, min_held_out=8))

@@ -84,7 +84,7 @@ def test_trace_acceptance_matches_what_the_engine_realises(model_dirs):
     for seed in range(40):
         prompt = [3 + seed, 17, 42, 5]
         out = engine.generate(prompt, 48, temperature=1.0, seed=seed, stop_token_ids=[], top_logprobs=VOCAB)
-        trace = trace_of(f"r{seed}", "test", "tiny", "v1", prompt, out, {"temperature": 1.0})
+        trace = trace_of(f"r{seed}", "test", "tiny", ("v1",), prompt, out, {"temperature": 1.0})
         traces.append(trace)
         batch = make_batch([trace], max_len=256)
         with torch.no_grad():
@@ -112,4 +112,4 @@ def test_a_trace_needs_the_logged_top_k(model_dirs):
     engine = SpecEngine.from_pretrained(model_dirs["llama"]["target"])
     out = engine.generate([3, 4, 5], 4, stop_token_ids=[])
     with pytest.raises(ValueError, match="top_logprobs"):
-        trace_of("r", "d", "t", "v1", [3, 4, 5], out, {})
+        trace_of("r", "d", "t", ("v1",), [3, 4, 5], out, {})

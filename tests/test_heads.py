@@ -134,7 +134,7 @@ def test_training_heads_on_traces_fits_them_to_the_targets_distributions(kind):
     for i in range(20):
         prompt = torch.randint(0, 128, (6,), generator=generator).tolist()
         out = engine.generate(prompt, 20, stop_token_ids=[], top_logprobs=16, hidden_states=True)
-        traces.append(trace_of(f"r{i}", "-", "tiny", "none", prompt, out, {}))
+        traces.append(trace_of(f"r{i}", "-", "tiny", ("none",), prompt, out, {}))
     batch = heads_batch(traces, 3)
     assert batch.hidden.shape == (20 * 17, 32) and batch.top_ids.shape == (20 * 17, 3, 16)
     heads = DraftHeads.for_target(HeadsSpec(kind, 3), target)
@@ -192,7 +192,7 @@ def test_the_online_trainer_learns_gates_and_publishes_heads_skipping_traces_wit
         prompt = torch.randint(0, 128, (6,), generator=generator).tolist()
         out = engine.generate(prompt, 20, temperature=1.0, seed=i, stop_token_ids=[], top_logprobs=16,
                               hidden_states=i % 10 != 0)  # fmt: skip
-        writer.append(trace_of(f"req-{i}", "code", "tiny", "draft:v1", prompt, out, {}))
+        writer.append(trace_of(f"req-{i}", "code", "tiny", ("draft:v1",), prompt, out, {}))
     assert writer.flush(timeout=PATIENCE)
     writer.close()
     config = TrainerConfig(
@@ -271,7 +271,7 @@ def test_the_heads_learner_holds_the_targets_lm_head_alone_and_learns_as_over_th
     for i in range(6):
         prompt = torch.randint(0, 128, (6,), generator=generator).tolist()
         out = engine.generate(prompt, 16, stop_token_ids=[], top_logprobs=16, hidden_states=True)
-        traces.append(trace_of(f"r{i}", "-", "tiny", "none", prompt, out, {}))
+        traces.append(trace_of(f"r{i}", "-", "tiny", ("none",), prompt, out, {}))
     ours, reference = learner.build(), DraftHeads.for_target(spec, whole)
     for heads in (ours, reference):
         optimizer = torch.optim.AdamW(heads.parameters(), lr=1e-2)

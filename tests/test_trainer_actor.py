@@ -1,4 +1,5 @@
-"""The trainer as a Ray actor: `kill -9` mid-training, Ray restarts it, it resumes from its checkpoint."""
+"""The trainer as a Ray actor: `kill -9` mid-training, Ray restarts it, it resumes from its checkpoint;
+its status names its device and the GPUs Ray assigned it."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def test_kill_9_restarts_and_resumes_with_no_trace_lost(
             return None
 
     before = wait_for(lambda: (s := status()) and s["step"] >= 6 and s, every=0.2)
+    assert (before["device"], before["accelerators"]) == ("cpu", [])  # Ray assigned it no GPU
     os.kill(before["pid"], signal.SIGKILL)
 
     after = wait_for(lambda: (s := status()) and s["pid"] != before["pid"] and s, every=0.2)

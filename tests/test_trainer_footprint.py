@@ -37,7 +37,7 @@ def traces(model_dirs) -> list[Trace]:
         out = engine.generate(
             prompt, 24, temperature=1.0, seed=i, stop_token_ids=[], top_logprobs=16, hidden_states=True
         )
-        made.append(trace_of(f"req-{i}", "code", "tiny-llama", "draft:v1", prompt, out, {}))
+        made.append(trace_of(f"req-{i}", "code", "tiny-llama", ("draft:v1",), prompt, out, {}))
     return made
 
 

@@ -33,7 +33,7 @@ def traffic(model_dirs):
         prompt = rng.integers(3, 128, 6).tolist()
         out = engine.generate(prompt, 24, temperature=1.0, seed=i, stop_token_ids=[], top_logprobs=16)
         traces.append(
-            trace_of(f"req-{i}", ["code", "prose"][i % 2], "tiny-llama", "draft:v1", prompt, out, {})
+            trace_of(f"req-{i}", ["code", "prose"][i % 2], "tiny-llama", ("draft:v1",), prompt, out, {})
         )
     return traces
 
