@@ -10,7 +10,7 @@ each, with ok, note (serves, but worth knowing) or FAIL (cannot serve):
 - trees: whether the target verifies token trees exactly (draft heads' tree mode);
 - context: each model's, against `--max-model-len` (default: the target's);
 - memory: the replica's memory plan (`serving.memory`): weights, and KV caches for `--max-batch`
-  slots of `--max-model-len` + `--k` + 1 positions (default: the target's context, reduced to
+  slots of `--max-model-len` + 64 lookahead positions (default: the target's context, reduced to
   what fits), within `--gpu-memory-utilization` of a device of `--memory-gib` (default: this
   one's, and what it has free), beside the trainer's `--trainer-share`; FAIL, with what would
   fit, when it cannot fit;
@@ -109,7 +109,7 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--k", type=int, default=K,
-        help=f"speculative tokens per step: each slot holds k + 1 positions more (default {K}, as osd serve)",
+        help=f"speculative tokens per step; a slot's lookahead is k + 1 when above 64 (default {K})",
     )  # fmt: skip
     p.add_argument(
         "--memory-gib", type=float,

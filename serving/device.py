@@ -28,6 +28,12 @@ STEP_WIDTHS = (1, 2, 4, 8, 16, 32, 64)  # a static step's input widths: its grap
 RECOMPILE_LIMIT = 2 * len(STEP_WIDTHS)  # graphs per compiled forward, with room to spare
 
 
+def step_lookahead(k: int) -> int:
+    """Positions a static slot holds past its longest sequence: a step pads its input up to its
+    bucket, so the widest step width (or the verify step's k + 1, if wider)."""
+    return max(k + 1, STEP_WIDTHS[-1])
+
+
 def step_width(n: int) -> int:
     """The bucket a static step of n input tokens runs at: the first of STEP_WIDTHS >= n (past
     the last, the next multiple of it)."""

@@ -12,8 +12,9 @@ replica's budget is `gpu_memory_utilization` of the device. Out of it come the b
 after the weights load (measured on CUDA by `plan_on_device`; else the weights), a reserve for
 activations, CUDA graphs and allocator slack (ACTIVATION_RESERVE of the budget, not measured),
 and a prefill's copy of one slot (a prompt is prefilled alone, then copied into its slot). The
-rest holds max_batch slots of max_model_len + k + 1 positions, in the target's cache and the
-draft's. max_model_len None is the target's context, reduced to a multiple of MIN_MODEL_LEN when
+rest holds max_batch slots of max_model_len + lookahead positions (`step_lookahead`: a static
+step pads its input to a bucket of step widths, so 64, or k + 1 if wider), in the target's cache
+and the draft's. max_model_len None is the target's context, reduced to a multiple of MIN_MODEL_LEN when
 it does not fit. A plan that cannot fit raises MemoryPlanError, with the bytes needed and
 available and what would fit. The trainer's share of the device is reported, and with the
 replica's it may not exceed the device.
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from serving.device import SERVING_MEMORY_FRACTION
+from serving.device import SERVING_MEMORY_FRACTION, step_lookahead
 
 GIB = 2**30
 MIN_MODEL_LEN = 256  # the shortest sequence a slot is planned for; reduced lengths are multiples of it
@@ -117,7 +118,7 @@ class MemoryPlan:
     slots: int  # max_batch
     k: int
     max_model_len: int
-    capacity: int  # positions per slot: max_model_len + k + 1
+    capacity: int  # positions per slot: max_model_len + step_lookahead(k)
     target_kv: int  # slots x capacity x target_kv_per_token
     draft_kv: int
     prefill: int  # one more slot's cache: a prompt's, prefilled before it is copied into its slot
@@ -141,7 +142,8 @@ class MemoryPlan:
         length = f"max_model_len {self.max_model_len}" + (
             f", the target's context {self.context} reduced to fit" if self.reduced else ""
         )
-        kv = f"KV cache: {self.slots} slots x {self.capacity} positions ({length}, + k {self.k} + 1): "
+        lookahead = self.capacity - self.max_model_len
+        kv = f"KV cache: {self.slots} slots x {self.capacity} positions ({length}, + {lookahead} lookahead): "
         kv += f"target {gib(self.target_kv)} ({self.target_kv_per_token / 1024:g} KiB a token)"
         weights = f"weights: target {gib(self.target_weights)}"
         if draft:
@@ -177,7 +179,7 @@ def plan_memory(
     in_use: int | None = None,
     free_bytes: int | None = None,
 ) -> MemoryPlan:
-    """The plan for `max_batch` slots of `max_model_len` tokens (+ k + 1 lookahead positions) on a
+    """The plan for `max_batch` slots of `max_model_len` tokens (+ step_lookahead(k) positions) on a
     device of `device_bytes`, or MemoryPlanError. `in_use`: bytes in use after both models' weights
     loaded (default: their weights). `free_bytes`: what the device has free after loading, when
     measured; the plan then fits in it too (another process may hold part of the replica's share).
@@ -210,15 +212,16 @@ def plan_memory(
     available = budget if free_bytes is None else min(budget, used + free_bytes)
     reserve = int(ACTIVATION_RESERVE * budget)
     room = available - used - reserve  # for the slots and the prefill's copy of one
+    lookahead = step_lookahead(k)
 
     def longest(slots: int) -> int:  # the largest max_model_len that fits `slots` slots
-        return room // ((slots + 1) * per_token) - k - 1
+        return room // ((slots + 1) * per_token) - lookahead
 
     def most_slots(length: int) -> int:  # the largest max_batch that fits `length` tokens a slot
-        return room // ((length + k + 1) * per_token) - 1
+        return room // ((length + lookahead) * per_token) - 1
 
     def refuse(what: str, length: int) -> MemoryPlanError:
-        need = (max_batch + 1) * (length + k + 1) * per_token
+        need = (max_batch + 1) * (length + lookahead) * per_token
         fits = [f"max_model_len {n} at max_batch {max_batch}" for n in [longest(max_batch)] if n >= 1]
         fits += [f"max_batch {n} at max_model_len {length}" for n in [most_slots(length)] if n >= 1]
         device = (used + need) / (gpu_memory_utilization * (1 - ACTIVATION_RESERVE))
@@ -228,10 +231,10 @@ def plan_memory(
             else f"{gpu_memory_utilization:.2f} of {gib(device_bytes)}"
         )  # fmt: skip
         return MemoryPlanError(
-            f"{what}: {max_batch} slots of {length} tokens (+ k {k} + 1) and a prefill's copy of one "
-            f"need {gib(need)} of KV cache ({per_token / 1024:g} KiB a token), but {gib(max(room, 0))} "
-            f"is left of the replica's {gib(available)} ({share}) after {gib(used)} of weights and "
-            f"{gib(reserve)} for activations; what fits: {' or '.join(fits)}"
+            f"{what}: {max_batch} slots of {length} tokens (+ {lookahead} lookahead) and a prefill's copy "
+            f"of one need {gib(need)} of KV cache ({per_token / 1024:g} KiB a token), but "
+            f"{gib(max(room, 0))} is left of the replica's {gib(available)} ({share}) after "
+            f"{gib(used)} of weights and {gib(reserve)} for activations; what fits: {' or '.join(fits)}"
         )
 
     minimal = min(MIN_MODEL_LEN, context or MIN_MODEL_LEN)
@@ -248,7 +251,7 @@ def plan_memory(
         length, reduced = longest(max_batch) // MIN_MODEL_LEN * MIN_MODEL_LEN, True
     else:
         raise refuse(f"not even {minimal} tokens a slot fit", minimal)
-    capacity = length + k + 1
+    capacity = length + lookahead
     return MemoryPlan(
         device_bytes=device_bytes, gpu_memory_utilization=gpu_memory_utilization, budget=budget,
         available=available, trainer_share=trainer_share, trainer_bytes=int(trainer_share * device_bytes),

@@ -88,11 +88,11 @@ def test_a_good_pair_reports_every_item_and_a_speedup_bound(pair, capsys, tmp_pa
     assert all(1 <= b["best_k"] <= 8 and b["speedup"] > 0 for b in report["speedup"])
     memory = report["memory"]  # the plan, on this machine's memory
     assert memory["max_model_len"] == 256 and memory["slots"] == 8 and not memory["reduced"]  # the defaults
-    assert memory["capacity"] == 256 + 3 + 1 and memory["k"] == 3 and memory["trainer_share"] == 0.15
+    assert memory["capacity"] == 256 + 64 and memory["k"] == 3 and memory["trainer_share"] == 0.15
     # 2 layers x 2 KV heads x head_dim 16, float32; the draft: 1 layer x 2 x 8
     assert memory["target_kv_per_token"] == 2 * 2 * 2 * 16 * 4 == 512
     assert memory["draft_kv_per_token"] == 2 * 1 * 2 * 8 * 4 == 128
-    assert memory["target_kv"] == 8 * 260 * 512 and memory["draft_kv"] == 8 * 260 * 128
+    assert memory["target_kv"] == 8 * 320 * 512 and memory["draft_kv"] == 8 * 320 * 128
     assert memory["in_use"] == memory["target_weights"] + memory["draft_weights"] > 0
     assert memory["total"] + memory["headroom"] == memory["available"] <= memory["budget"]
     assert report["memory_plan"] and "memory plan: replica:" in out and "trainer: 0.15 of the device" in out
@@ -161,21 +161,21 @@ def device_gib(path: str, draft: str | None, positions: float) -> str:
 
 
 def test_a_plan_that_does_not_fit_is_refused_with_what_fits(pair, capsys):
-    # room for 3.5 slots of 260 positions: 2 slots and the prefill's copy of one, at 256 + k 3 + 1
-    memory = device_gib(pair["target"], pair["draft"], 3.5 * 260)
+    # room for 3.5 slots of 320 positions: 2 slots and the prefill's copy of one, at 256 + 64 lookahead
+    memory = device_gib(pair["target"], pair["draft"], 3.5 * 320)
     argv = ["--target", pair["target"], "--draft", pair["draft"], "--memory-gib", memory]
     argv += ["--max-model-len", "256"]
     status, out = check(argv, capsys)
-    assert status == 1 and "does not fit: 8 slots of 256 tokens (+ k 3 + 1)" in out
+    assert status == 1 and "does not fit: 8 slots of 256 tokens (+ 64 lookahead)" in out
     assert "max_batch 2 at max_model_len 256" in out and "cannot serve" in out and "cost ratio" not in out
     status, out = check([*argv, "--max-batch", "2"], capsys)
     assert status == 0, out
-    assert "for 2 x 256 tokens" in out and "2 slots x 260 positions" in out and "ready to serve" in out
+    assert "for 2 x 256 tokens" in out and "2 slots x 320 positions" in out and "ready to serve" in out
 
 
 def test_a_long_context_that_does_not_fit_is_reduced_and_noted(pair, capsys):
-    # room for 9 x 1404 positions: 8 slots of 1400 + 4, and the prefill's copy; 1280 in 256s
-    memory = device_gib(pair["long"], None, 9 * 1404)
+    # room for 9 x 1464 positions: 8 slots of 1400 + 64, and the prefill's copy; 1280 in 256s
+    memory = device_gib(pair["long"], None, 9 * 1464)
     status, out = check(["--target", pair["long"], "--memory-gib", memory], capsys)
     assert status == 0, out
     assert "the target's context 4096 does not fit 8 slots: planned for 1280 tokens a sequence" in out

@@ -10,7 +10,7 @@ from test_engine_lossless import hf_greedy
 from test_engine_sampling import PROMPT, SAMPLES, joint_first_two, noise_bound, pair, tv  # noqa: F401
 from test_heads import random_heads
 
-from serving.device import DeviceProfile, profile_for
+from serving.device import DeviceProfile, profile_for, step_lookahead
 from serving.engine import SpecEngine
 from serving.kv import CacheFullError
 from serving.proposers import DraftModelProposer, HeadsProposer, NgramProposer, NullProposer
@@ -123,6 +123,28 @@ def test_static_compiled_layout_is_lossless_and_bounded(model_dirs, references):
         engine.add(PROMPTS[0], 4)
     with pytest.raises(CacheFullError):
         engine.add(PROMPTS[0], 4)
+
+
+def test_a_step_padded_to_its_width_bucket_fits_a_full_slot(model_dirs):
+    """A static slot keeps step_lookahead(k) positions past max_model_len: a draft falling 40
+    tokens behind (steps at k = 0) catches up in one step padded to width 64 at the end of the
+    sequence, and the output is still the target's."""
+    max_len, k = 64, 3
+    profile = DeviceProfile(
+        torch.float32, static_cache=True, slots=1, capacity=max_len + step_lookahead(k),
+        compile_mode="default", compile_backend="eager",
+    )  # fmt: skip
+    base = SpecEngine.from_pretrained(model_dirs["llama"]["target"], draft=model_dirs["llama"]["small"])
+    engine = SpecEngine(base.target, DraftModelProposer(base.proposer.model, profile), k, profile, max_len)
+    prompt = PROMPTS[3][:10] or [5]
+    decoding = engine.add(prompt, max_len - len(prompt), stop_token_ids=[])
+    engine.step(k)  # the draft's slot is filled
+    while decoding.length < max_len - 8:
+        engine.step(0)  # the draft falls behind
+    while engine.active:
+        engine.step(k)  # one catch-up of about 40 tokens, at width 64
+    expected = base.generate(prompt, max_len - len(prompt), stop_token_ids=[]).token_ids
+    assert decoding.output == expected
 
 
 def test_the_device_picks_the_profile():

@@ -41,7 +41,8 @@ QWEN25_05B = Qwen2Config(
     vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
 )  # fmt: skip
-K = 4  # each slot holds max_model_len + 5 positions
+K = 4  # the verify step runs 5 tokens; a slot holds max_model_len + 64 (step_lookahead)
+LOOKAHEAD = 64
 ON_80 = {"device_bytes": 80 * GIB, "max_batch": 8, "k": K}
 ON_24 = {"device_bytes": 24 * GIB, "max_batch": 8, "k": K}
 
@@ -87,9 +88,9 @@ def test_weights_of_real_shapes_counted_on_the_meta_device(llama, qwen):
 # weights = 2 x (8,030,261,248 + 1,235,814,400) = 18,532,151,296 B (17.26 GiB)
 # left for caches: 68,719,476,736 - 3,435,973,836 - 18,532,151,296 = 46,751,351,604 B
 # a position in both caches: 128 + 32 = 160 KiB; 8 slots and the prefill's copy: 9 x 163,840 B
-# = 1,474,560 B a position -> 31,705 positions -> max_model_len 31,705 - 5 = 31,700 (31,488 in 256s)
-# The full 131,072-token context needs 9 x 131,077 x 160 KiB = 180 GiB: it cannot fit.
-LLAMA_LONGEST = 31_700
+# = 1,474,560 B a position -> 31,705 positions -> max_model_len 31,705 - 64 = 31,641 (31,488 in 256s)
+# The full 131,072-token context needs 9 x 131,136 x 160 KiB = 180 GiB: it cannot fit.
+LLAMA_LONGEST = 31_641
 
 
 def test_llama_8b_full_context_is_reduced_to_what_fits_on_80_gib(llama):
@@ -98,7 +99,7 @@ def test_llama_8b_full_context_is_reduced_to_what_fits_on_80_gib(llama):
     assert plan.in_use == 18_532_151_296
     assert plan.reduced and plan.context == 131072
     assert plan.max_model_len == LLAMA_LONGEST // MIN_MODEL_LEN * MIN_MODEL_LEN == 31_488
-    assert plan.capacity == 31_488 + K + 1 and plan.slots == 8
+    assert plan.capacity == 31_488 + LOOKAHEAD and plan.slots == 8
     assert plan.target_kv == 8 * plan.capacity * 128 * 1024 and plan.draft_kv == 8 * plan.capacity * 32 * 1024
     assert plan.prefill == plan.capacity * 160 * 1024  # one slot more, in both caches
     assert plan.total == plan.in_use + plan.target_kv + plan.draft_kv + plan.prefill + plan.reserve
@@ -112,25 +113,25 @@ def test_llama_8b_full_context_asked_for_is_refused_with_the_numbers(llama):
     with pytest.raises(MemoryPlanError) as refused:
         plan_memory(*llama, **ON_80, max_model_len=131072)
     message = str(refused.value)
-    assert "8 slots of 131072 tokens" in message and "need 180.01 GiB of KV cache" in message
+    assert "8 slots of 131072 tokens" in message and "need 180.09 GiB of KV cache" in message
     assert "43.54 GiB is left of the replica's 64.00 GiB" in message and "17.26 GiB of weights" in message
-    # what fits: the longest sequences at 8 slots; 2 x 131,077 x 160 KiB = 40 GiB, plus the prefill's: 1 slot
+    # what fits: the longest sequences at 8 slots; 2 x 131,136 x 160 KiB = 40 GiB, plus the prefill's: 1 slot
     assert f"max_model_len {LLAMA_LONGEST} at max_batch 8" in message
     assert "max_batch 1 at max_model_len 131072" in message
 
 
 def test_llama_8b_at_8k_by_8_fits_80_gib_as_asked(llama):
     plan = plan_memory(*llama, **ON_80, max_model_len=8192)
-    assert not plan.reduced and plan.max_model_len == 8192 and plan.capacity == 8197
-    assert plan.target_kv == 8 * 8197 * 128 * 1024 and plan.draft_kv == 8 * 8197 * 32 * 1024
+    assert not plan.reduced and plan.max_model_len == 8192 and plan.capacity == 8256
+    assert plan.target_kv == 8 * 8256 * 128 * 1024 and plan.draft_kv == 8 * 8256 * 32 * 1024
     assert plan.headroom > 0
     lines = plan.render().splitlines()
     assert 3 <= len(lines) <= 8
     text = " ".join(lines)
     assert "64.00 GiB, 0.80 of the device's 80.00 GiB" in text
     assert "weights: target 14.96 GiB, draft 2.30 GiB" in text
-    assert "8 slots x 8197 positions (max_model_len 8192, + k 4 + 1)" in text
-    assert f"target {8 * 8197 * 128 / 2**20:.2f} GiB (128 KiB a token), draft" in text
+    assert "8 slots x 8256 positions (max_model_len 8192, + 64 lookahead)" in text
+    assert f"target {8 * 8256 * 128 / 2**20:.2f} GiB (128 KiB a token), draft" in text
     assert "trainer: no share of this device" in text and "of 64.00 GiB" in text
 
 
@@ -140,8 +141,8 @@ def test_llama_8b_at_8k_by_8_fits_80_gib_as_asked(llama):
 # weights = 2 x (7,615,616,512 + 494,032,768) = 16,219,298,560 B (15.11 GiB)
 # budget = int(0.8 x 24 GiB) = 20,615,843,020 B; activations int(5% of it) = 1,030,792,151 B
 # left for caches: 20,615,843,020 - 1,030,792,151 - 16,219,298,560 = 3,365,752,309 B
-# 9 x 69,632 = 626,688 B a position -> 5,370 positions -> max_model_len 5,365 (5,120 in 256s)
-QWEN_LONGEST = 5_365
+# 9 x 69,632 = 626,688 B a position -> 5,370 positions -> max_model_len 5,306 (5,120 in 256s)
+QWEN_LONGEST = 5_306
 
 
 def test_qwen_7b_on_24_gib_reduces_its_32k_context(qwen):
@@ -155,7 +156,7 @@ def test_qwen_7b_on_24_gib_reduces_its_32k_context(qwen):
     with pytest.raises(MemoryPlanError, match=f"what fits: max_model_len {QWEN_LONGEST} at max_batch 8"):
         plan_memory(*qwen, **ON_24, max_model_len=32768)
     one = plan_memory(*qwen, device_bytes=24 * GIB, max_batch=1, k=K)  # 2 x 69,632 B a position
-    assert 3_365_752_309 // (2 * 69_632) - K - 1 == 24_163 and one.max_model_len == 24_064 and one.reduced
+    assert 3_365_752_309 // (2 * 69_632) - LOOKAHEAD == 24_104 and one.max_model_len == 24_064 and one.reduced
 
 
 def test_weights_alone_over_the_budget_are_refused(llama):
@@ -170,14 +171,14 @@ def test_weights_alone_over_the_budget_are_refused(llama):
 
 def test_not_even_the_minimal_length_fits(qwen):
     # 20 GiB: a budget of 16 GiB less 16,219,298,560 of weights and 858,993,459 (5%) leaves
-    # 101,577,165 B for caches: 9 x 261 x 69,632 B = 163.6 MB do not fit; 5 x 261 x 69,632 B = 90.9 MB
-    # (4 slots and the prefill's copy) do
+    # 101,577,165 B for caches: 9 x 320 x 69,632 B = 200.5 MB do not fit; 4 x 320 x 69,632 B = 89.1 MB
+    # (3 slots and the prefill's copy) do
     with pytest.raises(MemoryPlanError) as refused:
         plan_memory(*qwen, device_bytes=20 * GIB, max_batch=8, k=K)
     message = str(refused.value)
     assert message.startswith(f"not even {MIN_MODEL_LEN} tokens a slot fit")
-    assert f"max_batch 4 at max_model_len {MIN_MODEL_LEN}" in message
-    plan = plan_memory(*qwen, device_bytes=20 * GIB, max_batch=4, k=K, max_model_len=MIN_MODEL_LEN)
+    assert f"max_batch 3 at max_model_len {MIN_MODEL_LEN}" in message
+    plan = plan_memory(*qwen, device_bytes=20 * GIB, max_batch=3, k=K, max_model_len=MIN_MODEL_LEN)
     assert plan.headroom >= 0
 
 
@@ -207,7 +208,7 @@ def test_measured_use_and_free_memory_bound_the_plan(qwen):
 def test_a_target_alone_and_a_short_context(qwen):
     target = qwen[0]
     plan = plan_memory(target, device_bytes=80 * GIB, max_batch=8, k=0)
-    assert plan.max_model_len == 32768 and not plan.reduced and plan.capacity == 32769
+    assert plan.max_model_len == 32768 and not plan.reduced and plan.capacity == 32768 + LOOKAHEAD
     assert plan.draft_weights == plan.draft_kv == plan.draft_kv_per_token == 0
     assert "draft" not in plan.render()
     tiny = ModelSize(weights=1000, kv_per_token=100, context=200)  # shorter than MIN_MODEL_LEN
