@@ -124,7 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
     engine = SpecEngine.from_pretrained(models.target, draft=models.draft, num_speculative_tokens=args.k)
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+        )  # fmt: skip
     rng = np.random.default_rng(args.seed)
     results = {mode: {"latency": [], "service": [], "steps": 0} for mode in MODES}
     with LocalRedis() as server, tempfile.TemporaryDirectory() as scratch:

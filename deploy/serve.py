@@ -202,8 +202,8 @@ def running(
         config = dataclasses.replace(config, redis_url=url or local_redis.url)
         env = WORKER_ENV | ({config.admin_token_env: endpoint.admin_token} if endpoint.admin_token else {})
         with console.status("starting Ray"):
-            ray.init(
-                include_dashboard=False, _node_ip_address="127.0.0.1",
+            ray.init(  # a fresh local instance, never one a stale address file points at
+                address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
                 runtime_env={"env_vars": env}, configure_logging=False,
             )  # fmt: skip
             serve.start(

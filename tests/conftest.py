@@ -100,6 +100,7 @@ def ray_session():
     import ray
 
     ray.init(
+        address="local",  # its own, whatever a killed run left in /tmp/ray
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

@@ -18,8 +18,8 @@ from tiny_models import TINY_DEMO
 def test_each_replica_and_the_trainer_get_gpus_of_their_own(tiny_demo, redis_server, redis_client, tmp_path):
     models = build_demo_models(TINY_DEMO, tiny_demo)
     ray.init(
-        num_cpus=2, num_gpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False,
-        _node_ip_address="127.0.0.1",
+        address="local", num_cpus=2, num_gpus=3, include_dashboard=False, log_to_driver=False,
+        configure_logging=False, _node_ip_address="127.0.0.1",
     )  # fmt: skip
     try:
         serve.start(
