@@ -342,7 +342,7 @@ class SpecEngine:
         if profile.static_cache:
             plan = plan_on_device(
                 target_model, draft_model, max_batch=max_batch, k=num_speculative_tokens,
-                max_model_len=max_length, gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
                 trainer_share=trainer_share,
             )  # fmt: skip
             log.info("memory plan for %s:\n%s", target, plan.render())
