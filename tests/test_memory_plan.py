@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
+from transformers import AutoConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
+import serving.engine as engine_module
+from serving.device import DeviceProfile
+from serving.engine import SpecEngine
 from serving.memory import (
     ACTIVATION_RESERVE,
     GIB,
@@ -257,3 +260,29 @@ def test_plan_on_device_measures_the_device_and_what_the_models_hold(monkeypatch
     assert (plan.device_bytes, plan.in_use, plan.trainer_share) == (total, reserved, 0.15)
     assert plan.budget == int(0.8 * total) and plan.available == reserved + free  # less than the budget
     assert plan.max_model_len == CONTEXT and plan.slots == 2
+
+
+def test_the_engine_sizes_its_static_caches_by_the_plan(tmp_path, monkeypatch):
+    """from_pretrained's CUDA path on CPU models: the static profile CUDA gets and torch.cuda's two
+    readings are stood in for. With no length asked, the 4096-token context that does not fit is
+    reduced; the engine's slots, capacity and request length are the plan's."""
+    for name, layers, hidden in (("target", 2, 64), ("draft", 1, 32)):
+        model = build("llama", layers, hidden, seed=layers)
+        model.config.max_position_embeddings = 4096
+        model.save_pretrained(tmp_path / name)
+    sizes = [model_size(AutoConfig.from_pretrained(tmp_path / n), torch.float32) for n in ("target", "draft")]
+    weights, per_token = sum(s.weights for s in sizes), sum(s.kv_per_token for s in sizes)
+    total = int((weights + 3 * 700 * per_token) / (0.8 * (1 - ACTIVATION_RESERVE)))  # 2 slots + prefill
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (total - weights, total))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: weights)
+    monkeypatch.setattr(
+        engine_module, "profile_for",
+        lambda device, dtype, memory_fraction: DeviceProfile(torch.float32, static_cache=True),
+    )  # fmt: skip
+    engine = SpecEngine.from_pretrained(str(tmp_path / "target"), str(tmp_path / "draft"), max_batch=2)
+    plan = engine.memory_plan
+    assert plan.reduced and engine.max_length == plan.max_model_len == 512  # 700 - 64 in 256s
+    assert (engine.cache.slots, engine.cache.capacity) == (2, plan.capacity) == (2, 512 + 64)
+    assert engine.proposer.cache.capacity == plan.capacity
+    with pytest.raises(MemoryPlanError, match="does not fit"):
+        SpecEngine.from_pretrained(str(tmp_path / "target"), max_batch=2, max_model_len=4096)
