@@ -56,7 +56,10 @@ def recorded_restarts(client: redis.Redis) -> int | None:
 
 
 def test_a_supervised_server_killed_comes_back_on_its_port_with_its_data(tmp_path, caplog):
-    server = LocalRedis(data_dir=tmp_path, supervise=True).start(timeout=PATIENCE)
+    # appendfsync always: every acknowledged write is in the AOF before the kill (everysec may hold
+    # a write back for up to 2 s while an fsync is slow, as on a busy machine, and lose it to kill -9)
+    always = ["--appendfsync", "always"]
+    server = LocalRedis(data_dir=tmp_path, supervise=True, extra_args=always).start(timeout=PATIENCE)
     try:
         client, port = server.client(), server.port
         assert read_restarts(client) == 0
