@@ -75,8 +75,8 @@ def test_a_request_past_its_deadline_fails_and_frees_its_slot(redis_client, mode
     server = replica(redis_client, model_dirs, request_timeout=0.2, max_batch=1)
     step = server.engine.step
 
-    def slow_step(k=None):  # every step outlasts the deadline, however fast the machine
-        time.sleep(0.3)
+    def slow_step(k=None):  # a step that returns only once its requests are out of time
+        wait_for(lambda: all(r.job.expired(time.perf_counter()) for r in server._running.values()))
         return step(k)
 
     server.engine.step = slow_step
