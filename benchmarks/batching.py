@@ -1,7 +1,7 @@
 """Throughput under concurrency: batched speculative decoding against the per-request loop.
 
 One process, one redis-server started here (traces and metrics go where they always go), and one
-`serving.server.Replica` per configuration, all serving the demo pair (greedy, `--max-tokens`
+`serving.replica.Replica` per configuration, all serving the demo pair (greedy, `--max-tokens`
 new tokens per request, no early stop, held-out prompts of `--domain`):
 - `loop-ar`, `loop-spec`: `max_batch` 1, one request decoded at a time (the replica before
   batching), plain decoding and speculation with a fixed k;
@@ -13,7 +13,7 @@ all alike; a block is a closed loop of `concurrency` clients until `--block-requ
 the mean k drafted per step, tokens per step; then the ratios batched/loop and spec/AR.
 
 Cache layout: 8 sequences verifying k = 3 drafts a step for 48 steps, once in the slot cache
-(serving.kv: rollback sets a row's length) and once in a padded DynamicCache, the other layout
+(serving.engine.kv: rollback sets a row's length) and once in a padded DynamicCache, the other layout
 the issue names (left padding and a 2D mask; rejected positions stay behind as masked holes).
 
     osd bench batching --json benchmarks/results/batching_cpu.json
@@ -36,9 +36,9 @@ from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from benchmarks.demo_pair import add_arguments, demo_pair
 from benchmarks.results import print_rows, write_report
-from serving.kv import SlotCache
-from serving.models import forward_slots, prefill
-from serving.server import Finished, Replica, ReplicaConfig, Request
+from serving.engine.kv import SlotCache
+from serving.engine.models import forward_slots, prefill
+from serving.replica import Finished, Replica, ReplicaConfig, Request
 from store.metrics import MetricsConfig
 from store.redis_server import LocalRedis
 from store.traces import StreamConfig

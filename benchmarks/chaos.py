@@ -58,7 +58,7 @@ from benchmarks.results import print_rows, write_report
 from benchmarks.serve_child import osd_serve
 from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, DemoModels, build_demo_models
 from deploy.demo.workloads import fixed_prompts
-from serving.engine import SpecEngine
+from serving.engine.hf import SpecEngine
 from store.load import read_load
 from store.metrics import read_series
 from store.redis_server import free_port, open_redis

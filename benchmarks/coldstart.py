@@ -48,9 +48,9 @@ from benchmarks.results import write_report
 from benchmarks.serve_child import osd_serve
 from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
 from distill.acceptance import mean_acceptance, trace_acceptance
-from serving.api import ChatMessage, chat_prompt
-from serving.engine import SpecEngine
-from serving.proposers import DraftModelProposer, NullProposer
+from serving.engine.hf import SpecEngine
+from serving.engine.proposers import DraftModelProposer, NullProposer
+from serving.http.api import ChatMessage, chat_prompt
 from serving.tracing import trace_of
 from store.load import read_load
 from store.redis_server import LocalRedis, free_port

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from rich.console import Console
 
 from benchmarks.results import print_rows, write_report
-from serving.dashboard import RANGES, dashboard_router
+from serving.http.dashboard import RANGES, dashboard_router
 from store.metrics import MetricsConfig, MetricsRecorder, request_counters
 from store.redis_server import LocalRedis
 

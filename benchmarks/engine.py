@@ -51,11 +51,11 @@ from deploy.demo.offline_distill import (
 )
 from deploy.demo.workloads import fixed_prompts
 from distill.heads import DraftHeads, HeadsSpec
-from serving.engine import SpecEngine, heads_cost_ratio
-from serving.kv import SlotCache
-from serving.models import forward_slots, prefill, resolve_device, resolve_dtype
-from serving.proposers import DraftModelProposer, HeadsProposer, NgramProposer, NullProposer, Proposer
-from serving.speculation import speedup_bound
+from serving.engine.hf import SpecEngine, heads_cost_ratio
+from serving.engine.kv import SlotCache
+from serving.engine.models import forward_slots, prefill, resolve_device, resolve_dtype
+from serving.engine.proposers import DraftModelProposer, HeadsProposer, NgramProposer, NullProposer, Proposer
+from serving.engine.speculation import speedup_bound
 
 Sample = tuple[list[int], int, int, int]  # new token ids, drafted, accepted, steps
 Generate = Callable[[list[int], int, int], Sample]  # (prompt, max_new_tokens, seed) -> Sample

@@ -1,9 +1,9 @@
 """GPU measurements on Llama-7B shapes (random init, bf16), prepared to run in one go on a lent GPU
 machine (H100/H200); never part of the tests or CI.
 
-Everything runs on the project's own model path: Hugging Face LlamaForCausalLM, serving.kv's
-static slot cache, serving.device's compiled step forwards (torch.compile "reduce-overhead", i.e.
-CUDA graphs) and serving.engine's decode loop. Side by side in one run:
+Everything runs on the project's own model path: Hugging Face LlamaForCausalLM, serving.engine.kv's
+static slot cache, serving.engine.device's compiled step forwards (torch.compile "reduce-overhead", i.e.
+CUDA graphs) and serving.engine.hf's decode loop. Side by side in one run:
 1. per-step latency, eager vs compiled: the 7B verify step of 1..9 tokens (k = 0..8; compiled at
    k = 0, 1, 5 and 8, one graph each), and the one-token steps of a 68M draft (2 layers) and a
    160M draft (12 layers);
@@ -36,11 +36,17 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from serving.device import SERVING_MEMORY_FRACTION, DeviceProfile, apply_memory_budget, compiled, new_cache
-from serving.engine import SpecEngine
-from serving.models import forward_slots, prefill
-from serving.proposers import DraftModelProposer, DraftRow, NullProposer, Proposal
-from serving.speculation import expected_tokens
+from serving.engine.device import (
+    SERVING_MEMORY_FRACTION,
+    DeviceProfile,
+    apply_memory_budget,
+    compiled,
+    new_cache,
+)
+from serving.engine.hf import SpecEngine
+from serving.engine.models import forward_slots, prefill
+from serving.engine.proposers import DraftModelProposer, DraftRow, NullProposer, Proposal
+from serving.engine.speculation import expected_tokens
 from trainer.config import TrainerConfig
 
 VOCAB = 32_000

@@ -4,7 +4,7 @@ part of the tests or CI (tests/test_gpu_smoke.py runs it on the CPU with tiny sh
 Random-init Llama shapes in bf16, a 1B target (Llama-3.2-1B's layers with a 32k vocabulary) and a
 68M draft, over a tokenizer of the demo world's kind with its ChatML template (its ids are the
 first of the 32k rows). Sections, each saved to the JSON as it ends:
-1. memory: the memory plan for the pair on this card (serving.memory), against what the card
+1. memory: the memory plan for the pair on this card (serving.engine.memory), against what the card
    reports once the engine's caches are allocated;
 2. steps: the speculative engine's step latency, eager against compiled (CUDA graphs, step widths
    in buckets), on the same batch of requests, whose outputs must be identical;
@@ -36,10 +36,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from benchmarks.serve_child import osd_serve
 from deploy.demo.tokenizer import add_chat_template, train_tokenizer
-from serving.device import DeviceProfile
-from serving.engine import SpecEngine
-from serving.memory import GIB
-from serving.proposers import DraftModelProposer
+from serving.engine.device import DeviceProfile
+from serving.engine.hf import SpecEngine
+from serving.engine.memory import GIB
+from serving.engine.proposers import DraftModelProposer
 from store.redis_server import LocalRedis, free_port
 from store.registry import Registry
 from store.traces import StreamConfig

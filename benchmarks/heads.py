@@ -31,9 +31,9 @@ from deploy.demo.measure import rotate
 from deploy.demo.offline_distill import distill_demo_heads, heads_distill_spec, load_demo_heads
 from deploy.demo.workloads import fixed_prompts
 from distill.heads import HeadsSpec
-from serving.engine import SpecEngine
-from serving.proposers import DraftModelProposer, HeadsProposer, NgramProposer, NullProposer
-from serving.tree import static_tree
+from serving.engine.hf import SpecEngine
+from serving.engine.proposers import DraftModelProposer, HeadsProposer, NgramProposer, NullProposer
+from serving.engine.tree import static_tree
 
 
 def parser() -> argparse.ArgumentParser:

@@ -47,8 +47,8 @@ from deploy.demo.offline_distill import (
 )
 from deploy.demo.workloads import Phase, WorkloadSpec, request_stream
 from distill.heads import DraftHeads, heads_spec
-from serving.engine import SpecEngine
-from serving.proposers import DraftModelProposer, HeadsProposer, NullProposer, Proposer
+from serving.engine.hf import SpecEngine
+from serving.engine.proposers import DraftModelProposer, HeadsProposer, NullProposer, Proposer
 from serving.tracing import trace_of
 from store.metrics import MetricsConfig, MetricsRecorder, request_counters
 from store.redis_server import LocalRedis

@@ -35,7 +35,7 @@ from benchmarks.online import parse_phases
 from benchmarks.results import write_report
 from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
 from deploy.demo.workloads import WorkloadSpec, request_stream
-from serving.engine import SpecEngine
+from serving.engine.hf import SpecEngine
 from serving.tracing import trace_of
 from store.load import publish_load
 from store.redis_server import LocalRedis

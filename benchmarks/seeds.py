@@ -1,4 +1,4 @@
-"""Seeded sampling: what the seed-only coupling (serving.sampling's race) costs against speculative
+"""Seeded sampling: what the seed-only coupling (serving.engine.sampling's race) costs against speculative
 sampling's own rejection rule, side by side in one process on the demo pair.
 
 For each domain's held-out prompts and each temperature, the same requests run unseeded (the
@@ -23,7 +23,7 @@ from rich.console import Console
 
 from benchmarks.demo_pair import add_arguments, demo_pair
 from benchmarks.results import print_rows, write_report
-from serving.engine import SpecEngine
+from serving.engine.hf import SpecEngine
 
 COLUMNS = ("domain", "temperature", "sampling", "α", "τ", "tokens/s ÷ unseeded")
 

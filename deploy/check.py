@@ -1,15 +1,15 @@
 """`osd check --target T [--draft D]`: the preflight. Will this pair serve, and how fast can it be?
 
-It loads the models as the engine does (`serving.models.load_causal_lm`) and reports, one line
+It loads the models as the engine does (`serving.engine.models.load_causal_lm`) and reports, one line
 each, with ok, note (serves, but worth knowing) or FAIL (cannot serve):
 - architecture: each model loads as a causal LM;
 - tokenizer: the target's, which the API needs to encode prompts and decode outputs;
-- vocabulary: the draft's against the target's (`serving.vocab`): the same token on every
+- vocabulary: the draft's against the target's (`serving.engine.vocab`): the same token on every
   shared id, and output rows beyond the tokens only padding;
 - chat template: the tokenizer's; without one, chat prompts become "<role>: <content>" lines;
 - trees: whether the target verifies token trees exactly (draft heads' tree mode);
 - context: each model's, against `--max-model-len` (default: the target's);
-- memory: the replica's memory plan (`serving.memory`): weights, and KV caches for `--max-batch`
+- memory: the replica's memory plan (`serving.engine.memory`): weights, and KV caches for `--max-batch`
   slots of `--max-model-len` + 64 lookahead positions (default: the target's context, reduced to
   what fits), within `--gpu-memory-utilization` of a device of `--memory-gib` (default: this
   one's, and what it has free), beside the trainer's `--trainer-share`; FAIL, with what would
@@ -35,11 +35,10 @@ from rich.markup import escape
 from rich.table import Table
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from serving.device import SERVING_MEMORY_FRACTION
-from serving.engine import cost_ratio
-from serving.errors import IncompatibleDraftError, ModelLoadError
-from serving.memory import GIB, MemoryPlan, gib, model_size, plan_memory
-from serving.models import (
+from serving.engine.device import SERVING_MEMORY_FRACTION
+from serving.engine.hf import cost_ratio
+from serving.engine.memory import GIB, MemoryPlan, gib, model_size, plan_memory
+from serving.engine.models import (
     context_length,
     load_causal_lm,
     resolve_device,
@@ -47,8 +46,9 @@ from serving.models import (
     tree_support,
     vocab_size,
 )
-from serving.speculation import speedup_bound
-from serving.vocab import SharedVocabulary, load_tokenizer, shared_vocabulary, token_list
+from serving.engine.speculation import speedup_bound
+from serving.engine.vocab import SharedVocabulary, load_tokenizer, shared_vocabulary, token_list
+from serving.errors import IncompatibleDraftError, ModelLoadError
 from trainer.config import TrainerConfig
 
 ALPHAS = (0.5, 0.6, 0.7, 0.8)  # acceptance rates the speedup bound is shown for
@@ -188,7 +188,7 @@ def check_vocabulary(
     target_rows: int,
     draft_rows: int,
 ) -> SharedVocabulary | None:
-    """The pair's shared vocabulary (serving.vocab), reported; None when there is none."""
+    """The pair's shared vocabulary (serving.engine.vocab), reported; None when there is none."""
     tokens = [None if t is None else token_list(t) for t in (target_tokenizer, draft_tokenizer)]
     try:
         shared = shared_vocabulary(target_rows, draft_rows, *tokens)

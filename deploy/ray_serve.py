@@ -3,7 +3,7 @@
 `build` is a Ray Serve application builder. `serve run deploy/serve.yaml` calls it with the
 YAML's `args`, and `osd serve` with its flags; both go through `ServiceConfig`. Each Serve
 replica is a Ray actor that loads the target and draft, opens its own Redis connection and serves
-the FastAPI app of `serving.api` (`@serve.ingress`, the app built once the replica has loaded).
+the FastAPI app of `serving.http.api` (`@serve.ingress`, the app built once the replica has loaded).
 Serve's proxy spreads requests over the replicas; each replica's own queue (`max_queue`) is the
 back-pressure, so Serve lets that many requests through to it.
 
@@ -36,9 +36,9 @@ from ray import serve
 from transformers import AutoConfig, AutoTokenizer
 
 from distill.heads import HeadsSpec, heads_spec
-from serving.api import MAX_LOGPROBS, create_app
-from serving.engine import ProposerName
-from serving.server import Replica, ReplicaConfig
+from serving.engine.hf import ProposerName
+from serving.http.api import MAX_LOGPROBS, create_app
+from serving.replica import Replica, ReplicaConfig
 from store.redis_server import open_redis
 from store.traces import StreamConfig
 from trainer.actor import TrainerActor
@@ -189,7 +189,7 @@ class ServiceConfig:
 @serve.deployment
 @serve.ingress()
 class OSDServer:
-    """One Serve replica: a `serving.server.Replica` and its HTTP app."""
+    """One Serve replica: a `serving.replica.Replica` and its HTTP app."""
 
     def __init__(self, config: ServiceConfig):
         if config.torch_threads:

@@ -42,7 +42,7 @@ from deploy.ray_serve import (
     combination_problem,
     gpu_shortfall,
 )
-from serving.engine import PROPOSERS
+from serving.engine.hf import PROPOSERS
 from store.redis_server import RedisConfig, connect, redacted
 
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # Serve's logs: warnings and errors only

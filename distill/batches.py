@@ -5,7 +5,7 @@ A trace of prompt P and output T becomes the sequence s = P + T; the draft reads
 position j predicts s[j + 1], so output token t is predicted at position len(P) + t - 1. Long
 sequences keep their last `max_len` input tokens (the output end), rows are right-padded, and
 `mask` marks the positions that carry a logged target distribution. A draft with fewer rows
-than the target (serving.vocab) reads the ids it has no embedding for as `pad_id`.
+than the target (serving.engine.vocab) reads the ids it has no embedding for as `pad_id`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ p_hat = p renormalised over the top-K set S. The truncation is handled explicitl
   is the expected acceptance;
 - cross-entropy -log q(y) of the token y the target emitted there.
 
-A draft with fewer output rows than the target (a padded vocabulary, serving.vocab) can never
+A draft with fewer output rows than the target (a padded vocabulary, serving.engine.vocab) can never
 propose the target's ids beyond its rows: those leave S, and p_hat is renormalised over the
 rest; a position with nothing left, or whose emitted token lies beyond, trains nothing.
 

@@ -124,7 +124,7 @@ def tiny_demo(tmp_path_factory) -> Path:
 def tiny_replica(tiny_demo, redis_client):
     """`make(name, **overrides)`: a serving replica of the tiny demo pair (k = 2) with stream and
     metric keys of its own, closed after the test; yields (make, the demo models)."""
-    from serving.server import Replica, ReplicaConfig
+    from serving.replica import Replica, ReplicaConfig
     from store.metrics import MetricsConfig
     from store.traces import StreamConfig
 

@@ -17,8 +17,8 @@ from deploy.demo.workloads import fixed_prompts
 from deploy.ray_serve import ServiceConfig, trainer_config
 from distill.lora import LoraSpec, adapter_weights, wrap_lora
 from distill.router import ROUTER, DomainRouter, RouterSpec, features, fit
-from serving.engine import SpecEngine
-from serving.server import Replica, ReplicaConfig, Request
+from serving.engine.hf import SpecEngine
+from serving.replica import Replica, ReplicaConfig, Request
 from serving.tracing import trace_of
 from store.metrics import MetricsConfig
 from store.registry import Registry
@@ -163,7 +163,7 @@ def test_a_corrupt_adapter_or_router_is_refused_and_the_shared_draft_serves(
     replica = make("corrupt", adapters=True)
     registry = Registry(redis_client)
     wrong = {"lora": dataclasses.asdict(LoraSpec(rank=2, target_modules=("q_proj",)))}  # not these weights
-    with caplog.at_level(logging.ERROR, logger="serving.server"):
+    with caplog.at_level(logging.ERROR, logger="serving.replica"):
         registry.publish("draft", adapter(models, 1), domain="c", kind="lora", extra=wrong)
         router = DomainRouter(["c", "python"], RouterSpec(buckets=64))
         extra = router.metadata() | {"domains": ["c"]}

@@ -10,8 +10,8 @@ from polling import wait_for
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deploy.demo.build import build_demo_models
-from serving.api import create_app
-from serving.server import Replica, ReplicaConfig
+from serving.http.api import create_app
+from serving.replica import Replica, ReplicaConfig
 from store.metrics import MetricsConfig
 from store.registry import Registry
 from store.traces import StreamConfig

@@ -13,9 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from deploy.demo.build import build_demo_models
-from serving.api import create_app
-from serving.engine import SpecEngine
-from serving.server import Replica, ReplicaConfig
+from serving.engine.hf import SpecEngine
+from serving.http.api import create_app
+from serving.replica import Replica, ReplicaConfig
 from store.metrics import MetricsConfig
 from store.traces import StreamConfig
 from tiny_models import TINY_DEMO

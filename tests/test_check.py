@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from deploy.check import main, parser
-from serving.memory import ACTIVATION_RESERVE, GIB, model_size
+from serving.engine.memory import ACTIVATION_RESERVE, GIB, model_size
 from tiny_models import VOCAB, build
 
 TOKENS = 120  # the tiny tokenizer's tokens: fewer than the models' VOCAB (128) rows

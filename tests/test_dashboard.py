@@ -12,8 +12,8 @@ from polling import wait_for
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks import dashboard_load
-from serving.api import create_app
-from serving.dashboard import BINS, aggregate, bin_layout, percentile, with_speedup
+from serving.http.api import create_app
+from serving.http.dashboard import BINS, aggregate, bin_layout, percentile, with_speedup
 from store.metrics import LATENCY_EDGES, MetricPoint, latency_bin
 from store.registry import Registry
 

@@ -19,7 +19,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deploy.demo.screenshot import browser as headless_chromium
-from serving.api import create_app
+from serving.http.api import create_app
 from store.registry import Registry
 
 pytestmark = pytest.mark.skipif(

@@ -30,7 +30,7 @@ from transformers import AutoTokenizer
 
 from deploy.demo.build import PRESETS, cached
 from deploy.demo.run import PLANS
-from serving.engine import SpecEngine
+from serving.engine.hf import SpecEngine
 from store.redis_server import free_port
 
 PROMPT = "def main():\n    "

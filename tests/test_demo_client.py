@@ -12,7 +12,7 @@ from deploy.demo.client import Clients, Served
 from deploy.demo.report import endpoint_stats
 from deploy.demo.tokenizer import IM_START
 from deploy.demo.workloads import Phase, WorkloadSpec, request_stream
-from serving.api import create_app
+from serving.http.api import create_app
 from store.traces import decode
 
 MODEL = "demo"

@@ -22,9 +22,9 @@ from deploy.demo.pretrain import target_continuations
 from deploy.demo.run import claim_state
 from deploy.demo.tokenizer import CHATML, IM_END, IM_START, train_tokenizer
 from distill.acceptance import expected_acceptance
-from serving.api import ChatMessage, chat_prompt
-from serving.engine import SpecEngine
-from serving.vocab import check_pair
+from serving.engine.hf import SpecEngine
+from serving.engine.vocab import check_pair
+from serving.http.api import ChatMessage, chat_prompt
 from tiny_models import SMALL_CORPUS, TINY_DEMO, build
 
 

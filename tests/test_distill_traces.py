@@ -9,7 +9,7 @@ import torch
 from distill.acceptance import mean_acceptance, trace_acceptance
 from distill.batches import make_batch
 from distill.losses import topk_acceptance
-from serving.engine import SpecEngine
+from serving.engine.hf import SpecEngine
 from serving.tracing import trace_of
 from store.traces import Trace
 from tiny_models import VOCAB

@@ -280,7 +280,7 @@ def test_commands_quoted_in_the_docs_exist() -> None:
 
 
 def test_source_files_named_in_the_docs_exist() -> None:
-    """A path such as `serving/engine.py` quoted in code must be in the repository (outputs a
+    """A path such as `serving/engine/hf.py` quoted in code must be in the repository (outputs a
     command would write, JSON and the like, are not checked)."""
     pattern = re.compile(rf"^(?:{'|'.join(SOURCE_DIRS)})/[\w./-]*\.(?:py|yaml|yml|png|md)$")
     missing = []

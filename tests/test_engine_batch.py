@@ -10,13 +10,13 @@ from test_engine_lossless import hf_greedy
 from test_engine_sampling import PROMPT, SAMPLES, joint_first_two, noise_bound, pair, tv  # noqa: F401
 from test_heads import random_heads
 
-from serving.device import DeviceProfile, profile_for, step_lookahead
-from serving.engine import SpecEngine
-from serving.kv import CacheFullError
-from serving.proposers import DraftModelProposer, HeadsProposer, NgramProposer, NullProposer
-from serving.sampling import SamplingParams
-from serving.speculation import PROBE_EVERY, AcceptanceEstimate, StepCosts, choose_k, expected_tokens
-from serving.tree import static_tree
+from serving.engine.device import DeviceProfile, profile_for, step_lookahead
+from serving.engine.hf import SpecEngine
+from serving.engine.kv import CacheFullError
+from serving.engine.proposers import DraftModelProposer, HeadsProposer, NgramProposer, NullProposer
+from serving.engine.sampling import SamplingParams
+from serving.engine.speculation import PROBE_EVERY, AcceptanceEstimate, StepCosts, choose_k, expected_tokens
+from serving.engine.tree import static_tree
 from tiny_models import ARCHS, VOCAB
 
 VOCAB_SMALL = 8  # the sampling pair's vocabulary

@@ -7,7 +7,7 @@ import pytest
 from benchmarks.engine import PRESETS, costed_speedup, parser, run
 from benchmarks.engine import main as main_bench
 from deploy.cli import main
-from serving.speculation import speedup_bound
+from serving.engine.speculation import speedup_bound
 from tiny_models import TINY_DEMO
 
 

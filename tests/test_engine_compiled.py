@@ -1,6 +1,6 @@
 """The GPU's compiled path, run on the CPU with the real compiler: torch.compile's inductor backend
 with fullgraph=True on the verify and draft steps (a graph break would be an error), a bounded,
-known number of graphs (step widths in buckets, serving.device), and output that stays exact,
+known number of graphs (step widths in buckets, serving.engine.device), and output that stays exact,
 greedy and seeded-sampled alike, against the eager engine."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from serving.device import DeviceProfile
-from serving.engine import SpecEngine
-from serving.proposers import DraftModelProposer
+from serving.engine.device import DeviceProfile
+from serving.engine.hf import SpecEngine
+from serving.engine.proposers import DraftModelProposer
 
 PROMPTS = [[5, 17, 42, 9, 3, 77], [8, 1, 30], [61, 2, 2, 14, 90, 33, 7, 19, 4]]
 REQUESTS = [dict(), dict(temperature=0.9, seed=3), dict(temperature=1.0, top_p=0.8, seed=11)]

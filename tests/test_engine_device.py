@@ -1,5 +1,5 @@
 """Device discipline: a decode step reads nothing back from the device except in its one batched
-transfer (`serving.engine.to_host`), whatever the proposer and whatever the request keeps.
+transfer (`serving.engine.hf.to_host`), whatever the proposer and whatever the request keeps.
 
 On the CPU every tensor is a host tensor, so the test watches the operations that would make a
 GPU wait: every `.item()`, `int()`, `bool()` of a tensor and every `nonzero` dispatches an ATen op
@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import serving.engine as engine_module
-from serving.engine import SpecEngine, to_host
-from serving.proposers import HeadsProposer
-from serving.tree import static_tree
+import serving.engine.hf as engine_module
+from serving.engine.hf import SpecEngine, to_host
+from serving.engine.proposers import HeadsProposer
+from serving.engine.tree import static_tree
 from tiny_models import random_heads
 
 SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "equal", "is_nonzero"}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serving.engine import SpecEngine
+from serving.engine.hf import SpecEngine
+from serving.engine.proposers import DraftModelProposer, NgramProposer, NullProposer
 from serving.errors import IncompatibleDraftError, InvalidRequestError, ModelLoadError
-from serving.proposers import DraftModelProposer, NgramProposer, NullProposer
 from tiny_models import CONTEXT, VOCAB, build
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from serving.engine import SpecEngine
+from serving.engine.hf import SpecEngine
 from serving.errors import InvalidRequestError
 from tiny_models import ARCHS, VOCAB
 

@@ -1,5 +1,5 @@
 """End to end: sampled output of the engine has the target's distribution, whatever the draft,
-with a generator (unseeded requests) and with the seeded race (serving.sampling), and for a draft
+with a generator (unseeded requests) and with the seeded race (serving.engine.sampling), and for a draft
 with fewer output rows than the target (a padded vocabulary)."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 from test_heads import random_heads
 
-from serving.engine import SpecEngine
-from serving.proposers import DraftModelProposer, HeadsProposer, NgramProposer
-from serving.sampling import SamplingParams, process_logits
+from serving.engine.hf import SpecEngine
+from serving.engine.proposers import DraftModelProposer, HeadsProposer, NgramProposer
+from serving.engine.sampling import SamplingParams, process_logits
 from tiny_models import build
 
 VOCAB = 8

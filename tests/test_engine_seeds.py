@@ -1,15 +1,15 @@
 """Seeded requests repeat: the same seed gives the same text whatever k, the proposer, the draft
 or the batch around it, because its draws depend only on the seed and the output position
-(serving.sampling's race); different seeds give different texts. (That seeded texts have the
+(serving.engine.sampling's race); different seeds give different texts. (That seeded texts have the
 target's distribution is in test_engine_sampling.)"""
 
 from __future__ import annotations
 
 import torch
 
-from serving.engine import SpecEngine
-from serving.proposers import NgramProposer, NullProposer
-from serving.sampling import position_seed, race, seeded_noise
+from serving.engine.hf import SpecEngine
+from serving.engine.proposers import NgramProposer, NullProposer
+from serving.engine.sampling import position_seed, race, seeded_noise
 from tiny_models import VOCAB
 
 PROMPT = [3, 17, 17, 9, 41, 3, 17]

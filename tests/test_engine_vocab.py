@@ -17,12 +17,12 @@ from distill.acceptance import mean_acceptance, trace_acceptance
 from distill.batches import make_batch
 from distill.lora import wrap_lora
 from distill.losses import topk_loss
-from serving.engine import SpecEngine
+from serving.engine.hf import SpecEngine
+from serving.engine.proposers import DraftModelProposer
+from serving.engine.vocab import shared_vocabulary
 from serving.errors import IncompatibleDraftError
-from serving.proposers import DraftModelProposer
-from serving.server import Replica, ReplicaConfig, Request
+from serving.replica import Replica, ReplicaConfig, Request
 from serving.tracing import trace_of
-from serving.vocab import shared_vocabulary
 from store.metrics import MetricsConfig
 from store.registry import Registry
 from store.traces import StreamConfig

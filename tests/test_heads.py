@@ -24,14 +24,14 @@ from distill.heads import (
     heads_batch,
     heads_loss,
 )
-from serving.engine import SpecEngine
+from serving.engine.hf import SpecEngine
+from serving.engine.kv import slot_attention
+from serving.engine.models import tree_support
+from serving.engine.proposers import HeadsProposer, NullProposer
+from serving.engine.tree import greedy_path, static_tree, tree_visibility
 from serving.errors import IncompatibleDraftError
-from serving.kv import slot_attention
-from serving.models import tree_support
-from serving.proposers import HeadsProposer, NullProposer
-from serving.server import Replica, ReplicaConfig, Request
+from serving.replica import Replica, ReplicaConfig, Request
 from serving.tracing import trace_of
-from serving.tree import greedy_path, static_tree, tree_visibility
 from store.registry import Registry
 from store.traces import StreamConfig, TraceReader, TraceWriter
 from tiny_models import ARCHS, TINY_DEMO, build, random_heads

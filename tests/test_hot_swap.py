@@ -16,8 +16,8 @@ from http_server import serving
 from polling import PATIENCE, wait_for
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serving.api import create_app
-from serving.server import Replica
+from serving.http.api import create_app
+from serving.replica import Replica
 from store.registry import Registry
 from tiny_models import random_heads
 

@@ -13,7 +13,7 @@ from polling import wait_for
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.http_load import closed_loop, count_to, summarize, swap_run
-from serving.api import create_app
+from serving.http.api import create_app
 from store.registry import Registry
 
 

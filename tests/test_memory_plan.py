@@ -1,4 +1,4 @@
-"""The memory plan (serving.memory) on real models' shapes, built as configs only: weights counted
+"""The memory plan (serving.engine.memory) on real models' shapes, built as configs only: weights counted
 on the meta device, KV bytes from the config, and the plan's fits, reductions and refusals worked
 out by hand for two real pairs on two real cards; then the CUDA entry point's plumbing."""
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
-import serving.engine as engine_module
-from serving.device import DeviceProfile
-from serving.engine import SpecEngine
-from serving.memory import (
+import serving.engine.hf as engine_module
+from serving.engine.device import DeviceProfile
+from serving.engine.hf import SpecEngine
+from serving.engine.memory import (
     ACTIVATION_RESERVE,
     GIB,
     MIN_MODEL_LEN,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving import prometheus
-from serving.prometheus import ReplicaMetrics, gauge, render
-from serving.stats import SpecStats
+from serving.engine.stats import SpecStats
+from serving.http import prometheus
+from serving.http.prometheus import ReplicaMetrics, gauge, render
 from store.drift import DriftAlert
 
 STATE = dict.fromkeys(prometheus.STATE, 0.0) | {"num_speculative_tokens": 3, "draft_cost_ratio": 0.25}

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from serving.engine.models import load_causal_lm
+from serving.engine.proposers import DraftModelProposer, DraftRow, NgramProposer, NullProposer, ngram_lookup
+from serving.engine.sampling import SamplingParams, process_logits
 from serving.errors import IncompatibleDraftError
-from serving.models import load_causal_lm
-from serving.proposers import DraftModelProposer, DraftRow, NgramProposer, NullProposer, ngram_lookup
-from serving.sampling import SamplingParams, process_logits
 from tiny_models import build
 
 

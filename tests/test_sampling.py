@@ -13,8 +13,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from serving.engine.sampling import SamplingParams, process_logits, rejection_sample, sample
 from serving.errors import InvalidRequestError
-from serving.sampling import SamplingParams, process_logits, rejection_sample, sample
 
 DRAWS = 100_000
 TV_BOUND = 0.01

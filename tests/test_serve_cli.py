@@ -21,8 +21,8 @@ from polling import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
-from serving.api import ChatMessage, chat_prompt, create_app
-from serving.server import Replica, ReplicaConfig
+from serving.http.api import ChatMessage, chat_prompt, create_app
+from serving.replica import Replica, ReplicaConfig
 from store.metrics import MetricsConfig
 from store.redis_server import free_port
 from store.traces import StreamConfig

@@ -14,9 +14,9 @@ from test_server_replica import PROMPT, replica
 from transformers import AutoTokenizer
 
 from deploy.demo.build import build_demo_models
-from serving.api import create_app
 from serving.errors import RequestTimeoutError, StepFailedError
-from serving.server import Finished, Replica, ReplicaConfig, Request, ServerBusyError
+from serving.http.api import create_app
+from serving.replica import Finished, Replica, ReplicaConfig, Request, ServerBusyError
 from store.metrics import MetricsConfig
 from store.traces import StreamConfig
 from tiny_models import TINY_DEMO

@@ -12,9 +12,9 @@ from polling import PATIENCE, wait_for
 from transformers import AutoModelForCausalLM
 
 from distill.lora import LoraSpec, adapter_weights, wrap_lora
-from serving.engine import SpecEngine, Step
+from serving.engine.hf import SpecEngine, Step
 from serving.errors import InvalidRequestError
-from serving.server import Finished, Replica, ReplicaConfig, Request, ServerBusyError
+from serving.replica import Finished, Replica, ReplicaConfig, Request, ServerBusyError
 from store.load import read_load
 from store.metrics import MetricsConfig, read_series
 from store.registry import Registry

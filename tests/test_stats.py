@@ -2,7 +2,7 @@
 
 import pytest
 
-from serving.stats import SpecStats
+from serving.engine.stats import SpecStats
 
 
 def test_hand_built_steps():

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from distill.batches import make_batch
 from distill.heads import HeadsSpec, heads_batch
 from distill.lora import LoraSpec
-from serving.engine import SpecEngine
+from serving.engine.hf import SpecEngine
 from serving.tracing import trace_of
 from store.traces import Trace
 from trainer.actor import claim_device

@@ -12,7 +12,7 @@ import pytest
 import torch
 from polling import wait_for
 
-from serving.engine import SpecEngine
+from serving.engine.hf import SpecEngine
 from serving.tracing import trace_of
 from store.load import REPLICAS, publish_load, read_load
 from store.metrics import MetricsConfig, MetricsRecorder, request_counters

@@ -33,11 +33,11 @@ from transformers import (
     Starcoder2Config,
 )
 
-from serving.device import DeviceProfile
-from serving.engine import SpecEngine
+from serving.engine.device import DeviceProfile
+from serving.engine.hf import SpecEngine
+from serving.engine.models import tree_support
+from serving.engine.proposers import DraftModelProposer
 from serving.errors import ModelLoadError
-from serving.models import tree_support
-from serving.proposers import DraftModelProposer
 from tiny_models import CONTEXT, VOCAB, perturbed, random_heads
 
 WINDOW = 8  # sliding windows shorter than prompt + output, so that they bind

@@ -84,7 +84,7 @@ class DraftLearner:
 
     def loss(self, module: torch.nn.Module, traces: Sequence[Trace]) -> torch.Tensor:
         config = self.config
-        rows = module.get_input_embeddings().weight.shape[0]  # fewer than the target's: serving.vocab
+        rows = module.get_input_embeddings().weight.shape[0]  # fewer than the target's: serving.engine.vocab
         batch = make_batch(list(traces), config.max_seq_len, vocab=rows).to(config.device)
         logits = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         weights = token_weights(

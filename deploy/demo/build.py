@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, 
 from deploy.demo.corpus import Corpus, CorpusSpec, Document, build_corpus
 from deploy.demo.pretrain import ModelSpec, TrainSpec, evaluate, pretrain, token_streams
 from deploy.demo.tokenizer import CHAT_TOKENS, add_chat_template, train_tokenizer
-from serving.engine import cost_ratio
+from serving.engine.hf import cost_ratio
 
 RECIPE_VERSION = 1  # bump when the build's code changes what a recipe produces
 CHAT_VERSION = 1  # bump when `finish_chat` changes what it makes of a build (cheap: no retraining)

@@ -23,16 +23,16 @@ from deploy.demo.build import DemoModels
 from deploy.ray_serve import ServiceConfig, trainer_config
 from distill.acceptance import mean_acceptance
 from distill.heads import DraftHeads
-from serving.engine import Generation, SpecEngine
-from serving.proposers import DraftModelProposer, HeadsProposer, NullProposer
-from serving.server import version_draft
+from serving.engine.hf import Generation, SpecEngine
+from serving.engine.proposers import DraftModelProposer, HeadsProposer, NullProposer
+from serving.replica import version_draft
 from store.registry import DraftVersion, Registry
 from store.traces import StreamConfig, Trace, TraceDecodeError, decode, is_held_out
 from trainer.learners import learner_for
 
 
 class Decoder(Protocol):
-    """A `serving.engine.SpecEngine`, or anything that picks one per prompt."""
+    """A `serving.engine.hf.SpecEngine`, or anything that picks one per prompt."""
 
     def generate(
         self, prompt: Sequence[int], max_new_tokens: int, *, stop_token_ids: list[int]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerFast
 
 from deploy.demo.corpus import Corpus, Document
-from serving.sampling import SamplingParams
+from serving.engine.sampling import SamplingParams
 
 MAX_TRIES = 100  # draws per prompt before a domain is declared unable to give one
 MAX_CHARS_PER_TOKEN = 16  # characters encoded per wanted token: enough text behind any cut

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from polling import PATIENCE
 from transformers import AutoTokenizer
 
-from serving.api import create_app
+from serving.http.api import create_app
 
 TOKEN = "fuzz-admin-token"
 MEMORY_BOUND_MB = 200  # the most this process (server, replica and fuzzer) may grow over the fuzzing

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
 from deploy.serve import Endpoint, parser
-from serving.api import create_app
+from serving.http.api import create_app
 from store.redis_server import LocalRedis, RedisConfig, redacted
 from store.registry import CorruptWeightsError, Registry
 from store.traces import SCHEMA_VERSION, StreamConfig, TraceReader

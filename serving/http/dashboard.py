@@ -25,8 +25,8 @@ import redis
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
-from serving.admin import TrainerControl
-from serving.prometheus import gauge
+from serving.http.admin import TrainerControl
+from serving.http.prometheus import gauge
 from store.drift import DriftConfig, read_alerts
 from store.load import read_metrics
 from store.metrics import LATENCY_EDGES, MetricPoint, MetricsConfig, read_series
@@ -192,4 +192,4 @@ def _trainer_status(trainer: TrainerControl | None) -> dict | None:
 
 
 def _asset(name: str) -> str:
-    return resources.files("serving").joinpath("static", name).read_text()
+    return resources.files("serving.http").joinpath("static", name).read_text()

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import Metric
 
-from serving.stats import SpecStats
+from serving.engine.stats import SpecStats
 from store.drift import DriftAlert
 
 PREFIX = "osd:"

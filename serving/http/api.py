@@ -2,9 +2,9 @@
 
 `/v1/completions` and `/v1/chat/completions` (JSON, or SSE with `stream: true`: `data: {json}`
 events ending with `data: [DONE]`, and a usage chunk with `stream_options.include_usage`),
-`/v1/models`, `/health`, `/metrics` (Prometheus: every live replica's, see `serving.prometheus`),
-`/alerts` (acceptance drift, see `store.drift`), `/dashboard` (see `serving.dashboard`),
-and the admin routes of `serving.admin` when a token is set. Text is
+`/v1/models`, `/health`, `/metrics` (Prometheus: every live replica's, see `serving.http.prometheus`),
+`/alerts` (acceptance drift, see `store.drift`), `/dashboard` (see `serving.http.dashboard`),
+and the admin routes of `serving.http.admin` when a token is set. Text is
 tokenized here; the replica works in token ids. Each
 response carries the request's speculative-decoding numbers and the draft version that served it
 in an extra `metrics` field, as vLLM does. `metadata.domain` tags the request's trace, and the
@@ -45,13 +45,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase
 
-from serving.admin import TrainerControl, admin_router
-from serving.dashboard import dashboard_router
-from serving.engine import Step, TokenLogprobs
+from serving.engine.hf import Step, TokenLogprobs
 from serving.errors import EngineError, InvalidRequestError, RequestTimeoutError, StepFailedError
-from serving.prometheus import render
-from serving.server import Finished, Replica, ServerBusyError
-from serving.server import Request as ReplicaRequest
+from serving.http.admin import TrainerControl, admin_router
+from serving.http.dashboard import dashboard_router
+from serving.http.prometheus import render
+from serving.replica import Finished, Replica, ServerBusyError
+from serving.replica import Request as ReplicaRequest
 from store.drift import DriftAlert, read_alerts
 from store.load import read_metrics
 from store.redis_server import read_restarts

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from serving.device import SERVING_MEMORY_FRACTION, step_lookahead
+from serving.engine.device import SERVING_MEMORY_FRACTION, step_lookahead
 
 GIB = 2**30
 MIN_MODEL_LEN = 256  # the shortest sequence a slot is planned for; reduced lengths are multiples of it

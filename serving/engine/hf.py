@@ -1,7 +1,7 @@
 """SpecEngine: lossless speculative decoding over any Hugging Face causal LM, for a batch of
 sequences that join and leave between steps (continuous batching), in one decode loop.
 
-`add` checks a request, prefills its prompt into a cache slot (serving.kv) and makes it a
+`add` checks a request, prefills its prompt into a cache slot (serving.engine.kv) and makes it a
 `Decoding`. Each `step`: every sequence's proposer drafts k tokens (one batched call per
 proposer; sequences may use different drafts), one target forward scores every sequence's last
 emitted token plus its drafts (ragged: each row its own length and k), the rejection sampler
@@ -9,10 +9,10 @@ keeps a prefix per sequence and adds one token, and each sequence's slot is cut 
 kept. With the null proposer (k = 0) the very same loop is plain autoregressive decoding. Draft
 heads (`HeadsProposer`) read the target's hidden state from that forward, so they cost no pass of
 their own; for greedy requests they may propose a static tree instead of a chain, verified in
-the same forward (serving.tree): the greedy walk keeps a path and the slot keeps its positions.
+the same forward (serving.engine.tree): the greedy walk keeps a path and the slot keeps its positions.
 k is fixed, or, once `calibrate` has measured step costs, chosen per step from the batch size
-and each sequence's recent acceptance (serving.speculation), down to 0. A request with a seed
-draws through the exponential race of serving.sampling: its text depends on the seed, the
+and each sequence's recent acceptance (serving.engine.speculation), down to 0. A request with a seed
+draws through the exponential race of serving.engine.sampling: its text depends on the seed, the
 prompt and the target only, never on k, the drafts or the batch.
 
 `stream` and `generate` run one request alone through the same `add` and `step`.
@@ -43,7 +43,7 @@ import torch
 from transformers import PreTrainedModel
 
 from distill.heads import DraftHeads, heads_spec
-from serving.device import (
+from serving.engine.device import (
     SERVING_MEMORY_FRACTION,
     DeviceProfile,
     apply_memory_budget,
@@ -51,9 +51,8 @@ from serving.device import (
     new_cache,
     profile_for,
 )
-from serving.errors import IncompatibleDraftError, InvalidRequestError
-from serving.memory import MemoryPlan, plan_on_device
-from serving.models import (
+from serving.engine.memory import MemoryPlan, plan_on_device
+from serving.engine.models import (
     context_length,
     forward_slots,
     load_causal_lm,
@@ -63,7 +62,7 @@ from serving.models import (
     tree_support,
     vocab_size,
 )
-from serving.proposers import (
+from serving.engine.proposers import (
     DraftModelProposer,
     DraftRow,
     HeadsProposer,
@@ -72,11 +71,19 @@ from serving.proposers import (
     Proposal,
     Proposer,
 )
-from serving.sampling import SamplingParams, process_logits, race, rejection_sample, seeded_noise
-from serving.speculation import MARGIN, PLAIN_EVERY, PROBE_EVERY, AcceptanceEstimate, StepCosts, choose_k
-from serving.stats import SpecStats
-from serving.tree import greedy_path, node_depths, static_tree
-from serving.vocab import check_pair
+from serving.engine.sampling import SamplingParams, process_logits, race, rejection_sample, seeded_noise
+from serving.engine.speculation import (
+    MARGIN,
+    PLAIN_EVERY,
+    PROBE_EVERY,
+    AcceptanceEstimate,
+    StepCosts,
+    choose_k,
+)
+from serving.engine.stats import SpecStats
+from serving.engine.tree import greedy_path, node_depths, static_tree
+from serving.engine.vocab import check_pair
+from serving.errors import IncompatibleDraftError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -308,16 +315,16 @@ class SpecEngine:
         trainer_share: float = 0.0,
     ) -> SpecEngine:
         """Load a target (local directory or hub id) and a proposer, set up for the device
-        (serving.device: on CUDA, static caches for `max_batch` sequences and compiled steps).
+        (serving.engine.device: on CUDA, static caches for `max_batch` sequences and compiled steps).
 
         A request's prompt and output fit in `max_model_len` tokens (default: the target's
-        context). On CUDA the memory plan (serving.memory) sizes the caches after the weights have
+        context). On CUDA the memory plan (serving.engine.memory) sizes the caches after the weights have
         loaded, within `gpu_memory_utilization` of the device (`trainer_share` is the trainer's
         part of the same device), and is logged; MemoryPlanError, with the numbers, when it
         cannot fit. The default length is then reduced to what fits.
 
         proposer defaults to "draft" when a draft is given and "none" otherwise. `tree`: for
-        heads, the branching of a static tree (serving.tree.static_tree) verified in one forward
+        heads, the branching of a static tree (serving.engine.tree.static_tree) verified in one forward
         for greedy requests; when the target cannot verify trees, chain mode, with the reason logged.
         """
         proposer = proposer or ("draft" if draft is not None else "none")
@@ -525,7 +532,7 @@ class SpecEngine:
     def _choose_ks(self, batch: list[Decoding], k: int | None) -> tuple[list[int], int | None]:
         """Each sequence's k this step, within what it has left to generate, and the k whose cost
         the step's time measures (None when k is given or fixed, or the step probes). `k` if given,
-        else the engine's: fixed, or by the load (serving.speculation). Now and then the other kind
+        else the engine's: fixed, or by the load (serving.engine.speculation). Now and then the other kind
         of step runs: when the load says 0, every PROBE_EVERY steps one sequence in turn drafts a
         token (a probe, to keep acceptance measured); when it says k > 0, every PLAIN_EVERY steps a
         plain step runs (to keep the cost of plain steps measured under today's load)."""
@@ -593,7 +600,7 @@ class SpecEngine:
         self, decoding: Decoding, proposal: Proposal, logits: torch.Tensor, hidden: torch.Tensor
     ) -> _Verified:
         """A greedy request's tree: the target's argmax after the root and after every node (logits
-        [1+N, V], serving.tree); the path is walked on the host."""
+        [1+N, V], serving.engine.tree); the path is walked on the host."""
         if not decoding.params.greedy:
             raise RuntimeError("tree proposals are verified for greedy requests only")
         depth = max(node_depths(proposal.parents))
@@ -668,7 +675,7 @@ class SpecEngine:
     def calibrate(self, max_batch: int, context: int = 64, repeats: int = 5) -> StepCosts:
         """Time whole decode steps drafting k = 0..self.k tokens for batch sizes up to max_batch, on
         scratch sequences after a `context`-token prompt (median of `repeats` steps after one).
-        Setting `costs` to the result makes step() choose k by the load (serving.speculation)."""
+        Setting `costs` to the result makes step() choose k by the load (serving.engine.speculation)."""
         if self.active:
             raise RuntimeError("calibrate before serving: it needs the engine to itself")
         batches = tuple(b for b in COST_BATCHES if b < max_batch) + (max_batch,)

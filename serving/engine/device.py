@@ -1,7 +1,7 @@
 """How the engine runs on a device: dtype, cache layout, compiled step forwards, memory budget.
 
 `profile_for` picks a `DeviceProfile` from the device. On CUDA: bf16, the static slot cache
-(serving.kv: fixed slots at full capacity, so every step has the same shapes), step forwards
+(serving.engine.kv: fixed slots at full capacity, so every step has the same shapes), step forwards
 compiled whole (`fullgraph`: a graph break is an error, not a slow path) with torch.compile in
 "reduce-overhead" mode (CUDA graphs, one per step shape), and a cap on the process's share of GPU
 memory (`SERVING_MEMORY_FRACTION`, or `--gpu-memory-utilization`), so that a trainer on the same
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from serving.kv import SlotCache
+from serving.engine.kv import SlotCache
 
 SERVING_MEMORY_FRACTION = 0.80  # of the GPU, for the replica (target, draft, static caches, graphs)
 STEP_WIDTHS = (1, 2, 4, 8, 16, 32, 64)  # a static step's input widths: its graphs

@@ -9,7 +9,7 @@ whose logits gave the last emitted token (what draft heads read).
 
 Nothing here reads a device tensor back to the host: what a proposer needs to know on the host
 (the sequence's ids, how many drafts were kept) comes from the engine, which moves a step's
-results to the host in one transfer (serving.engine), so a GPU step never waits on a sync here.
+results to the host in one transfer (serving.engine.hf), so a GPU step never waits on a sync here.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import torch
 from transformers import PreTrainedModel
 
 from distill.heads import DraftHeads
-from serving.device import DeviceProfile, compiled, new_cache
+from serving.engine.device import DeviceProfile, compiled, new_cache
+from serving.engine.models import context_length, forward_slots, prefill
+from serving.engine.sampling import SamplingParams, process_logits, race, sample
+from serving.engine.tree import Tree
 from serving.errors import IncompatibleDraftError
-from serving.models import context_length, forward_slots, prefill
-from serving.sampling import SamplingParams, process_logits, race, sample
-from serving.tree import Tree
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Proposal:
 
     tokens: torch.Tensor
     probs: torch.Tensor | None = None
-    parents: tuple[int, ...] | None = None  # a tree (serving.tree), greedy only: node j's parent, -1 the root
+    parents: tuple[int, ...] | None = None  # a tree (serving.engine.tree), greedy only: parents, -1 root
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class DraftRow:
     k: int
     params: SamplingParams
     generator: torch.Generator
-    noise: torch.Tensor | None = None  # [k, V] a seeded request's race noise (serving.sampling)
+    noise: torch.Tensor | None = None  # [k, V] a seeded request's race noise (serving.engine.sampling)
 
     def pick(self, probs: torch.Tensor, i: int) -> torch.Tensor:
         """Draft i's token [1] from q [1, V']: the race with the request's noise when it is seeded,
@@ -165,7 +165,7 @@ CATCH_UP = 64  # a slot further behind its sequence than this is prefilled alone
 
 class DraftModelProposer:
     """A small causal LM with the target's vocabulary drafts k tokens autoregressively, for every
-    row of the batch in one forward per drafted token (its own cache: serving.kv).
+    row of the batch in one forward per drafted token (its own cache: serving.engine.kv).
 
     Each row's slot is reconciled with its sequence first: it keeps the prefix known to match
     (the sequence as it was at its last proposal, plus the drafts `observe` says were kept) and
@@ -174,7 +174,7 @@ class DraftModelProposer:
     (`load_weights`, a hot-swap in place) invalidate every slot: each is prefilled again.
     Greedy and seeded drafts are deterministic proposals (q one-hot), so they come without probs.
 
-    Padded vocabularies (serving.vocab): the draft proposes only the ids below `shared_rows`, its
+    Padded vocabularies (serving.engine.vocab): the draft proposes only the ids below `shared_rows`, its
     q is zero on the target's other rows (`target_rows`), and ids it has no embedding for (tokens
     only the target can emit) are read as id 0: worse drafts after them, never a wrong output.
     """
@@ -291,7 +291,7 @@ class HeadsProposer:
     distribution q, returned as probs for the rejection sampler) being what head i+1 reads after
     it (Hydra). Tree mode (`tree`, greedy requests only; sampled ones still get a chain): the
     static tree's nodes, each the rank-r candidate of its depth's head under its parent's path,
-    verified in one forward (serving.tree)."""
+    verified in one forward (serving.engine.tree)."""
 
     def __init__(self, heads: DraftHeads, tree: Tree | None = None):
         self.heads, self.tree = heads, tree

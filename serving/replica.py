@@ -3,13 +3,13 @@
 `Replica` decodes on its own decode thread with continuous batching: between two engine steps,
 requests join the batch from the queue (first come, first served, up to `max_batch` at once) and
 finished or abandoned ones leave it, so one target forward verifies the drafts of every request
-in flight (serving.engine). Callers on an asyncio loop await `stream()` or `complete()`. At
+in flight (serving.engine.hf). Callers on an asyncio loop await `stream()` or `complete()`. At
 start-up the replica times the engine's steps (`SpecEngine.calibrate`): with `adaptive_k`, k
 then follows the load, down to 0 when the batch is too full for speculation to pay.
 
 Per request it writes a trace (non-blocking, through `store.traces`), and records acceptance and
 latency counters per draft version and domain, both as time series in Redis (`store.metrics`,
-for the dashboard and drift) and as Prometheus metrics (`serving.prometheus`). A heartbeat
+for the dashboard and drift) and as Prometheus metrics (`serving.http.prometheus`). A heartbeat
 thread publishes the replica's load (requests in flight and queued) for the trainer's throttle
 whenever it changes, and its version and metrics snapshot every `heartbeat_seconds`
 (`store.load`).
@@ -58,7 +58,8 @@ import torch
 from distill.heads import HeadsSpec
 from distill.lora import LoraSpec, merged_adapter
 from distill.router import ROUTER, DomainRouter, served_domain
-from serving.engine import Decoding, Generation, ProposerName, SpecEngine, Step
+from serving.engine.hf import Decoding, Generation, ProposerName, SpecEngine, Step
+from serving.engine.proposers import DraftModelProposer, Proposer, check_weights
 from serving.errors import (
     EngineError,
     IncompatibleDraftError,
@@ -66,8 +67,7 @@ from serving.errors import (
     RequestTimeoutError,
     StepFailedError,
 )
-from serving.prometheus import ReplicaMetrics
-from serving.proposers import DraftModelProposer, Proposer, check_weights
+from serving.http.prometheus import ReplicaMetrics
 from serving.tracing import trace_of
 from store.load import forget, publish_load
 from store.metrics import MetricsConfig, MetricsRecorder, request_counters
@@ -370,7 +370,7 @@ class Replica:
         }
 
     def metrics_snapshot(self) -> list[dict]:
-        """This replica's Prometheus families, as `serving.prometheus.render` takes them."""
+        """This replica's Prometheus families, as `serving.http.prometheus.render` takes them."""
         traces = self.writer.stats()
         state = {
             "num_requests_running": self._in_flight,

@@ -1,6 +1,6 @@
 """Thin helpers over Hugging Face causal LMs: loading, context length, and the two forwards the
 engine and the draft proposer run: a prompt's prefill into a cache slot, and one batched step
-over many sequences' slots (serving.kv).
+over many sequences' slots (serving.engine.kv).
 
 Everything model-specific lives here, so both use transformers' cache API the same way and
 nothing is stashed on HF modules. What differs between architectures is read from the config,
@@ -18,10 +18,10 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-from serving.device import step_width
+from serving.engine.device import step_width
+from serving.engine.kv import SlotCache, slot_attention
+from serving.engine.tree import node_depths, tree_visibility
 from serving.errors import ModelLoadError
-from serving.kv import SlotCache, slot_attention
-from serving.tree import node_depths, tree_visibility
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -113,9 +113,9 @@ def forward_slots(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward of new tokens for many sequences: inputs[i] [n_i] after the cached positions
     of slots[i] (the cache's other rows run padding). A row with a tree (`trees[i]`, the parents
-    of serving.tree) runs a root and its nodes, each at position root + depth, seeing its
+    of serving.engine.tree) runs a root and its nodes, each at position root + depth, seeing its
     ancestors. n is the longest input, and at least `tokens` (the static layout's fixed verify
-    width), rounded up to a step width (serving.device) with a static cache: a bounded set of
+    width), rounded up to a step width (serving.engine.device) with a static cache: a bounded set of
     compiled graphs; `base` replaces model.base_model (a compiled one). Lengths are
     not advanced: the caller commits what it keeps. Returns (logits [len(slots), n, V], hidden
     [len(slots), n, H]), row i valid up to n_i; with `last_only`, only at each row's last input

@@ -1,6 +1,6 @@
 """SlotCache: the KV cache of a batch of sequences, one slot (row) per sequence, a length per slot.
 
-A sequence holds a slot from `acquire` to `release`. One forward (`serving.models.forward_slots`)
+A sequence holds a slot from `acquire` to `release`. One forward (`serving.engine.models.forward_slots`)
 runs the rows [0, rows): every slot in use and any free ones between them, which are padding.
 Each row's n new keys and values are written at that row's own length, and a 4D mask
 (`slot_attention`) shows each query its row's cached positions plus the new positions it may
@@ -9,7 +9,7 @@ one: every layer keeps every position, whatever its window. Rolling a sequence b
 rejection is setting its length: nothing moves. Slots are handed out lowest first, so the rows in
 use stay packed at the front.
 
-Two layouts, picked by the device (`serving.device`):
+Two layouts, picked by the device (`serving.engine.device`):
 - dynamic (CPU): slots and capacity grow on demand, and a forward attends over the rows in use
   up to the longest row, so short batches cost little;
 - static (GPU): every slot is allocated at full capacity once, and a forward always runs all slots
