@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 from benchmarks.demo_pair import add_arguments, demo_pair
 from benchmarks.results import print_rows, write_report
 from serving.engine.kv import SlotCache
-from serving.engine.models import forward_slots, prefill
+from serving.engine.models import forward_slots, prefill, with_cache
 from serving.replica import Finished, Replica, ReplicaConfig, Request
 from store.metrics import MetricsConfig
 from store.redis_server import LocalRedis
@@ -142,7 +142,7 @@ def layout_step_seconds(
     ).long()
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache(config=target.config)
-    target(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    target(input_ids=ids, attention_mask=mask, position_ids=positions, **with_cache(cache))
     next_position = positions[:, -1] + 1  # [B]
     start = time.perf_counter()
     for step in range(steps):
@@ -152,8 +152,7 @@ def layout_step_seconds(
             input_ids=drafts[step],
             attention_mask=mask,
             position_ids=new_positions,
-            cache=cache,
-            use_cache=True,
+            **with_cache(cache),
         )
         kept = torch.tensor(accepted[step]) + 1  # the rest become holes: masked from now on
         mask[:, -(k + 1) :] = (torch.arange(k + 1) < kept.unsqueeze(1)).long()

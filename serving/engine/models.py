@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import get_layer_types_and_kwargs
 
@@ -22,6 +24,14 @@ from serving.engine.device import step_width
 from serving.engine.kv import SlotCache, slot_attention
 from serving.engine.tree import node_depths, tree_visibility
 from serving.errors import ModelLoadError
+
+# The forward keyword that takes a KV cache: transformers 5.24 renamed past_key_values to cache.
+CACHE_KEYWORD = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+
+
+def with_cache(cache: object) -> dict:
+    """A model forward's keyword arguments that read and extend `cache`, for any transformers 5."""
+    return {CACHE_KEYWORD: cache, "use_cache": True}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -97,7 +107,7 @@ def prefill(model: PreTrainedModel, cache: SlotCache, slot: int, input_ids: torc
     keys and values in `slot`: a sequence's prompt, less the last token, when it joins. The cache
     keeps every position in every layer (sliding windows are the masks' business), as the slot does."""
     dynamic = DynamicCache()
-    model.base_model(input_ids=input_ids.unsqueeze(0), cache=dynamic, use_cache=True)
+    model.base_model(input_ids=input_ids.unsqueeze(0), **with_cache(dynamic))
     cache.fill(slot, dynamic)
 
 
@@ -144,7 +154,7 @@ def forward_slots(
     }  # one [rows, 1, n, width] per kind; a model with several takes them by kind
     mask = masks if len(masks) > 1 else next(iter(masks.values()))
     out = (model.base_model if base is None else base)(
-        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+        input_ids=ids, attention_mask=mask, position_ids=positions, **with_cache(cache)
     )
     hidden = out.last_hidden_state[torch.tensor(list(slots), device=device)]  # [len(slots), n, H]
     if last_only:
