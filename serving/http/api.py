@@ -49,6 +49,7 @@ from serving.engine.hf import Step, TokenLogprobs
 from serving.errors import EngineError, InvalidRequestError, RequestTimeoutError, StepFailedError
 from serving.http.admin import TrainerControl, admin_router
 from serving.http.dashboard import dashboard_router
+from serving.http.detokenize import IncrementalText
 from serving.http.prometheus import render
 from serving.replica import Finished, Replica, ServerBusyError
 from serving.replica import Request as ReplicaRequest
@@ -355,11 +356,11 @@ class Piece:
 async def decode_text(
     replica: Replica, request: ReplicaRequest, tokenizer: PreTrainedTokenizerBase, stops: list[str]
 ) -> AsyncIterator[Piece]:
-    """The replica's steps as text. A stop string ends the text before it and stops decoding; text
-    ending inside a multi-byte character is held back until the character completes, and so are
-    its tokens and their log-probs."""
-    ids: list[int] = []
-    sent = 0
+    """The replica's steps as text, decoded incrementally. A stop string ends the text before it
+    and stops decoding; text ending inside a multi-byte character is held back until the character
+    completes, and so are its tokens and their log-probs."""
+    stream = IncrementalText(tokenizer)
+    text, sent = "", 0
     held: list[Step] = []  # steps whose text is not out yet
 
     def piece(text: str, reason: Literal["stop", "length"] | None = None, finished=None) -> Piece:
@@ -367,24 +368,25 @@ async def decode_text(
         logprobs = [step.logprobs for step in held if step.logprobs is not None]
         held.clear()
         return Piece(
-            text, len(ids), reason, finished, tokens, TokenLogprobs.cat(logprobs) if logprobs else None
+            text, len(stream.ids), reason, finished, tokens, TokenLogprobs.cat(logprobs) if logprobs else None
         )
 
     async for event in replica.stream(request):
         if isinstance(event, Finished):
-            text = tokenizer.decode(ids, skip_special_tokens=True)
+            text += stream.add((), final=True)
             yield piece(text[sent:], event.generation.finish_reason, event)
             return
-        ids += event.token_ids
         held.append(event)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
+        new = stream.add(event.token_ids)
+        if new is None:
+            continue
+        text += new
         found = [i for i in (text.find(stop, max(0, sent - len(stop))) for stop in stops) if i >= 0]
         if found:
             yield piece(text[sent : min(found)], "stop")
             return  # leaving the replica's stream stops decoding
-        if not text.endswith("\ufffd"):
-            yield piece(text[sent:])
-            sent = len(text)
+        yield piece(text[sent:])
+        sent = len(text)
 
 
 class LogprobsShape:
