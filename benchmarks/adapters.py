@@ -36,9 +36,10 @@ from deploy.demo.build import DEFAULT_CACHE_DIR, PRESETS, build_demo_models
 from deploy.demo.measure import rotate
 from deploy.demo.workloads import Phase, WorkloadSpec, fixed_prompts, request_stream
 from distill.router import ROUTER, SHARED, DomainRouter, served_domain
-from serving.engine.hf import Generation, SpecEngine
+from serving.engine.hf import SpecEngine
 from serving.engine.proposers import DraftModelProposer, NullProposer
-from serving.replica import version_draft
+from serving.engine.protocol import Generation
+from serving.engine.versions import version_draft
 from serving.tracing import trace_of
 from store.redis_server import LocalRedis
 from store.registry import Registry

@@ -1,4 +1,5 @@
-"""Typed errors the engine raises for bad input, so callers (the HTTP API) can answer 4xx, not 500."""
+"""Typed errors the engines and the replica raise on purpose, so callers (the HTTP API) answer 4xx or
+503, not 500."""
 
 
 class EngineError(Exception):
@@ -23,3 +24,7 @@ class RequestTimeoutError(EngineError):
 
 class StepFailedError(EngineError):
     """A decode step failed on the server's side; the requests in it failed, the replica goes on."""
+
+
+class ServerBusyError(EngineError):
+    """The replica cannot take the request now: its queue is full, or it is stopping (HTTP 503)."""

@@ -1,11 +1,11 @@
-"""A serving replica: the engine behind a bounded request queue, with everything a request leaves.
+"""A serving replica: an engine (serving.engine.protocol) behind a bounded queue, with everything a
+request leaves.
 
-`Replica` decodes on its own decode thread with continuous batching: between two engine steps,
-requests join the batch from the queue (first come, first served, up to `max_batch` at once) and
-finished or abandoned ones leave it, so one target forward verifies the drafts of every request
-in flight (serving.engine.hf). Callers on an asyncio loop await `stream()` or `complete()`. At
-start-up the replica times the engine's steps (`SpecEngine.calibrate`): with `adaptive_k`, k
-then follows the load, down to 0 when the batch is too full for speculation to pay.
+Callers on an asyncio loop await `stream()` or `complete()`. The replica submits each request to
+its engine (serving.engine.core for the HF engine), which decodes with continuous batching on its
+own thread and hands each step's tokens back in one batch; the replica wakes each caller's loop
+once per step. Past `max_batch` requests decoding and `max_queue` waiting, a request is refused
+(ServerBusyError); past its `request_timeout` it fails and is abandoned, freeing its slot.
 
 Per request it writes a trace (non-blocking, through `store.traces`), and records acceptance and
 latency counters per draft version and domain, both as time series in Redis (`store.metrics`,
@@ -14,23 +14,20 @@ thread publishes the replica's load (requests in flight and queued) for the trai
 whenever it changes, and its version and metrics snapshot every `heartbeat_seconds`
 (`store.load`).
 
-Hot-swap in place: a `LiveWatcher` follows the registry's live version of the draft. A new
-version's weights are loaded and checked on the watcher's thread, off the decode path, on the
-host (a LoRA adapter is merged there, into a host copy of the base draft); the decode thread then
-copies them into the live draft (or heads) between two steps: no new module, no new cache, no
-recompiled graph. The served version's weights and the previous ones stay on the host, so a
-rollback copies them back without a load. Requests in flight go on with the new weights (each
-draft slot is prefilled again; the target's verification keeps the output exact), and a trace
-names every version that drafted for its request. A version that fails to load (corrupt blob,
-wrong vocabulary or shapes) is refused and counted, and the replica keeps serving the one it
-has. At start-up the replica loads the live version, if any, before it takes requests.
+Hot-swap: a `LiveWatcher` follows the registry's live version of the draft. A new version's
+weights are loaded on the watcher's thread and handed to the engine, which checks them and serves
+them from a later step on, in place, to new requests and to those in flight (the target's
+verification keeps the output exact); a trace names every version that drafted for its request.
+The weights served and the previous ones stay on the host, so a rollback loads nothing from the
+registry. A version that fails to load (corrupt blob, wrong vocabulary or shapes) is refused and
+counted, and the replica keeps serving the one it has. At start-up the replica loads the live
+version, if any, before it takes requests.
 
 Per-domain adapters (`adapters`): the watcher follows every domain of the draft's name, and each
-domain's live LoRA adapter is merged into its own draft (built once per domain, then updated in
-place), so that switching between domains from one request to the next costs nothing. A request
-goes to the adapter of the domain it names, else to the one the live router (`distill.router`)
-picks with at least `router_min_confidence`, else to the shared draft. A domain whose adapter
-fails to load keeps what it had, or the shared draft.
+domain's live LoRA adapter is served by its own draft in the engine. A request goes to the adapter
+of the domain it names, else to the one the live router (`distill.router`) picks with at least
+`router_min_confidence`, else to the shared draft. A domain whose adapter fails to load keeps what
+it had, or the shared draft.
 
 Redis failures degrade, never fail, serving: traces queue and drop oldest-first in the writer,
 metric counters wait for the next flush, and a failed load publication is logged and retried on
@@ -40,10 +37,8 @@ the next beat.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import os
-import queue
 import re
 import threading
 import time
@@ -53,19 +48,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
-import torch
 
-from distill.heads import HeadsSpec
-from distill.lora import LoraSpec, merged_adapter
 from distill.router import ROUTER, DomainRouter, served_domain
-from serving.engine.hf import Decoding, Generation, ProposerName, SpecEngine, Step
-from serving.engine.proposers import DraftModelProposer, Proposer, check_weights
+from serving.engine.core import HFEngine
+from serving.engine.hf import ProposerName
+from serving.engine.protocol import Engine, EngineRequest, Generation, Step
 from serving.errors import (
-    EngineError,
     IncompatibleDraftError,
     InvalidRequestError,
     RequestTimeoutError,
-    StepFailedError,
+    ServerBusyError,
 )
 from serving.http.prometheus import ReplicaMetrics
 from serving.tracing import trace_of
@@ -76,13 +68,8 @@ from store.traces import StreamConfig, TraceWriter, in_fraction
 
 log = logging.getLogger(__name__)
 
-IDLE_WAKE_SECONDS = 0.2  # an idle decode thread looks for staged versions this often
-DEADLINE_GRACE_SECONDS = 1.0  # a caller waits this long past its deadline for the decode thread's answer
 DOMAIN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a request's domain tag, as traces and metrics key it
-
-
-class ServerBusyError(EngineError):
-    """The replica's queue is full: try again later (HTTP 503)."""
+REFUSED = (CorruptWeightsError, IncompatibleDraftError, KeyError, TypeError, ValueError)  # a bad version
 
 
 @dataclass(frozen=True)
@@ -100,7 +87,7 @@ class ReplicaConfig:
     registry_dir: str | None = None  # the registry's file directory (drafts too large for Redis)
     domain: str = ALL_DOMAINS
     replica_id: str = field(default_factory=lambda: f"replica-{uuid.uuid4().hex[:8]}")
-    max_queue: int = 64  # waiting requests beyond this are refused with ServerBusyError
+    max_queue: int = 64  # requests waiting beyond the batch; more are refused with ServerBusyError
     max_batch: int = 8  # requests decoded together (continuous batching); 1: one at a time
     max_model_len: int | None = None  # prompt plus output, per request; None: the target's context
     gpu_memory_utilization: float = 0.8  # on CUDA, the replica's share of the GPU (weights, KV, graphs)
@@ -166,66 +153,27 @@ class Finished:
 
 @dataclass
 class _Job:
+    """A request from its submission to its end: its caller, the domain it is served as, the versions
+    that drafted for it (the first is the one it started on)."""
+
     request: Request
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue  # Step, then Finished; or an exception
     enqueued: float
     deadline: float | None  # perf_counter time past which it fails (request_timeout)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def expired(self, now: float) -> bool:
-        return self.deadline is not None and now > self.deadline
-
-    def put(self, event: object) -> None:
-        _deliver([(self, event)])
-
-
-def _deliver(events: list[tuple[_Job, object]]) -> None:
-    """Hand events to their callers' event loops: one wake-up per loop, however many requests
-    a step served (each is a system call and a turn of the GIL for the decode thread)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, object]]] = {}
-    for job, event in events:
-        by_loop.setdefault(job.loop, []).append((job, event))
-    for loop, batch in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_put_all, batch)
-        except RuntimeError:  # the callers' event loop has closed: nobody is listening any more
-            for job, _ in batch:
-                job.cancelled.set()
-
-
-def _put_all(events: list[tuple[_Job, object]]) -> None:
-    for job, event in events:
-        job.events.put_nowait(event)
-
-
-@dataclass(frozen=True)
-class _Served:
-    """The proposer and the version label new requests start on."""
-
-    proposer: Proposer
-    version: str
-
-
-@dataclass(frozen=True)
-class _Staged:
-    """A version's weights on the host, checked, for the decode thread to copy in between steps."""
-
-    meta: DraftVersion
-    weights: dict[str, torch.Tensor]
-    began: float  # when its load began
-
-
-@dataclass
-class _Running:
-    """A request in the batch: its caller, its sequence, the versions that drafted for it (the first
-    is the one it started on) and the domain it is served as."""
-
-    job: _Job
-    decoding: Decoding
-    versions: list[str]
     domain: str
+    versions: list[str] = field(default_factory=list)
     first: float | None = None  # when its first tokens were handed over
+
+
+def open_engine(config: ReplicaConfig) -> Engine:
+    """The engine `config` asks for, loaded."""
+    return HFEngine(
+        config.target, config.draft, config.proposer, config.num_speculative_tokens, config.device,
+        config.dtype, config.heads_tree, config.max_batch, config.max_model_len,
+        config.gpu_memory_utilization, config.trainer_gpu_share, config.adaptive_k,
+        f"{config.draft_name}:base", config.domain,
+    )  # fmt: skip
 
 
 class Replica:
@@ -233,69 +181,33 @@ class Replica:
 
     def __init__(self, config: ReplicaConfig, client: redis.Redis):
         self.config, self.client = config, client
-        self.engine = SpecEngine.from_pretrained(
-            config.target,
-            config.draft,
-            config.proposer,
-            config.num_speculative_tokens,
-            config.device,
-            config.dtype,
-            config.heads_tree,
-            config.max_batch,
-            config.max_model_len,
-            config.gpu_memory_utilization,
-            config.trainer_gpu_share,
-        )
+        self.engine = open_engine(config)
         self.target_id = config.target_id or Path(config.target).name
         self.context = self.engine.max_length  # prompt plus new tokens
-        proposer = self.engine.proposer
-        self.base_draft = getattr(proposer, "model", None)  # None unless the proposer is a draft
-        self.base_heads = getattr(proposer, "heads", None)  # None unless it is draft heads
-        live = self.base_draft if self.base_draft is not None else self.base_heads
-        self._host_base = None if live is None else copy.deepcopy(live).to("cpu")  # merges start here
-        learns = self.base_draft is not None or self.base_heads is not None  # registry versions apply
-        self.k = self.engine.k
-        # Step costs, timed once (a swap keeps the architecture): c of the speedup model for the
-        # dashboard, and the load-aware choice of k.
-        costs = self.engine.calibrate(config.max_batch)
-        self.cost_ratio = costs.cost_ratio
-        self.engine.costs = costs if config.adaptive_k else None
+        self.k, self.cost_ratio = self.engine.k, self.engine.cost_ratio
         self.registry = Registry(client, file_dir=config.registry_dir)
-        self.swaps = self.refused = 0
-        self.last_swap_seconds: float | None = None  # from the load's start to serving it
-        self.last_swap_pause_seconds: float | None = None  # the copy in place, between two steps
-        self._served = _Served(proposer, f"{config.draft_name}:base" if learns else "none")
-        self._staged: queue.SimpleQueue[_Staged] = queue.SimpleQueue()
-        self._serving = False  # once the decode thread runs, only it installs versions
-        self._running: dict[int, _Running] = {}  # id(decoding) -> the request: the decode thread's
+        self.refused = 0
+        self._jobs: dict[str, _Job] = {}  # request id -> its job, from submission to its end
         self._host: dict[str, tuple[str, dict]] = {}  # domain -> (label, weights) served, on the host
         self._previous: dict[str, tuple[str, dict]] = {}  # domain -> what it served before (rollback)
         self.writer = TraceWriter(client, config.stream)
         self.recorder = MetricsRecorder(client, config.metrics)
         self.metrics = ReplicaMetrics()
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=config.max_queue)
-        self._in_flight = 0
         self._closed = False
-        self._broken: str | None = None  # why the decode loop stopped, if it did while serving
-        self._adapters: dict[str, _Served] = {}  # domain -> its own version (with `adapters`)
         self._router: tuple[DomainRouter, str] | None = None  # the live router and its label
         self.watcher = self.router_watcher = None
-        if learns:
+        if self.engine.serves is not None:  # registry versions apply
             watched = None if config.adapters else config.domain
             self.watcher = LiveWatcher(
                 self.registry, config.draft_name, self._swap, watched, config.poll_seconds
             )
             if not self.watcher.started.wait(timeout=60):  # the live version first, then requests
-                log.warning("no answer from the registry yet; serving %s meanwhile", self._served.version)
-        if learns and config.adapters:
-            self.router_watcher = LiveWatcher(
-                self.registry, ROUTER, self._load_router, ALL_DOMAINS, config.poll_seconds
-            )
-        self._thread = threading.Thread(
-            target=self._decode_loop, name=f"decode-{config.replica_id}", daemon=True
-        )
-        self._serving = True
-        self._thread.start()
+                log.warning("no answer from the registry yet; serving %s meanwhile", self.draft_version)
+            if config.adapters:
+                self.router_watcher = LiveWatcher(
+                    self.registry, ROUTER, self._load_router, ALL_DOMAINS, config.poll_seconds
+                )
+        self.engine.start(self._hand_over)
         self._changed = threading.Event()  # the load changed: beat now
         self._changed.set()  # the first beat announces the replica
         self._heartbeat = threading.Thread(
@@ -306,18 +218,25 @@ class Replica:
     # The caller's side (asyncio).
     async def stream(self, request: Request) -> AsyncIterator[Step | Finished]:
         """Each decode step's tokens as they come, then a Finished. Raises InvalidRequestError for
-        a bad request and ServerBusyError when the queue is full. Leaving early frees the slot."""
+        a bad request and ServerBusyError when the replica is full or stopped. Leaving early frees
+        the slot."""
+        self._check_open()
+        waiting = len(self._jobs) - self.engine.running()
+        if len(self._jobs) >= self.config.max_batch + self.config.max_queue:
+            raise ServerBusyError(f"{waiting} requests are waiting; try again later")
+        if request.request_id in self._jobs:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already being served")
         now, timeout = time.perf_counter(), self.config.request_timeout
-        job = _Job(request, asyncio.get_running_loop(), asyncio.Queue(), now, timeout and now + timeout)
-        if self._closed or self._broken:
-            raise ServerBusyError(self._broken or "the replica is shutting down")
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise ServerBusyError(f"{self._queue.qsize()} requests are waiting; try again later") from None
+        deadline = timeout and now + timeout
+        job = _Job(request, asyncio.get_running_loop(), asyncio.Queue(), now, deadline, self._domain(request))
+        self._jobs[request.request_id] = job
+        hidden = in_fraction(f"hidden:{request.request_id}", self.config.hidden_fraction)
+        self.engine.submit(EngineRequest(
+            request.request_id, request.prompt_ids, request.max_new_tokens, request.temperature,
+            request.top_p, request.top_k, request.seed, request.stop_token_ids,
+            max(self.config.trace_top_k, request.logprobs or 0), hidden, job.domain,
+        ))  # fmt: skip
         self._changed.set()
-        if self._broken:  # it broke while this one was queued: nobody else will answer it
-            self._fail_queued()
         try:
             while True:
                 event = await self._next_event(job)
@@ -327,23 +246,29 @@ class Replica:
                 if isinstance(event, Finished):
                     return
         finally:
-            job.cancelled.set()  # a no-op when it finished; else the decode thread stops at the next step
+            if self._jobs.pop(request.request_id, None) is not None:  # it left before its end
+                self.engine.abandon(request.request_id)
+                self._changed.set()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ServerBusyError("the replica is shutting down")
+        try:
+            self.engine.check_health()
+        except RuntimeError as err:
+            raise ServerBusyError(str(err)) from None
 
     async def _next_event(self, job: _Job) -> object:
-        """The job's next event; past its deadline (and a grace for the decode thread, which fails
-        it between steps) a RequestTimeoutError, even when a step never returns."""
+        """The job's next event; past its deadline a RequestTimeoutError, even when a step never
+        returns."""
         if job.deadline is None:
             return await job.events.get()
-        wait = max(0.0, job.deadline - time.perf_counter()) + DEADLINE_GRACE_SECONDS
         try:
-            return await asyncio.wait_for(job.events.get(), wait)
+            return await asyncio.wait_for(job.events.get(), max(0.0, job.deadline - time.perf_counter()))
         except TimeoutError:
-            return self._timed_out(job)
-
-    def _timed_out(self, job: _Job) -> RequestTimeoutError:
-        return RequestTimeoutError(
-            f"request {job.request.request_id} ran past its deadline of {self.config.request_timeout:g} s"
-        )
+            return RequestTimeoutError(
+                f"request {job.request.request_id} ran past its deadline of {self.config.request_timeout:g} s"
+            )
 
     async def complete(self, request: Request) -> Finished:
         events = [event async for event in self.stream(request)]
@@ -351,33 +276,39 @@ class Replica:
 
     @property
     def draft_version(self) -> str:
-        return self._served.version
+        return self.engine.versions()[self.config.domain]
+
+    def _load(self) -> tuple[int, int]:
+        """Requests in flight (in the engine's batch) and queued (waiting for room)."""
+        running = self.engine.running()
+        return running, max(0, len(self._jobs) - running)
 
     def status(self) -> dict:
+        versions = self.engine.versions()
+        in_flight, queued = self._load()
         return {
             "replica": self.config.replica_id,
             "pid": os.getpid(),
-            "draft_version": self._served.version,
-            "adapters": {domain: served.version for domain, served in sorted(self._adapters.items())},
+            "draft_version": versions[self.config.domain],
+            "adapters": {d: label for d, label in sorted(versions.items()) if d != self.config.domain},
             "router": None if self._router is None else self._router[1],
-            "in_flight": self._in_flight,
-            "queued": self._queue.qsize(),
-            "swaps": self.swaps,
+            "in_flight": in_flight,
+            "queued": queued,
             "refused_versions": self.refused,
-            "last_swap_seconds": self.last_swap_seconds,
-            "last_swap_pause_seconds": self.last_swap_pause_seconds,
+            **self.engine.status(),
             "traces": vars(self.writer.stats()),
         }
 
     def metrics_snapshot(self) -> list[dict]:
         """This replica's Prometheus families, as `serving.http.prometheus.render` takes them."""
-        traces = self.writer.stats()
+        traces, engine = self.writer.stats(), self.engine.status()
+        in_flight, queued = self._load()
         state = {
-            "num_requests_running": self._in_flight,
-            "num_requests_waiting": self._queue.qsize(),
-            "draft_swaps": self.swaps,
+            "num_requests_running": in_flight,
+            "num_requests_waiting": queued,
+            "draft_swaps": engine["swaps"],
             "draft_refused": self.refused,
-            "draft_swap_load_seconds": self.last_swap_seconds or 0.0,
+            "draft_swap_load_seconds": engine["last_swap_seconds"] or 0.0,
             "traces_written": traces.written,
             "traces_dropped": traces.dropped,
             "traces_queued": traces.queued,
@@ -386,18 +317,16 @@ class Replica:
             "num_speculative_tokens": self.k,
             "draft_cost_ratio": self.cost_ratio,
         }
-        return self.metrics.snapshot(self._served.version, state)
+        return self.metrics.snapshot(self.draft_version, state)
 
     def check_health(self) -> None:
-        """Raise RuntimeError when the decode loop is gone (Ray Serve then replaces the replica)."""
-        if self._broken or (not self._thread.is_alive() and not self._closed):
-            raise RuntimeError(self._broken or "the decode thread has exited")
+        """Raise RuntimeError when the engine can no longer decode (Ray Serve then replaces the replica)."""
+        self.engine.check_health()
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish what is queued, then stop; flush traces and metrics."""
         self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout)
+        self.engine.close(timeout)
         self._changed.set()
         self._heartbeat.join(timeout)
         for watcher in (self.watcher, self.router_watcher):
@@ -406,127 +335,58 @@ class Replica:
         self.writer.close(timeout)
         self.recorder.close()
 
-    # The decode thread.
-    def _decode_loop(self) -> None:
-        """Serve until close(); if the loop itself breaks, every request it holds or will be given
-        fails at once and check_health says why."""
-        running = self._running
-        try:
-            self._serve(running)
-        except BaseException as err:
-            self._broken = f"the decode loop has stopped: {err!r}"
-            log.critical("%s; failing %d requests", self._broken, len(running), exc_info=err)
-            _deliver([(run.job, ServerBusyError(self._broken)) for run in running.values()])
-            self._fail_queued()
-
-    def _serve(self, running: dict[int, _Running]) -> None:
-        """Admit, step, hand over, expire; until close() and the batch has drained."""
-        stopping = False
-        while not stopping or running:
-            self._install_staged()
-            stopping = self._admit(running) or stopping
-            handed: list[tuple[_Job, object]] = []
-            for decoding, step in self._step(running):
-                handed += self._hand_over(running, running[id(decoding)], step)
-            now = time.perf_counter()
-            for key, run in list(running.items()):  # callers that went away, and requests out of time
-                if run.job.cancelled.is_set() or run.job.expired(now):
-                    self.engine.abandon(run.decoding)
-                    del running[key]
-                    if not run.job.cancelled.is_set():
-                        handed.append((run.job, self._timed_out(run.job)))
-            _deliver(handed)
-            if self._in_flight != len(running):
-                self._in_flight = len(running)
-                self._changed.set()
-
-    def _step(self, running: dict[int, _Running]) -> list[tuple[Decoding, Step]]:
-        """One engine step; if it raises, its requests fail (logged) and the replica goes on."""
-        try:
-            return self.engine.step()
-        except Exception as err:
-            log.exception("a decode step failed; failing its %d requests", len(running))
-            failure = StepFailedError(f"a decode step failed: {err!r}; the request may be retried")
-            _deliver([(run.job, failure) for run in running.values()])
-            for run in running.values():
-                self.engine.abandon(run.decoding)
-            running.clear()
-            return []
-
-    def _fail_queued(self) -> None:
-        """Answer every queued request with why the decode loop stopped."""
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None:
-                job.put(ServerBusyError(self._broken))
-
-    def _admit(self, running: dict[int, _Running]) -> bool:
-        """Move queued requests into the batch while it has room (waiting for one when it is
-        empty); True once close() has been asked for."""
-        while len(running) < self.config.max_batch:
-            try:  # idle, it wakes now and then to install staged versions
-                job = self._queue.get(block=not running, timeout=None if running else IDLE_WAKE_SECONDS)
-            except queue.Empty:
-                return False
+    # The engine's thread.
+    def _hand_over(self, events: list[tuple[str, Step | BaseException]]) -> None:
+        """What a step gave each caller: its tokens and, at its end, Finished (the request is
+        logged first, so its metrics are recorded before the caller hears); or its failure."""
+        handed: list[tuple[_Job, object]] = []
+        for request_id, event in events:
+            job = self._jobs.get(request_id)
             if job is None:
-                return True
-            if job.cancelled.is_set():
+                continue  # it was abandoned: nobody listens
+            if isinstance(event, BaseException):
+                del self._jobs[request_id]
+                handed.append((job, event))
                 continue
-            if job.expired(time.perf_counter()):
-                job.put(self._timed_out(job))
-                continue
-            request = job.request
-            served, domain = self._route(request)  # the version it starts and finishes on
-            hidden = in_fraction(f"hidden:{request.request_id}", self.config.hidden_fraction)
-            try:
-                decoding = self.engine.add(
-                    request.prompt_ids, request.max_new_tokens, request.temperature, request.top_p,
-                    request.top_k, request.seed, request.stop_token_ids,
-                    max(self.config.trace_top_k, request.logprobs or 0), hidden, served.proposer,
-                )  # fmt: skip
-            except EngineError as err:  # a bad request: the caller gets it as is
-                job.put(err)
-                continue
-            except Exception as err:  # a bug: the request fails, the replica goes on
-                log.exception("request %s failed", request.request_id)
-                job.put(RuntimeError(f"internal error: {err}"))
-                continue
-            running[id(decoding)] = _Running(job, decoding, [served.version], domain)
-            self._in_flight = len(running)
-            self._changed.set()
-        return False
+            if not job.versions or job.versions[-1] != event.version:
+                job.versions.append(event.version)
+            now = time.perf_counter()
+            job.first = job.first or now
+            handed.append((job, event))
+            if event.generation is not None:
+                del self._jobs[request_id]
+                handed.append((job, self._finished(job, event.generation, now)))
+        self._deliver(handed)
+        self._changed.set()
 
-    def _hand_over(
-        self, running: dict[int, _Running], run: _Running, step: Step
-    ) -> list[tuple[_Job, object]]:
-        """What a step gives the caller: its tokens and, at the end, Finished (the request is
-        logged first, so its metrics are recorded before the caller hears)."""
-        if step.generation is not None:
-            del running[id(run.decoding)]  # it has left the engine's batch
-        if run.job.cancelled.is_set():
-            return []  # nobody listens; an unfinished one leaves the batch below
-        now = time.perf_counter()
-        run.first = run.first or now
-        if step.generation is None:
-            return [(run.job, step)]
-        enqueued = run.job.enqueued
-        versions = tuple(run.versions)
-        finished = Finished(step.generation, versions[0], versions, run.first - enqueued, now - enqueued)
+    def _finished(self, job: _Job, generation: Generation, now: float) -> Finished:
+        versions = tuple(job.versions)
+        finished = Finished(generation, versions[0], versions, job.first - job.enqueued, now - job.enqueued)
         try:
-            self._log(run.job.request, finished, run.domain)
+            self._log(job.request, finished, job.domain)
         except Exception:  # a bug in what a request leaves: the caller still gets its answer
-            log.exception("could not log request %s", run.job.request.request_id)
-        return [(run.job, step), (run.job, finished)]
+            log.exception("could not log request %s", job.request.request_id)
+        return finished
 
-    def _route(self, request: Request) -> tuple[_Served, str]:
-        """The version for a request, and the domain its metrics count under: the adapter of the
-        domain it names, else of the router's confident guess, else the shared draft."""
+    def _deliver(self, events: list[tuple[_Job, object]]) -> None:
+        """Hand events to their callers' event loops: one wake-up per loop, however many requests
+        a step served (each is a system call and a turn of the GIL for the engine's thread)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, object]]] = {}
+        for job, event in events:
+            by_loop.setdefault(job.loop, []).append((job, event))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the callers' event loop has closed: nobody is listening any more
+                for job, _ in batch:
+                    if self._jobs.pop(job.request.request_id, None) is not None:
+                        self.engine.abandon(job.request.request_id)
+
+    def _domain(self, request: Request) -> str:
+        """The domain a request is served as (its metrics' domain, and its adapter's when it has one):
+        the one it names, else the router's confident guess, else the shared one."""
         router = None if self._router is None else self._router[0]
-        domain = served_domain(request.domain, router, request.prompt_ids, self.config.router_min_confidence)
-        return self._adapters.get(domain, self._served), domain
+        return served_domain(request.domain, router, request.prompt_ids, self.config.router_min_confidence)
 
     def _log(self, request: Request, finished: Finished, domain: str) -> None:
         """The trace (under the domain the request named: what the router learns from) and the
@@ -562,8 +422,8 @@ class Replica:
             snapshot = self.metrics_snapshot() if now >= next_snapshot else None
             try:
                 publish_load(
-                    self.client, config.replica_id, self._in_flight, self._queue.qsize(),
-                    config.load_ttl_seconds, self._served.version, snapshot,
+                    self.client, config.replica_id, *self._load(), config.load_ttl_seconds,
+                    self.draft_version, snapshot,
                 )  # fmt: skip
                 if snapshot is not None:
                     next_snapshot = now + config.heartbeat_seconds
@@ -578,79 +438,22 @@ class Replica:
             )
 
     # The watcher's thread.
-    def _host_weights(self, meta: DraftVersion) -> dict[str, torch.Tensor]:
-        """`meta`'s weights on the host, checked against the live draft or heads: what was served
-        just before (a rollback) as kept, else loaded; IncompatibleDraftError when the version is of
-        another kind than this replica serves (heads for a draft, or the reverse), or does not fit."""
-        previous = self._previous.get(meta.domain)
-        if previous is not None and previous[0] == meta.label:
-            return previous[1]
-        if self.base_heads is not None:
-            spec = self.base_heads.spec
-            if meta.kind != "heads" or HeadsSpec(**meta.extra.get("heads", {})) != spec:
-                raise IncompatibleDraftError(f"this replica serves {spec}; {meta.label} is {meta.kind}")
-            weights = self.registry.load(meta)
-            check_weights(self._host_base, weights, "heads")
-            return weights
-        if meta.kind == "heads":
-            raise IncompatibleDraftError(f"this replica serves a draft model; {meta.label} is draft heads")
-        weights = version_weights(self._host_base, meta, self.registry.load(meta))
-        check_weights(self._host_base, weights, "draft")
-        return weights
-
     def _swap(self, meta: DraftVersion) -> None:
-        """Load and check `meta` here, then have the decode thread copy it in between two steps
-        (before the decode thread starts: at once)."""
-        began = time.perf_counter()
+        """Load `meta`'s weights (what was served just before, for a rollback, as kept) and hand
+        them to the engine, which checks them and serves them from a later step on."""
+        previous = self._previous.get(meta.domain)
         try:
-            staged = _Staged(meta, self._host_weights(meta), began)
-        except (CorruptWeightsError, IncompatibleDraftError, KeyError, TypeError, ValueError) as err:
+            weights = previous[1] if previous and previous[0] == meta.label else self.registry.load(meta)
+            self.engine.load_draft(meta, weights)
+        except REFUSED as err:
             self.refused += 1
-            kept = self._adapters.get(meta.domain, self._served).version
+            versions = self.engine.versions()
+            kept = versions.get(meta.domain, versions[self.config.domain])
             log.error("refused draft %s, serving %s on: %s", meta.label, kept, err)
             return
-        if self._serving:
-            self._staged.put(staged)
-        else:
-            self._install(staged)
-
-    # The decode thread (or start-up, before it runs).
-    def _install_staged(self) -> None:
-        while True:
-            try:
-                self._install(self._staged.get_nowait())
-            except queue.Empty:
-                return
-
-    def _install(self, staged: _Staged) -> None:
-        """Copy a staged version into the draft of its domain, in place, and serve it from now on:
-        to new requests, and to those in flight on that draft."""
-        meta, domain = staged.meta, staged.meta.domain
-        served = self._served if domain == self.config.domain else self._adapters.get(domain)
-        if served is None:  # a domain's first adapter: its own draft, built once
-            model = copy.deepcopy(self._host_base).to(self.engine.device)
-            proposer = DraftModelProposer(model, self.engine.profile, self.engine.vocab_size)
-        else:
-            proposer = served.proposer
-        paused = time.perf_counter()
-        proposer.load_weights(staged.weights)
-        now = time.perf_counter()
-        if domain == self.config.domain:
-            self._served = _Served(proposer, meta.label)
-        else:
-            self._adapters = self._adapters | {domain: _Served(proposer, meta.label)}
-        for run in self._running.values():
-            if run.decoding.proposer is proposer:
-                run.versions.append(meta.label)
-        if domain in self._host:
-            self._previous[domain] = self._host[domain]
-        self._host[domain] = (meta.label, staged.weights)
-        self.swaps += 1
-        self.last_swap_seconds, self.last_swap_pause_seconds = now - staged.began, now - paused
-        log.info(
-            "serving draft %s (ready in %.3f s, copied in place in %.3f s)",
-            meta.label, self.last_swap_seconds, self.last_swap_pause_seconds,
-        )  # fmt: skip
+        if meta.domain in self._host:
+            self._previous[meta.domain] = self._host[meta.domain]
+        self._host[meta.domain] = (meta.label, weights)
 
     def _load_router(self, meta: DraftVersion) -> None:
         try:
@@ -663,21 +466,6 @@ class Replica:
         log.info("routing with %s over %s", meta.label, list(router.domains))
 
 
-def version_weights(
-    base: torch.nn.Module, meta: DraftVersion, weights: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """A draft version's whole weights for a model shaped as `base` (left untouched): a LoRA
-    adapter merged into a copy of it, else the version's weights as they are."""
-    if meta.kind == "lora":
-        return merged_adapter(copy.deepcopy(base), LoraSpec(**meta.extra["lora"]), weights).state_dict()
-    return weights
-
-
-def version_draft(
-    base: torch.nn.Module, meta: DraftVersion, weights: dict[str, torch.Tensor]
-) -> torch.nn.Module:
-    """A draft version as a plain model, in a copy of `base` (IncompatibleDraftError or ValueError
-    when its weights do not fit)."""
-    model = copy.deepcopy(base)
-    DraftModelProposer(model).load_weights(version_weights(base, meta, weights))
-    return model.eval()
+def _put_all(events: list[tuple[_Job, object]]) -> None:
+    for job, event in events:
+        job.events.put_nowait(event)

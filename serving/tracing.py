@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from serving.engine.hf import Generation
+from serving.engine.protocol import Generation
 from store.traces import Trace
 
 

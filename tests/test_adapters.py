@@ -148,11 +148,11 @@ def test_a_swap_of_one_domains_adapter_leaves_the_others_untouched(tiny_replica,
     wait_for(lambda: len(replica.status()["adapters"]) == 2)
     c_prompt = prompts(models, "c", 1, seed=4)[0]
     before = served(replica, c_prompt, "c", tokens=12)
-    engine = replica._adapters["c"].proposer
+    engine = replica.engine.drafts["c"].proposer
     registry.publish("draft", adapter(models, 3), domain="python", kind="lora", extra=extra)
     wait_for(lambda: replica.status()["adapters"]["python"] == "draft/python:v2")
     after = served(replica, c_prompt, "c", tokens=12)
-    assert replica._adapters["c"].proposer is engine  # the c adapter was not touched
+    assert replica.engine.drafts["c"].proposer is engine  # the c adapter was not touched
     assert (after.draft_version, after.generation.stats) == (before.draft_version, before.generation.stats)
 
 

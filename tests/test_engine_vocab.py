@@ -127,7 +127,7 @@ def test_a_hot_swapped_version_of_a_padded_draft_still_drafts_over_the_targets_r
     try:
         weights = AutoModelForCausalLM.from_pretrained(draft).state_dict()
         Registry(client).publish("padded", {name: t * 1.01 for name, t in weights.items()})
-        wait_for(lambda: replica.swaps == 1)
+        wait_for(lambda: replica.status()["swaps"] == 1)
         finished = asyncio.run(replica.complete(Request(PROMPTS[1], 24, temperature=1.0, stop_token_ids=[])))
         assert finished.draft_version == replica.draft_version != "padded:base"
         assert finished.generation.stats.drafted > 0 and len(finished.generation.token_ids) == 24

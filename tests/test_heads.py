@@ -167,7 +167,7 @@ def test_a_heads_replica_serves_losslessly_and_swaps_in_published_heads_only(red
         return finished.generation.token_ids, finished.draft_version
 
     assert served() == (expected, "draft:base")
-    registry, spec = Registry(redis_client), replica.base_heads.spec
+    registry, spec = Registry(redis_client), replica.engine.host_base.spec
     trained = random_heads(AutoModelForCausalLM.from_pretrained(target_dir), "hydra").state_dict()
     registry.publish("draft", trained, kind="heads", extra={"heads": dataclasses.asdict(spec)})
     assert wait_for(lambda: replica.draft_version == "draft:v1")

@@ -125,7 +125,7 @@ def test_clients_stream_through_three_publishes_and_a_rollback_with_no_failure(s
     assert len(texts) == 1  # greedy output is the target's, whichever draft served it
     versions = [version for _, version in done]
     assert {"draft:base", "draft:v1", "draft:v2", "draft:v3"} <= set(versions)
-    assert replica.swaps == 4 and replica.refused == 0  # v1, v2, v3, and v2 again
+    assert replica.status()["swaps"] == 4 and replica.refused == 0  # v1, v2, v3, and v2 again
 
 
 class Lockstep:
@@ -138,7 +138,7 @@ class Lockstep:
     def __init__(self, replica: Replica, sent: threading.Event, monkeypatch):
         self.asked = self.taken = 0  # events the API asked the replica for; decode steps taken
         self.sent, self.released = sent, threading.Event()
-        stream, step = replica.stream, replica.engine.step
+        stream, step = replica.stream, replica.engine.spec.step
 
         async def counted(request):
             inner = stream(request)
@@ -160,7 +160,7 @@ class Lockstep:
             return step(*args, **kwargs)
 
         monkeypatch.setattr(replica, "stream", counted)
-        monkeypatch.setattr(replica.engine, "step", paced)
+        monkeypatch.setattr(replica.engine.spec, "step", paced)
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(stack, monkeypatch):

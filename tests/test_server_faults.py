@@ -14,9 +14,9 @@ from test_server_replica import PROMPT, replica
 from transformers import AutoTokenizer
 
 from deploy.demo.build import build_demo_models
-from serving.errors import RequestTimeoutError, StepFailedError
+from serving.errors import RequestTimeoutError, ServerBusyError, StepFailedError
 from serving.http.api import create_app
-from serving.replica import Finished, Replica, ReplicaConfig, Request, ServerBusyError
+from serving.replica import Finished, Replica, ReplicaConfig, Request
 from store.metrics import MetricsConfig
 from store.traces import StreamConfig
 from tiny_models import TINY_DEMO
@@ -49,21 +49,21 @@ def http_served(redis_client, tiny_demo) -> tuple[Replica, TestClient]:
 
 def test_a_failed_step_fails_only_its_requests_and_the_next_ones_succeed(redis_client, model_dirs):
     server = replica(redis_client, model_dirs, max_batch=2)
-    step, faults = server.engine.step, []
+    step, faults = server.engine.spec.step, []
 
     def faulty_step(k=None):
-        if not faults and len(server.engine.active) == 2:  # once, with both requests in the batch
-            faults.append(len(server.engine.active))
+        if not faults and len(server.engine.spec.active) == 2:  # once, with both requests in the batch
+            faults.append(len(server.engine.spec.active))
             raise RuntimeError("injected fault")
         return step(k)
 
-    server.engine.step = faulty_step
+    server.engine.spec.step = faulty_step
     try:
         requests = [Request(PROMPT, 8, stop_token_ids=[]) for _ in range(2)]
         failed = served(server, requests)
         assert faults == [2] and all(isinstance(e, StepFailedError) for e in failed), failed
         assert "injected fault" in str(failed[0])
-        wait_for(lambda: not server.engine.active and server.status()["in_flight"] == 0)
+        wait_for(lambda: not server.engine.spec.active and server.status()["in_flight"] == 0)
         later = served(server, requests)  # the loop went on, with its slots free
         assert all(isinstance(f, Finished) and len(f.generation.token_ids) == 8 for f in later), later
         server.check_health()
@@ -73,18 +73,18 @@ def test_a_failed_step_fails_only_its_requests_and_the_next_ones_succeed(redis_c
 
 def test_a_request_past_its_deadline_fails_and_frees_its_slot(redis_client, model_dirs):
     server = replica(redis_client, model_dirs, request_timeout=0.2, max_batch=1)
-    step = server.engine.step
+    step = server.engine.spec.step
 
     def slow_step(k=None):  # a step that returns only once its requests are out of time
-        wait_for(lambda: all(r.job.expired(time.perf_counter()) for r in server._running.values()))
+        wait_for(lambda: all(time.perf_counter() > job.deadline for job in server._jobs.values()))
         return step(k)
 
-    server.engine.step = slow_step
+    server.engine.spec.step = slow_step
     try:
         (late,) = served(server, [Request(PROMPT, 50, stop_token_ids=[])])
         assert isinstance(late, RequestTimeoutError) and "0.2 s" in str(late)
-        wait_for(lambda: not server.engine.active and server.status()["in_flight"] == 0)
-        assert server.engine.cache.rows == 0  # its slot was given back
+        wait_for(lambda: not server.engine.spec.active and server.status()["in_flight"] == 0)
+        assert server.engine.spec.cache.rows == 0  # its slot was given back
     finally:
         server.close()
 
@@ -96,7 +96,7 @@ def test_a_broken_decode_loop_fails_every_request_and_health_says_503(redis_clie
     def broken(*_):
         raise RuntimeError("a bug outside the step")
 
-    server._hand_over = broken  # the loop's own code, not a step, fails
+    server.engine._admit = broken  # the loop's own code, not a step, fails
     try:
         (first,) = served(server, [Request(PROMPT, 4, stop_token_ids=[])])
         assert isinstance(first, ServerBusyError) and "a bug outside the step" in str(first)
@@ -113,13 +113,13 @@ def test_a_broken_decode_loop_fails_every_request_and_health_says_503(redis_clie
 
 def test_a_failed_step_over_http_is_a_500_with_the_reason(redis_client, tiny_demo):
     server, client = http_served(redis_client, tiny_demo)
-    step = server.engine.step
+    step = server.engine.spec.step
 
     def failing(k=None):
-        server.engine.step = step  # once
+        server.engine.spec.step = step  # once
         raise RuntimeError("injected fault")
 
-    server.engine.step = failing
+    server.engine.spec.step = failing
     try:
         body = {"model": "tiny", "prompt": "def main():", "max_tokens": 4}
         failed = client.post("/v1/completions", json=body)

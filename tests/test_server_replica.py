@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM
 
 from distill.lora import LoraSpec, adapter_weights, wrap_lora
 from serving.engine.hf import SpecEngine, Step
-from serving.errors import InvalidRequestError
-from serving.replica import Finished, Replica, ReplicaConfig, Request, ServerBusyError
+from serving.errors import InvalidRequestError, ServerBusyError
+from serving.replica import Finished, Replica, ReplicaConfig, Request
 from store.load import read_load
 from store.metrics import MetricsConfig, read_series
-from store.registry import Registry
+from store.registry import ALL_DOMAINS, Registry
 from store.traces import StreamConfig, TraceReader
 
 PROMPT = [5, 17, 42, 9, 3, 77]
@@ -104,7 +104,7 @@ def test_a_full_queue_refuses_and_an_abandoned_request_frees_the_decoder(
     # The decode thread takes the long request's first step, then holds before its second until
     # the test has filled the queue and hung up: the long request cannot finish first, however fast
     # the decoder runs, and every step taken after the hang-up is counted (engine.steps).
-    first_taken, go_on, step = threading.Event(), threading.Event(), server.engine.step
+    first_taken, go_on, step = threading.Event(), threading.Event(), server.engine.spec.step
 
     def held_step(*args, **kwargs):
         if first_taken.is_set():
@@ -112,7 +112,7 @@ def test_a_full_queue_refuses_and_an_abandoned_request_frees_the_decoder(
         first_taken.set()
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(server.engine, "step", held_step)
+    monkeypatch.setattr(server.engine.spec, "step", held_step)
 
     async def run():
         long = server.stream(Request(PROMPT, 200, stop_token_ids=[]))
@@ -121,11 +121,11 @@ def test_a_full_queue_refuses_and_an_abandoned_request_frees_the_decoder(
         await asyncio.to_thread(wait_for, lambda: server.status()["queued"] == 1)  # behind the long one
         with pytest.raises(ServerBusyError):
             await server.complete(Request(PROMPT, 3))
-        steps = server.engine.steps
+        steps = server.engine.spec.steps
         await long.aclose()  # the client went away
         go_on.set()
         finished = await waiting
-        return finished, server.engine.steps - steps
+        return finished, server.engine.spec.steps - steps
 
     try:
         finished, steps = asyncio.run(run())
@@ -167,7 +167,7 @@ def test_the_live_version_is_loaded_at_start_and_copied_in_place_mid_request(red
     registry.publish("draft", draft_weights(model_dirs, 0.01))
     server = replica(redis_client, model_dirs)
     assert server.draft_version == "draft:v1"  # before the first request
-    live = server._served.proposer
+    live = server.engine.drafts[ALL_DOMAINS].proposer
     target_greedy = SpecEngine.from_pretrained(model_dirs["llama"]["target"]).generate(
         PROMPT, 40, stop_token_ids=[]
     )
@@ -184,10 +184,13 @@ def test_the_live_version_is_loaded_at_start_and_copied_in_place_mid_request(red
     during, after = asyncio.run(run())
     assert during.draft_versions == ("draft:v1", "draft:v2") and after.draft_versions == ("draft:v2",)
     assert during.generation.token_ids == after.generation.token_ids == target_greedy.token_ids  # lossless
-    assert server._served.proposer is live and live.weights == 2  # the same draft and cache, new weights
+    assert (
+        server.engine.drafts[ALL_DOMAINS].proposer is live and live.weights == 2
+    )  # the same draft, new weights
     weights = draft_weights(model_dirs, 0.02)
     assert all(torch.equal(t, weights[n]) for n, t in live.model.state_dict().items())
-    assert server.swaps == 2 and server.last_swap_seconds >= server.last_swap_pause_seconds > 0
+    status = server.status()
+    assert status["swaps"] == 2 and status["last_swap_seconds"] >= status["last_swap_pause_seconds"] > 0
     server.close()
 
 
@@ -210,9 +213,9 @@ def test_a_lora_version_is_merged_on_the_host_and_copied_into_the_draft(redis_cl
     Registry(redis_client).publish("draft", weights, kind="lora", extra={"lora": vars(spec)})
     server = replica(redis_client, model_dirs)
     assert server.draft_version == "draft:v1" and server.refused == 0
-    served = server._served.proposer.model
+    served = server.engine.drafts[ALL_DOMAINS].proposer.model
     assert not any("lora" in name for name in served.state_dict())  # merged: a plain model
-    assert served is server.base_draft  # in place
-    base = server._host_base.state_dict()  # the base, kept on the host for merges
+    assert served is server.engine.spec.proposer.model  # in place
+    base = server.engine.host_base.state_dict()  # the base, kept on the host for merges
     assert any(not torch.equal(base[n], t) for n, t in served.state_dict().items())
     server.close()

@@ -23,9 +23,10 @@ from deploy.demo.build import DemoModels
 from deploy.ray_serve import ServiceConfig, trainer_config
 from distill.acceptance import mean_acceptance
 from distill.heads import DraftHeads
-from serving.engine.hf import Generation, SpecEngine
+from serving.engine.hf import SpecEngine
 from serving.engine.proposers import DraftModelProposer, HeadsProposer, NullProposer
-from serving.replica import version_draft
+from serving.engine.protocol import Generation
+from serving.engine.versions import version_draft
 from store.registry import DraftVersion, Registry
 from store.traces import StreamConfig, Trace, TraceDecodeError, decode, is_held_out
 from trainer.learners import learner_for

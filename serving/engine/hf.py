@@ -71,6 +71,7 @@ from serving.engine.proposers import (
     Proposal,
     Proposer,
 )
+from serving.engine.protocol import Generation, Step, TokenLogprobs
 from serving.engine.sampling import SamplingParams, process_logits, race, rejection_sample, seeded_noise
 from serving.engine.speculation import (
     MARGIN,
@@ -90,54 +91,6 @@ log = logging.getLogger(__name__)
 ProposerName = Literal["draft", "ngram", "none", "medusa", "hydra"]
 PROPOSERS: tuple[ProposerName, ...] = ("draft", "ngram", "none", "medusa", "hydra")
 COST_BATCHES = (1, 2, 4, 8, 16, 32)  # batch sizes `calibrate` times, up to the engine's max_batch
-
-
-@dataclass(frozen=True)
-class Generation:
-    """New tokens only (a stop token that ended generation is included, as HF generate does).
-
-    top_ids, top_logprobs [T, K]: with generate(top_logprobs=K), the target's K most likely
-    tokens and their log-probs (temperature 1, before any sampling processing) at each of the T
-    output positions: the distributions the trainer distills from.
-    hidden [T, H]: with generate(hidden_states=True), the target's final hidden state at the
-    position whose logits gave each output token (what draft heads read).
-    """
-
-    token_ids: list[int]
-    stats: SpecStats
-    finish_reason: Literal["stop", "length"]
-    top_ids: torch.Tensor | None = None
-    top_logprobs: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    """The target's log-probs (temperature 1, before any sampling processing) at n emitted
-    positions: the emitted token's [n], and the K most likely tokens' ids and values [n, K]."""
-
-    chosen: torch.Tensor
-    top_ids: torch.Tensor
-    top_values: torch.Tensor
-
-    def __getitem__(self, rows: slice) -> TokenLogprobs:
-        return TokenLogprobs(self.chosen[rows], self.top_ids[rows], self.top_values[rows])
-
-    @staticmethod
-    def cat(parts: Sequence[TokenLogprobs]) -> TokenLogprobs:
-        return TokenLogprobs(
-            *(torch.cat([getattr(p, f) for p in parts]) for f in ("chosen", "top_ids", "top_values"))
-        )
-
-
-@dataclass(frozen=True)
-class Step:
-    """The tokens one decode step emitted for a sequence (1 to k + 1), with their log-probs when
-    the request asked for top_logprobs; its last step also carries the Generation."""
-
-    token_ids: list[int]
-    generation: Generation | None = None
-    logprobs: TokenLogprobs | None = None
 
 
 @dataclass

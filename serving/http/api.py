@@ -45,13 +45,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase
 
-from serving.engine.hf import Step, TokenLogprobs
-from serving.errors import EngineError, InvalidRequestError, RequestTimeoutError, StepFailedError
+from serving.engine.protocol import Step, TokenLogprobs
+from serving.errors import (
+    EngineError,
+    InvalidRequestError,
+    RequestTimeoutError,
+    ServerBusyError,
+    StepFailedError,
+)
 from serving.http.admin import TrainerControl, admin_router
 from serving.http.dashboard import dashboard_router
 from serving.http.detokenize import IncrementalText
 from serving.http.prometheus import render
-from serving.replica import Finished, Replica, ServerBusyError
+from serving.replica import Finished, Replica
 from serving.replica import Request as ReplicaRequest
 from store.drift import DriftAlert, read_alerts
 from store.load import read_metrics
