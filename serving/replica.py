@@ -46,6 +46,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import redis
 
@@ -53,6 +54,7 @@ from distill.router import ROUTER, DomainRouter, served_domain
 from serving.engine.core import HFEngine
 from serving.engine.hf import ProposerName
 from serving.engine.protocol import Engine, EngineRequest, Generation, Step
+from serving.engine.vllm import VLLMEngine, VLLMSettings
 from serving.errors import (
     IncompatibleDraftError,
     InvalidRequestError,
@@ -68,6 +70,8 @@ from store.traces import StreamConfig, TraceWriter, in_fraction
 
 log = logging.getLogger(__name__)
 
+EngineName = Literal["hf", "vllm"]
+ENGINES: tuple[EngineName, ...] = ("hf", "vllm")
 DOMAIN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a request's domain tag, as traces and metrics key it
 REFUSED = (CorruptWeightsError, IncompatibleDraftError, KeyError, TypeError, ValueError)  # a bad version
 
@@ -78,6 +82,8 @@ class ReplicaConfig:
 
     target: str  # local directory or hub id
     draft: str | None = None  # the base draft; registry versions are loaded into copies of it
+    engine: EngineName = "hf"  # the HF engine (serving.engine.core) or vLLM (serving.engine.vllm)
+    vllm: VLLMSettings = VLLMSettings()  # vLLM's own engine arguments, with engine "vllm"
     proposer: ProposerName | None = None  # default: "draft" with a draft, else "none"
     num_speculative_tokens: int = 3
     device: str | None = None
@@ -118,6 +124,10 @@ class ReplicaConfig:
             raise ValueError(f"request_timeout must be > 0 seconds, got {self.request_timeout}")
         if not 0 < self.heartbeat_seconds < self.load_ttl_seconds:
             raise ValueError("need 0 < heartbeat_seconds < load_ttl_seconds")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.engine == "vllm" and (problem := vllm_problem(self)):
+            raise ValueError(problem)
 
 
 @dataclass(frozen=True)
@@ -166,8 +176,25 @@ class _Job:
     first: float | None = None  # when its first tokens were handed over
 
 
+def vllm_problem(config: ReplicaConfig) -> str | None:
+    """Why the vLLM engine cannot serve `config`, in one line; None when it can."""
+    if config.proposer in ("medusa", "hydra") or config.heads_tree or config.hidden_fraction:
+        return (
+            "the vLLM engine cannot serve draft heads (they read the target's hidden states): use --engine hf"
+        )
+    if config.adapters:
+        return "the vLLM engine serves one draft, not per-domain adapters: use --engine hf"
+    return None
+
+
 def open_engine(config: ReplicaConfig) -> Engine:
     """The engine `config` asks for, loaded."""
+    if config.engine == "vllm":
+        return VLLMEngine(
+            config.target, config.draft, config.proposer, config.num_speculative_tokens, config.dtype,
+            config.max_batch, config.max_model_len, config.gpu_memory_utilization,
+            f"{config.draft_name}:base", config.domain, config.vllm,
+        )  # fmt: skip
     return HFEngine(
         config.target, config.draft, config.proposer, config.num_speculative_tokens, config.device,
         config.dtype, config.heads_tree, config.max_batch, config.max_model_len,

@@ -27,12 +27,14 @@ torch.set_num_threads(1)  # tiny models: one thread beats two on this 2-core mac
 
 
 def started_by_the_suite() -> list[psutil.Process]:
-    """Processes that carry this session's mark, other than the test process itself."""
+    """Processes that carry this session's mark, other than the test process itself and Python's
+    multiprocessing resource tracker (vLLM starts one), which exits with the test process."""
     found = []
     for process in psutil.process_iter():
         try:
             mark = process.environ().get("OSD_TEST_SESSION")
-            if process.pid != os.getpid() and mark == os.environ["OSD_TEST_SESSION"]:
+            tracker = "multiprocessing.resource_tracker" in " ".join(process.cmdline())
+            if process.pid != os.getpid() and mark == os.environ["OSD_TEST_SESSION"] and not tracker:
                 found.append(process)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue

@@ -4,6 +4,7 @@ for them, a tiny demo preset, and byte-level tokenizers with chat templates for 
 from __future__ import annotations
 
 from copy import deepcopy
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -89,6 +90,13 @@ TINY_DEMO = DemoPreset(
     draft=ModelSpec(layers=1, hidden=16, heads=2, context=128),
     draft_train=TrainSpec(domains=("prose",), steps=2, batch=2, block=32, warmup=1),
     eval_windows=2,
+)
+# The tiny demo with heads of 32 dimensions, the fewest vLLM's CPU attention serves.
+VLLM_DEMO = replace(
+    TINY_DEMO,
+    name="tiny-vllm",
+    target=ModelSpec(layers=1, hidden=32, heads=1, context=128),
+    draft=ModelSpec(layers=1, hidden=32, heads=1, context=128),
 )
 
 
