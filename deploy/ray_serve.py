@@ -37,8 +37,9 @@ from transformers import AutoConfig, AutoTokenizer
 
 from distill.heads import HeadsSpec, heads_spec
 from serving.engine.hf import ProposerName
+from serving.engine.vllm import VLLMSettings
 from serving.http.api import MAX_LOGPROBS, create_app
-from serving.replica import Replica, ReplicaConfig
+from serving.replica import EngineName, Replica, ReplicaConfig
 from store.redis_server import open_redis
 from store.traces import StreamConfig
 from trainer.actor import TrainerActor
@@ -56,6 +57,12 @@ class ServiceConfig:
 
     target: str  # local directory (on every node that runs a replica) or hub id
     draft: str | None = None
+    engine: EngineName = "hf"  # hf: this project's engine; vllm: vLLM's (needs the vllm extra)
+    tensor_parallel_size: int = 1  # vllm: GPUs each replica's model is split over
+    enable_prefix_caching: bool | None = (
+        None  # vllm: reuse the KV of shared prompt prefixes (default: vLLM's)
+    )
+    vllm_args: dict[str, Any] = field(default_factory=dict)  # vllm: any other AsyncEngineArgs field
     proposer: ProposerName | None = None
     k: int = 3  # speculative tokens per step
     served_model_names: tuple[str, ...] = ()  # aliases clients may ask for, beside the target's id
@@ -182,8 +189,19 @@ class ServiceConfig:
             trainer_gpu_share=self.trainer_gpus if shares_a_gpu else 0.0,
             request_timeout=self.request_timeout, adaptive_k=self.adaptive_k,
             hidden_fraction=self.traced_hidden, heads_tree=self.heads_tree, adapters=self.adapters,
-            registry_dir=self.registry_dir, stream=self.stream, replica_id=replica_id,
+            registry_dir=self.registry_dir, stream=self.stream, replica_id=replica_id, engine=self.engine,
+            vllm=self.vllm_settings,
         )  # fmt: skip
+
+    @property
+    def vllm_settings(self) -> VLLMSettings:
+        """vLLM's engine arguments, with engine vllm: the ones set here, then `vllm_args`."""
+        return VLLMSettings(
+            tensor_parallel_size=self.tensor_parallel_size,
+            enable_prefix_caching=self.enable_prefix_caching,
+            max_logprobs=max(self.max_logprobs, ReplicaConfig.trace_top_k),
+            extra=self.vllm_args,
+        )
 
 
 @serve.deployment
@@ -252,6 +270,9 @@ def placement_problem(config: ServiceConfig) -> str | None:
     for name, share in (("replica-gpus", config.replica_gpus), ("trainer-gpus", config.trainer_gpus)):
         if share < 0 or (share > 1 and share != int(share)):
             return f"--{name} must be a fraction of one GPU or a whole number of GPUs, got {share}"
+    tp = config.tensor_parallel_size
+    if tp != 1 and (config.engine != "vllm" or tp < 1 or config.replica_gpus < tp):
+        return f"--tensor-parallel-size {tp} needs --engine vllm and --replica-gpus >= {tp} (a GPU per part)"
     if config.device == "cuda" and config.replica_gpus == 0:
         return "--device cuda needs --replica-gpus > 0 so that Ray gives each replica its own GPU share"
     memory, share = config.gpu_memory_utilization, config.replica_gpus

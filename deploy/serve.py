@@ -43,6 +43,7 @@ from deploy.ray_serve import (
     gpu_shortfall,
 )
 from serving.engine.hf import PROPOSERS
+from serving.replica import ENGINES
 from store.redis_server import RedisConfig, connect, redacted
 
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # Serve's logs: warnings and errors only
@@ -57,6 +58,18 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--demo", choices=["quick", "full"], help="serve the demo pair (built if missing)")
     models.add_argument("--config", type=Path, help="YAML with the settings of ServiceConfig")
     p.add_argument("--draft", help="draft model (same vocabulary); without it, --proposer ngram or none")
+    p.add_argument(
+        "--engine", choices=ENGINES, default="hf",
+        help="hf: this project's engine (heads, trees, adapters); vllm: vLLM's (needs the vllm extra)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tensor-parallel-size", type=int, default=1, metavar="N",
+        help="vllm: GPUs each replica's model is split over (with --replica-gpus >= N)",
+    )  # fmt: skip
+    p.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+        help="vllm: reuse the KV cache of shared prompt prefixes (default: vLLM's)",
+    )  # fmt: skip
     p.add_argument("--proposer", choices=PROPOSERS, help="default: draft with --draft, else none")
     p.add_argument(
         "--k", type=int, default=3, help="speculative tokens per step (heads: the number of heads)"
@@ -150,7 +163,9 @@ def service_config(args: argparse.Namespace, console: Console) -> ServiceConfig:
         names = names or (f"osd-demo-{args.demo}",)
     cpus = os.cpu_count() or 1
     return ServiceConfig(
-        target=target, draft=draft, proposer=args.proposer, k=args.k, heads_tree=args.heads_tree,
+        target=target, draft=draft, engine=args.engine, tensor_parallel_size=args.tensor_parallel_size,
+        enable_prefix_caching=args.enable_prefix_caching,
+        proposer=args.proposer, k=args.k, heads_tree=args.heads_tree,
         adapters=args.adapters, served_model_names=names, max_logprobs=args.max_logprobs,
         max_batch=args.max_batch, adaptive_k=not args.fixed_k,
         replicas=args.replicas, replica_cpus=min(1.0, cpus / args.replicas),

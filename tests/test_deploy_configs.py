@@ -109,6 +109,20 @@ def test_osd_serve_flags_and_config_files_make_the_service_config(tmp_path):
     replica = on_gpus.replica_config("r")
     assert (replica.device, replica.dtype, replica.max_model_len) == ("cuda", "bfloat16", 512)
     assert (replica.gpu_memory_utilization, replica.request_timeout) == (0.7, 30.0)
+    vllm_flags = [
+        "--engine",
+        "vllm",
+        "--replica-gpus",
+        "2",
+        "--tensor-parallel-size",
+        "2",
+        "--no-enable-prefix-caching",
+    ]
+    on_vllm = service_config(serve_parser().parse_args([*flags[:4], *vllm_flags]), Console()).replica_config(
+        "r"
+    )
+    assert on_vllm.engine == "vllm" and on_vllm.vllm.tensor_parallel_size == 2
+    assert on_vllm.vllm.enable_prefix_caching is False and on_vllm.vllm.max_logprobs == 20
     from_yaml = service_config(serve_parser().parse_args(["--config", str(DEPLOY / "serve.yaml")]), Console())
     assert from_yaml == check_serve_config(yaml.safe_load((DEPLOY / "serve.yaml").read_text()))
 
@@ -151,6 +165,11 @@ def test_each_replica_runs_where_its_gpu_share_says():
         ({"replica_gpus": 1, "gpu_memory_utilization": 1.5}, "gpu_memory_utilization must lie in"),
         ({"max_model_len": 1}, "max_model_len must be >= 2"),
         ({"request_timeout": 0}, "request_timeout must be > 0"),
+        ({"engine": "tgi"}, "engine must be one of ('hf', 'vllm')"),
+        ({"engine": "vllm", "proposer": "hydra"}, "cannot serve draft heads"),
+        ({"engine": "vllm", "draft": "d", "adapters": True}, "serves one draft, not per-domain adapters"),
+        ({"tensor_parallel_size": 2, "replica_gpus": 2}, "needs --engine vllm"),
+        ({"engine": "vllm", "tensor_parallel_size": 2, "replica_gpus": 1}, "--replica-gpus >= 2"),
     ],
 )
 def test_gpu_and_limit_settings_are_refused_in_one_line(settings, reason):
