@@ -110,14 +110,8 @@ def test_osd_serve_flags_and_config_files_make_the_service_config(tmp_path):
     assert (replica.device, replica.dtype, replica.max_model_len) == ("cuda", "bfloat16", 512)
     assert (replica.gpu_memory_utilization, replica.request_timeout) == (0.7, 30.0)
     vllm_flags = [
-        "--engine",
-        "vllm",
-        "--replica-gpus",
-        "2",
-        "--tensor-parallel-size",
-        "2",
-        "--no-enable-prefix-caching",
-    ]
+        "--engine", "vllm", "--replica-gpus", "2", "--tensor-parallel-size", "2", "--no-enable-prefix-caching",
+    ]  # fmt: skip
     on_vllm = service_config(serve_parser().parse_args([*flags[:4], *vllm_flags]), Console()).replica_config(
         "r"
     )
