@@ -109,12 +109,9 @@ def test_osd_serve_flags_and_config_files_make_the_service_config(tmp_path):
     replica = on_gpus.replica_config("r")
     assert (replica.device, replica.dtype, replica.max_model_len) == ("cuda", "bfloat16", 512)
     assert (replica.gpu_memory_utilization, replica.request_timeout) == (0.7, 30.0)
-    vllm_flags = [
-        "--engine", "vllm", "--replica-gpus", "2", "--tensor-parallel-size", "2", "--no-enable-prefix-caching",
-    ]  # fmt: skip
-    on_vllm = service_config(serve_parser().parse_args([*flags[:4], *vllm_flags]), Console()).replica_config(
-        "r"
-    )
+    vllm_flags = ["--engine", "vllm", "--replica-gpus", "2", "--tensor-parallel-size", "2"]
+    vllm_args = serve_parser().parse_args([*flags[:4], *vllm_flags, "--no-enable-prefix-caching"])
+    on_vllm = service_config(vllm_args, Console()).replica_config("r")
     assert on_vllm.engine == "vllm" and on_vllm.vllm.tensor_parallel_size == 2
     assert on_vllm.vllm.enable_prefix_caching is False and on_vllm.vllm.max_logprobs == 20
     from_yaml = service_config(serve_parser().parse_args(["--config", str(DEPLOY / "serve.yaml")]), Console())
