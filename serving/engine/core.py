@@ -150,6 +150,9 @@ class HFEngine:
             "last_swap_pause_seconds": self.last_swap_pause_seconds,
         }
 
+    def metrics(self) -> list:
+        return []  # what this engine counts, the replica counts by version and domain
+
     def check_health(self) -> None:
         if self._broken or (self._thread is not None and not self._thread.is_alive() and not self._closing):
             raise RuntimeError(self._broken or "the decode thread has exited")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
+from prometheus_client.core import Metric
 
 from serving.engine.stats import SpecStats
 from store.registry import ALL_DOMAINS, DraftVersion
@@ -122,7 +123,11 @@ class Engine(Protocol):
         """Requests in the batch now."""
 
     def status(self) -> dict:
-        """Swaps, refusals and what they cost, for /health."""
+        """Swaps and what they cost, for /health."""
+
+    def metrics(self) -> list[Metric]:
+        """Prometheus metrics the engine counts itself (vLLM's spec-decode counters), collected;
+        the replica counts every engine's requests by draft version and domain."""
 
     def check_health(self) -> None:
         """Raise RuntimeError, saying why, once the engine can no longer decode."""

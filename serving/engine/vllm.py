@@ -19,6 +19,7 @@ What vLLM gives, turned into what a replica expects:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from prometheus_client import REGISTRY
+from prometheus_client.core import Metric
 from safetensors.torch import save_file
 from transformers import GenerationConfig
 
@@ -196,6 +199,11 @@ class VLLMEngine:
             "last_swap_pause_seconds": self.last_swap_pause_seconds,
         }
 
+    def metrics(self) -> list[Metric]:
+        """vLLM's own spec-decode counters (`vllm:spec_decode_*`, labelled by model and engine), from
+        the registry its Prometheus stat logger fills in this process."""
+        return [metric for metric in REGISTRY.collect() if metric.name.startswith("vllm:spec_decode")]
+
     def check_health(self) -> None:
         if self.llm is not None and self.llm.errored:
             raise RuntimeError(f"the vLLM engine has stopped: {self.llm.dead_error!r}")
@@ -206,13 +214,23 @@ class VLLMEngine:
             self._call(self._drain(), timeout)
         except TimeoutError:
             log.warning("%d requests still decoding after %s s; stopping vLLM", len(self._tasks), timeout)
-        self.llm.shutdown()
+        self._call(self._shutdown(), timeout)
         self.llm = None  # its finaliser runs now, not at interpreter exit (where it would raise)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout)
         shutil.rmtree(self._dir, ignore_errors=True)
 
     # The engine's loop.
+    async def _shutdown(self) -> None:
+        """vLLM's shutdown, its output handler stopped first: else the handler sees the engine die
+        and logs an error at every clean exit."""
+        handler = getattr(self.llm, "output_handler", None)
+        if handler is not None:
+            handler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await handler
+        self.llm.shutdown()
+
     async def _drain(self) -> None:
         while self._tasks:
             await asyncio.wait(list(self._tasks.values()))

@@ -5,7 +5,8 @@ under the `osd:` prefix (`osd:spec_decode_num_drafts_total`, `..._num_draft_toke
 `..._num_accepted_tokens_total`, `..._num_accepted_tokens_per_pos_total{position}`) with
 `draft_version` and `domain` labels, token and request counters, and latency histograms (time to
 first token, time per output token, end to end). `snapshot()` adds the replica's state (load,
-swaps, refused versions, the last swap's load time, trace writes and drops) and returns it all
+swaps, refused versions, the last swap's load time, trace writes and drops) and what its engine
+counts itself (with the vLLM engine, vLLM's own `vllm:spec_decode_*` counters), and returns it all
 as JSON-able families, which the replica's heartbeat publishes next to its load (`store.load`).
 `render()` merges the snapshots of all live replicas into one exposition, each sample labelled
 `replica`, so a scrape through any load balancer sees the whole deployment. Standing drift
@@ -104,8 +105,11 @@ class ReplicaMetrics:
         if tokens > 1:
             self.tpot.labels(domain).observe((seconds - ttft_seconds) / (tokens - 1))
 
-    def snapshot(self, draft_version: str, state: Mapping[str, float]) -> list[dict]:
-        """Every family as JSON-able dicts: the counters, `state` (keys of STATE) and the version served."""
+    def snapshot(
+        self, draft_version: str, state: Mapping[str, float], engine: Iterable[Metric] = ()
+    ) -> list[dict]:
+        """Every family as JSON-able dicts: the counters, `state` (keys of STATE), the version
+        served, and what the engine counts itself (`engine`, collected). A state of None is left out."""
         families = [
             {
                 "name": metric.name,
@@ -115,9 +119,11 @@ class ReplicaMetrics:
                     [s.name, s.labels, s.value] for s in metric.samples if not s.name.endswith("_created")
                 ],
             }
-            for metric in self.registry.collect()
+            for metric in [*self.registry.collect(), *engine]
         ]
         for name, (kind, doc) in STATE.items():
+            if state[name] is None:  # unknown here (c under vLLM, which times its own steps)
+                continue
             sample = PREFIX + name + ("_total" if kind == "counter" else "")
             families.append(
                 {"name": PREFIX + name, "type": kind, "help": doc, "samples": [[sample, {}, state[name]]]}
