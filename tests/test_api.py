@@ -3,12 +3,15 @@ routes and errors (the official `openai` client against a real `osd serve` is in
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import time
 from collections import Counter
 
 import pytest
 from fastapi.testclient import TestClient
+from polling import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
@@ -166,3 +169,55 @@ def test_malformed_json_and_bytes_get_a_400(client):
         response = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
         assert response.status_code == 400, response.text
         assert response.json()["error"]["message"]
+
+
+def test_a_client_that_hangs_up_mid_send_leaves_the_replica_at_once(served, monkeypatch):
+    """The hang-up arrives while the server is sending a chunk (the events generator suspended at
+    its yield, not awaiting the replica): the request still leaves the replica then, not whenever
+    the garbage collector gets to the abandoned generator (off here, to show it). The decoder holds
+    after the first step until the request has left, so that it cannot finish first."""
+    replica, _, app, _ = served
+    step, taken = replica.engine.spec.step, []
+
+    def held(*args, **kwargs):
+        if taken:
+            wait_for(lambda: not replica._jobs, timeout=30)
+        taken.append(True)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(replica.engine.spec, "step", held)
+    request = {"model": MODEL, "prompt": PROMPT, "max_tokens": None, "temperature": 0, "stream": True}
+    body = json.dumps(request).encode()
+    hung_up = asyncio.Event()
+    received = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if received:
+            return received.pop()
+        await hung_up.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body" and message.get("body"):
+            hung_up.set()  # the client goes away while this chunk is being sent
+            await asyncio.sleep(0.1)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+        "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+
+    async def request() -> bool:
+        await app(scope, receive, send)
+        return not replica._jobs  # it left when the response ended (the loop still runs)
+
+    appended = replica.writer.stats().appended
+    gc.disable()
+    try:
+        assert asyncio.run(request())
+    finally:
+        gc.enable()
+    wait_for(lambda: replica.status()["in_flight"] == 0)
+    assert replica.writer.stats().appended == appended  # abandoned: it left no trace

@@ -33,6 +33,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,6 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase
 
@@ -269,7 +271,14 @@ def create_app(
         shape = Shape(chat, body.model, len(prompt), request.request_id, logprobs)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(shape.sse(first, pieces, include_usage), media_type="text/event-stream")
+            events = shape.sse(first, pieces, include_usage)
+
+            async def close() -> None:  # a coroutine function: Starlette runs any other in a thread
+                await events.aclose()
+
+            # A client that hangs up cancels the streaming, which leaves the events unclosed: closing
+            # them after the response (the background task) ends the request at once, not at GC.
+            return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(close))
         try:
             whole = [first] + [piece async for piece in pieces]
         except EngineError as err:
@@ -377,22 +386,23 @@ async def decode_text(
             text, len(stream.ids), reason, finished, tokens, TokenLogprobs.cat(logprobs) if logprobs else None
         )
 
-    async for event in replica.stream(request):
-        if isinstance(event, Finished):
-            text += stream.add((), final=True)
-            yield piece(text[sent:], event.generation.finish_reason, event)
-            return
-        held.append(event)
-        new = stream.add(event.token_ids)
-        if new is None:
-            continue
-        text += new
-        found = [i for i in (text.find(stop, max(0, sent - len(stop))) for stop in stops) if i >= 0]
-        if found:
-            yield piece(text[sent : min(found)], "stop")
-            return  # leaving the replica's stream stops decoding
-        yield piece(text[sent:])
-        sent = len(text)
+    async with aclosing(replica.stream(request)) as events:  # closed, it leaves the replica at once
+        async for event in events:
+            if isinstance(event, Finished):
+                text += stream.add((), final=True)
+                yield piece(text[sent:], event.generation.finish_reason, event)
+                return
+            held.append(event)
+            new = stream.add(event.token_ids)
+            if new is None:
+                continue
+            text += new
+            found = [i for i in (text.find(stop, max(0, sent - len(stop))) for stop in stops) if i >= 0]
+            if found:
+                yield piece(text[sent : min(found)], "stop")
+                return  # leaving the replica's stream stops decoding
+            yield piece(text[sent:])
+            sent = len(text)
 
 
 class LogprobsShape:
@@ -514,20 +524,21 @@ class Shape:
         def event(body: dict) -> str:
             return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
-        piece, role = first, self.chat
-        while True:
-            if piece.text or piece.token_ids or role:
-                yield event(self.chunk(piece, None, role))
-                role = False
-            if piece.finish_reason is not None:
-                yield event(self.chunk(None, piece.finish_reason) | {"metrics": self.metrics(piece)})
-                break
-            try:
-                piece = await anext(rest)
-            except EngineError as err:  # the status is sent: the error comes as an event, as OpenAI's do
-                answer = failure(err)
-                yield event(error_body(answer.message, code=answer.code, status=answer.status))
-                break
-        if include_usage:
-            yield event(self._envelope(self.chunk_object, []) | {"usage": self.usage(piece.tokens)})
-        yield "data: [DONE]\n\n"
+        async with aclosing(rest):  # closing the events closes the request's pieces
+            piece, role = first, self.chat
+            while True:
+                if piece.text or piece.token_ids or role:
+                    yield event(self.chunk(piece, None, role))
+                    role = False
+                if piece.finish_reason is not None:
+                    yield event(self.chunk(None, piece.finish_reason) | {"metrics": self.metrics(piece)})
+                    break
+                try:
+                    piece = await anext(rest)
+                except EngineError as err:  # the status is sent: the error comes as an event, as OpenAI's do
+                    answer = failure(err)
+                    yield event(error_body(answer.message, code=answer.code, status=answer.status))
+                    break
+            if include_usage:
+                yield event(self._envelope(self.chunk_object, []) | {"usage": self.usage(piece.tokens)})
+            yield "data: [DONE]\n\n"
