@@ -367,6 +367,7 @@ class Replica:
         """What a step gave each caller: its tokens and, at its end, Finished (the request is
         logged first, so its metrics are recorded before the caller hears); or its failure."""
         handed: list[tuple[_Job, object]] = []
+        left = False  # a request left: the load changed
         for request_id, event in events:
             job = self._jobs.get(request_id)
             if job is None:
@@ -374,6 +375,7 @@ class Replica:
             if isinstance(event, BaseException):
                 del self._jobs[request_id]
                 handed.append((job, event))
+                left = True
                 continue
             if not job.versions or job.versions[-1] != event.version:
                 job.versions.append(event.version)
@@ -383,8 +385,10 @@ class Replica:
             if event.generation is not None:
                 del self._jobs[request_id]
                 handed.append((job, self._finished(job, event.generation, now)))
+                left = True
         self._deliver(handed)
-        self._changed.set()
+        if left:  # the heartbeat publishes the load when it changes, not at every step
+            self._changed.set()
 
     def _finished(self, job: _Job, generation: Generation, now: float) -> Finished:
         versions = tuple(job.versions)

@@ -219,3 +219,13 @@ def test_a_lora_version_is_merged_on_the_host_and_copied_into_the_draft(redis_cl
     base = server.engine.host_base.state_dict()  # the base, kept on the host for merges
     assert any(not torch.equal(base[n], t) for n, t in served.state_dict().items())
     server.close()
+
+
+def test_the_heartbeat_beats_when_the_load_changes_not_at_every_step(redis_client, model_dirs):
+    server = replica(redis_client, model_dirs, heartbeat_seconds=60.0, load_ttl_seconds=120.0)
+    beats, changed = [], server._changed.set
+    server._changed.set = lambda: beats.append(1) or changed()
+    finished = asyncio.run(server.complete(Request(PROMPT, 60, stop_token_ids=[])))
+    server.close(timeout=PATIENCE)
+    assert finished.generation.stats.steps >= 10
+    assert len(beats) <= 3  # the request came, it left, the replica closed
