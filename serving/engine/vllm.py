@@ -100,6 +100,19 @@ def spec_stats(metrics: Any) -> SpecStats:
     return stats
 
 
+def write_weights(weights: Mapping[str, torch.Tensor], path: Path) -> None:
+    """`weights` as a safetensors file for vLLM's workers; a tensor that shares storage with one
+    already written (tied embeddings, as a merged LoRA draft's state_dict has them) is copied."""
+    seen: set[int] = set()
+    unshared = {}
+    for name, tensor in weights.items():
+        tensor = tensor.detach().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        unshared[name] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    save_file(unshared, str(path))
+
+
 class VLLMEngine:
     """See the module docstring."""
 
@@ -130,7 +143,6 @@ class VLLMEngine:
         self.host_base = None if draft is None else load_causal_lm(draft, torch.device("cpu"), torch.float32)
         eos = GenerationConfig.from_pretrained(target).eos_token_id
         self._stops = [eos] if isinstance(eos, int) else list(eos or [])
-        self._top = settings.max_logprobs
         args = AsyncEngineArgs(
             model=target, dtype=dtype or "auto", max_model_len=max_model_len, max_num_seqs=max_batch,
             gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=settings.tensor_parallel_size,
@@ -177,9 +189,8 @@ class VLLMEngine:
         began = time.perf_counter()
         if meta.domain != self.domain:
             raise ValueError(f"the vLLM engine serves one draft ({self.domain!r}); {meta.label} is another's")
-        whole = checked_weights(self.host_base, self.serves, meta, weights)
         path = self._dir / "draft.safetensors"
-        save_file({name: t.contiguous() for name, t in whole.items()}, str(path))
+        write_weights(checked_weights(self.host_base, self.serves, meta, weights), path)
         paused = self._call(self.llm.collective_rpc("osd_load_draft", args=(str(path),)), SWAP_SECONDS)
         self._labels = self._labels | {self.domain: meta.label}
         self.swaps += 1
