@@ -133,6 +133,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--adapters", action="store_true", help="a LoRA adapter per domain, and the router")
     p.add_argument(
+        "--engine", choices=("hf", "vllm"), default="hf",
+        help="the replicas' engine: this project's (default) or vLLM's (the vllm extra; draft model only)",
+    )  # fmt: skip
+    p.add_argument(
         "--train-steps", type=int, metavar="N",
         help="lockstep: after every window of requests the clients wait while the trainer trains "
         "exactly N steps and the replicas take what it publishes (default: the trainer learns in "
@@ -180,6 +184,8 @@ def demo(args: argparse.Namespace, plan: DemoPlan, console: Console) -> dict:
     heads = args.proposer != "draft"
     if heads and args.adapters:
         raise SystemExit("--adapters are LoRA adapters of the draft model; drop --proposer")
+    if args.engine == "vllm" and (heads or args.adapters):
+        raise SystemExit("--engine vllm serves the shared draft model: drop --proposer and --adapters")
     variant = args.proposer if heads else "adapters" if args.adapters else None
     state = args.state_dir / (f"{plan.preset}-{variant}" if variant else plan.preset)
     if args.fresh:
@@ -195,7 +201,7 @@ def demo(args: argparse.Namespace, plan: DemoPlan, console: Console) -> dict:
         trainer_dir=str(state / "trainer"),
         trainer_settings=plan.trainer_settings, held_out_fraction=plan.held_out_fraction,
         proposer=args.proposer if heads else None, hidden_fraction=1.0 if heads else None,
-        adapters=args.adapters, adapter_min_traces=ADAPTER_MIN_TRACES,
+        adapters=args.adapters, adapter_min_traces=ADAPTER_MIN_TRACES, engine=args.engine,
         adaptive_k=False,  # the demo shows acceptance learnt online: every step drafts plan.k tokens
     )  # fmt: skip
     with running(config, endpoint, state / "redis", console) as config:
