@@ -53,6 +53,7 @@ import redis
 from distill.router import ROUTER, DomainRouter, served_domain
 from serving.engine.core import HFEngine
 from serving.engine.hf import ProposerName
+from serving.engine.process import EngineProcess
 from serving.engine.protocol import Engine, EngineRequest, Generation, Step
 from serving.engine.vllm import VLLMEngine, VLLMSettings
 from serving.errors import (
@@ -84,6 +85,7 @@ class ReplicaConfig:
     draft: str | None = None  # the base draft; registry versions are loaded into copies of it
     engine: EngineName = "hf"  # the HF engine (serving.engine.core) or vLLM (serving.engine.vllm)
     vllm: VLLMSettings = VLLMSettings()  # vLLM's own engine arguments, with engine "vllm"
+    engine_process: bool = True  # hf: decode in a process of its own (serving.engine.process), else a thread
     proposer: ProposerName | None = None  # default: "draft" with a draft, else "none"
     num_speculative_tokens: int = 3
     device: str | None = None
@@ -195,12 +197,15 @@ def open_engine(config: ReplicaConfig) -> Engine:
             config.max_batch, config.max_model_len, config.gpu_memory_utilization,
             f"{config.draft_name}:base", config.domain, config.vllm,
         )  # fmt: skip
-    return HFEngine(
-        config.target, config.draft, config.proposer, config.num_speculative_tokens, config.device,
-        config.dtype, config.heads_tree, config.max_batch, config.max_model_len,
-        config.gpu_memory_utilization, config.trainer_gpu_share, config.adaptive_k,
-        f"{config.draft_name}:base", config.domain,
-    )  # fmt: skip
+    hf = {
+        "target": config.target, "draft": config.draft, "proposer": config.proposer,
+        "k": config.num_speculative_tokens, "device": config.device, "dtype": config.dtype,
+        "heads_tree": config.heads_tree, "max_batch": config.max_batch,
+        "max_model_len": config.max_model_len, "gpu_memory_utilization": config.gpu_memory_utilization,
+        "trainer_gpu_share": config.trainer_gpu_share,
+        "adaptive_k": config.adaptive_k, "base_label": f"{config.draft_name}:base", "domain": config.domain,
+    }  # fmt: skip
+    return EngineProcess(hf) if config.engine_process else HFEngine(**hf)
 
 
 class Replica:

@@ -139,6 +139,7 @@ def tiny_replica(tiny_demo, redis_client):
             stream=StreamConfig(stream=f"t:{name}"),
             metrics=MetricsConfig(prefix=f"t:{name}:metrics", flush_seconds=0.05),
             adaptive_k=False,  # every step drafts, so acceptance is always counted
+            engine_process=False,  # tests reach into the engine (test_engine_process serves from a process)
         )  # fmt: skip
         made.append(Replica(ReplicaConfig(**settings | overrides), redis_client))
         return made[-1]

@@ -105,7 +105,7 @@ def test_busy_domains_get_adapters_that_beat_the_shared_draft_there_and_serve_on
         assert gate["per_domain"].keys() == {domain} and gate["candidate"] > gate["live"] + 0.01
     settings = ReplicaConfig(target, draft, num_speculative_tokens=2, adapters=True, poll_seconds=0.1,
                              router_min_confidence=0.0, stream=stream, metrics=metrics,
-                             adaptive_k=False)  # fmt: skip
+                             adaptive_k=False, engine_process=False)  # fmt: skip
     replica = Replica(settings, redis_client)
     try:
         assert replica.status()["adapters"] == {d: registry.live("draft", d).label for d in ("high", "low")}

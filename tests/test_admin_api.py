@@ -29,6 +29,7 @@ def setup(tiny_demo, redis_server, redis_client, tmp_path):
     config = ReplicaConfig(
         target=str(models.target), draft=str(models.draft), stream=StreamConfig(stream="t:admin"),
         metrics=MetricsConfig(prefix="t:admin:metrics"), poll_seconds=0.1, adaptive_k=False,
+        engine_process=False,  # the routes do not care where the engine decodes; a thread starts sooner
     )  # fmt: skip
     replica = Replica(config, redis_client)
     trainer_config = TrainerConfig(

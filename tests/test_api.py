@@ -33,6 +33,7 @@ def served(tiny_demo, redis_server):
     config = ReplicaConfig(
         target=str(models.target), draft=str(models.draft), num_speculative_tokens=2,
         stream=StreamConfig(stream="t:api"), metrics=MetricsConfig(prefix="t:api:metrics"), adaptive_k=False,
+        engine_process=False,  # a test holds the engine's steps
     )  # fmt: skip
     client = redis_server.client()
     client.flushdb()  # no draft versions left by earlier tests: the replica serves its base draft

@@ -157,7 +157,7 @@ def test_a_heads_replica_serves_losslessly_and_swaps_in_published_heads_only(red
     expected = SpecEngine.from_pretrained(target_dir).generate(PROMPT, 12, stop_token_ids=[]).token_ids
     config = ReplicaConfig(
         target=target_dir, proposer="hydra", num_speculative_tokens=3, heads_tree=(3, 2, 2), poll_seconds=0.1,
-        stream=StreamConfig(stream="t:heads"), replica_id="r-heads", adaptive_k=False,
+        stream=StreamConfig(stream="t:heads"), replica_id="r-heads", adaptive_k=False, engine_process=False,
     )  # fmt: skip
     replica = Replica(config, redis_client)
     assert replica.cost_ratio > 0  # the heads' own c, timed at start for the dashboard's speedup

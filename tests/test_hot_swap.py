@@ -49,10 +49,11 @@ def noting_sent_events(app, sent: threading.Event):
 
 @pytest.fixture(params=["draft", "heads"])
 def stack(request, tiny_replica) -> Stack:
-    """A replica serving a draft model or draft heads over HTTP."""
+    """A replica serving a draft model or draft heads over HTTP; "process": the draft model, decoded
+    in the engine's own process (serving.engine.process)."""
     make, models = tiny_replica
-    if request.param == "draft":
-        replica = make("swap")
+    if request.param in ("draft", "process"):
+        replica = make("swap", engine_process=request.param == "process")
         draft = AutoModelForCausalLM.from_pretrained(models.draft).state_dict()
 
         def publish(seed: int) -> None:
@@ -83,6 +84,7 @@ def stream_once(http: httpx.Client) -> tuple[str, str]:
     return text, events[-1]["metrics"]["draft_version"]
 
 
+@pytest.mark.parametrize("stack", ["draft", "heads", "process"], indirect=True)
 def test_clients_stream_through_three_publishes_and_a_rollback_with_no_failure(stack):
     replica, publish, base = stack.replica, stack.publish, stack.base
     done, failures, stopping = [], [], threading.Event()

@@ -35,6 +35,7 @@ def replica(client, model_dirs, **overrides) -> Replica:
         poll_seconds=0.1,
         replica_id="r-test",
         adaptive_k=False,  # every step drafts, so acceptance is always counted
+        engine_process=False,  # the tests reach into the engine
     )
     return Replica(ReplicaConfig(**settings | overrides), client)
 

@@ -35,7 +35,7 @@ import torch
 
 from serving.engine.hf import Decoding, ProposerName, SpecEngine
 from serving.engine.proposers import DraftModelProposer, HeadsProposer, Proposer
-from serving.engine.protocol import Deliver, EngineRequest, Step
+from serving.engine.protocol import Deliver, EngineRequest, Step, Swaps
 from serving.engine.versions import checked_weights
 from serving.errors import EngineError, ServerBusyError, StepFailedError
 from store.registry import ALL_DOMAINS, DraftVersion
@@ -111,9 +111,7 @@ class HFEngine:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._broken: str | None = None  # why the decode loop stopped, if it did while serving
-        self.swaps = 0
-        self.last_swap_seconds: float | None = None  # from the load's start to serving it
-        self.last_swap_pause_seconds: float | None = None  # the copy in place, between two steps
+        self.swaps = Swaps()
 
     # The replica's side (any thread).
     def start(self, deliver: Deliver) -> None:
@@ -144,11 +142,7 @@ class HFEngine:
         return len(self._running)
 
     def status(self) -> dict:
-        return {
-            "swaps": self.swaps,
-            "last_swap_seconds": self.last_swap_seconds,
-            "last_swap_pause_seconds": self.last_swap_pause_seconds,
-        }
+        return self.swaps.status()
 
     def metrics(self) -> list:
         return []  # what this engine counts, the replica counts by version and domain
@@ -289,11 +283,10 @@ class HFEngine:
             proposer = draft.proposer
         paused = time.perf_counter()
         proposer.load_weights(staged.weights)
-        now = time.perf_counter()
         self.drafts = self.drafts | {domain: Draft(proposer, meta.label)}
-        self.swaps += 1
-        self.last_swap_seconds, self.last_swap_pause_seconds = now - staged.began, now - paused
+        now = time.perf_counter()
+        self.swaps.record(now - staged.began, now - paused)
         log.info(
             "serving draft %s (ready in %.3f s, copied in place in %.3f s)",
-            meta.label, self.last_swap_seconds, self.last_swap_pause_seconds,
+            meta.label, self.swaps.last_seconds, self.swaps.last_pause_seconds,
         )  # fmt: skip

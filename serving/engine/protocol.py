@@ -94,6 +94,28 @@ class EngineRequest:
 Deliver = Callable[[list[tuple[str, Step | BaseException]]], None]
 
 
+@dataclass
+class Swaps:
+    """The draft versions an engine has served since it started, and what the last one cost."""
+
+    count: int = 0
+    last_seconds: float | None = None  # from the load's start to serving it
+    last_pause_seconds: float | None = None  # serving stopped for it (the copy in place, between two steps)
+
+    def record(self, seconds: float, pause_seconds: float) -> None:
+        """A version served `seconds` after its load began, decoding stopped for `pause_seconds`."""
+        self.count += 1
+        self.last_seconds, self.last_pause_seconds = seconds, pause_seconds
+
+    def status(self) -> dict:
+        """As /health and /metrics show it."""
+        return {
+            "swaps": self.count,
+            "last_swap_seconds": self.last_seconds,
+            "last_swap_pause_seconds": self.last_pause_seconds,
+        }
+
+
 class Engine(Protocol):
     """What a replica needs of an engine. `submit`, `abandon` and `load_draft` may be called from
     any thread; `Deliver` is called on the engine's own thread."""
@@ -123,7 +145,7 @@ class Engine(Protocol):
         """Requests in the batch now."""
 
     def status(self) -> dict:
-        """Swaps and what they cost, for /health."""
+        """Swaps and what they cost, for /health (`Swaps.status`)."""
 
     def metrics(self) -> list[Metric]:
         """Prometheus metrics the engine counts itself (vLLM's spec-decode counters), collected;

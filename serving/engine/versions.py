@@ -1,6 +1,7 @@
 """A registry version's weights for a live draft or heads: a LoRA adapter merged into a copy of the
 base draft, then checked against the module the weights go into. Pure of any engine: the HF engine
-copies the result into its live draft, the vLLM engine sends it to its workers."""
+copies the result into its live draft, the vLLM engine sends it to its workers. `unshared` readies
+weights for safetensors, which carries them to a worker or an engine process."""
 
 from __future__ import annotations
 
@@ -59,3 +60,16 @@ def checked_weights(
     whole = version_weights(base, meta, weights)
     check_weights(base, whole, "draft")
     return whole
+
+
+def unshared(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights`, contiguous, as safetensors takes them: a tensor that shares storage with one
+    before it (tied embeddings, as a merged LoRA draft's state_dict has them) is copied."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in weights.items():
+        tensor = tensor.detach().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    return out

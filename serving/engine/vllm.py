@@ -37,9 +37,9 @@ from safetensors.torch import save_file
 from transformers import GenerationConfig
 
 from serving.engine.models import load_causal_lm
-from serving.engine.protocol import Deliver, EngineRequest, Generation, Step, TokenLogprobs
+from serving.engine.protocol import Deliver, EngineRequest, Generation, Step, Swaps, TokenLogprobs
 from serving.engine.stats import SpecStats
-from serving.engine.versions import checked_weights
+from serving.engine.versions import checked_weights, unshared
 from serving.errors import InvalidRequestError, ServerBusyError, StepFailedError
 from store.registry import ALL_DOMAINS, DraftVersion
 
@@ -100,19 +100,6 @@ def spec_stats(metrics: Any) -> SpecStats:
     return stats
 
 
-def write_weights(weights: Mapping[str, torch.Tensor], path: Path) -> None:
-    """`weights` as a safetensors file for vLLM's workers; a tensor that shares storage with one
-    already written (tied embeddings, as a merged LoRA draft's state_dict has them) is copied."""
-    seen: set[int] = set()
-    unshared = {}
-    for name, tensor in weights.items():
-        tensor = tensor.detach().contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        unshared[name] = tensor.clone() if storage in seen else tensor
-        seen.add(storage)
-    save_file(unshared, str(path))
-
-
 class VLLMEngine:
     """See the module docstring."""
 
@@ -162,9 +149,7 @@ class VLLMEngine:
         self._pending: list[tuple[str, Step | BaseException]] = []
         self._deliver: Deliver = lambda events: None
         self._closing = False
-        self.swaps = 0
-        self.last_swap_seconds: float | None = None
-        self.last_swap_pause_seconds: float | None = None
+        self.swaps = Swaps()
 
     @staticmethod
     async def _open(args: Any) -> Any:
@@ -190,12 +175,11 @@ class VLLMEngine:
         if meta.domain != self.domain:
             raise ValueError(f"the vLLM engine serves one draft ({self.domain!r}); {meta.label} is another's")
         path = self._dir / "draft.safetensors"
-        write_weights(checked_weights(self.host_base, self.serves, meta, weights), path)
+        save_file(unshared(checked_weights(self.host_base, self.serves, meta, weights)), str(path))
         paused = self._call(self.llm.collective_rpc("osd_load_draft", args=(str(path),)), SWAP_SECONDS)
         self._labels = self._labels | {self.domain: meta.label}
-        self.swaps += 1
-        self.last_swap_seconds, self.last_swap_pause_seconds = time.perf_counter() - began, max(paused)
-        log.info("serving draft %s in vLLM (ready in %.3f s)", meta.label, self.last_swap_seconds)
+        self.swaps.record(time.perf_counter() - began, max(paused))
+        log.info("serving draft %s in vLLM (ready in %.3f s)", meta.label, self.swaps.last_seconds)
 
     def versions(self) -> dict[str, str]:
         return dict(self._labels)
@@ -204,11 +188,7 @@ class VLLMEngine:
         return len(self._tasks)
 
     def status(self) -> dict:
-        return {
-            "swaps": self.swaps,
-            "last_swap_seconds": self.last_swap_seconds,
-            "last_swap_pause_seconds": self.last_swap_pause_seconds,
-        }
+        return self.swaps.status()
 
     def metrics(self) -> list[Metric]:
         """vLLM's own spec-decode counters (`vllm:spec_decode_*`, labelled by model and engine), from
