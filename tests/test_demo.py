@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from deploy.demo.build import PRESETS, cached
-from deploy.demo.run import PLANS
+from deploy.demo.run import PLANS, main
 from serving.engine.hf import SpecEngine
 from store.redis_server import free_port
 
@@ -129,3 +129,20 @@ def check_with_the_openai_client(base: str, model: str, target: Path) -> None:
         api.completions.create(model=model, prompt=PROMPT, max_tokens=0)
     with pytest.raises(openai.BadRequestError, match="not served here"):
         api.completions.create(model="gpt-4", prompt=PROMPT)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--engine", "vllm", "--adapters"],
+        ["--engine", "vllm", "--proposer", "hydra"],
+        ["--proposer", "medusa", "--adapters"],
+    ],
+)
+def test_the_demo_refuses_settings_that_cannot_serve_together_before_it_builds_anything(
+    flags, capsys, tmp_path
+):
+    with pytest.raises(SystemExit) as exited:
+        main([*flags, "--cache-dir", str(tmp_path / "cache")])
+    assert exited.value.code == 2 and "drop --proposer" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()

@@ -153,6 +153,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parser().parse_args(argv)
+    if args.proposer != "draft" and args.adapters:
+        parser().error("--adapters are LoRA adapters of the draft model; drop --proposer")
+    if args.engine == "vllm" and (args.proposer != "draft" or args.adapters):
+        parser().error("--engine vllm serves the shared draft model: drop --proposer and --adapters")
     plan = PLANS["quick" if args.quick else "full"]
     if args.concurrency is not None:
         if args.concurrency < 1:
@@ -182,10 +186,6 @@ def demo(args: argparse.Namespace, plan: DemoPlan, console: Console) -> dict:
     """Build or reuse the models, start the stack, run, report; with --keep-running, wait for Ctrl-C."""
     models = build_demo_models(PRESETS[plan.preset], args.cache_dir, console=console)
     heads = args.proposer != "draft"
-    if heads and args.adapters:
-        raise SystemExit("--adapters are LoRA adapters of the draft model; drop --proposer")
-    if args.engine == "vllm" and (heads or args.adapters):
-        raise SystemExit("--engine vllm serves the shared draft model: drop --proposer and --adapters")
     variant = args.proposer if heads else "adapters" if args.adapters else None
     state = args.state_dir / (f"{plan.preset}-{variant}" if variant else plan.preset)
     if args.fresh:

@@ -4,7 +4,8 @@ HFEngine (serving.engine.core). The decode loop then never waits for the GIL of 
 handles HTTP, streams text and writes traces.
 
 They talk over a pipe, in msgpack frames; tensors travel as raw bytes with their dtype and shape,
-draft weights as safetensors, and nothing is ever unpickled. The replica sends submits, abandons,
+draft weights in a safetensors file the replica writes for the child, and nothing is ever
+unpickled. The replica sends submits, abandons,
 draft loads (answered: accepted, or refused with the error the engine raised), `start` and
 `close`; the child sends each step's batch of Steps, and with it and whenever it changes, the
 engine's state (requests running, versions served, swaps, health), which `running`, `versions`,
@@ -20,16 +21,18 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing
+import shutil
+import tempfile
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from safetensors.torch import load_file, save_file
 
 from serving import errors
 from serving.engine.protocol import Deliver, EngineRequest, Generation, Step, TokenLogprobs
@@ -159,10 +162,10 @@ def serve_engine(conn: Connection, arguments: bytes) -> None:
             for rid, e in events
         ])  # fmt: skip
 
-    def load(call: int, meta: dict, weights: bytes) -> None:
+    def load(call: int, meta: dict, path: str) -> None:
         """Check and stage a draft version; answer with None, or the error that refused it."""
         try:
-            engine.load_draft(DraftVersion(**meta), load_safetensors(weights))
+            engine.load_draft(DraftVersion(**meta), load_file(path))
             send("reply", call, None)
         except Exception as err:
             send("reply", call, pack_error(err))
@@ -182,8 +185,8 @@ def serve_engine(conn: Connection, arguments: bytes) -> None:
                 engine.submit(EngineRequest(**body[0]))
             elif kind == "abandon":
                 engine.abandon(body[0])
-            elif kind == "load":
-                load(*body, conn.recv_bytes())  # the next frame: the version's weights, as safetensors
+            elif kind == "load":  # merged and checked on a thread of its own: submits go on meanwhile
+                threading.Thread(target=load, args=body, name="load-draft", daemon=True).start()
             elif kind == "start":
                 engine.start(deliver)
             elif kind == "close":
@@ -211,6 +214,20 @@ class EngineProcess:
         )
         self._process.start()
         child_conn.close()  # the child's end lives in the child only: its exit breaks the pipe
+        try:
+            kind, self._state, *body = self._first_message(start_timeout)
+            if kind == "failed":
+                raise unpack_error(body[0])
+        except BaseException:
+            self._process.join(10)
+            if self._process.is_alive():
+                self._process.kill()
+            self._conn.close()
+            raise
+        ready = body[0]
+        self.max_length, self.k, self.cost_ratio = ready["max_length"], ready["k"], ready["cost_ratio"]
+        self.serves, self.device = ready["serves"], torch.device(ready["device"])
+        self._dir = Path(tempfile.mkdtemp(prefix="osd-engine-"))  # draft versions, for the child to read
         self._sending = threading.Lock()
         self._deliver: Deliver = lambda events: None
         self._outstanding: set[str] = set()  # submitted, not yet left
@@ -218,19 +235,12 @@ class EngineProcess:
         self._call_ids = itertools.count()
         self._closing = False
         self._broken: str | None = None
-        kind, self._state, *body = self._receive(start_timeout)
-        if kind == "failed":
-            self._process.join(10)
-            raise unpack_error(body[0])
-        ready = body[0]
-        self.max_length, self.k, self.cost_ratio = ready["max_length"], ready["k"], ready["cost_ratio"]
-        self.serves, self.device = ready["serves"], torch.device(ready["device"])
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
         self._reader.start()
 
-    def _receive(self, timeout: float) -> list:
+    def _first_message(self, timeout: float) -> list:
+        """The child's first word: ready, or why it failed."""
         if not self._conn.poll(timeout):
-            self._process.kill()
             raise RuntimeError(f"the engine process did not start within {timeout:.0f} s")
         try:
             return unpack(self._conn.recv_bytes())
@@ -240,10 +250,9 @@ class EngineProcess:
                 f"the engine process exited while loading (exit code {self._process.exitcode})"
             ) from None
 
-    def _send(self, *frames: bytes) -> None:
+    def _send(self, frame: bytes) -> None:
         with self._sending:
-            for frame in frames:
-                self._conn.send_bytes(frame)
+            self._conn.send_bytes(frame)
 
     # The Engine protocol.
     def start(self, deliver: Deliver) -> None:
@@ -266,9 +275,14 @@ class EngineProcess:
         if self._broken:
             raise RuntimeError(self._broken)
         call, future = next(self._call_ids), Future()
+        path = self._dir / f"{call}.safetensors"
+        save_file(unshared(weights), str(path))
         self._calls[call] = future
-        self._send(pack("load", call, dataclasses.asdict(meta)), save_safetensors(unshared(weights)))
-        error = future.result(LOAD_SECONDS)
+        try:
+            self._send(pack("load", call, dataclasses.asdict(meta), str(path)))
+            error = future.result(LOAD_SECONDS)
+        finally:
+            path.unlink()
         if error is not None:
             raise unpack_error(error)
 
@@ -302,6 +316,7 @@ class EngineProcess:
             self._process.kill()
             self._process.join(5)
         self._conn.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     # The reader thread.
     def _read(self) -> None:
