@@ -24,6 +24,7 @@ from serving.engine.memory import (
     plan_memory,
     plan_on_device,
 )
+from serving.engine.vllm import cpu_kv_cache_bytes
 from tiny_models import CONTEXT, build
 
 BF16 = torch.bfloat16
@@ -286,3 +287,10 @@ def test_the_engine_sizes_its_static_caches_by_the_plan(tmp_path, monkeypatch):
     assert engine.proposer.cache.capacity == plan.capacity
     with pytest.raises(MemoryPlanError, match="does not fit"):
         SpecEngine.from_pretrained(str(tmp_path / "target"), max_batch=2, max_model_len=4096)
+
+
+def test_vllm_s_cpu_kv_cache_holds_the_batch_of_target_and_draft_at_float32():
+    # Qwen 7B + 0.5B at float32: (112 + 24) KiB a token; 8 sequences of 4,096 + 4 tokens.
+    assert cpu_kv_cache_bytes(QWEN25_7B, QWEN25_05B, 4096, 8, 4) == 136 * 1024 * 8 * 4100
+    tiny = LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    assert cpu_kv_cache_bytes(tiny, None, 256, 8, 0) == 64 * 2**20  # the floor

@@ -247,7 +247,9 @@ class EngineProcess:
         except EOFError:
             self._process.join(10)
             raise RuntimeError(
-                f"the engine process exited while loading (exit code {self._process.exitcode})"
+                f"the engine process exited while loading (exit code {self._process.exitcode}); its "
+                "log says why. It is spawned: a script that starts a replica needs the "
+                "`if __name__ == '__main__':` guard"
             ) from None
 
     def _send(self, frame: bytes) -> None:

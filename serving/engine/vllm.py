@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -34,8 +35,9 @@ import torch
 from prometheus_client import REGISTRY
 from prometheus_client.core import Metric
 from safetensors.torch import save_file
-from transformers import GenerationConfig
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
+from serving.engine.memory import kv_bytes_per_token
 from serving.engine.models import load_causal_lm
 from serving.engine.protocol import Deliver, EngineRequest, Generation, Step, Swaps, TokenLogprobs
 from serving.engine.stats import SpecStats
@@ -59,6 +61,16 @@ class VLLMSettings:
     enforce_eager: bool = False  # no compilation or CUDA graphs: a faster start, slower steps
     max_logprobs: int = 20  # the most top log-probs a request may ask for (traces take trace_top_k)
     extra: dict[str, Any] = field(default_factory=dict)  # any other AsyncEngineArgs field
+
+
+def cpu_kv_cache_bytes(
+    target: PretrainedConfig, draft: PretrainedConfig | None, max_len: int, max_batch: int, k: int
+) -> int:
+    """The KV cache vLLM's CPU backend is given, which otherwise reserves gpu_memory_utilization of
+    the whole machine's memory: max_batch sequences of max_len tokens, k more for speculation, in
+    the target's layers and the draft's, at float32; at least 64 MiB."""
+    per_token = sum(kv_bytes_per_token(c, torch.float32) for c in (target, draft) if c is not None)
+    return max(64 * 2**20, per_token * max_batch * (max_len + k))
 
 
 def speculative_config(proposer: str, draft: str | None, k: int) -> dict | None:
@@ -130,14 +142,24 @@ class VLLMEngine:
         self.host_base = None if draft is None else load_causal_lm(draft, torch.device("cpu"), torch.float32)
         eos = GenerationConfig.from_pretrained(target).eos_token_id
         self._stops = [eos] if isinstance(eos, int) else list(eos or [])
-        args = AsyncEngineArgs(
-            model=target, dtype=dtype or "auto", max_model_len=max_model_len, max_num_seqs=max_batch,
-            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=settings.tensor_parallel_size,
-            enable_prefix_caching=settings.enable_prefix_caching, enforce_eager=settings.enforce_eager,
-            speculative_config=spec, skip_tokenizer_init=True, max_logprobs=settings.max_logprobs,
-            worker_extension_cls="serving.engine.vllm_worker.DraftSwap",
-            per_request_spec_decode_metrics="detailed" if spec else "none", **settings.extra,
-        )  # fmt: skip
+        # the HF engine's default (serving.engine.device): on a CPU, vLLM's "auto" would take bfloat16
+        default_dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        memory: dict[str, Any] = {"gpu_memory_utilization": gpu_memory_utilization}
+        if not torch.cuda.is_available() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            target_config = AutoConfig.from_pretrained(target)
+            draft_config = AutoConfig.from_pretrained(draft) if draft else None
+            length = max_model_len or target_config.max_position_embeddings
+            kv_bytes = cpu_kv_cache_bytes(target_config, draft_config, length, max_batch, k)
+            memory = {"kv_cache_memory_bytes": kv_bytes}
+        args = AsyncEngineArgs(**{
+            "model": target, "dtype": dtype or default_dtype, "max_model_len": max_model_len,
+            "max_num_seqs": max_batch, "tensor_parallel_size": settings.tensor_parallel_size,
+            "enable_prefix_caching": settings.enable_prefix_caching, "enforce_eager": settings.enforce_eager,
+            "speculative_config": spec, "skip_tokenizer_init": True, "max_logprobs": settings.max_logprobs,
+            "worker_extension_cls": "serving.engine.vllm_worker.DraftSwap",
+            "per_request_spec_decode_metrics": "detailed" if spec else "none",
+            **memory, **settings.extra,  # what the user passed wins
+        })  # fmt: skip
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine", daemon=True)
         self._thread.start()
