@@ -106,6 +106,7 @@ BENCHMARKS = {
     "chaos": "chaos",
     "coldstart": "coldstart",
     "engine": "engine",
+    "engines": "engines",
     "store": "store_bench",
     "online": "online",
     "overhead": "overhead",
