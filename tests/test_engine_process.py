@@ -93,7 +93,9 @@ def make(redis_client, model_dirs):
         assert not replica.engine._process.is_alive()  # closing the replica stops its engine
 
 
-def test_a_replica_decodes_traces_and_swaps_from_the_engine_s_process(make, redis_client, model_dirs):
+def test_a_replica_decodes_traces_swaps_and_abandons_from_the_engine_s_process(
+    make, redis_client, model_dirs
+):
     registry = Registry(redis_client)
     registry.publish("draft", AutoModelForCausalLM.from_pretrained(model_dirs["llama"]["small"]).state_dict())
     server = make()
@@ -116,16 +118,12 @@ def test_a_replica_decodes_traces_and_swaps_from_the_engine_s_process(make, redi
     again = asyncio.run(server.complete(Request(PROMPT, 20, stop_token_ids=[])))
     assert again.generation.token_ids == expected.token_ids and again.draft_version == "draft:v3"
 
-
-def test_an_abandoned_request_leaves_the_engine_s_batch(make):
-    server = make()
-
     async def leave_early():
         stream = server.stream(Request(PROMPT, 200, stop_token_ids=[]))
         await anext(stream)
         await stream.aclose()
 
-    asyncio.run(leave_early())
+    asyncio.run(leave_early())  # the abandon reaches the child, and the child's state the replica
     wait_for(lambda: server.engine.running() == 0 and server.status()["in_flight"] == 0)
 
 
