@@ -5,11 +5,10 @@ handles HTTP, streams text and writes traces.
 
 They talk over a pipe, in msgpack frames; tensors travel as raw bytes with their dtype and shape,
 draft weights in a safetensors file the replica writes for the child, and nothing is ever
-unpickled. The replica sends submits, abandons,
-draft loads (answered: accepted, or refused with the error the engine raised), `start` and
-`close`; the child sends each step's batch of Steps, and with it and whenever it changes, the
-engine's state (requests running, versions served, swaps, health), which `running`, `versions`,
-`status` and `check_health` read without a round trip.
+unpickled. The replica sends submits, abandons, draft loads (answered: accepted, or refused with
+the error the engine raised), `start` and `close`; the child sends each step's batch of Steps, and
+with it and whenever it changes, the engine's state (requests running, versions served, swaps,
+health), which `running`, `versions`, `status` and `check_health` read without a round trip.
 
 The child ends when the replica closes it, or when the pipe breaks (the replica's process is gone);
 if the child dies, every request it held fails at once (ServerBusyError) and check_health says why.
@@ -102,7 +101,8 @@ def unpack_step(packed: dict) -> Step:
 
 
 def pack_error(err: BaseException) -> dict:
-    return {"type": type(err).__name__, "message": str(err)}
+    message = err.args[0] if len(err.args) == 1 and isinstance(err.args[0], str) else str(err)
+    return {"type": type(err).__name__, "message": message}  # KeyError's str() would quote its key
 
 
 def unpack_error(packed: dict) -> Exception:
