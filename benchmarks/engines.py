@@ -11,10 +11,10 @@ per config: vLLM over HF; per engine: speculative over plain; per draft: whether
 greedy outputs are identical.
 
 Over HTTP: --concurrency clients in a closed loop stream greedy completions (token-id prompts) from
-`osd serve --engine hf`, `osd serve --engine vllm` (both plain decoding, no trainer) and vLLM's own
-OpenAI server on the target, all up at once on loopback, in alternating blocks. Per server:
-tokens/s, latency, its share of its engine's offline plain rate at the same concurrency, osd on
-vLLM over vLLM's own server, and whether the servers' texts are identical.
+`osd serve --engine hf|vllm --ingress proxy|haproxy` (each --ingress; plain decoding, no trainer)
+and vLLM's own OpenAI server on the target, all up at once on loopback, in alternating blocks. Per
+server: tokens/s, latency, its share of its engine's offline plain rate at the same concurrency;
+per ingress, osd on vLLM over vLLM's own server; and whether the servers' texts are identical.
 
     osd bench engines --json benchmarks/results/engines_cpu.json
 """
@@ -47,6 +47,7 @@ from benchmarks.demo_pair import add_arguments, demo_pair
 from benchmarks.http_load import closed_loop, count_to, summarize
 from benchmarks.results import print_rows, write_report
 from benchmarks.serve_child import osd_serve, wait_until_up
+from deploy.serve import INGRESSES
 from serving.engine.protocol import Engine, EngineRequest, Step
 from serving.engine.vllm import VLLMSettings
 from serving.replica import ENGINES, EngineName, ReplicaConfig, open_engine
@@ -62,7 +63,7 @@ RECORDED_ENV = (
     "LD_PRELOAD",
 )
 BLOCK_SECONDS = 1800  # a block that has not finished by then has hung
-SERVERS = ("osd-hf", "osd-vllm", "vllm")  # osd serve on each engine, and vLLM's own server
+VLLM_SERVER = "vllm"  # vLLM's own OpenAI server, beside osd serve's arms
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,11 +75,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=64, help="per block and arm")
     p.add_argument("--blocks", type=int, default=3, help="per arm")
     p.add_argument(
-        "--dtype", default="float32", help="every engine's and server's (vLLM's own on CPU: bfloat16)"
+        "--dtype",
+        default="float32",
+        help="every engine's and server's, passed to each (vLLM's own auto would take bfloat16 on a CPU)",
     )
     p.add_argument(
         "--vllm-eager", action="store_true", help="offline vLLM without compilation (a faster start)"
     )
+    p.add_argument(
+        "--ingress", nargs="+", choices=INGRESSES, default=list(INGRESSES),
+        help="osd serve's fronts to measure over HTTP (default: both)",
+    )  # fmt: skip
     p.add_argument("--no-offline", action="store_true", help="skip the engine-level part")
     p.add_argument("--no-http", action="store_true", help="skip the HTTP part")
     p.add_argument("--json", type=Path, help="write the report here")
@@ -96,6 +103,7 @@ class Settings:
     blocks: int = 3
     dtype: str = "float32"
     vllm_eager: bool = False
+    ingresses: tuple[str, ...] = INGRESSES  # osd serve's fronts, over HTTP
     settle_seconds: float = 1.5  # before each timed block: vLLM's workers spin a second after their last step
 
     def __post_init__(self):
@@ -137,6 +145,17 @@ def plan(arms: list, blocks: int) -> list:
     """Each block of every arm in turn: the arms in order, then reversed, and so on, so that a
     linear drift hits each arm alike."""
     return [arm for block in range(blocks) for arm in (arms if block % 2 == 0 else arms[::-1])]
+
+
+def http_servers(ingresses: tuple[str, ...]) -> dict[str, tuple[EngineName, str | None]]:
+    """The HTTP arms by name: osd serve on each engine behind each ingress, then vLLM's own server,
+    as (engine, ingress)."""
+    osd = {
+        f"osd-{engine}" + ("" if ingress == "proxy" else f"-{ingress}"): (engine, ingress)
+        for engine in ENGINES
+        for ingress in ingresses
+    }
+    return osd | {VLLM_SERVER: ("vllm", None)}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -320,7 +339,7 @@ def vllm_server(target: str, port: int, settings: Settings, log: Path) -> Iterat
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:
-            wait_until_up(server, base, timeout=900)
+            wait_until_up(server, base)
             yield base
         finally:
             server.send_signal(signal.SIGINT)
@@ -354,24 +373,24 @@ def over_http(
     """The three servers up at once, their blocks alternating after one untimed warm-up block each."""
     failures: list[str] = []
     with tempfile.TemporaryDirectory() as scratch, ExitStack() as stack:
-        redis_url = stack.enter_context(LocalRedis(data_dir=Path(scratch) / "redis")).url
+        redis = stack.enter_context(LocalRedis(data_dir=Path(scratch) / "redis")).url.removesuffix("/0")
         common = ["--target", target, "--served-model-name", "demo", "--no-trainer", "--proposer", "none",
                   "--max-batch", str(settings.concurrency), "--dtype", settings.dtype]  # fmt: skip
-        bases = {}
-        for name, engine, db in (("osd-hf", "hf", "/0"), ("osd-vllm", "vllm", "/1")):
-            flags = [*common, "--engine", engine, "--redis-url", redis_url.replace("/0", db)]
+        arms, bases = http_servers(settings.ingresses), {}
+        for db, (name, (engine, ingress)) in enumerate(list(arms.items())[:-1]):
+            flags = [*common, "--engine", engine, "--ingress", ingress, "--redis-url", f"{redis}/{db}"]
             bases[name] = stack.enter_context(
                 osd_serve(flags, free_port(), Path(scratch) / f"{name}.log", console)
             )[1]
         with console.status("starting vLLM's own server"):
-            bases["vllm"] = stack.enter_context(
+            bases[VLLM_SERVER] = stack.enter_context(
                 vllm_server(target, free_port(), settings, Path(scratch) / "vllm.log")
             )
-        steps = plan(list(SERVERS), settings.blocks)
-        runs: dict[str, list] = {name: [] for name in SERVERS}
+        steps = plan(list(arms), settings.blocks)
+        runs: dict[str, list] = {name: [] for name in arms}
         with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("warm-up", total=len(SERVERS) + len(steps))
-            for name in SERVERS:
+            task = progress.add_task("warm-up", total=len(arms) + len(steps))
+            for name in arms:
                 run = closed_loop(bases[name], itertools.cycle(prompts), settings.concurrency,
                                   settings.max_tokens, count_to(settings.concurrency), failures)  # fmt: skip
                 asyncio.run(run)
@@ -389,37 +408,43 @@ def over_http(
                 name: asyncio.run(
                     texts(bases[name], distinct, settings.max_tokens, settings.concurrency, failures)
                 )
-                for name in SERVERS
+                for name in arms
             }
-    return http_report(runs, completions, offline_rows, settings.concurrency, failures)
+    return http_report(arms, runs, completions, offline_rows, settings.concurrency, failures)
 
 
 def http_report(
+    arms: dict[str, tuple[EngineName, str | None]],
     runs: dict[str, list],
     completions: dict[str, dict],
     offline_rows: list[dict],
     concurrency: int,
     failures: list[str],
 ) -> dict:
-    """Per server: the load summary and its share of its engine's offline plain rate at this
-    concurrency (None without the offline part); osd-vllm over vllm; whether the texts agree."""
+    """Per server (`http_servers`' arms): the load summary and its share of its engine's offline
+    plain rate at this concurrency (None without the offline part); per ingress, osd on vLLM over
+    vLLM's own server; whether the texts agree with the first server's."""
     offline_rate = {
         r["engine"]: r["tokens_per_s"]
         for r in offline_rows if r["draft"] == "plain" and r["concurrency"] == concurrency
     }  # fmt: skip
-    engine_of = {"osd-hf": "hf", "osd-vllm": "vllm", "vllm": "vllm"}
     servers = []
-    for name, blocks in runs.items():
-        summary = summarize(blocks)
-        share = ratio(summary["tokens_per_s"], offline_rate.get(engine_of[name]))
-        servers.append({"server": name, **summary, "share_of_offline": share})
+    for name, (engine, ingress) in arms.items():
+        summary = summarize(runs[name])
+        share = ratio(summary["tokens_per_s"], offline_rate.get(engine))
+        servers.append({"server": name, "ingress": ingress, **summary, "share_of_offline": share})
     rate = {s["server"]: s["tokens_per_s"] for s in servers}
-    reference = completions["osd-hf"]
-    counts = [mismatches(reference, completions[name]) for name in SERVERS[1:]]
+    osd_over_vllm = {
+        ingress: ratio(rate[name], rate[VLLM_SERVER])
+        for name, (engine, ingress) in arms.items()
+        if engine == "vllm" and name != VLLM_SERVER
+    }
+    first, *others = arms
+    counts = [mismatches(completions[first], completions[name]) for name in others]
     differ = sum(n for n, _ in counts)
     return {
         "servers": servers,
-        "osd_vllm_over_vllm": ratio(rate["osd-vllm"], rate["vllm"]),
+        "osd_vllm_over_vllm": osd_over_vllm,
         "texts": {"identical": differ == 0, "mismatches": differ, "compared": sum(n for _, n in counts)},
         "failed_requests": len(failures),
         "failures": failures[:10],
@@ -444,8 +469,9 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit("osd bench engines: nothing to run (--no-offline and --no-http)")
     try:
         settings = Settings(
-            args.k, args.max_tokens, args.concurrency, args.requests, args.blocks, args.dtype, args.vllm_eager
-        )
+            args.k, args.max_tokens, args.concurrency, args.requests, args.blocks, args.dtype,
+            args.vllm_eager, tuple(dict.fromkeys(args.ingress)),
+        )  # fmt: skip
     except ValueError as err:
         sys.exit(f"osd bench engines: {err}")
     for name, value in VLLM_ENV.items():  # before vLLM is imported here or in a child
@@ -499,16 +525,18 @@ def print_report(console: Console, report: dict) -> None:
             )
     if "http" in report:
         part = report["http"]
-        columns = ("server", "tok/s", "p50 s", "share of offline")
+        columns = ("server", "ingress", "tok/s", "p50 s", "share of offline")
         rows = [
-            {"server": s["server"], "tok/s": s["tokens_per_s"], "p50 s": s["latency_p50_s"],
+            {"server": s["server"], "ingress": s["ingress"] or "", "tok/s": s["tokens_per_s"],
+             "p50 s": s["latency_p50_s"],
              "share": "" if s["share_of_offline"] is None else s["share_of_offline"]}
             for s in part["servers"]
         ]  # fmt: skip
         print_rows(console, "Over HTTP, plain decoding", columns, rows)
         same = part["texts"]
+        over = ", ".join(f"{ingress} {value}" for ingress, value in part["osd_vllm_over_vllm"].items())
         console.print(
-            f"osd-vllm / vllm: {part['osd_vllm_over_vllm']}; texts "
+            f"osd on vLLM / vLLM's own server: {over}; texts "
             f"{'identical' if same['identical'] else 'DIFFER'} ({same['mismatches']} of "
             f"{same['compared']} differ); failed requests: {part['failed_requests']}"
         )

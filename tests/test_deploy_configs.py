@@ -1,12 +1,15 @@
 """The deployment files: Serve config, KubeRay RayService and cluster launcher YAML are valid for
 Ray's own schemas and name settings that `deploy.ray_serve.ServiceConfig` accepts. And the
 settings themselves: what `osd serve`'s flags make, what each replica and the trainer are given
-(device, GPU memory), GPU settings refused in one line, and GPU shares packed as Ray packs them."""
+(device, GPU memory), GPU settings refused in one line, GPU shares packed as Ray packs them, and
+the HAProxy ingress's environment (its own files and ports, restored after; a missing HAProxy named),
+and the sweep that kills what a stopped stack's Ray left running, and nothing else."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 from importlib import resources
 from pathlib import Path
 
@@ -19,8 +22,16 @@ from transformers import AutoConfig
 
 from deploy.demo.build import build_demo_models
 from deploy.ray_serve import ServiceConfig, build, gpu_shortfall, trainer_config
+from deploy.serve import (
+    SCRATCH_MARK,
+    carrying,
+    environ,
+    ingress_env,
+    ingress_problem,
+    kill_leftovers,
+    service_config,
+)
 from deploy.serve import parser as serve_parser
-from deploy.serve import service_config
 from distill.heads import HeadsSpec
 from tiny_models import TINY_DEMO
 from trainer.config import TrainerConfig
@@ -187,3 +198,47 @@ def test_gpu_shares_are_packed_as_ray_packs_them(settings, gpus, fits):
     problem = gpu_shortfall(ServiceConfig("t", draft="d", **settings), gpus)
     assert (problem is None) == fits
     assert fits or f"this machine's {gpus} GPU(s)" in problem
+
+
+def test_the_haproxy_ingress_keeps_its_files_and_ports_to_itself(tmp_path):
+    assert ingress_env("proxy", tmp_path) == {}
+    env = ingress_env("haproxy", tmp_path)
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    paths = [v for k, v in env.items() if k.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))]
+    assert len(paths) == 5 and all(Path(p).parent == tmp_path or Path(p) == tmp_path for p in paths)
+    ports = {int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])}
+    assert len(ports) == 2  # two free ports, not HAProxy's fixed 8404 and 9101
+    with pytest.raises(ValueError, match="ingress must be one of"):
+        ingress_env("nginx", tmp_path)
+
+
+def test_the_ingress_environment_is_restored_after_the_stack(monkeypatch):
+    monkeypatch.setenv("OSD_TEST_KEPT", "before")
+    monkeypatch.delenv("OSD_TEST_ADDED", raising=False)
+    with environ({"OSD_TEST_KEPT": "during", "OSD_TEST_ADDED": "during"}):
+        assert os.environ["OSD_TEST_KEPT"] == os.environ["OSD_TEST_ADDED"] == "during"
+    assert os.environ["OSD_TEST_KEPT"] == "before" and "OSD_TEST_ADDED" not in os.environ
+
+
+def test_what_a_stack_leaves_running_is_killed_and_nothing_else(tmp_path):
+    marked = os.environ | {SCRATCH_MARK: str(tmp_path)}
+    subprocess.run(["sh", "-c", "sleep 600 &"], env=marked, check=True)  # an orphan, as HAProxy was
+    child = subprocess.Popen(["sleep", "600"], env=marked)
+    bystander = subprocess.Popen(["sleep", "600"])
+    try:
+        assert len(carrying(SCRATCH_MARK, str(tmp_path))) == 2
+        kill_leftovers(tmp_path)
+        assert carrying(SCRATCH_MARK, str(tmp_path)) == []
+        child.wait(10)  # gone (the sweep reaped it), not still sleeping
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_missing_haproxy_is_named_before_anything_starts(monkeypatch):
+    assert ingress_problem("haproxy") is None  # ray[serve] bundles one here
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert "needs HAProxy" in ingress_problem("haproxy") and ingress_problem("proxy") is None

@@ -14,6 +14,7 @@ from benchmarks.engines import (
     Driver,
     Settings,
     http_report,
+    http_servers,
     mismatches,
     offline,
     offline_report,
@@ -86,10 +87,21 @@ def done(tokens: int, seconds: float) -> Done:
     return Done(0.0, 0.1, seconds, tokens)
 
 
+def test_the_http_servers_are_osd_on_each_engine_and_ingress_then_vllm_s_own():
+    assert http_servers(("proxy", "haproxy")) == {
+        "osd-hf": ("hf", "proxy"), "osd-hf-haproxy": ("hf", "haproxy"),
+        "osd-vllm": ("vllm", "proxy"), "osd-vllm-haproxy": ("vllm", "haproxy"), "vllm": ("vllm", None),
+    }  # fmt: skip
+    assert list(http_servers(("haproxy",))) == ["osd-hf-haproxy", "osd-vllm-haproxy", "vllm"]
+
+
 def test_the_http_report_has_shares_of_the_offline_rates_and_compares_texts():
+    arms = http_servers(("proxy", "haproxy"))
     runs = {
         "osd-hf": [([done(48, 1.0), done(48, 1.0)], 2.0)],  # 48 tokens/s
+        "osd-hf-haproxy": [([done(48, 1.0)], 0.75)],  # 64
         "osd-vllm": [([done(48, 1.0)], 0.5)],  # 96
+        "osd-vllm-haproxy": [([done(48, 1.0)], 0.48)],  # 100
         "vllm": [([done(48, 1.0)], 0.4)],  # 120
     }
     offline_rows = [
@@ -98,13 +110,15 @@ def test_the_http_report_has_shares_of_the_offline_rates_and_compares_texts():
         {"engine": "vllm", "draft": "plain", "concurrency": 1, "tokens_per_s": 10.0},  # another level
         {"engine": "vllm", "draft": "initial", "concurrency": 16, "tokens_per_s": 10.0},  # not plain
     ]
-    completions = {"osd-hf": {0: "a", 1: "b"}, "osd-vllm": {0: "a", 1: "b"}, "vllm": {0: "a", 1: None}}
-    report = http_report(runs, completions, offline_rows, 16, ["ReadTimeout()"])
+    completions = {name: {0: "a", 1: "b"} for name in arms} | {"vllm": {0: "a", 1: None}}
+    report = http_report(arms, runs, completions, offline_rows, 16, ["ReadTimeout()"])
     shares = {s["server"]: s["share_of_offline"] for s in report["servers"]}
-    assert shares == {"osd-hf": 0.5, "osd-vllm": 0.4, "vllm": 0.5}
-    assert report["osd_vllm_over_vllm"] == 0.8 and report["failed_requests"] == 1
-    assert report["texts"] == {"identical": False, "mismatches": 1, "compared": 4}
-    no_offline = http_report(runs, {n: {0: "a"} for n in runs}, [], 16, [])
+    assert shares == {"osd-hf": 0.5, "osd-hf-haproxy": 0.667, "osd-vllm": 0.4, "osd-vllm-haproxy": 0.417,
+                      "vllm": 0.5}  # fmt: skip
+    assert [s["ingress"] for s in report["servers"]] == ["proxy", "haproxy", "proxy", "haproxy", None]
+    assert report["osd_vllm_over_vllm"] == {"proxy": 0.8, "haproxy": 0.833} and report["failed_requests"] == 1
+    assert report["texts"] == {"identical": False, "mismatches": 1, "compared": 8}
+    no_offline = http_report(arms, runs, {n: {0: "a"} for n in runs}, [], 16, [])
     assert all(s["share_of_offline"] is None for s in no_offline["servers"])
     assert no_offline["texts"]["identical"] is True
 

@@ -1,5 +1,6 @@
-"""The official `openai` client against a real `osd serve --target` of a tiny saved pair whose
-tokenizer carries a ChatML template, with a padded-vocabulary draft and two replicas: the
+"""The official `openai` client against a real `osd serve --target --ingress haproxy` of a tiny
+saved pair whose tokenizer carries a ChatML template, with a padded-vocabulary draft and two
+replicas: HAProxy and the replicas on loopback only, SIGTERM stopping it all as Ctrl-C does, the
 served names, chat templating, content parts, logprobs in OpenAI's shapes (whole and streamed),
 max_completion_tokens, a 400 for every unsupported parameter, and seeded repeats across replicas
 under concurrent load. Settings that cannot work together, and GPU shares the machine cannot
@@ -12,14 +13,16 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import httpx
 import openai
+import psutil
 import pytest
 from fastapi.testclient import TestClient
 from polling import wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from serving.http.api import ChatMessage, chat_prompt, create_app
 from serving.replica import Replica, ReplicaConfig
@@ -37,6 +40,17 @@ CONVERSATION = [
 ]
 
 
+@dataclass(frozen=True)
+class Served:
+    """The running `osd serve`: an OpenAI client on it, its target, tokenizer, URL and process."""
+
+    client: openai.OpenAI
+    target: str
+    tokenizer: PreTrainedTokenizerBase
+    base: str
+    child: subprocess.Popen
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, redis_server):
     root = tmp_path_factory.mktemp("serve-cli")
@@ -45,7 +59,7 @@ def served(tmp_path_factory, redis_server):
     command = [
         sys.executable, "-m", "deploy.cli", "serve", "--target", str(target), "--draft", str(draft),
         "--served-model-name", ALIAS, "--replicas", "2", "--max-batch", "4", "--k", "2", "--no-trainer",
-        "--port", str(port), "--redis-url", f"{redis_server.url}/5",
+        "--port", str(port), "--redis-url", f"{redis_server.url}/5", "--ingress", "haproxy",
     ]  # fmt: skip
     log = (root / "serve.log").open("w")
     child = subprocess.Popen(
@@ -60,15 +74,39 @@ def served(tmp_path_factory, redis_server):
         wait_for(lambda: child.poll() is not None or up(), timeout=600, every=0.5)
         assert child.poll() is None, (root / "serve.log").read_text()
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="-", max_retries=0, timeout=300)
-        yield client, str(target), AutoTokenizer.from_pretrained(target), base
+        yield Served(client, str(target), AutoTokenizer.from_pretrained(target), base, child)
     finally:
         child.terminate()
-        child.wait(120)
+        code = child.wait(120)
         log.close()
+    # SIGTERM stops it as Ctrl-C does (Ray's core, which takes SIGTERM, would end it unstopped)
+    assert code == 0 and (root / "serve.log").read_text().rstrip().endswith("stopping")
+
+
+def test_haproxy_and_the_replicas_serve_http_on_loopback_only(served):
+    port = int(served.base.rsplit(":", 1)[1])
+    stack = psutil.Process(served.child.pid)
+
+    def listening() -> set[tuple[str, int]]:  # a reloading HAProxy briefly runs twice: a set
+        found = set()
+        for process in [stack, *stack.children(recursive=True)]:
+            try:
+                connections = process.net_connections(kind="inet")
+            except psutil.NoSuchProcess:  # a Ray worker that has just exited
+                continue
+            found |= {(c.laddr.ip, c.laddr.port) for c in connections if c.status == psutil.CONN_LISTEN}
+        return found
+
+    def replicas() -> set[tuple[str, int]]:  # Serve's direct-ingress port range
+        return {(ip, p) for ip, p in listening() if 30000 <= p <= 31000}
+
+    wait_for(lambda: len(replicas()) == 2)
+    assert {ip for ip, p in listening() if p == port} == {"127.0.0.1"}, listening()  # HAProxy's front
+    assert {ip for ip, _ in replicas()} == {"127.0.0.1"}, listening()
 
 
 def test_models_are_the_target_string_and_its_alias(served):
-    client, target, _, _ = served
+    client, target = served.client, served.target
     assert [m.id for m in client.models.list().data] == [target, ALIAS]
     for name in (target, ALIAS):
         out = client.completions.create(model=name, prompt="hi", max_tokens=2, temperature=0)
@@ -76,7 +114,7 @@ def test_models_are_the_target_string_and_its_alias(served):
 
 
 def test_chat_applies_the_template_and_accepts_content_parts(served):
-    client, _, tokenizer, _ = served
+    client, tokenizer = served.client, served.tokenizer
     rendered = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
     assert rendered.endswith("<|im_start|>assistant\n")
     expected = len(tokenizer.encode(rendered, add_special_tokens=False))
@@ -89,7 +127,7 @@ def test_chat_applies_the_template_and_accepts_content_parts(served):
 
 
 def test_streamed_chat_logprobs_come_in_openai_shapes(served):
-    client, _, _, _ = served
+    client = served.client
     args = dict(
         model=ALIAS, messages=CONVERSATION, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3
     )
@@ -111,7 +149,7 @@ def test_streamed_chat_logprobs_come_in_openai_shapes(served):
 
 
 def test_completion_logprobs_and_max_completion_tokens(served):
-    client, _, _, _ = served
+    client = served.client
     out = client.completions.create(model=ALIAS, prompt="The byte", max_tokens=8, temperature=0, logprobs=2)
     logprobs, n = out.choices[0].logprobs, out.usage.completion_tokens
     assert out.usage.prompt_tokens == len(b"The byte")  # ChatML tokenizers add no BOS
@@ -139,7 +177,7 @@ def test_completion_logprobs_and_max_completion_tokens(served):
     ],
 )
 def test_each_unsupported_parameter_gets_a_400_naming_it(served, endpoint, extra, param):
-    client, _, _, _ = served
+    client = served.client
     with pytest.raises(openai.BadRequestError) as raised:
         if endpoint == "chat":
             client.chat.completions.create(model=ALIAS, messages=CONVERSATION, max_tokens=2, **extra)
@@ -149,7 +187,7 @@ def test_each_unsupported_parameter_gets_a_400_naming_it(served, endpoint, extra
 
 
 def test_harmless_parameters_are_accepted(served):
-    client, _, _, _ = served
+    client = served.client
     out = client.chat.completions.create(
         model=ALIAS, messages=CONVERSATION, max_tokens=2, user="u-1", store=False,
         metadata={"domain": "chat"}, response_format={"type": "text"},
@@ -158,7 +196,7 @@ def test_harmless_parameters_are_accepted(served):
 
 
 def test_seeded_repeats_are_identical_across_replicas_and_under_load(served):
-    client, _, _, base = served
+    client, base = served.client, served.base
 
     def seeded(_) -> str:
         out = client.chat.completions.create(

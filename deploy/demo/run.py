@@ -58,6 +58,7 @@ from deploy.demo.screenshot import dashboard_screenshot
 from deploy.demo.workloads import Phase, WorkloadSpec, request_stream
 from deploy.ray_serve import NAMESPACE, TRAINER_NAME, ActorControl, ServiceConfig
 from deploy.serve import Endpoint, running, stop_on_signals, wait_for_ctrl_c
+from serving.replica import ENGINES
 from store.drift import read_alerts
 from store.load import read_load
 from store.redis_server import open_redis
@@ -133,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--adapters", action="store_true", help="a LoRA adapter per domain, and the router")
     p.add_argument(
-        "--engine", choices=("hf", "vllm"), default="hf",
+        "--engine", choices=ENGINES, default="hf",
         help="the replicas' engine: this project's (default) or vLLM's (the vllm extra; draft model only)",
     )  # fmt: skip
     p.add_argument(

@@ -142,12 +142,13 @@ class VLLMEngine:
         self.host_base = None if draft is None else load_causal_lm(draft, torch.device("cpu"), torch.float32)
         eos = GenerationConfig.from_pretrained(target).eos_token_id
         self._stops = [eos] if isinstance(eos, int) else list(eos or [])
+        on_gpu = torch.cuda.is_available()
         # the HF engine's default (serving.engine.device): on a CPU, vLLM's "auto" would take bfloat16
-        default_dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        default_dtype = "bfloat16" if on_gpu else "float32"
         memory: dict[str, Any] = {"gpu_memory_utilization": gpu_memory_utilization}
-        if not torch.cuda.is_available() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        if not on_gpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             target_config = AutoConfig.from_pretrained(target)
-            draft_config = AutoConfig.from_pretrained(draft) if draft else None
+            draft_config = self.host_base.config if self.host_base is not None else None
             length = max_model_len or target_config.max_position_embeddings
             kv_bytes = cpu_kv_cache_bytes(target_config, draft_config, length, max_batch, k)
             memory = {"kv_cache_memory_bytes": kv_bytes}
