@@ -277,7 +277,18 @@ def kill_leftovers(scratch: Path) -> None:
         for process in left:
             with suppress(psutil.Error):
                 process.kill()
-        psutil.wait_procs(left, timeout=10)
+        deadline = time.monotonic() + 10
+        while not all(map(ended, left)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def ended(process: psutil.Process) -> bool:
+    """Gone, or a zombie: dead, its entry kept until its parent reaps it (an orphan's parent is
+    PID 1, which in a container may reap late; waiting for that would only add time)."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def environ(values: Mapping[str, str]) -> ContextManager:
