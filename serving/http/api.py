@@ -373,14 +373,16 @@ async def decode_text(
 ) -> AsyncIterator[Piece]:
     """The replica's steps as text, decoded incrementally. A stop string ends the text before it
     and stops decoding; text ending inside a multi-byte character is held back until the character
-    completes, and so are its tokens and their log-probs."""
+    completes, and so are its tokens and their log-probs (a piece carries log-probs only when the
+    request asked for them: the trace's come with the replica's Finished)."""
     stream = IncrementalText(tokenizer)
     text, sent = "", 0
     held: list[Step] = []  # steps whose text is not out yet
+    wanted = request.logprobs is not None
 
     def piece(text: str, reason: Literal["stop", "length"] | None = None, finished=None) -> Piece:
         tokens = tuple(t for step in held for t in step.token_ids)
-        logprobs = [step.logprobs for step in held if step.logprobs is not None]
+        logprobs = [step.logprobs for step in held if step.logprobs is not None] if wanted else []
         held.clear()
         return Piece(
             text, len(stream.ids), reason, finished, tokens, TokenLogprobs.cat(logprobs) if logprobs else None
