@@ -47,6 +47,7 @@ from serving.engine.hf import SpecEngine
 from serving.engine.models import forward_slots, prefill
 from serving.engine.proposers import DraftModelProposer, DraftRow, NullProposer, Proposal
 from serving.engine.speculation import expected_tokens
+from store.registry import ALL_DOMAINS
 from trainer.config import TrainerConfig
 
 VOCAB = 32_000
@@ -137,11 +138,11 @@ class SyntheticProposer:
         self.inner, self.reference, self.alpha = inner, reference, alpha  # reference: prompt + greedy
         self.generator = torch.Generator(device="cuda").manual_seed(seed)
 
-    def new_state(self):
-        return self.inner.new_state()
+    def new_state(self, domain: str = ALL_DOMAINS):
+        return self.inner.new_state(domain)
 
-    def release(self, state) -> None:
-        self.inner.release(state)
+    def release(self, state, sequence: Sequence[int]) -> None:
+        self.inner.release(state, sequence)
 
     def propose(self, rows: Sequence[DraftRow]) -> list[Proposal]:
         out = []

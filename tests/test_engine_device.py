@@ -66,7 +66,7 @@ REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("proposer", ["draft", "ngram", "none"])
+@pytest.mark.parametrize("proposer", ["draft", "ngram", "suffix", "none"])
 def test_a_step_reads_back_only_in_its_one_transfer(model_dirs, monkeypatch, proposer):
     llama = model_dirs["llama"]
     draft = str(llama["small"]) if proposer == "draft" else None

@@ -11,7 +11,7 @@ import torch
 from test_heads import random_heads
 
 from serving.engine.hf import SpecEngine
-from serving.engine.proposers import DraftModelProposer, HeadsProposer, NgramProposer
+from serving.engine.proposers import DraftModelProposer, HeadsProposer, NgramProposer, SuffixProposer
 from serving.engine.sampling import SamplingParams, process_logits
 from tiny_models import build
 
@@ -67,6 +67,7 @@ def noise_bound(expected: torch.Tensor) -> float:
         ("draft", SamplingParams(1.0), False),
         ("draft", SamplingParams(0.8, top_p=0.9, top_k=5), False),
         ("ngram", SamplingParams(1.2, top_p=0.95), False),
+        ("suffix", SamplingParams(1.0), False),  # drafts what earlier samples drew after the prompt
         ("hydra heads", SamplingParams(0.9, top_k=6), True),
         ("padded draft", SamplingParams(1.0), False),
         ("padded draft", SamplingParams(0.9, top_k=6), True),
@@ -78,6 +79,7 @@ def test_first_two_tokens_follow_target(pair, proposer, params, seeded):
     chosen = {
         "draft": lambda: DraftModelProposer(draft),
         "ngram": NgramProposer,
+        "suffix": SuffixProposer,
         "hydra heads": lambda: HeadsProposer(random_heads(target, "hydra")),
         "padded draft": lambda: DraftModelProposer(padded(draft, VOCAB - 2), target_rows=VOCAB),
     }[proposer]()

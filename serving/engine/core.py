@@ -213,12 +213,12 @@ class HFEngine:
         failed: list[tuple[str, Step | BaseException]] = []
         while self._waiting and len(self._running) < self.max_batch:
             request = self._waiting.popleft()
-            domain = request.draft if request.draft in self.drafts else self.domain
+            domain = request.domain if request.domain in self.drafts else self.domain
             try:
                 decoding = self.spec.add(
                     request.prompt_ids, request.max_new_tokens, request.temperature, request.top_p,
                     request.top_k, request.seed, request.stop_token_ids, request.top_logprobs,
-                    request.hidden_states, self.drafts[domain].proposer,
+                    request.hidden_states, self.drafts[domain].proposer, request.domain,
                 )  # fmt: skip
             except EngineError as err:  # a bad request: the caller gets it as is
                 failed.append((request.request_id, err))

@@ -70,6 +70,7 @@ from serving.engine.proposers import (
     NullProposer,
     Proposal,
     Proposer,
+    SuffixProposer,
 )
 from serving.engine.protocol import Generation, Step, TokenLogprobs
 from serving.engine.sampling import SamplingParams, process_logits, race, rejection_sample, seeded_noise
@@ -85,11 +86,12 @@ from serving.engine.stats import SpecStats
 from serving.engine.tree import greedy_path, node_depths, static_tree
 from serving.engine.vocab import check_pair
 from serving.errors import IncompatibleDraftError, InvalidRequestError
+from store.registry import ALL_DOMAINS
 
 log = logging.getLogger(__name__)
 
-ProposerName = Literal["draft", "ngram", "none", "medusa", "hydra"]
-PROPOSERS: tuple[ProposerName, ...] = ("draft", "ngram", "none", "medusa", "hydra")
+ProposerName = Literal["draft", "ngram", "suffix", "none", "medusa", "hydra"]
+PROPOSERS: tuple[ProposerName, ...] = ("draft", "ngram", "suffix", "none", "medusa", "hydra")
 COST_BATCHES = (1, 2, 4, 8, 16, 32)  # batch sizes `calibrate` times, up to the engine's max_batch
 
 
@@ -279,6 +281,7 @@ class SpecEngine:
         proposer defaults to "draft" when a draft is given and "none" otherwise. `tree`: for
         heads, the branching of a static tree (serving.engine.tree.static_tree) verified in one forward
         for greedy requests; when the target cannot verify trees, chain mode, with the reason logged.
+        "suffix" (serving.engine.suffix) drafts trees for greedy requests on the same condition.
         """
         proposer = proposer or ("draft" if draft is not None else "none")
         if proposer not in PROPOSERS:
@@ -322,6 +325,10 @@ class SpecEngine:
             chosen = HeadsProposer(
                 DraftHeads.for_target(spec, target_model), static_tree(tree) if tree else None
             )
+        elif proposer == "suffix":
+            if reason := tree_support(target_model):
+                log.warning("suffix speculation drafts chains: %s cannot verify trees: %s", target, reason)
+            chosen = SuffixProposer(trees=not reason)
         else:
             chosen = NgramProposer() if proposer == "ngram" else NullProposer()
         engine = cls(target_model, chosen, num_speculative_tokens, profile, max_length)
@@ -398,9 +405,10 @@ class SpecEngine:
         top_logprobs: int = 0,
         hidden_states: bool = False,
         proposer: Proposer | None = None,
+        domain: str = ALL_DOMAINS,
     ) -> Decoding:
         """Check a request (InvalidRequestError), prefill its prompt and decode it from the next
-        step on, drafting with `proposer` (default: the engine's)."""
+        step on, drafting with `proposer` (default: the engine's) for a request of `domain`."""
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
         ids = self._check_prompt(prompt_ids, max_new_tokens)
         prompt = torch.tensor(ids, dtype=torch.long, device=self.device)
@@ -421,7 +429,7 @@ class SpecEngine:
             self.cache.reserve(prompt.shape[0] + max_new_tokens + self.k)
             if prompt.shape[0] > 1:
                 prefill(self.target, self.cache, slot, prompt[:-1])
-            draft_state = proposer.new_state()
+            draft_state = proposer.new_state(domain)
         except BaseException:
             self.cache.release(slot)
             raise
@@ -442,7 +450,7 @@ class SpecEngine:
             return
         self.active.remove(decoding)
         self.cache.release(decoding.slot)
-        decoding.proposer.release(decoding.draft_state)
+        decoding.proposer.release(decoding.draft_state, decoding.history)
 
     @torch.inference_mode()
     def step(self, k: int | None = None) -> list[tuple[Decoding, Step]]:

@@ -1,11 +1,12 @@
-"""Proposers: where draft tokens come from. One `Proposer` protocol, four implementations.
+"""Proposers: where draft tokens come from. One `Proposer` protocol, five implementations.
 
-A proposer is shared by all requests (it holds weights). It drafts for a batch of sequences at
-once (`propose` takes one `DraftRow` per sequence); per-sequence state, such as a draft model's
-cache slot, lives in the object `new_state()` returns, is passed back in each row, and is given
-up by `release`. After each verification the engine tells every sequence's proposer what was
-kept (`observe`): how many of its drafts, and the target's final hidden state at the position
-whose logits gave the last emitted token (what draft heads read).
+A proposer is shared by all requests (it holds weights, or an index of past requests). It drafts
+for a batch of sequences at once (`propose` takes one `DraftRow` per sequence); per-sequence
+state, such as a draft model's cache slot, lives in the object `new_state(domain)` returns, is
+passed back in each row, and is given up by `release`, which also hands over the finished
+sequence (what suffix speculation learns from). After each verification the engine tells every
+sequence's proposer what was kept (`observe`): how many of its drafts, and the target's final
+hidden state at the position whose logits gave the last emitted token (what draft heads read).
 
 Nothing here reads a device tensor back to the host: what a proposer needs to know on the host
 (the sequence's ids, how many drafts were kept) comes from the engine, which moves a step's
@@ -14,6 +15,7 @@ results to the host in one transfer (serving.engine.hf), so a GPU step never wai
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,8 +27,10 @@ from distill.heads import DraftHeads
 from serving.engine.device import DeviceProfile, compiled, new_cache
 from serving.engine.models import context_length, forward_slots, prefill
 from serving.engine.sampling import SamplingParams, process_logits, race, sample
+from serving.engine.suffix import SuffixConfig, SuffixIndex, best
 from serving.engine.tree import Tree
 from serving.errors import IncompatibleDraftError
+from store.registry import ALL_DOMAINS
 
 
 @dataclass(frozen=True)
@@ -64,11 +68,12 @@ class DraftRow:
 
 
 class Proposer(Protocol):
-    def new_state(self) -> Any:
-        """Fresh per-sequence state (None for stateless proposers)."""
+    def new_state(self, domain: str = ALL_DOMAINS) -> Any:
+        """Fresh per-sequence state (None for stateless proposers) for a request of `domain`."""
 
-    def release(self, state: Any) -> None:
-        """The sequence has finished: give up what its state holds."""
+    def release(self, state: Any, sequence: Sequence[int]) -> None:
+        """The sequence (prompt and output ids) has finished or was abandoned: give up what its
+        state holds."""
 
     def propose(self, rows: Sequence[DraftRow]) -> list[Proposal]:
         """A proposal of up to row.k tokens for each row, in order."""
@@ -86,14 +91,15 @@ def _empty(device: torch.device) -> Proposal:
 
 
 class _RowByRow:
-    """A stateless proposer that drafts for one row at a time (`_propose_row`) and has no weights."""
+    """A proposer that drafts for one row at a time (`_propose_row`) and has no weights; stateless
+    unless it says otherwise (`new_state`)."""
 
     name = "stateless"
 
-    def new_state(self) -> None:
+    def new_state(self, domain: str = ALL_DOMAINS) -> None:
         return None
 
-    def release(self, state: None) -> None:
+    def release(self, state: None, sequence: Sequence[int]) -> None:
         pass
 
     def propose(self, rows: Sequence[DraftRow]) -> list[Proposal]:
@@ -148,6 +154,54 @@ class NgramProposer(_RowByRow):
         return Proposal(tokens=torch.tensor(tokens, dtype=torch.long, device=row.token_ids.device))
 
 
+OWN_BUDGET = 1 << 40  # a sequence's own index holds all of it: the context length bounds it
+
+
+@dataclass
+class SuffixState:
+    """A sequence's domain and its own context, indexed as it grows (one document)."""
+
+    domain: str
+    own: SuffixIndex
+    document: int
+
+
+class SuffixProposer(_RowByRow):
+    """Suffix speculation (serving.engine.suffix): drafts what followed the context's longest
+    matching suffix, in the sequence's own context or in recent requests of its domain (`shared`),
+    whichever promises more accepted tokens. Greedy requests get the candidates' tree when the
+    target verifies trees (`trees`), else, as sampled ones, the most confident chain (q one-hot,
+    as n-grams: the rejection sampler keeps it lossless). A sequence joins its domain's shared
+    index when it is released. No weights, no training: the index follows what is served."""
+
+    name = "suffix"
+
+    def __init__(self, config: SuffixConfig | None = None, trees: bool = True):
+        self.config, self.trees = config or SuffixConfig(), trees
+        self.shared = SuffixIndex(self.config)
+
+    def new_state(self, domain: str = ALL_DOMAINS) -> SuffixState:
+        own = SuffixIndex(dataclasses.replace(self.config, budget_tokens=OWN_BUDGET))
+        return SuffixState(domain, own, own.add(domain, []))
+
+    def release(self, state: SuffixState, sequence: Sequence[int]) -> None:
+        self.shared.add(state.domain, sequence)
+
+    def _propose_row(self, row: DraftRow) -> Proposal:
+        state = row.state
+        state.own.extend(state.document, row.history[state.own.tokens :])
+        tree = row.params.greedy and self.trees
+        found = [
+            index.lookup(state.domain, row.history, row.k, row.k if tree else None)
+            for index in (state.own, self.shared)
+        ]
+        chosen = best(*(candidates if tree else candidates.chain() for candidates in found))
+        return Proposal(
+            torch.tensor(chosen.tokens, dtype=torch.long, device=row.token_ids.device),
+            parents=None if chosen.is_chain else chosen.parents,
+        )
+
+
 @dataclass
 class DraftState:
     """A sequence's slot in the draft model's cache: its first `valid` positions hold the
@@ -195,10 +249,10 @@ class DraftModelProposer:
         self.input_rows = model.get_input_embeddings().weight.shape[0]
         self.weights = 0  # generation: bumped by every load_weights
 
-    def new_state(self) -> DraftState:
+    def new_state(self, domain: str = ALL_DOMAINS) -> DraftState:
         return DraftState(slot=self.cache.acquire(), weights=self.weights)
 
-    def release(self, state: DraftState) -> None:
+    def release(self, state: DraftState, sequence: Sequence[int]) -> None:
         self.cache.release(state.slot)
 
     @torch.inference_mode()
@@ -296,10 +350,10 @@ class HeadsProposer:
     def __init__(self, heads: DraftHeads, tree: Tree | None = None):
         self.heads, self.tree = heads, tree
 
-    def new_state(self) -> HeadsState:
+    def new_state(self, domain: str = ALL_DOMAINS) -> HeadsState:
         return HeadsState()
 
-    def release(self, state: HeadsState) -> None:
+    def release(self, state: HeadsState, sequence: Sequence[int]) -> None:
         pass
 
     def observe(self, state: HeadsState, accepted: int, hidden: torch.Tensor | None) -> None:

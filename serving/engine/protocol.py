@@ -88,7 +88,7 @@ class EngineRequest:
     stop_token_ids: list[int] | None = None  # None: the target's EOS
     top_logprobs: int = 0  # the target's top-K at each output position (for traces and logprobs)
     hidden_states: bool = False  # the target's final hidden state at each output position (for heads)
-    draft: str = ALL_DOMAINS  # the domain whose draft proposes for it (its adapter); default: shared
+    domain: str = ALL_DOMAINS  # as served: its adapter's, where the engine has one, and its suffix index's
 
 
 Deliver = Callable[[list[tuple[str, Step | BaseException]]], None]
