@@ -29,6 +29,10 @@ of the domain it names, else to the one the live router (`distill.router`) picks
 `router_min_confidence`, else to the shared draft. A domain whose adapter fails to load keeps what
 it had, or the shared draft.
 
+Suffix speculation (`proposer="suffix"`): a follower thread reads every replica's traces as they
+land (`store.traces.TraceFollower`) and hands the other replicas' requests to the engine's index
+(`Engine.remember`); its own, which its engine indexed as they finished, it skips by request id.
+
 Redis failures degrade, never fail, serving: traces queue and drop oldest-first in the writer,
 metric counters wait for the next flush, and a failed load publication is logged and retried on
 the next beat.
@@ -67,13 +71,15 @@ from serving.tracing import trace_of
 from store.load import forget, publish_load
 from store.metrics import MetricsConfig, MetricsRecorder, request_counters
 from store.registry import ALL_DOMAINS, CorruptWeightsError, DraftVersion, LiveWatcher, Registry
-from store.traces import StreamConfig, TraceWriter, in_fraction
+from store.traces import StreamConfig, TraceFollower, TraceWriter, in_fraction
 
 log = logging.getLogger(__name__)
 
 EngineName = Literal["hf", "vllm"]
 ENGINES: tuple[EngineName, ...] = ("hf", "vllm")
 DOMAIN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a request's domain tag, as traces and metrics key it
+OWN_TRACES = 4096  # own request ids remembered, so that a replica does not index its own twice
+FOLLOW_BLOCK_MS = 500  # the follower waits this long for traces, then looks whether to stop
 REFUSED = (CorruptWeightsError, IncompatibleDraftError, KeyError, TypeError, ValueError)  # a bad version
 
 
@@ -246,6 +252,11 @@ class Replica:
             target=self._beat, name=f"heartbeat-{config.replica_id}", daemon=True
         )
         self._heartbeat.start()
+        self._own: dict[str, None] = {}  # this replica's latest traced request ids, oldest first
+        self._follower = None
+        if config.proposer == "suffix":
+            self._follower = threading.Thread(target=self._follow, name="trace-follower", daemon=True)
+            self._follower.start()
 
     # The caller's side (asyncio).
     async def stream(self, request: Request) -> AsyncIterator[Step | Finished]:
@@ -358,6 +369,8 @@ class Replica:
     def close(self, timeout: float = 10.0) -> None:
         """Finish what is queued, then stop; flush traces and metrics."""
         self._closed = True
+        if self._follower is not None:
+            self._follower.join(timeout)
         self.engine.close(timeout)
         self._changed.set()
         self._heartbeat.join(timeout)
@@ -435,6 +448,10 @@ class Replica:
             request.request_id, request.domain, self.target_id, finished.draft_versions,
             request.prompt_ids, generation, sampling, self.config.trace_top_k,
         )  # fmt: skip
+        if self._follower is not None:  # its own traces are in its engine's index already
+            self._own[request.request_id] = None
+            if len(self._own) > OWN_TRACES:
+                del self._own[next(iter(self._own))]
         self.writer.append(trace)
         tokens = len(generation.token_ids)
         per_token = (finished.seconds - finished.ttft_seconds) / (tokens - 1) if tokens > 1 else None
@@ -472,6 +489,22 @@ class Replica:
             log.warning(
                 "could not remove the heartbeat; it expires in %s s: %s", config.load_ttl_seconds, err
             )
+
+    # The follower's thread.
+    def _follow(self) -> None:
+        """Suffix speculation drafts from what every replica serves: the other replicas' requests
+        join this engine's index as their traces land."""
+        follower = None
+        while not self._closed:
+            try:
+                follower = follower or TraceFollower(self.client, self.config.stream)
+                for trace in follower.read(block_ms=FOLLOW_BLOCK_MS):
+                    if trace.request_id not in self._own:
+                        ids = [*trace.prompt_ids.tolist(), *trace.output_ids.tolist()]
+                        self.engine.remember(trace.domain, ids)
+            except redis.RedisError as err:
+                log.warning("reading the other replicas' traces failed: %s", err)
+                time.sleep(self.config.heartbeat_seconds)  # no tight loop while Redis is down
 
     # The watcher's thread.
     def _swap(self, meta: DraftVersion) -> None:

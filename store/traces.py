@@ -12,6 +12,10 @@ left pending, and XACK only when the caller says the entries are committed. Deli
 once across restarts and claims, keyed by stream id (`Delivery.entry_id`): a reader never hands
 out an entry it delivered and has not yet seen acked, even when XAUTOCLAIM gives it back.
 
+A replica that drafts from served text (suffix speculation) follows the stream through
+`TraceFollower`: plain XREAD from the stream's end as it was when the follower started, outside
+any group, so it reads every replica's traces and takes nothing from the trainer.
+
 An entry has three fields, never pickle: the schema version `v`, a small JSON `meta` (ids,
 domain, sampling, and the array shapes), and `data`, the arrays back to back: little-endian token
 ids (uint16 when every id of the trace fits, which halves them for vocabularies up to 65,536, else
@@ -516,3 +520,29 @@ class TraceReader:
         self.skipped_unknown += len(unreadable)
         self.ack(unreadable)  # nothing will ever read them: do not leave them pending
         return deliveries
+
+
+class TraceFollower:
+    """Every trace appended from now on, in order, outside the consumer group (a replica's view of
+    what all replicas serve). Entries trimmed before it reads them are missed; unreadable ones are
+    skipped and counted."""
+
+    def __init__(self, client: redis.Redis, config: StreamConfig = StreamConfig()):
+        self.client, self.config = client, config
+        newest = client.xrevrange(config.stream, count=1)
+        self._last: bytes | str = newest[0][0] if newest else "0-0"
+        self.skipped_unknown = 0
+
+    def read(self, count: int = 256, block_ms: int | None = None) -> list[Trace]:
+        """Up to `count` traces appended since the last read (waiting up to block_ms for the first;
+        None returns at once)."""
+        reply = self.client.xread({self.config.stream: self._last}, count=count, block=block_ms)
+        traces = []
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                self._last = entry_id
+                try:
+                    traces.append(decode(fields))
+                except TraceDecodeError:
+                    self.skipped_unknown += 1
+        return traces

@@ -20,7 +20,7 @@ from serving.engine.protocol import Generation, Step, TokenLogprobs
 from serving.engine.stats import SpecStats
 from serving.engine.versions import unshared
 from serving.errors import IncompatibleDraftError, ModelLoadError, ServerBusyError
-from serving.replica import Replica, ReplicaConfig, Request
+from serving.replica import Finished, Replica, ReplicaConfig, Request
 from store.metrics import MetricsConfig
 from store.registry import Registry
 from store.traces import StreamConfig, TraceReader
@@ -125,6 +125,21 @@ def test_a_replica_decodes_traces_swaps_and_abandons_from_the_engine_s_process(
 
     asyncio.run(leave_early())  # the abandon reaches the child, and the child's state the replica
     wait_for(lambda: server.engine.running() == 0 and server.status()["in_flight"] == 0)
+
+
+def test_a_request_served_elsewhere_reaches_the_suffix_index_in_the_engine_s_process(make, model_dirs):
+    server = make(draft=None, proposer="suffix")
+    expected = SpecEngine.from_pretrained(model_dirs["llama"]["target"]).generate(
+        PROMPT, 20, stop_token_ids=[]
+    )
+    server.engine.remember("python", PROMPT + expected.token_ids)  # crosses the pipe before the requests
+
+    def serve(domain: str) -> Finished:
+        return asyncio.run(server.complete(Request(PROMPT, 20, stop_token_ids=[], domain=domain)))
+
+    elsewhere, remembered = serve("c"), serve("python")
+    assert elsewhere.generation.token_ids == remembered.generation.token_ids == expected.token_ids
+    assert remembered.generation.stats.accepted > elsewhere.generation.stats.accepted
 
 
 def test_when_the_engine_s_process_dies_its_requests_fail_at_once(make):

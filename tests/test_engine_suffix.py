@@ -123,3 +123,11 @@ def test_the_suffix_proposer_has_no_weights():
     with pytest.raises(IncompatibleDraftError, match="no weights"):
         SuffixProposer().load_weights({"w": torch.zeros(1)})
     SuffixProposer().load_weights({})
+
+
+def test_calibration_leaves_the_index_empty(model_dirs):
+    engine = SpecEngine.from_pretrained(
+        model_dirs["llama"]["target"], proposer="suffix", num_speculative_tokens=3
+    )
+    engine.calibrate(max_batch=2, repeats=1)
+    assert len(engine.proposer.shared) == 0 and engine.proposer.shared.tokens == 0

@@ -230,3 +230,31 @@ def test_the_heartbeat_beats_when_the_load_changes_not_at_every_step(redis_clien
     server.close(timeout=PATIENCE)
     assert finished.generation.stats.steps >= 10
     assert len(beats) <= 3  # the request came, it left, the replica closed
+
+
+def test_suffix_replicas_draft_from_each_others_requests_and_index_their_own_once(redis_client, model_dirs):
+    """Each replica's suffix index takes the other's requests from the trace stream, its own from
+    its engine only."""
+    a, b = (
+        replica(redis_client, model_dirs, draft=None, proposer="suffix", replica_id=name)
+        for name in ("r-a", "r-b")
+    )
+    index_a, index_b = a.engine.spec.proposer.shared, b.engine.spec.proposer.shared
+
+    def serve(server: Replica, prompt: list[int]) -> Finished:
+        async def run():
+            return [e async for e in server.stream(Request(prompt, 24, stop_token_ids=[], domain="python"))]
+
+        return asyncio.run(run())[-1]
+
+    first = serve(a, PROMPT)
+    wait_for(lambda: len(index_b) == 1)
+    again = serve(b, PROMPT)
+    assert again.generation.token_ids == first.generation.token_ids
+    assert again.generation.stats.accepted > first.generation.stats.accepted  # drafted from a's answer
+    serve(a, PROMPT[::-1])  # its trace lands after b's own: once b has it, b has read past its own
+    wait_for(lambda: len(index_b) == 3)
+    wait_for(lambda: len(index_a) == 3)
+    a.close(timeout=PATIENCE)
+    b.close(timeout=PATIENCE)
+    assert len(index_a) == len(index_b) == 3  # a1, b1, a2 in both: none twice

@@ -21,6 +21,7 @@ from store.traces import (
     StreamConfig,
     Trace,
     TraceDecodeError,
+    TraceFollower,
     TraceReader,
     TraceWriter,
     WriterStats,
@@ -219,6 +220,29 @@ def test_unknown_schema_and_pickle_entries_are_skipped_counted_and_never_execute
     assert reader.skipped_unknown == 3
     assert reader.backlog().pending == 1  # the bad entries were acked, not left pending
     assert not marker.exists()
+
+
+def test_a_follower_reads_every_trace_from_its_start_on_and_takes_nothing_from_the_trainer(redis_client):
+    config = StreamConfig(stream="t:follow")
+    assert TraceFollower(redis_client, config).read() == []  # no stream yet: from its beginning
+    early = TraceFollower(redis_client, config)
+    writer = TraceWriter(redis_client, config)
+    writer.append(make_trace(1))
+    writer.flush(timeout=PATIENCE)
+    late = TraceFollower(redis_client, config)  # starts after trace 1
+    redis_client.xadd(config.stream, {b"v": b"99"})
+    for i in (2, 3):
+        writer.append(make_trace(i))
+    writer.close(timeout=PATIENCE)
+    got = early.read()
+    assert [t.request_id for t in got][0] == "req-1" and early.skipped_unknown == 1
+    assert sorted(t.request_id for t in got) == ["req-1", "req-2", "req-3"]
+    assert_same(got[0], make_trace(1))
+    assert early.read() == []  # read once
+    assert [t.request_id for t in late.read(count=1)] == []  # the unreadable entry, skipped
+    assert sorted(t.request_id for t in late.read()) == ["req-2", "req-3"]
+    trainer = TraceReader(redis_client, "c", config)
+    assert len(trainer.read(count=10)) == 3  # the followers took nothing from the group
 
 
 def test_trimming_counts_every_entry_the_trainer_had_not_processed(redis_client):

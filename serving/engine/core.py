@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from serving.engine.hf import Decoding, ProposerName, SpecEngine
-from serving.engine.proposers import DraftModelProposer, HeadsProposer, Proposer
+from serving.engine.proposers import DraftModelProposer, HeadsProposer, Proposer, SuffixProposer
 from serving.engine.protocol import Deliver, EngineRequest, Step, Swaps
 from serving.engine.versions import checked_weights
 from serving.errors import EngineError, ServerBusyError, StepFailedError
@@ -127,6 +127,9 @@ class HFEngine:
     def abandon(self, request_id: str) -> None:
         self._inbox.put(("abandon", request_id))
 
+    def remember(self, domain: str, token_ids: list[int]) -> None:
+        self._inbox.put(("remember", (domain, token_ids)))
+
     def load_draft(self, meta: DraftVersion, weights: Mapping[str, torch.Tensor]) -> None:
         began = time.perf_counter()
         staged = _Staged(meta, checked_weights(self.host_base, self.serves, meta, weights), began)
@@ -185,8 +188,9 @@ class HFEngine:
                 self._deliver(events)
 
     def _take(self, block: bool) -> bool:
-        """Move what the replica sent into the waiting queue (submits) or out of the batch
-        (abandons); idle, wait a while for the first. True once close() has been asked for."""
+        """Move what the replica sent into the waiting queue (submits), out of the batch (abandons)
+        or into the suffix index (requests served elsewhere); idle, wait a while for the first.
+        True once close() has been asked for."""
         closing = False
         while True:
             try:
@@ -198,6 +202,9 @@ class HFEngine:
                 closing = True
             elif item[0] == "submit":
                 self._waiting.append(item[1])
+            elif item[0] == "remember":
+                if isinstance(self.spec.proposer, SuffixProposer):
+                    self.spec.proposer.remember(*item[1])
             else:
                 self._drop(item[1])
 

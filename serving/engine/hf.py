@@ -653,6 +653,8 @@ class SpecEngine:
                     self.abandon(decoding)
             seconds.append(row)
         self.acceptance = _optimistic()  # what the scratch text taught is forgotten
+        if isinstance(self.proposer, SuffixProposer):
+            self.proposer.forget()
         return StepCosts.measured(batches, seconds)
 
     def _check_prompt(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int) -> list[int]:

@@ -185,6 +185,8 @@ def serve_engine(conn: Connection, arguments: bytes) -> None:
                 engine.submit(EngineRequest(**body[0]))
             elif kind == "abandon":
                 engine.abandon(body[0])
+            elif kind == "remember":
+                engine.remember(*body)
             elif kind == "load":  # merged and checked on a thread of its own: submits go on meanwhile
                 threading.Thread(target=load, args=body, name="load-draft", daemon=True).start()
             elif kind == "start":
@@ -272,6 +274,10 @@ class EngineProcess:
         self._outstanding.discard(request_id)
         if not self._broken:
             self._send(pack("abandon", request_id))
+
+    def remember(self, domain: str, token_ids: list[int]) -> None:
+        if not self._broken:
+            self._send(pack("remember", domain, token_ids))
 
     def load_draft(self, meta: DraftVersion, weights: Mapping[str, torch.Tensor]) -> None:
         if self._broken:

@@ -185,7 +185,15 @@ class SuffixProposer(_RowByRow):
         return SuffixState(domain, own, own.add(domain, []))
 
     def release(self, state: SuffixState, sequence: Sequence[int]) -> None:
-        self.shared.add(state.domain, sequence)
+        self.remember(state.domain, sequence)
+
+    def remember(self, domain: str, sequence: Sequence[int]) -> None:
+        """A finished request (prompt and output ids), from here or elsewhere, joins the index."""
+        self.shared.add(domain, sequence)
+
+    def forget(self) -> None:
+        """Empty the shared index (the engine's calibration feeds it scratch text)."""
+        self.shared = SuffixIndex(self.config)
 
     def _propose_row(self, row: DraftRow) -> Proposal:
         state = row.state

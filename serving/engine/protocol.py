@@ -117,8 +117,8 @@ class Swaps:
 
 
 class Engine(Protocol):
-    """What a replica needs of an engine. `submit`, `abandon` and `load_draft` may be called from
-    any thread; `Deliver` is called on the engine's own thread."""
+    """What a replica needs of an engine. `submit`, `abandon`, `remember` and `load_draft` may be
+    called from any thread; `Deliver` is called on the engine's own thread."""
 
     max_length: int  # prompt plus output, per request
     k: int  # the most tokens drafted per step
@@ -133,6 +133,10 @@ class Engine(Protocol):
 
     def abandon(self, request_id: str) -> None:
         """Stop decoding a request (its caller left or ran out of time); a no-op once it has left."""
+
+    def remember(self, domain: str, token_ids: list[int]) -> None:
+        """A request served elsewhere (prompt and output, from another replica's trace), for a
+        proposer that drafts from served text (suffix speculation); the others ignore it."""
 
     def load_draft(self, meta: DraftVersion, weights: Mapping[str, torch.Tensor]) -> None:
         """Check a registry version's weights (as the registry stores them: a LoRA adapter, whole

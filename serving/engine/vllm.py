@@ -193,6 +193,9 @@ class VLLMEngine:
     def abandon(self, request_id: str) -> None:
         self._loop.call_soon_threadsafe(self._cancel, request_id)
 
+    def remember(self, domain: str, token_ids: list[int]) -> None:
+        pass  # vLLM's proposers here (a draft model, n-grams) do not draft from other requests
+
     def load_draft(self, meta: DraftVersion, weights: Mapping[str, torch.Tensor]) -> None:
         began = time.perf_counter()
         if meta.domain != self.domain:
