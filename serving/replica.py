@@ -78,6 +78,7 @@ log = logging.getLogger(__name__)
 EngineName = Literal["hf", "vllm"]
 ENGINES: tuple[EngineName, ...] = ("hf", "vllm")
 DOMAIN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a request's domain tag, as traces and metrics key it
+SUFFIX_STATE = ("suffix_index_tokens", "suffix_index_documents", "suffix_lookups", "suffix_hits")
 OWN_TRACES = 4096  # own request ids remembered, so that a replica does not index its own twice
 FOLLOW_BLOCK_MS = 500  # the follower waits this long for traces, then looks whether to stop
 REFUSED = (CorruptWeightsError, IncompatibleDraftError, KeyError, TypeError, ValueError)  # a bad version
@@ -359,6 +360,7 @@ class Replica:
             "trace_store_up": float(traces.connected),
             "num_speculative_tokens": self.k,
             "draft_cost_ratio": self.cost_ratio,
+            **{name: engine.get(name) for name in SUFFIX_STATE},  # None (left out) without suffix speculation
         }
         return self.metrics.snapshot(self.draft_version, state, self.engine.metrics())
 

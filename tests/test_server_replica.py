@@ -49,6 +49,7 @@ def draft_weights(model_dirs, scale: float) -> dict[str, torch.Tensor]:
 
 def test_a_request_is_served_traced_metered_and_its_load_published(redis_client, model_dirs):
     server = replica(redis_client, model_dirs)
+    assert not any(f["name"].startswith("osd:suffix") for f in server.metrics_snapshot())  # a draft serves
     expected = SpecEngine.from_pretrained(model_dirs["llama"]["target"]).generate(
         PROMPT, 12, stop_token_ids=[]
     )
@@ -255,6 +256,9 @@ def test_suffix_replicas_draft_from_each_others_requests_and_index_their_own_onc
     serve(a, PROMPT[::-1])  # its trace lands after b's own: once b has it, b has read past its own
     wait_for(lambda: len(index_b) == 3)
     wait_for(lambda: len(index_a) == 3)
+    state = {f["name"]: f["samples"][0][2] for f in b.metrics_snapshot()}
+    assert state["osd:suffix_index_documents"] == 3 and state["osd:suffix_index_tokens"] == index_b.tokens > 0
+    assert 0 < state["osd:suffix_hits"] <= state["osd:suffix_lookups"]
     a.close(timeout=PATIENCE)
     b.close(timeout=PATIENCE)
     assert len(index_a) == len(index_b) == 3  # a1, b1, a2 in both: none twice

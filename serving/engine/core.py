@@ -145,7 +145,15 @@ class HFEngine:
         return len(self._running)
 
     def status(self) -> dict:
-        return self.swaps.status()
+        """Swaps, and with suffix speculation what its index holds and how often it matched."""
+        status = self.swaps.status()
+        if isinstance(self.spec.proposer, SuffixProposer):
+            index = self.spec.proposer.shared
+            status |= {
+                "suffix_index_tokens": index.tokens, "suffix_index_documents": len(index),
+                "suffix_lookups": index.lookups, "suffix_hits": index.hits,
+            }  # fmt: skip
+        return status
 
     def metrics(self) -> list:
         return []  # what this engine counts, the replica counts by version and domain

@@ -48,6 +48,10 @@ STATE = {
     "trace_store_up": ("gauge", "1 when the last trace write succeeded, else 0 (see the replica's log)."),
     "num_speculative_tokens": ("gauge", "k: the most draft tokens proposed per step."),
     "draft_cost_ratio": ("gauge", "c: a step's extra time per drafted token over a plain step (at start)."),
+    "suffix_index_tokens": ("gauge", "Tokens the suffix index holds (suffix speculation)."),
+    "suffix_index_documents": ("gauge", "Requests the suffix index holds, from every replica."),
+    "suffix_lookups": ("counter", "Suffix index lookups: one per sequence and drafting step."),
+    "suffix_hits": ("counter", "Suffix index lookups that matched the context's suffix."),
 }
 
 
