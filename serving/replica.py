@@ -193,6 +193,8 @@ def vllm_problem(config: ReplicaConfig) -> str | None:
         )
     if config.adapters:
         return "the vLLM engine serves one draft, not per-domain adapters: use --engine hf"
+    if config.proposer == "suffix":
+        return "the vLLM engine drafts with a draft model or n-grams, not suffix speculation: use --engine hf"
     return None
 
 
