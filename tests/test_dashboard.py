@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks import dashboard_load
 from serving.http.api import create_app
-from serving.http.dashboard import BINS, aggregate, bin_layout, percentile, with_speedup
+from serving.http.dashboard import BINS, aggregate, bin_layout, percentile, suffix_index, with_speedup
 from store.metrics import LATENCY_EDGES, MetricPoint, latency_bin
 from store.registry import Registry
 
@@ -41,6 +41,21 @@ def test_aggregate_sums_buckets_into_bins_overall_by_domain_and_by_version():
     assert data["positions"]["draft:v1"] == [0.75]
     sped = with_speedup(data["overall"], k=3, c=0.5)  # tau / (k c + 1)
     assert sped[0]["speedup"] == pytest.approx(first["mean_accepted_length"] / 2.5)
+
+
+def test_the_suffix_index_is_what_one_replica_holds_and_the_hit_rate_of_all_lookups():
+    def replica(documents, tokens, lookups, hits) -> list[dict]:
+        values = {"documents": documents, "tokens": tokens, "lookups": lookups, "hits": hits}
+        names = {"documents": "suffix_index_documents", "tokens": "suffix_index_tokens"}
+        return [
+            {"name": "osd:" + names.get(key, f"suffix_{key}"), "samples": [["", {}, value]]}
+            for key, value in values.items()
+        ]
+
+    snapshots = {"a": replica(3, 300, 10, 6), "b": replica(4, 410, 30, 6)}
+    assert suffix_index(snapshots) == {"documents": 4, "tokens": 410, "hit_rate": 0.3}
+    assert suffix_index({"a": replica(0, 0, 0, 0)})["hit_rate"] is None
+    assert suffix_index({"a": [{"name": "osd:draft_swaps", "samples": [["", {}, 1]]}]}) is None
 
 
 def test_display_bins_hold_whole_buckets():

@@ -9,7 +9,8 @@ registry's history gives the publish, rollback and reject markers; the draft ver
 standing drift alerts (`store.drift`) and the trainer's status (with what it is doing or
 waiting for, in words) complete it. The speedup over plain
 decoding comes from the speedup model with each bin's measured tau and the k and c the replicas
-report in their heartbeats. `aggregate` and `with_speedup` are pure.
+report in their heartbeats, and with suffix speculation the replicas' suffix index (what each
+holds, how often a lookup matched). `aggregate`, `with_speedup` and `suffix_index` are pure.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from importlib import resources
 
@@ -84,6 +85,21 @@ def with_speedup(overall: list[dict], k: float, c: float) -> list[dict]:
         | {"speedup": None if b["mean_accepted_length"] is None else b["mean_accepted_length"] / (k * c + 1)}
         for b in overall
     ]
+
+
+def suffix_index(snapshots: Mapping[str, Iterable[dict]]) -> dict | None:
+    """Suffix speculation's index as the replicas report it (None without it): the most requests
+    and tokens one holds (each holds every replica's requests), and the share of all lookups that
+    matched."""
+    tokens = gauge(snapshots, "suffix_index_tokens")
+    if not tokens:
+        return None
+    lookups, hits = sum(gauge(snapshots, "suffix_lookups")), sum(gauge(snapshots, "suffix_hits"))
+    return {
+        "documents": max(gauge(snapshots, "suffix_index_documents")),
+        "tokens": max(tokens),
+        "hit_rate": hits / lookups if lookups else None,
+    }
 
 
 def aggregate(points: Iterable[MetricPoint], start: float, end: float, bins: int = BINS) -> dict:
@@ -166,6 +182,7 @@ def dashboard_router(
             if ks and cs:  # the replicas' mean k and c
                 body["speculation"] = {"k": sum(ks) / len(ks), "c": sum(cs) / len(cs)}
                 body["overall"] = with_speedup(body["overall"], **body["speculation"])
+            body["suffix"] = suffix_index(snapshots)
             body["events"] = [e for e in registry.history(since=start) if e.get("name") == draft_name]
             versions = [v for d in registry.domains(draft_name) for v in registry.versions(draft_name, d)]
             newest_first = sorted(versions, key=lambda v: -v.created)
