@@ -66,7 +66,7 @@ from serving.errors import (
     RequestTimeoutError,
     ServerBusyError,
 )
-from serving.http.prometheus import ReplicaMetrics
+from serving.http.prometheus import STATE, ReplicaMetrics
 from serving.tracing import trace_of
 from store.load import forget, publish_load
 from store.metrics import MetricsConfig, MetricsRecorder, request_counters
@@ -78,7 +78,6 @@ log = logging.getLogger(__name__)
 EngineName = Literal["hf", "vllm"]
 ENGINES: tuple[EngineName, ...] = ("hf", "vllm")
 DOMAIN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a request's domain tag, as traces and metrics key it
-SUFFIX_STATE = ("suffix_index_tokens", "suffix_index_documents", "suffix_lookups", "suffix_hits")
 OWN_TRACES = 4096  # own request ids remembered, so that a replica does not index its own twice
 FOLLOW_BLOCK_MS = 500  # the follower waits this long for traces, then looks whether to stop
 REFUSED = (CorruptWeightsError, IncompatibleDraftError, KeyError, TypeError, ValueError)  # a bad version
@@ -362,7 +361,7 @@ class Replica:
             "trace_store_up": float(traces.connected),
             "num_speculative_tokens": self.k,
             "draft_cost_ratio": self.cost_ratio,
-            **{name: engine.get(name) for name in SUFFIX_STATE},  # None (left out) without suffix speculation
+            **{name: value for name, value in engine.items() if name in STATE},  # the suffix index's
         }
         return self.metrics.snapshot(self.draft_version, state, self.engine.metrics())
 

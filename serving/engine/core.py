@@ -103,6 +103,7 @@ class HFEngine:
         self.spec.costs = costs if adaptive_k else None
         # domain -> its draft; `domain`'s is the shared one
         self.drafts = {domain: Draft(live, base_label if self.serves else "none")}
+        self.suffix = live if isinstance(live, SuffixProposer) else None  # what `remember` feeds
         self._inbox: queue.SimpleQueue[tuple[str, object] | None] = queue.SimpleQueue()
         self._staged: queue.SimpleQueue[_Staged] = queue.SimpleQueue()
         self._waiting: deque[EngineRequest] = deque()
@@ -147,8 +148,8 @@ class HFEngine:
     def status(self) -> dict:
         """Swaps, and with suffix speculation what its index holds and how often it matched."""
         status = self.swaps.status()
-        if isinstance(self.spec.proposer, SuffixProposer):
-            index = self.spec.proposer.shared
+        if self.suffix is not None:
+            index = self.suffix.shared
             status |= {
                 "suffix_index_tokens": index.tokens, "suffix_index_documents": len(index),
                 "suffix_lookups": index.lookups, "suffix_hits": index.hits,
@@ -211,8 +212,8 @@ class HFEngine:
             elif item[0] == "submit":
                 self._waiting.append(item[1])
             elif item[0] == "remember":
-                if isinstance(self.spec.proposer, SuffixProposer):
-                    self.spec.proposer.remember(*item[1])
+                if self.suffix is not None:
+                    self.suffix.remember(*item[1])
             else:
                 self._drop(item[1])
 

@@ -113,7 +113,8 @@ class ReplicaMetrics:
         self, draft_version: str, state: Mapping[str, float], engine: Iterable[Metric] = ()
     ) -> list[dict]:
         """Every family as JSON-able dicts: the counters, `state` (keys of STATE), the version
-        served, and what the engine counts itself (`engine`, collected). A state of None is left out."""
+        served, and what the engine counts itself (`engine`, collected). A state missing or None is
+        left out."""
         families = [
             {
                 "name": metric.name,
@@ -126,7 +127,7 @@ class ReplicaMetrics:
             for metric in [*self.registry.collect(), *engine]
         ]
         for name, (kind, doc) in STATE.items():
-            if state[name] is None:  # unknown here (c under vLLM, which times its own steps)
+            if state.get(name) is None:  # unknown here (c under vLLM; the suffix index without one)
                 continue
             sample = PREFIX + name + ("_total" if kind == "counter" else "")
             families.append(
