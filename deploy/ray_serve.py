@@ -81,7 +81,8 @@ class ServiceConfig:
     request_timeout: float | None = None  # seconds from arrival before a request fails; default: none
     max_queue: int = 64  # per replica; beyond it, 503
     max_batch: int = 8  # requests each replica decodes together (continuous batching)
-    adaptive_k: bool = True  # k per step from the load and acceptance, up to k (else always k)
+    adaptive_k: bool = True  # the per-step controller plans each step from the load (else always k)
+    suffix: bool = False  # suffix speculation beside the proposer, under the controller (engine hf)
     trainer: bool = True  # learn online (needs a draft)
     trainer_cpus: float = 0.0  # it runs at idle priority and yields to serving
     trainer_gpus: float = 0.0
@@ -188,7 +189,7 @@ class ServiceConfig:
             device=self.replica_device, dtype=self.dtype, max_queue=self.max_queue,
             max_batch=self.max_batch, max_model_len=self.max_model_len, gpu_memory_utilization=memory,
             trainer_gpu_share=self.trainer_gpus if shares_a_gpu else 0.0,
-            request_timeout=self.request_timeout, adaptive_k=self.adaptive_k,
+            request_timeout=self.request_timeout, adaptive_k=self.adaptive_k, suffix=self.suffix,
             hidden_fraction=self.traced_hidden, heads_tree=self.heads_tree, adapters=self.adapters,
             registry_dir=self.registry_dir, stream=self.stream, replica_id=replica_id, engine=self.engine,
             vllm=self.vllm_settings,

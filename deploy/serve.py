@@ -73,6 +73,11 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--config", type=Path, help="YAML with the settings of ServiceConfig")
     p.add_argument("--draft", help="draft model (same vocabulary); without it, --proposer ngram or none")
     p.add_argument(
+        "--suffix", action="store_true",
+        help="suffix speculation beside the proposer: drafts from what was served, chosen per step and "
+        "sequence where it pays (engine hf)",
+    )  # fmt: skip
+    p.add_argument(
         "--engine", choices=ENGINES, default="hf",
         help="hf: this project's engine (heads, trees, adapters); vllm: vLLM's (needs the vllm extra)",
     )  # fmt: skip
@@ -111,8 +116,9 @@ def parser() -> argparse.ArgumentParser:
         help="requests each replica decodes together (continuous batching; 1: one at a time)",
     )  # fmt: skip
     p.add_argument(
-        "--fixed-k", action="store_true", help="always draft --k tokens (default: k follows the load)"
-    )
+        "--fixed-k", action="store_true",
+        help="always draft --k tokens (default: the controller plans each step from the load)",
+    )  # fmt: skip
     p.add_argument(
         "--device", choices=DEVICES,
         help="where the replicas run (default: cuda with --replica-gpus > 0, else cpu); cuda is the GPU "
@@ -186,7 +192,7 @@ def service_config(args: argparse.Namespace, console: Console) -> ServiceConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         proposer=args.proposer, k=args.k, heads_tree=args.heads_tree,
         adapters=args.adapters, served_model_names=names, max_logprobs=args.max_logprobs,
-        max_batch=args.max_batch, adaptive_k=not args.fixed_k,
+        max_batch=args.max_batch, adaptive_k=not args.fixed_k, suffix=args.suffix,
         replicas=args.replicas, replica_cpus=min(1.0, cpus / args.replicas),
         torch_threads=max(1, cpus // args.replicas), trainer=not args.no_trainer,
         trainer_dir=str(args.trainer_dir), device=args.device, dtype=args.dtype,

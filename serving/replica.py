@@ -29,7 +29,7 @@ of the domain it names, else to the one the live router (`distill.router`) picks
 `router_min_confidence`, else to the shared draft. A domain whose adapter fails to load keeps what
 it had, or the shared draft.
 
-Suffix speculation (`proposer="suffix"`): a follower thread reads every replica's traces as they
+Suffix speculation (`suffix`): a follower thread reads every replica's traces as they
 land (`store.traces.TraceFollower`) and hands the other replicas' requests to the engine's index
 (`Engine.remember`); its own, which its engine indexed as they finished, it skips by request id.
 
@@ -107,7 +107,8 @@ class ReplicaConfig:
     gpu_memory_utilization: float = 0.8  # on CUDA, the replica's share of the GPU (weights, KV, graphs)
     trainer_gpu_share: float = 0.0  # the trainer's part of the same GPU, when it trains there
     request_timeout: float | None = None  # seconds from arrival; past it a request fails and frees its slot
-    adaptive_k: bool = True  # choose k per step from the load and acceptance (else always k)
+    adaptive_k: bool = True  # the per-step controller plans each step from the load (else always k)
+    suffix: bool = False  # suffix speculation beside the proposer, under the per-step controller (HF engine)
     trace_top_k: int = 16  # the target's top-K logged per position
     hidden_fraction: float = 0.0  # requests whose traces carry the target's hidden states (for heads)
     heads_tree: tuple[int, ...] | None = None  # heads: a static tree's branching, for greedy requests
@@ -192,7 +193,7 @@ def vllm_problem(config: ReplicaConfig) -> str | None:
         )
     if config.adapters:
         return "the vLLM engine serves one draft, not per-domain adapters: use --engine hf"
-    if config.proposer == "suffix":
+    if config.suffix:
         return "the vLLM engine drafts with a draft model or n-grams, not suffix speculation: use --engine hf"
     return None
 
@@ -212,6 +213,7 @@ def open_engine(config: ReplicaConfig) -> Engine:
         "max_model_len": config.max_model_len, "gpu_memory_utilization": config.gpu_memory_utilization,
         "trainer_gpu_share": config.trainer_gpu_share,
         "adaptive_k": config.adaptive_k, "base_label": f"{config.draft_name}:base", "domain": config.domain,
+        "suffix": config.suffix,
     }  # fmt: skip
     return EngineProcess(hf) if config.engine_process else HFEngine(**hf)
 
@@ -256,7 +258,7 @@ class Replica:
         self._heartbeat.start()
         self._own: dict[str, None] = {}  # this replica's latest traced request ids, oldest first
         self._follower = None
-        if config.proposer == "suffix":
+        if config.suffix:
             self._follower = threading.Thread(target=self._follow, name="trace-follower", daemon=True)
             self._follower.start()
 
@@ -460,7 +462,7 @@ class Replica:
         per_token = (finished.seconds - finished.ttft_seconds) / (tokens - 1) if tokens > 1 else None
         counters = request_counters(
             stats.steps, stats.drafted, stats.accepted, tokens, stats.drafted_per_position,
-            stats.accepted_per_position, finished.ttft_seconds, per_token,
+            stats.accepted_per_position, finished.ttft_seconds, per_token, stats.by_proposer,
         )  # fmt: skip
         self.recorder.record(finished.draft_version, domain, counters)
         self.metrics.observe(

@@ -11,8 +11,10 @@ index of bucket starts. Every flush also adds the same counters to coarser **rol
 (`rollup_seconds`, 5 minutes: `osd:metrics:rollup:<start>`, indexed by
 `osd:metrics:rollup:buckets`), so that a day of history is read from 288 hashes, not 8640.
 Counters: requests, steps, drafted, accepted, tokens, `pos_drafted:i` and
-`pos_accepted:i` for draft position i (1-based), and `ttft:b` / `tpot:b`, histogram bin b of time
-to first token and time per output token (bin edges `LATENCY_EDGES`, seconds).
+`pos_accepted:i` for draft position i (1-based), `proposer_steps:p`, `proposer_drafted:p` and
+`proposer_accepted:p` for the steps proposer p drafted (`serving.engine.stats`), and `ttft:b` /
+`tpot:b`, histogram bin b of time to first token and time per output token (bin edges
+`LATENCY_EDGES`, seconds).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import redis
@@ -67,12 +69,16 @@ def request_counters(
     accepted_per_position: Sequence[int],
     ttft_seconds: float | None,
     seconds_per_token: float | None,
+    by_proposer: Mapping[str, Mapping[str, int]] | None = None,
 ) -> Counter:
-    """One request's counters, keyed by counter name."""
+    """One request's counters, keyed by counter name; `by_proposer`: SpecStats.by_proposer."""
     counts = Counter(requests=1, steps=steps, drafted=drafted, accepted=accepted, tokens=tokens)
     for i, (d, a) in enumerate(zip(drafted_per_position, accepted_per_position, strict=True), start=1):
         counts[f"pos_drafted:{i}"] += d
         counts[f"pos_accepted:{i}"] += a
+    for name, count in (by_proposer or {}).items():
+        for what, value in count.items():
+            counts[f"proposer_{what}:{name}"] += value
     if ttft_seconds is not None:
         counts[f"ttft:{latency_bin(ttft_seconds)}"] += 1
     if seconds_per_token is not None:

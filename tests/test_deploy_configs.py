@@ -170,7 +170,7 @@ def test_each_replica_runs_where_its_gpu_share_says():
         ({"request_timeout": 0}, "request_timeout must be > 0"),
         ({"engine": "tgi"}, "engine must be one of ('hf', 'vllm')"),
         ({"engine": "vllm", "proposer": "hydra"}, "cannot serve draft heads"),
-        ({"engine": "vllm", "proposer": "suffix"}, "not suffix speculation: use --engine hf"),
+        ({"engine": "vllm", "suffix": True}, "not suffix speculation: use --engine hf"),
         ({"engine": "vllm", "draft": "d", "adapters": True}, "serves one draft, not per-domain adapters"),
         ({"tensor_parallel_size": 2, "replica_gpus": 2}, "needs --engine vllm"),
         ({"engine": "vllm", "tensor_parallel_size": 2, "replica_gpus": 1}, "--replica-gpus >= 2"),

@@ -1,6 +1,6 @@
 """Batched decoding (continuous batching): 1 to 16 concurrent sequences, joining and leaving
 between steps, each still token-identical to the target's own greedy `generate` and, sampled,
-distributed as the target; the load-aware choice of k; the static-cache, compiled layout."""
+distributed as the target; the controller's plans by measured costs; the static-cache, compiled layout."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from serving.engine.hf import SpecEngine
 from serving.engine.kv import CacheFullError
 from serving.engine.proposers import DraftModelProposer, HeadsProposer, NgramProposer, NullProposer
 from serving.engine.sampling import SamplingParams
-from serving.engine.speculation import PROBE_EVERY, AcceptanceEstimate, StepCosts, choose_k, expected_tokens
+from serving.engine.speculation import PROBE_EVERY, AcceptanceEstimate, Costs, StepCosts
 from serving.engine.tree import static_tree
 from tiny_models import ARCHS, VOCAB
 
@@ -169,18 +169,6 @@ def costs(per_token: float, per_draft: float) -> StepCosts:
     return StepCosts(batches, seconds)
 
 
-def test_choose_k_follows_the_speedup_model():
-    assert expected_tokens(0.0, 4) == 1.0 and expected_tokens(1.0, 4) == 5.0
-    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
-    flat = costs(0.0, 0.05)  # verification flat in tokens (a GPU at low load): speculate fully
-    assert choose_k([0.8] * 4, 4, flat) == 4
-    assert choose_k([0.0] * 4, 4, flat) == 0  # nothing is ever accepted: plain decoding
-    busy = costs(0.2, 0.05)  # compute-bound: every verified token costs
-    assert choose_k([0.7], 4, busy) > choose_k([0.7] * 16, 4, busy) == 0  # a full batch decodes plainly
-    assert choose_k([0.95] * 16, 4, busy) >= 1  # unless acceptance is high enough to pay
-    assert choose_k([], 4, flat) == 0 and choose_k([0.9], 2, flat) == 2  # k_max caps it
-
-
 def test_observed_steps_keep_the_costs_current():
     start = costs(0.0, 0.0)  # one second a step, whatever the batch and k
     slower = start
@@ -210,13 +198,14 @@ def test_calibrated_engine_chooses_k_by_load_and_stays_lossless(model_dirs, refe
         model_dirs["llama"]["target"], draft=model_dirs["llama"]["near"], num_speculative_tokens=3
     )
     measured = engine.calibrate(max_batch=4, repeats=1)
-    assert measured.batches == (1, 2, 4) and measured.max_k == 3 and measured.cost_ratio > 0
+    assert measured.learnt.batches == measured.verify.batches == (1, 2, 4)
+    assert measured.learnt.max_k == measured.verify.max_k == 3 and measured.cost_ratio > 0
     assert not engine.active and engine.cache.rows == 0
     engine.costs = measured
     outputs = run_batch(engine, 6, join_every=1)
     assert [outputs[i] for i in range(6)] == references["llama"][:6]
     assert engine.costs != measured  # the steps taken refined the costs
-    engine.costs = costs(0.5, 1.0)  # speculation never pays: plain decoding, still lossless
+    engine.costs = Costs(costs(0.5, 0.0), costs(0.5, 1.0))  # speculation never pays: plain decoding
     engine.add(PROMPTS[1], LENGTHS[1], stop_token_ids=[])
     while engine.active:
         ((_, step),) = engine.step()
@@ -231,7 +220,7 @@ def test_measured_costs_are_monotone_and_a_probe_keeps_acceptance_measured(model
     engine = SpecEngine.from_pretrained(
         model_dirs["llama"]["target"], draft=model_dirs["llama"]["near"], num_speculative_tokens=3
     )  # noqa: E501
-    engine.costs = costs(0.5, 1.0)  # speculation never pays
+    engine.costs = Costs(costs(0.5, 0.0), costs(0.5, 1.0))  # speculation never pays
     engine.add(PROMPTS[0], 3 * PROBE_EVERY, stop_token_ids=[])
     while engine.active:
         ((_, step),) = engine.step()

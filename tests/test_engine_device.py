@@ -70,7 +70,10 @@ REQUESTS = [
 def test_a_step_reads_back_only_in_its_one_transfer(model_dirs, monkeypatch, proposer):
     llama = model_dirs["llama"]
     draft = str(llama["small"]) if proposer == "draft" else None
-    engine = SpecEngine.from_pretrained(str(llama["target"]), draft, proposer, num_speculative_tokens=3)
+    engine = SpecEngine.from_pretrained(
+        str(llama["target"]), draft, None if proposer == "suffix" else proposer, num_speculative_tokens=3,
+        suffix=proposer == "suffix",
+    )  # fmt: skip
     seen, transfers, steps = stepped(engine, monkeypatch, REQUESTS)
     assert seen == [] and transfers == steps > 0
 

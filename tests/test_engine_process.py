@@ -128,7 +128,7 @@ def test_a_replica_decodes_traces_swaps_and_abandons_from_the_engine_s_process(
 
 
 def test_a_request_served_elsewhere_reaches_the_suffix_index_in_the_engine_s_process(make, model_dirs):
-    server = make(draft=None, proposer="suffix")
+    server = make(draft=None, suffix=True)
     expected = SpecEngine.from_pretrained(model_dirs["llama"]["target"]).generate(
         PROMPT, 20, stop_token_ids=[]
     )

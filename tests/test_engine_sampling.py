@@ -11,7 +11,13 @@ import torch
 from test_heads import random_heads
 
 from serving.engine.hf import SpecEngine
-from serving.engine.proposers import DraftModelProposer, HeadsProposer, NgramProposer, SuffixProposer
+from serving.engine.proposers import (
+    DraftModelProposer,
+    HeadsProposer,
+    NgramProposer,
+    NullProposer,
+    SuffixProposer,
+)
 from serving.engine.sampling import SamplingParams, process_logits
 from tiny_models import build
 
@@ -79,11 +85,12 @@ def test_first_two_tokens_follow_target(pair, proposer, params, seeded):
     chosen = {
         "draft": lambda: DraftModelProposer(draft),
         "ngram": NgramProposer,
-        "suffix": SuffixProposer,
+        "suffix": NullProposer,  # suffix speculation alone
         "hydra heads": lambda: HeadsProposer(random_heads(target, "hydra")),
         "padded draft": lambda: DraftModelProposer(padded(draft, VOCAB - 2), target_rows=VOCAB),
     }[proposer]()
-    engine = SpecEngine(target, chosen, num_speculative_tokens=3)
+    suffix = SuffixProposer() if proposer == "suffix" else None
+    engine = SpecEngine(target, chosen, num_speculative_tokens=3, suffix=suffix)
     expected = joint_first_two(target, params)
     observed = empirical_first_two(engine, params, seeded)
     assert tv(observed, expected) < noise_bound(expected)

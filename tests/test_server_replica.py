@@ -237,10 +237,10 @@ def test_suffix_replicas_draft_from_each_others_requests_and_index_their_own_onc
     """Each replica's suffix index takes the other's requests from the trace stream, its own from
     its engine only."""
     a, b = (
-        replica(redis_client, model_dirs, draft=None, proposer="suffix", replica_id=name)
+        replica(redis_client, model_dirs, draft=None, suffix=True, replica_id=name)
         for name in ("r-a", "r-b")
     )
-    index_a, index_b = a.engine.spec.proposer.shared, b.engine.spec.proposer.shared
+    index_a, index_b = a.engine.spec.suffix.shared, b.engine.spec.suffix.shared
 
     def serve(server: Replica, prompt: list[int]) -> Finished:
         async def run():

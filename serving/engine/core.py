@@ -5,8 +5,9 @@ Between two steps the loop installs staged draft versions, takes what was submit
 and admits waiting requests while the batch has room (first come, first served, up to `max_batch`),
 so one target forward verifies the drafts of every request in flight. Each step's tokens go to the
 replica's Deliver in one batch. At start-up the engine times its steps (`SpecEngine.calibrate`):
-with `adaptive_k`, k then follows the load, down to 0 when the batch is too full for speculation
-to pay.
+with `adaptive_k`, the per-step controller (serving.engine.speculation) then chooses each
+sequence's proposer (its learnt one, suffix speculation's candidates, none) and how much it drafts,
+by the load, down to plain decoding when the batch is too full for speculation to pay.
 
 Draft versions, in place: `load_draft` merges and checks a version's weights on the caller's
 thread, on the host (serving.engine.versions); the decode loop then copies them into the live
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from serving.engine.hf import Decoding, ProposerName, SpecEngine
-from serving.engine.proposers import DraftModelProposer, HeadsProposer, Proposer, SuffixProposer
+from serving.engine.proposers import DraftModelProposer, HeadsProposer, Proposer
 from serving.engine.protocol import Deliver, EngineRequest, Step, Swaps
 from serving.engine.versions import checked_weights
 from serving.errors import EngineError, ServerBusyError, StepFailedError
@@ -81,10 +82,11 @@ class HFEngine:
         adaptive_k: bool = True,
         base_label: str = "draft:base",  # the base draft's label, when it has one (else "none")
         domain: str = ALL_DOMAINS,
+        suffix: bool = False,
     ):
         self.spec = SpecEngine.from_pretrained(
             target, draft, proposer, k, device, dtype, heads_tree, max_batch, max_model_len,
-            gpu_memory_utilization, trainer_gpu_share,
+            gpu_memory_utilization, trainer_gpu_share, suffix,
         )  # fmt: skip
         self.max_batch, self.domain = max_batch, domain
         self.max_length, self.k, self.device = self.spec.max_length, self.spec.k, self.spec.device
@@ -97,13 +99,12 @@ class HFEngine:
             self.serves, base = None, None
         self.host_base = None if base is None else copy.deepcopy(base).to("cpu")  # merges start here
         # Step costs, timed once (a swap keeps the architecture): c of the speedup model for the
-        # dashboard, and the load-aware choice of k.
+        # dashboard, and the controller's plans (serving.engine.speculation).
         costs = self.spec.calibrate(max_batch)
         self.cost_ratio = costs.cost_ratio
         self.spec.costs = costs if adaptive_k else None
         # domain -> its draft; `domain`'s is the shared one
         self.drafts = {domain: Draft(live, base_label if self.serves else "none")}
-        self.suffix = live if isinstance(live, SuffixProposer) else None  # what `remember` feeds
         self._inbox: queue.SimpleQueue[tuple[str, object] | None] = queue.SimpleQueue()
         self._staged: queue.SimpleQueue[_Staged] = queue.SimpleQueue()
         self._waiting: deque[EngineRequest] = deque()
@@ -148,8 +149,8 @@ class HFEngine:
     def status(self) -> dict:
         """Swaps, and with suffix speculation what its index holds and how often it matched."""
         status = self.swaps.status()
-        if self.suffix is not None:
-            index = self.suffix.shared
+        if self.spec.suffix is not None:
+            index = self.spec.suffix.shared
             status |= {
                 "suffix_index_tokens": index.tokens, "suffix_index_documents": len(index),
                 "suffix_lookups": index.lookups, "suffix_hits": index.hits,
@@ -212,8 +213,8 @@ class HFEngine:
             elif item[0] == "submit":
                 self._waiting.append(item[1])
             elif item[0] == "remember":
-                if self.suffix is not None:
-                    self.suffix.remember(*item[1])
+                if self.spec.suffix is not None:
+                    self.spec.suffix.remember(*item[1])
             else:
                 self._drop(item[1])
 

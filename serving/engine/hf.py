@@ -70,19 +70,28 @@ from serving.engine.proposers import (
     NullProposer,
     Proposal,
     Proposer,
+    ScratchProposer,
     SuffixProposer,
+    SuffixState,
 )
 from serving.engine.protocol import Generation, Step, TokenLogprobs
 from serving.engine.sampling import SamplingParams, process_logits, race, rejection_sample, seeded_noise
 from serving.engine.speculation import (
     MARGIN,
+    NONE,
     PLAIN_EVERY,
     PROBE_EVERY,
     AcceptanceEstimate,
+    Choice,
+    Costs,
+    Options,
+    RatioEstimate,
     StepCosts,
-    choose_k,
+    fixed,
+    plan,
 )
 from serving.engine.stats import SpecStats
+from serving.engine.suffix import Candidates, SuffixConfig
 from serving.engine.tree import greedy_path, node_depths, static_tree
 from serving.engine.vocab import check_pair
 from serving.errors import IncompatibleDraftError, InvalidRequestError
@@ -90,8 +99,8 @@ from store.registry import ALL_DOMAINS
 
 log = logging.getLogger(__name__)
 
-ProposerName = Literal["draft", "ngram", "suffix", "none", "medusa", "hydra"]
-PROPOSERS: tuple[ProposerName, ...] = ("draft", "ngram", "suffix", "none", "medusa", "hydra")
+ProposerName = Literal["draft", "ngram", "none", "medusa", "hydra"]
+PROPOSERS: tuple[ProposerName, ...] = ("draft", "ngram", "none", "medusa", "hydra")
 COST_BATCHES = (1, 2, 4, 8, 16, 32)  # batch sizes `calibrate` times, up to the engine's max_batch
 
 
@@ -110,9 +119,12 @@ class Decoding:
     seed: int | None
     top_logprobs: int
     hidden_states: bool
-    proposer: Proposer
+    proposer: Proposer  # its learnt one (or n-grams, or none)
     draft_state: Any
-    acceptance: AcceptanceEstimate
+    acceptance: AcceptanceEstimate  # its proposer's recent acceptance
+    domain: str
+    suffix: SuffixState | None  # with suffix speculation
+    ratio: RatioEstimate  # how far its suffix candidates' confidences hold
     stats: SpecStats = field(default_factory=SpecStats)
     tops: list[TokenLogprobs] = field(default_factory=list)  # per step, emitted positions
     hiddens: list[torch.Tensor] = field(default_factory=list)  # per step, emitted positions
@@ -231,14 +243,16 @@ class SpecEngine:
         num_speculative_tokens: int = 4,
         profile: DeviceProfile | None = None,
         max_model_len: int | None = None,
+        suffix: SuffixProposer | None = None,
     ):
         if isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int):
             raise ValueError(f"num_speculative_tokens must be an int, got {num_speculative_tokens!r}")
         if num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens (k) must be >= 0, got {num_speculative_tokens}")
         self.target = target
-        self.proposer = proposer
+        self.proposer, self.suffix = proposer, suffix
         self.k = num_speculative_tokens
+        self.width = max(self.k, suffix.config.max_tokens if suffix else 0)  # the most drafts a row verifies
         self.device = target.device
         self.vocab_size = vocab_size(target)
         self.max_length = _max_length(context_length(target), max_model_len)
@@ -248,10 +262,12 @@ class SpecEngine:
         self.cache = new_cache(target, profile)
         self._base = compiled(target.base_model, profile)
         self.active: list[Decoding] = []
-        self.acceptance = _optimistic()  # across sequences: new ones start from it
-        self.costs: StepCosts | None = None  # calibrate's measurement: k then follows the load
+        # per domain, across sequences: new ones start from them
+        self.acceptance: defaultdict[str, AcceptanceEstimate] = defaultdict(_optimistic)
+        self.ratios: defaultdict[str, RatioEstimate] = defaultdict(RatioEstimate)
+        self.costs: Costs | None = None  # calibrate's measurement: the controller then plans each step
         self.steps = 0
-        self.speculating = False  # whether the load's last choice was k > 0
+        self.speculating = False  # whether the controller's last plan drafted
         self.memory_plan: MemoryPlan | None = None  # from_pretrained's, on CUDA
 
     @classmethod
@@ -268,6 +284,7 @@ class SpecEngine:
         max_model_len: int | None = None,
         gpu_memory_utilization: float = SERVING_MEMORY_FRACTION,
         trainer_share: float = 0.0,
+        suffix: bool = False,
     ) -> SpecEngine:
         """Load a target (local directory or hub id) and a proposer, set up for the device
         (serving.engine.device: on CUDA, static caches for `max_batch` sequences and compiled steps).
@@ -281,7 +298,8 @@ class SpecEngine:
         proposer defaults to "draft" when a draft is given and "none" otherwise. `tree`: for
         heads, the branching of a static tree (serving.engine.tree.static_tree) verified in one forward
         for greedy requests; when the target cannot verify trees, chain mode, with the reason logged.
-        "suffix" (serving.engine.suffix) drafts trees for greedy requests on the same condition.
+        `suffix`: suffix speculation beside the proposer (serving.engine.suffix), under the per-step
+        controller; it drafts trees for greedy requests on the same condition.
         """
         proposer = proposer or ("draft" if draft is not None else "none")
         if proposer not in PROPOSERS:
@@ -301,10 +319,11 @@ class SpecEngine:
                 ) from None
         max_length = _max_length(context_length(target_model), max_model_len)
         profile = profile_for(device, dtype, memory_fraction=gpu_memory_utilization)
+        width = max(num_speculative_tokens, SuffixConfig().max_tokens if suffix else 0)
         plan = None
         if profile.static_cache:
             plan = plan_on_device(
-                target_model, draft_model, max_batch=max_batch, k=num_speculative_tokens,
+                target_model, draft_model, max_batch=max_batch, k=width,
                 max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
                 trainer_share=trainer_share,
             )  # fmt: skip
@@ -325,13 +344,14 @@ class SpecEngine:
             chosen = HeadsProposer(
                 DraftHeads.for_target(spec, target_model), static_tree(tree) if tree else None
             )
-        elif proposer == "suffix":
-            if reason := tree_support(target_model):
-                log.warning("suffix speculation drafts chains: %s cannot verify trees: %s", target, reason)
-            chosen = SuffixProposer(trees=not reason)
         else:
             chosen = NgramProposer() if proposer == "ngram" else NullProposer()
-        engine = cls(target_model, chosen, num_speculative_tokens, profile, max_length)
+        index = None
+        if suffix:
+            if reason := tree_support(target_model):
+                log.warning("suffix speculation drafts chains: %s cannot verify trees: %s", target, reason)
+            index = SuffixProposer(trees=not reason)
+        engine = cls(target_model, chosen, num_speculative_tokens, profile, max_length, index)
         engine.memory_plan = plan
         return engine
 
@@ -406,9 +426,11 @@ class SpecEngine:
         hidden_states: bool = False,
         proposer: Proposer | None = None,
         domain: str = ALL_DOMAINS,
+        suffix: bool = True,
     ) -> Decoding:
         """Check a request (InvalidRequestError), prefill its prompt and decode it from the next
-        step on, drafting with `proposer` (default: the engine's) for a request of `domain`."""
+        step on, drafting with `proposer` (default: the engine's) and, where the engine has suffix
+        speculation and `suffix` holds, from its domain's suffix index, which it joins at its end."""
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
         ids = self._check_prompt(prompt_ids, max_new_tokens)
         prompt = torch.tensor(ids, dtype=torch.long, device=self.device)
@@ -426,19 +448,21 @@ class SpecEngine:
         proposer = proposer or self.proposer
         slot = self.cache.acquire()
         try:
-            self.cache.reserve(prompt.shape[0] + max_new_tokens + self.k)
+            self.cache.reserve(prompt.shape[0] + max_new_tokens + self.width)
             if prompt.shape[0] > 1:
                 prefill(self.target, self.cache, slot, prompt[:-1])
             draft_state = proposer.new_state(domain)
         except BaseException:
             self.cache.release(slot)
             raise
+        suffix_state = self.suffix.new_state(domain) if self.suffix is not None and suffix else None
         decoding = Decoding(
             slot=slot, tokens=torch.cat([prompt, prompt.new_empty(max_new_tokens)]), history=list(ids),
             prompt_length=len(ids), max_new_tokens=max_new_tokens, params=params, stop_ids=stop_ids,
             generator=generator, seed=seed,
             top_logprobs=top_logprobs, hidden_states=hidden_states, proposer=proposer,
-            draft_state=draft_state, acceptance=self.acceptance.prior(),
+            draft_state=draft_state, acceptance=self.acceptance[domain].prior(), domain=domain,
+            suffix=suffix_state, ratio=self.ratios[domain].prior(),
         )  # fmt: skip
         self.active.append(decoding)
         return decoding
@@ -450,26 +474,84 @@ class SpecEngine:
             return
         self.active.remove(decoding)
         self.cache.release(decoding.slot)
-        decoding.proposer.release(decoding.draft_state, decoding.history)
+        decoding.proposer.release(decoding.draft_state)
+        if decoding.suffix is not None:
+            self.suffix.release(decoding.suffix, decoding.history)
 
     @torch.inference_mode()
     def step(self, k: int | None = None) -> list[tuple[Decoding, Step]]:
-        """One decode step for every active sequence, drafting k tokens each (default: the engine's
-        choice); a sequence whose Step carries its Generation has finished and left the batch."""
+        """One decode step for every active sequence, each drafting what the controller plans
+        (serving.engine.speculation: by the measured costs once `calibrate` has set them), or, with
+        `k` given (or no costs), k tokens with its learnt proposer, its suffix candidates where
+        they promise more. A sequence whose Step carries its Generation has finished and left."""
         batch = list(self.active)
         if not batch:
             return []
         began = time.perf_counter()
-        ks, by_load = self._choose_ks(batch, k)
-        noises = [d.noise(k, self.vocab_size) for d, k in zip(batch, ks, strict=True)]
-        proposals = self._propose(batch, ks, noises)
+        candidates = [self._candidates(decoding) for decoding in batch]
+        options = [
+            Options(
+                room=decoding.max_new_tokens - decoding.generated - 1,
+                alpha=None if decoding.proposer.name == "none" else decoding.acceptance.alpha,
+                group=id(decoding.proposer),
+                chances=decoding.ratio.chances(found.confidences),
+            )
+            for decoding, found in zip(batch, candidates, strict=True)
+        ]
+        choices, timed = self._choose(options, k)
+        events = self._step(batch, choices, candidates)
+        if timed:  # the plan's own step (not a probe): its time keeps the costs current, contention
+            # for the GIL with the replica's event loop included
+            groups: dict[int, int] = defaultdict(int)
+            for option, choice in zip(options, choices, strict=True):
+                if choice.proposer == "learnt" and choice.tokens:
+                    groups[option.group] += 1
+            drafts = sum(choice.tokens for choice in choices) / len(choices)
+            learnt_k = max((c.tokens for c in choices if c.proposer == "learnt"), default=0)
+            seconds = time.perf_counter() - began
+            self.costs = self.costs.observe(len(batch), drafts, list(groups.values()), learnt_k, seconds)
+        return events
+
+    def _candidates(self, decoding: Decoding) -> Candidates:
+        """The sequence's suffix candidates, within what it has left to generate."""
+        room = decoding.max_new_tokens - decoding.generated - 1  # drafts past it would be wasted
+        if decoding.suffix is None or room < 1:
+            return Candidates()
+        return self.suffix.candidates(decoding.suffix, decoding.history, room, decoding.params.greedy)
+
+    def _choose(self, options: list[Options], k: int | None) -> tuple[list[Choice], bool]:
+        """Each sequence's choice this step, and whether the step's time measures the plan (not
+        when k is given or fixed, nor for a probe). Now and then the other kind of step runs:
+        while plain decoding wins, every PROBE_EVERY steps one sequence in turn drafts a token (a
+        probe, to keep acceptance measured); while speculation wins, every PLAIN_EVERY steps a
+        plain step runs (to keep the cost of plain steps measured under today's load)."""
+        self.steps += 1
+        if k is not None or self.costs is None:
+            return fixed(options, self.k if k is None else k), False
+        margin = 0.0 if self.speculating else MARGIN  # starting needs MARGIN (the drafts must catch up)
+        choices = plan(options, self.k, self.costs, margin)
+        self.speculating = any(choice.tokens for choice in choices)
+        if not self.speculating and self.steps % PROBE_EVERY == 0:
+            i = (self.steps // PROBE_EVERY) % len(options)
+            choices[i] = _probe(options[i])
+            return choices, False
+        if self.speculating and self.steps % PLAIN_EVERY == 0:
+            return [NONE] * len(options), True
+        return choices, True
+
+    def _step(
+        self, batch: list[Decoding], choices: list[Choice], candidates: list[Candidates]
+    ) -> list[tuple[Decoding, Step]]:
+        """Propose what `choices` say, verify it all in one target forward, emit what is kept."""
+        noises = [d.noise(c.tokens, self.vocab_size) for d, c in zip(batch, choices, strict=True)]
+        proposals = self._propose(batch, choices, candidates, noises)
         inputs = [
             torch.cat([d.tokens[d.length - 1 : d.length], p.tokens])
             for d, p in zip(batch, proposals, strict=True)
         ]
         logits, hidden = forward_slots(
             self.target, self.cache, [d.slot for d in batch], inputs, [p.parents for p in proposals],
-            tokens=self.k + 1 if self.cache.static else 1, base=self._base,
+            tokens=self.width + 1 if self.cache.static else 1, base=self._base,
         )  # [B, n, V], [B, n, H]; row i valid up to len(inputs[i])  # fmt: skip
         verified = []
         for i, (decoding, proposal) in enumerate(zip(batch, proposals, strict=True)):
@@ -481,51 +563,36 @@ class SpecEngine:
             verified.append(row)
         crossing = to_host([t for row in verified for t in row.crossing()])  # the step's one transfer
         width = len(crossing) // max(1, len(verified))
-        events = [
-            (decoding, self._emit(decoding, row, proposal, _Host.of(crossing[i * width : (i + 1) * width])))
-            for i, (decoding, row, proposal) in enumerate(zip(batch, verified, proposals, strict=True))
+        return [
+            (
+                decoding,
+                self._emit(
+                    decoding, row, proposal, choice, found, _Host.of(crossing[i * width : (i + 1) * width])
+                ),
+            )
+            for i, (decoding, row, proposal, choice, found) in enumerate(
+                zip(batch, verified, proposals, choices, candidates, strict=True)
+            )
         ]
-        if by_load is not None:  # the load's choice (not a probe): its time keeps the costs current,
-            # contention for the GIL with the replica's event loop included
-            self.costs = self.costs.observe(len(batch), by_load, time.perf_counter() - began)
-        return events
-
-    def _choose_ks(self, batch: list[Decoding], k: int | None) -> tuple[list[int], int | None]:
-        """Each sequence's k this step, within what it has left to generate, and the k whose cost
-        the step's time measures (None when k is given or fixed, or the step probes). `k` if given,
-        else the engine's: fixed, or by the load (serving.engine.speculation). Now and then the other kind
-        of step runs: when the load says 0, every PROBE_EVERY steps one sequence in turn drafts a
-        token (a probe, to keep acceptance measured); when it says k > 0, every PLAIN_EVERY steps a
-        plain step runs (to keep the cost of plain steps measured under today's load)."""
-        self.steps += 1
-        by_load, probe = None, False
-        if k is None and self.costs is None:
-            k = self.k
-        if k is None:  # starting to speculate needs MARGIN (the drafts must catch up); going on, not
-            margin = 0.0 if self.speculating else MARGIN
-            k = by_load = choose_k([d.acceptance.alpha for d in batch], self.k, self.costs, margin)
-            self.speculating = k > 0
-            if k == 0 and self.steps % PROBE_EVERY == 0:  # now and then, a step of the other kind
-                probe, by_load = True, None
-            elif k > 0 and self.steps % PLAIN_EVERY == 0:
-                k = by_load = 0
-        ks = [k] * len(batch)
-        if probe:
-            ks[(self.steps // PROBE_EVERY) % len(batch)] = min(self.k, 1)
-        left = [d.max_new_tokens - d.generated - 1 for d in batch]  # drafts past it would be wasted
-        return [min(wanted, room) for wanted, room in zip(ks, left, strict=True)], by_load
 
     def _propose(
-        self, batch: list[Decoding], ks: list[int], noises: list[torch.Tensor | None]
+        self,
+        batch: list[Decoding],
+        choices: list[Choice],
+        candidates: list[Candidates],
+        noises: list[torch.Tensor | None],
     ) -> list[Proposal]:
-        """Each sequence's proposal for up to ks[i] tokens: one batched call per proposer."""
+        """Each sequence's proposal: its chosen suffix candidates, or up to k tokens from its learnt
+        proposer (one batched call per proposer), or nothing."""
         proposals = [Proposal(tokens=torch.empty(0, dtype=torch.long, device=self.device))] * len(batch)
         groups: dict[int, list[int]] = {}
-        for i, decoding in enumerate(batch):
-            if ks[i] > 0:
+        for i, (decoding, choice) in enumerate(zip(batch, choices, strict=True)):
+            if choice.proposer == "suffix":
+                proposals[i] = SuffixProposer.proposal(candidates[i].first(choice.tokens), self.device)
+            elif choice.proposer == "learnt" and choice.tokens:
                 groups.setdefault(id(decoding.proposer), []).append(i)
         for indices in groups.values():
-            rows = [batch[i].row(ks[i], noises[i]) for i in indices]
+            rows = [batch[i].row(choices[i].tokens, noises[i]) for i in indices]
             for i, proposal in zip(indices, batch[indices[0]].proposer.propose(rows), strict=True):
                 proposals[i] = proposal
         return proposals
@@ -587,9 +654,18 @@ class SpecEngine:
         traced = hidden if decoding.hidden_states else None
         return _Verified(drafted, tokens, hidden, accepted, nodes, traced_hidden=traced, **logprobs)
 
-    def _emit(self, decoding: Decoding, verified: _Verified, proposal: Proposal, host: _Host) -> Step:
+    def _emit(
+        self,
+        decoding: Decoding,
+        verified: _Verified,
+        proposal: Proposal,
+        choice: Choice,
+        candidates: Candidates,
+        host: _Host,
+    ) -> Step:
         """Keep what a verification accepted (on the host: which positions, then the slot is cut
-        back to them), append it to the sequence; finish it at a stop token or its length."""
+        back to them), append it to the sequence, count it for the proposer that drafted it;
+        finish the sequence at a stop token or its length."""
         if host.accepted is not None:  # a chain: the first accepted + 1 positions
             kept = list(range(host.accepted + 1))
             self.cache.lengths[decoding.slot] = decoding.length + host.accepted
@@ -598,10 +674,18 @@ class SpecEngine:
             self.cache.keep(decoding.slot, decoding.length, [decoding.length + node for node in path])
             kept = [0] + [1 + node for node in path]
         accepted, emitted = len(kept) - 1, [host.tokens[r] for r in kept]
-        decoding.proposer.observe(decoding.draft_state, accepted, verified.hidden[kept[-1]])
-        decoding.stats.record(verified.drafted, accepted)
-        decoding.acceptance.update(verified.drafted, accepted)
-        self.acceptance.update(verified.drafted, accepted)
+        learnt = choice.proposer == "learnt"
+        decoding.proposer.observe(decoding.draft_state, accepted if learnt else 0, verified.hidden[kept[-1]])
+        if learnt:
+            for estimate in (decoding.acceptance, self.acceptance[decoding.domain]):
+                estimate.update(verified.drafted, accepted)
+            name = decoding.proposer.name
+        else:
+            promised = sum(candidates.confidences[: choice.tokens])
+            for ratio in (decoding.ratio, self.ratios[decoding.domain]):
+                ratio.update(promised, accepted)
+            name = choice.proposer
+        decoding.stats.record(verified.drafted, accepted, name if verified.drafted else "none")
         start = decoding.length
         decoding.tokens[start : start + len(emitted)] = torch.tensor(emitted, device=self.device)
         new: list[int] = []
@@ -633,29 +717,42 @@ class SpecEngine:
         hidden = torch.cat(decoding.hiddens) if decoding.hidden_states else None
         return Generation(decoding.output, decoding.stats, reason, top_ids, top_values, hidden)
 
-    def calibrate(self, max_batch: int, context: int = 64, repeats: int = 5) -> StepCosts:
-        """Time whole decode steps drafting k = 0..self.k tokens for batch sizes up to max_batch, on
-        scratch sequences after a `context`-token prompt (median of `repeats` steps after one).
-        Setting `costs` to the result makes step() choose k by the load (serving.engine.speculation)."""
+    @torch.inference_mode()
+    def calibrate(self, max_batch: int, context: int = 64, repeats: int = 5) -> Costs:
+        """Time whole decode steps for batch sizes up to max_batch, on scratch sequences after a
+        `context`-token prompt (median of `repeats` steps after one): verifying n = 0..width drafts
+        that cost nothing to propose (`Costs.verify`) and, with a learnt proposer, drafting
+        k = 0..self.k with it (`Costs.learnt`). Setting `costs` to the result makes step() plan by
+        them (serving.engine.speculation). The scratch sequences join no suffix index."""
         if self.active:
             raise RuntimeError("calibrate before serving: it needs the engine to itself")
         batches = tuple(b for b in COST_BATCHES if b < max_batch) + (max_batch,)
         context = min(context, (self.max_length or 2 * context) // 2)
         prompt = [i % self.vocab_size for i in range(1, context + 1)]
-        new_tokens = min((repeats + 2) * (self.k + 1), (self.max_length or 2 * context) - context)
-        seconds = []
-        for b in batches:
-            row = []
-            for k in range(self.k + 1):
-                batch = [self.add(prompt, new_tokens, stop_token_ids=[]) for _ in range(b)]
-                row.append(_median_seconds(functools.partial(self.step, k), repeats))
-                for decoding in batch:
-                    self.abandon(decoding)
-            seconds.append(row)
-        self.acceptance = _optimistic()  # what the scratch text taught is forgotten
-        if isinstance(self.proposer, SuffixProposer):
-            self.proposer.forget()
-        return StepCosts.measured(batches, seconds)
+        new_tokens = min((repeats + 2) * (self.width + 1), (self.max_length or 2 * context) - context)
+
+        def timed(proposer: Proposer, most: int) -> StepCosts:
+            seconds = []
+            for b in batches:
+                row = []
+                for k in range(most + 1):
+                    batch = [
+                        self.add(prompt, new_tokens, stop_token_ids=[], proposer=proposer, suffix=False)
+                        for _ in range(b)
+                    ]
+                    run = functools.partial(self._step, batch, [Choice("learnt", k)] * b, [Candidates()] * b)
+                    row.append(_median_seconds(run, repeats))
+                    for decoding in batch:
+                        self.abandon(decoding)
+                seconds.append(row)
+            return StepCosts.measured(batches, seconds)
+
+        costs = Costs(
+            timed(ScratchProposer(), self.width),
+            None if self.proposer.name == "none" else timed(self.proposer, self.k),
+        )
+        self.acceptance.clear()  # what the scratch text taught is forgotten
+        return costs
 
     def _check_prompt(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int) -> list[int]:
         """Validate a request's prompt and length, on the host; return the prompt's ids."""
@@ -703,6 +800,15 @@ def _ids(values: Iterable[int], what: str) -> list[int]:
     if not all(_is_int(t) for t in ids):
         raise InvalidRequestError(f"{what} must be a sequence of integer token ids")
     return ids
+
+
+def _probe(option: Options) -> Choice:
+    """One token from the sequence's learnt proposer (else its most likely suffix candidate)."""
+    if option.room < 1:
+        return NONE
+    if option.alpha is not None:
+        return Choice("learnt", 1)
+    return Choice("suffix", 1) if option.chances else NONE
 
 
 def _optimistic() -> AcceptanceEstimate:

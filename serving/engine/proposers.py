@@ -1,10 +1,10 @@
-"""Proposers: where draft tokens come from. One `Proposer` protocol, five implementations.
+"""Proposers: where draft tokens come from. One `Proposer` protocol, four implementations, and
+suffix speculation's candidates (`SuffixProposer`), which the engine's controller asks for itself.
 
-A proposer is shared by all requests (it holds weights, or an index of past requests). It drafts
-for a batch of sequences at once (`propose` takes one `DraftRow` per sequence); per-sequence
-state, such as a draft model's cache slot, lives in the object `new_state(domain)` returns, is
-passed back in each row, and is given up by `release`, which also hands over the finished
-sequence (what suffix speculation learns from). After each verification the engine tells every
+A proposer is shared by all requests (it may hold weights). It drafts for a batch of sequences
+at once (`propose` takes one `DraftRow` per sequence); per-sequence state, such as a draft
+model's cache slot, lives in the object `new_state(domain)` returns, is passed back in each row,
+and is given up by `release`. After each verification the engine tells every
 sequence's proposer what was kept (`observe`): how many of its drafts, and the target's final
 hidden state at the position whose logits gave the last emitted token (what draft heads read).
 
@@ -27,7 +27,7 @@ from distill.heads import DraftHeads
 from serving.engine.device import DeviceProfile, compiled, new_cache
 from serving.engine.models import context_length, forward_slots, prefill
 from serving.engine.sampling import SamplingParams, process_logits, race, sample
-from serving.engine.suffix import SuffixConfig, SuffixIndex, best
+from serving.engine.suffix import Candidates, SuffixConfig, SuffixIndex, best
 from serving.engine.tree import Tree
 from serving.errors import IncompatibleDraftError
 from store.registry import ALL_DOMAINS
@@ -68,12 +68,13 @@ class DraftRow:
 
 
 class Proposer(Protocol):
+    name: str  # what metrics call it: draft, heads, ngram, none
+
     def new_state(self, domain: str = ALL_DOMAINS) -> Any:
         """Fresh per-sequence state (None for stateless proposers) for a request of `domain`."""
 
-    def release(self, state: Any, sequence: Sequence[int]) -> None:
-        """The sequence (prompt and output ids) has finished or was abandoned: give up what its
-        state holds."""
+    def release(self, state: Any) -> None:
+        """The sequence has finished or was abandoned: give up what its state holds."""
 
     def propose(self, rows: Sequence[DraftRow]) -> list[Proposal]:
         """A proposal of up to row.k tokens for each row, in order."""
@@ -99,7 +100,7 @@ class _RowByRow:
     def new_state(self, domain: str = ALL_DOMAINS) -> None:
         return None
 
-    def release(self, state: None, sequence: Sequence[int]) -> None:
+    def release(self, state: None) -> None:
         pass
 
     def propose(self, rows: Sequence[DraftRow]) -> list[Proposal]:
@@ -121,10 +122,19 @@ class _RowByRow:
 class NullProposer(_RowByRow):
     """Proposes nothing: the engine then decodes one token per step, plain autoregressively."""
 
-    name = "null"
+    name = "none"
 
     def _propose_row(self, row: DraftRow) -> Proposal:
         return _empty(row.token_ids.device)
+
+
+class ScratchProposer(_RowByRow):
+    """Proposes k copies of the last token, at no cost: what calibration times verification with."""
+
+    name = "scratch"
+
+    def _propose_row(self, row: DraftRow) -> Proposal:
+        return Proposal(tokens=row.token_ids[-1:].repeat(row.k))
 
 
 def ngram_lookup(ids: Sequence[int], k: int, n_min: int, n_max: int) -> list[int]:
@@ -142,7 +152,7 @@ def ngram_lookup(ids: Sequence[int], k: int, n_min: int, n_max: int) -> list[int
 class NgramProposer(_RowByRow):
     """Drafts by copying what followed the latest earlier match of the current suffix."""
 
-    name = "n-gram"
+    name = "ngram"
 
     def __init__(self, n_min: int = 1, n_max: int = 3):
         if not 1 <= n_min <= n_max:
@@ -166,15 +176,15 @@ class SuffixState:
     document: int
 
 
-class SuffixProposer(_RowByRow):
-    """Suffix speculation (serving.engine.suffix): drafts what followed the context's longest
-    matching suffix, in the sequence's own context or in recent requests of its domain (`shared`),
-    whichever promises more accepted tokens. Greedy requests get the candidates' tree when the
-    target verifies trees (`trees`), else, as sampled ones, the most confident chain (q one-hot,
-    as n-grams: the rejection sampler keeps it lossless). A sequence joins its domain's shared
-    index when it is released. No weights, no training: the index follows what is served."""
-
-    name = "suffix"
+class SuffixProposer:
+    """Suffix speculation (serving.engine.suffix): candidates for what follows a sequence, from
+    the context's longest matching suffix in its own context or in recent requests of its domain
+    (`shared`), whichever promises more accepted tokens. Not a `Proposer`: every step the engine's
+    controller (serving.engine.speculation) asks it for each sequence's `candidates` and verifies
+    the most likely of them where they pay (`proposal`). Greedy requests get a tree when the target
+    verifies trees (`trees`), else, as sampled ones, the most confident chain (q one-hot, as
+    n-grams: the rejection sampler keeps it lossless). A sequence joins its domain's shared index
+    when it is released. No weights, no training: the index follows what is served."""
 
     def __init__(self, config: SuffixConfig | None = None, trees: bool = True):
         self.config, self.trees = config or SuffixConfig(), trees
@@ -191,22 +201,23 @@ class SuffixProposer(_RowByRow):
         """A finished request (prompt and output ids), from here or elsewhere, joins the index."""
         self.shared.add(domain, sequence)
 
-    def forget(self) -> None:
-        """Empty the shared index (the engine's calibration feeds it scratch text)."""
-        self.shared = SuffixIndex(self.config)
-
-    def _propose_row(self, row: DraftRow) -> Proposal:
-        state = row.state
-        state.own.extend(state.document, row.history[state.own.tokens :])
-        tree = row.params.greedy and self.trees
+    def candidates(self, state: SuffixState, history: Sequence[int], depth: int, greedy: bool) -> Candidates:
+        """Up to `config.max_tokens` candidates, at most `depth` deep, to follow `history` (the
+        sequence so far): a tree for a greedy request where trees are verified, else a chain."""
+        state.own.extend(state.document, history[state.own.tokens :])
+        depth = min(depth, self.config.max_tokens)
+        tree = greedy and self.trees
         found = [
-            index.lookup(state.domain, row.history, row.k, row.k if tree else None)
+            index.lookup(state.domain, history, depth, self.config.max_tokens if tree else None)
             for index in (state.own, self.shared)
         ]
-        chosen = best(*(candidates if tree else candidates.chain() for candidates in found))
+        return best(*(candidates if tree else candidates.chain() for candidates in found))
+
+    @staticmethod
+    def proposal(candidates: Candidates, device: torch.device) -> Proposal:
         return Proposal(
-            torch.tensor(chosen.tokens, dtype=torch.long, device=row.token_ids.device),
-            parents=None if chosen.is_chain else chosen.parents,
+            torch.tensor(candidates.tokens, dtype=torch.long, device=device),
+            parents=None if candidates.is_chain else candidates.parents,
         )
 
 
@@ -257,10 +268,12 @@ class DraftModelProposer:
         self.input_rows = model.get_input_embeddings().weight.shape[0]
         self.weights = 0  # generation: bumped by every load_weights
 
+    name = "draft"
+
     def new_state(self, domain: str = ALL_DOMAINS) -> DraftState:
         return DraftState(slot=self.cache.acquire(), weights=self.weights)
 
-    def release(self, state: DraftState, sequence: Sequence[int]) -> None:
+    def release(self, state: DraftState) -> None:
         self.cache.release(state.slot)
 
     @torch.inference_mode()
@@ -358,10 +371,12 @@ class HeadsProposer:
     def __init__(self, heads: DraftHeads, tree: Tree | None = None):
         self.heads, self.tree = heads, tree
 
+    name = "heads"
+
     def new_state(self, domain: str = ALL_DOMAINS) -> HeadsState:
         return HeadsState()
 
-    def release(self, state: HeadsState, sequence: Sequence[int]) -> None:
+    def release(self, state: HeadsState) -> None:
         pass
 
     def observe(self, state: HeadsState, accepted: int, hidden: torch.Tensor | None) -> None:

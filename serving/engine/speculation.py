@@ -1,32 +1,48 @@
-"""How many tokens to draft in a step, from the load and the acceptance: pure functions.
+"""The per-step controller: which proposer drafts for each sequence, and how much. Pure functions.
 
-The speedup model (DESIGN.md) for a batch: a step of b sequences drafting k tokens each costs
-T(b, k) seconds, measured by the engine on whole steps (`StepCosts`: drafting, the verify
-forward and the per-sequence work around them), and sequence i emits
-E(alpha_i, k) = (1 - alpha_i^(k+1)) / (1 - alpha_i) tokens on average. `choose_k` picks the k in
-0..k_max with the most expected tokens per second; k = 0 is plain decoding, so speculation is
-chosen only where the model says it beats it, by `MARGIN`. alpha_i is a sequence's recent
-acceptance (`AcceptanceEstimate`), started from the engine's running estimate, itself started optimistic
-(0.8) so that a new draft is tried before it is judged. Both arms stay measured: when k = 0
-wins, the engine still drafts one token every `PROBE_EVERY` steps, so that acceptance keeps
-being measured (for this choice, and for the metrics and drift alerts operators watch) and a
-draft that improves online gets its chance; when k > 0 wins, a plain step runs every
-`PLAIN_EVERY` steps, so that the cost of plain steps follows the machine's load as the
-speculative ones do.
+A sequence has up to two proposers: its learnt one (a draft model, draft heads or n-grams; None
+without one) and the suffix index (serving.engine.suffix), whose candidates cost nearly nothing to
+propose and come with count-based confidences. Each step the engine gives `plan` every sequence's
+`Options`: how many drafts it has room for, its learnt proposer's recent acceptance alpha
+(`AcceptanceEstimate`, started from its domain's) and its suffix candidates' chances, each a
+confidence times the sequence's measured ratio of accepted to promised tokens (`RatioEstimate`).
+`plan` answers with a `Choice` per sequence: none (plain decoding), the learnt proposer drafting
+the step's k, or the suffix index's m most likely candidates.
+
+The speedup model (DESIGN.md), for a batch: sequence i emits E(alpha_i, k) =
+(1 - alpha_i^(k+1)) / (1 - alpha_i) tokens on average with its learnt proposer, 1 + (the sum of
+its chosen candidates' chances) with the suffix index, 1 with none. The step's seconds come from
+`Costs`, measured by `SpecEngine.calibrate` on whole steps and kept current by live ones:
+`verify[b][n]` for b sequences verifying n drafts that cost nothing to propose, `learnt[b][k]`
+for b sequences drafting k with the learnt proposer; the learnt proposer's own cost is their
+difference. For each k in 0..k_max, every sequence takes the option worth the most at the batch's
+rate R (tokens less R times the seconds it adds: a candidate joins when its chance beats R times
+the cost of verifying one more token), R is recomputed for that assignment, and again; the k with
+the most tokens per second wins. So a long, confident suffix match goes first, the learnt proposer
+serves where the index has little, and plain decoding where nothing pays, batch by batch as the
+load changes. Speculation starts only where it promises `MARGIN` more than plain decoding.
+
+Both arms stay measured: while plain decoding wins, every `PROBE_EVERY` steps one sequence in turn
+drafts one token (acceptance keeps being measured, for this choice and for the metrics operators
+watch, and a draft that improves online gets its chance); while speculation wins, a plain step runs
+every `PLAIN_EVERY` steps, so that the cost of plain steps follows the machine's load too.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-PROBE_EVERY = 64  # steps: a one-token draft for one sequence while the load says k = 0
-PLAIN_EVERY = 16  # steps: a plain step while the load says k > 0 (it costs only the arms' gap)
+PROBE_EVERY = 64  # steps: a one-token draft for one sequence while plain decoding wins
+PLAIN_EVERY = 16  # steps: a plain step while speculation wins (it costs only the arms' gap)
 MARGIN = 0.1  # to start speculating, it must promise this much more than plain decoding: the
 # model's error, and the drafts catching up after plain steps, are not in it (the engine keeps
 # speculating while it promises more than plain decoding at all)
+ROUNDS = 3  # assignments and rates computed in turn, per k
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -68,8 +84,12 @@ class StepCosts:
         rows[i][k] = (1.0 - weight) * rows[i][k] + weight * scaled
         return StepCosts.measured(self.batches, rows)
 
-    def step_seconds(self, batch: int, k: int) -> float:
-        return _interpolate(self.batches, [row[k] for row in self.seconds], batch)
+    def step_seconds(self, batch: int, k: float) -> float:
+        """Seconds of a step of `batch` sequences drafting k each (a mean, between measured ks)."""
+        low = min(math.floor(k), self.max_k)
+        high, part = min(low + 1, self.max_k), k - low
+        at = [_interpolate(self.batches, [row[j] for row in self.seconds], batch) for j in (low, high)]
+        return at[0] + part * (at[1] - at[0])
 
     @property
     def max_k(self) -> int:
@@ -94,19 +114,132 @@ def _interpolate(xs: Sequence[int], ys: Sequence[float], x: int) -> float:
     return ys[i - 1] + slope * (x - xs[i - 1])
 
 
-def choose_k(alphas: Sequence[float], k_max: int, costs: StepCosts, margin: float = MARGIN) -> int:
-    """The k in 0..k_max (and within the measured costs) with the most expected tokens per second
-    for a batch whose sequences accept at `alphas`; 0 (plain decoding) unless that k is expected
-    to beat it by `margin`."""
-    batch = len(alphas)
+@dataclass(frozen=True)
+class Costs:
+    """An engine's measured step costs: `verify` with drafts that cost nothing to propose (n = 0
+    is plain decoding), `learnt` with its learnt proposer drafting (None without one)."""
+
+    verify: StepCosts
+    learnt: StepCosts | None = None
+
+    @property
+    def cost_ratio(self) -> float:
+        """c of the learnt proposer (of verification alone without one)."""
+        return (self.learnt or self.verify).cost_ratio
+
+    def step_seconds(self, batch: int, drafts: float, groups: Sequence[int] = (), k: int = 0) -> float:
+        """Seconds of a step of `batch` sequences verifying `drafts` each on average, `groups`
+        of them (one count per learnt proposer) having drafted k with their learnt proposer."""
+        seconds = self.verify.step_seconds(batch, drafts)
+        if self.learnt is not None and k:
+            for size in groups:  # the learnt proposer's own cost
+                seconds += max(0.0, self.learnt.step_seconds(size, k) - self.verify.step_seconds(size, k))
+        return seconds
+
+    def observe(self, batch: int, drafts: float, groups: Sequence[int], k: int, seconds: float) -> Costs:
+        """These costs with one timed step blended in: each table's cell for the step, scaled by
+        how far the step's seconds were from these costs' estimate."""
+        ratio = seconds / self.step_seconds(batch, drafts, groups, k)
+        n = min(round(drafts), self.verify.max_k)
+        verify = self.verify.observe(batch, n, ratio * self.verify.step_seconds(batch, n))
+        learnt = self.learnt
+        if learnt is not None and groups and k:
+            size = max(groups)
+            learnt = learnt.observe(size, k, ratio * learnt.step_seconds(size, k))
+        return Costs(verify, learnt)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What one sequence may draft this step."""
+
+    room: int  # the most drafts it can use (tokens left to generate, less one)
+    alpha: float | None = None  # its learnt proposer's recent acceptance; None: it has none
+    group: int = 0  # sequences of one group draft in one batched call of their learnt proposer
+    chances: tuple[float, ...] = ()  # its suffix candidates' chances of acceptance, most likely first
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What one sequence drafts this step: `tokens` from its learnt proposer (k) or the suffix
+    index (its most likely candidates), or nothing."""
+
+    proposer: Literal["none", "learnt", "suffix"]
+    tokens: int = 0
+
+
+NONE = Choice("none")
+
+
+def expected(option: Options, choice: Choice) -> float:
+    """Tokens the step emits on average for this sequence."""
+    if choice.proposer == "learnt":
+        return expected_tokens(option.alpha or 0.0, choice.tokens)
+    if choice.proposer == "suffix":
+        return 1.0 + sum(option.chances[: choice.tokens])
+    return 1.0
+
+
+def fixed(options: Sequence[Options], k: int) -> list[Choice]:
+    """Without measured costs: each sequence drafts k with its learnt proposer, or all its suffix
+    candidates where they promise more (or it has no learnt proposer)."""
+    choices = []
+    for option in options:
+        learnt = Choice("learnt", min(k, option.room)) if option.alpha is not None else NONE
+        suffix = Choice("suffix", len(option.chances))
+        promising = option.alpha is None or expected(option, suffix) > expected(option, learnt)
+        choices.append(suffix if option.chances and promising else learnt)
+    return choices
+
+
+def plan(options: Sequence[Options], k_max: int, costs: Costs, margin: float = MARGIN) -> list[Choice]:
+    """The choices with the most expected tokens per second (module docstring); plain decoding
+    unless they beat it by `margin`."""
+    batch = len(options)
     if batch == 0:
-        return 0
+        return []
+    plain = batch / costs.step_seconds(batch, 0)
+    best_rate, best = plain, [NONE] * batch
+    ks = range(min(k_max, costs.learnt.max_k) + 1) if costs.learnt is not None else range(1)
+    for k in ks:
+        rate = plain
+        for _ in range(ROUNDS):
+            choices = _assign(options, k, costs, rate)
+            rate = _rate(options, choices, costs, k)
+            if rate > best_rate:
+                best_rate, best = rate, choices
+    return best if best_rate >= (1.0 + margin) * plain else [NONE] * batch
 
-    def rate(k: int) -> float:
-        return sum(expected_tokens(a, k) for a in alphas) / costs.step_seconds(batch, k)
 
-    best = max(range(min(k_max, costs.max_k) + 1), key=rate)
-    return best if rate(best) >= (1.0 + margin) * rate(0) else 0
+def _assign(options: Sequence[Options], k: int, costs: Costs, rate: float) -> list[Choice]:
+    """Each sequence's option worth the most at `rate` tokens per second: its expected tokens
+    less `rate` times the seconds it adds to the step (per verified token, per learnt draft row)."""
+    batch, width = len(options), max(1, costs.verify.max_k)
+    token_price = rate * (costs.step_seconds(batch, width) - costs.step_seconds(batch, 0)) / (width * batch)
+    row_price = rate * (costs.step_seconds(batch, k, [batch], k) - costs.step_seconds(batch, k)) / batch
+    choices = []
+    for option in options:
+        worth = {NONE: 1.0}
+        if k and option.alpha is not None and option.room:
+            learnt = Choice("learnt", min(k, option.room))
+            worth[learnt] = expected(option, learnt) - learnt.tokens * token_price - row_price
+        m = sum(1 for chance in option.chances if chance > token_price)  # most likely first
+        if m:
+            suffix = Choice("suffix", m)
+            worth[suffix] = expected(option, suffix) - m * token_price
+        choices.append(max(worth, key=worth.__getitem__))
+    return choices
+
+
+def _rate(options: Sequence[Options], choices: Sequence[Choice], costs: Costs, k: int) -> float:
+    """Expected tokens per second of a step with these choices."""
+    tokens = sum(expected(o, c) for o, c in zip(options, choices, strict=True))
+    groups: dict[int, int] = {}
+    for option, choice in zip(options, choices, strict=True):
+        if choice.proposer == "learnt":
+            groups[option.group] = groups.get(option.group, 0) + 1
+    drafts = sum(c.tokens for c in choices) / len(choices)
+    return tokens / costs.step_seconds(len(choices), drafts, list(groups.values()), k)
 
 
 @dataclass
@@ -131,3 +264,31 @@ class AcceptanceEstimate:
     def prior(self, weight: float = 2.0) -> AcceptanceEstimate:
         """A fresh estimate for a new sequence, worth `weight` observations at this one's alpha."""
         return AcceptanceEstimate(weight * self.alpha, weight * (1.0 - self.alpha), self.decay)
+
+
+@dataclass
+class RatioEstimate:
+    """Recent tokens accepted over tokens promised (the suffix candidates' summed confidences),
+    decayed each step: how far a sequence's count model holds (1.0: as promised)."""
+
+    accepted: float = 1.0
+    promised: float = 1.0
+    decay: float = 0.9
+
+    def update(self, promised: float, accepted: int) -> None:
+        if promised == 0:
+            return
+        self.accepted = self.decay * self.accepted + accepted
+        self.promised = self.decay * self.promised + promised
+
+    @property
+    def ratio(self) -> float:
+        return self.accepted / self.promised
+
+    def chances(self, confidences: Sequence[float]) -> tuple[float, ...]:
+        """Candidates' chances of acceptance: their confidences times the ratio, at most 1."""
+        return tuple(min(1.0, c * self.ratio) for c in confidences)
+
+    def prior(self, weight: float = 2.0) -> RatioEstimate:
+        """A fresh estimate for a new sequence, worth `weight` promised tokens at this one's ratio."""
+        return RatioEstimate(weight * self.ratio, weight, self.decay)

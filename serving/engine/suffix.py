@@ -28,10 +28,11 @@ class SuffixConfig:
     min_match: int = 2  # the shortest suffix that counts as a match (the key every position is indexed by)
     max_match: int = 32  # how far back a match is measured
     max_occurrences: int = 64  # the most recent occurrences of a key a lookup reads
+    max_tokens: int = 8  # the most candidates one proposal verifies (tree nodes, or a chain's tokens)
     min_confidence: float = 0.1  # a candidate less likely than this is not proposed
 
     def __post_init__(self) -> None:
-        if min(self.budget_tokens, self.min_match, self.max_occurrences) < 1:
+        if min(self.budget_tokens, self.min_match, self.max_occurrences, self.max_tokens) < 1:
             raise ValueError(f"suffix settings must be positive: {self}")
         if self.max_match < self.min_match:
             raise ValueError(f"max_match ({self.max_match}) < min_match ({self.min_match})")
@@ -41,10 +42,11 @@ class SuffixConfig:
 
 @dataclass(frozen=True)
 class Candidates:
-    """A tree of candidate continuations, parents before children (serving.engine.tree's order):
-    node j is token tokens[j] under node parents[j] (-1: the context's last token), followed with
-    probability confidences[j] by the count model; `match` is the matched suffix's length and
-    `support` the number of its occurrences that were counted (0 and 0 when nothing matched)."""
+    """A tree of candidate continuations, the most confident first (so parents before children,
+    serving.engine.tree's order): node j is token tokens[j] under node parents[j] (-1: the
+    context's last token), followed with probability confidences[j] by the count model; `match`
+    is the matched suffix's length and `support` the number of its occurrences that were counted
+    (0 and 0 when nothing matched)."""
 
     tokens: tuple[int, ...] = ()
     parents: tuple[int, ...] = ()
@@ -60,6 +62,12 @@ class Candidates:
     @property
     def is_chain(self) -> bool:
         return all(parent == j - 1 for j, parent in enumerate(self.parents))
+
+    def first(self, m: int) -> Candidates:
+        """The m most confident nodes: a tree still, since a parent comes before its children."""
+        return Candidates(
+            self.tokens[:m], self.parents[:m], self.confidences[:m], self.match, self.support
+        )  # fmt: skip
 
     def chain(self) -> Candidates:
         """The most confident path from the root (the first of equally confident children)."""

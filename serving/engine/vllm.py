@@ -101,14 +101,14 @@ def token_logprobs(entries: list[dict], tokens: list[int], top: int) -> TokenLog
     )
 
 
-def spec_stats(metrics: Any) -> SpecStats:
+def spec_stats(metrics: Any, proposer: str) -> SpecStats:
     """A request's SpecStats from vLLM's detailed per-request spec-decode metrics (None when it did
     not speculate): the prefill's token is a step that drafted nothing, then one per verify step."""
     stats = SpecStats()
     stats.record(0, 0)
     if metrics is not None:
         for drafted, accepted in zip(metrics.per_step_drafted, metrics.per_step_accepted, strict=True):
-            stats.record(drafted, accepted)
+            stats.record(drafted, accepted, proposer)
     return stats
 
 
@@ -139,6 +139,7 @@ class VLLMEngine:
         self.k = k if spec else 0
         self.domain = domain
         self.serves = "draft" if proposer == "draft" else None
+        self.proposer = proposer
         self.host_base = None if draft is None else load_causal_lm(draft, torch.device("cpu"), torch.float32)
         eos = GenerationConfig.from_pretrained(target).eos_token_id
         self._stops = [eos] if isinstance(eos, int) else list(eos or [])
@@ -310,7 +311,7 @@ class VLLMEngine:
         reason = "length" if completion.finish_reason == "length" else "stop"
         top = TokenLogprobs.cat(tops) if tops else None
         return Generation(
-            tokens, spec_stats(completion.spec_decode_metrics), reason,
+            tokens, spec_stats(completion.spec_decode_metrics, self.proposer), reason,
             None if top is None else top.top_ids, None if top is None else top.top_values,
         )  # fmt: skip
 

@@ -486,6 +486,7 @@ class Shape:
             "spec_accepted": stats.accepted,
             "acceptance_rate": stats.acceptance_rate,
             "mean_accepted_length": stats.mean_accepted_length,
+            "proposers": stats.by_proposer,
             "time_to_first_token": piece.finished.ttft_seconds,
             "seconds": piece.finished.seconds,
         }

@@ -9,7 +9,8 @@ registry's history gives the publish, rollback and reject markers; the draft ver
 standing drift alerts (`store.drift`) and the trainer's status (with what it is doing or
 waiting for, in words) complete it. The speedup over plain
 decoding comes from the speedup model with each bin's measured tau and the k and c the replicas
-report in their heartbeats, and with suffix speculation the replicas' suffix index (what each
+report in their heartbeats; which proposer drafted the steps (the per-step controller's choices)
+and how each was accepted; and with suffix speculation the replicas' suffix index (what each
 holds, how often a lookup matched). `aggregate`, `with_speedup` and `suffix_index` are pure.
 """
 
@@ -104,7 +105,8 @@ def suffix_index(snapshots: Mapping[str, Iterable[dict]]) -> dict | None:
 
 def aggregate(points: Iterable[MetricPoint], start: float, end: float, bins: int = BINS) -> dict:
     """Series of `bins` equal bins over [start, end): overall, by domain, by version (acceptance
-    only for the last two), and per-position acceptance by version over the whole range."""
+    only for the last two), per proposer (its share of the steps; its acceptance over the whole
+    range), and per-position acceptance by version over the whole range."""
     width = (end - start) / bins
     overall: dict[int, Counter] = defaultdict(Counter)
     by_domain: dict[str, dict[int, Counter]] = defaultdict(lambda: defaultdict(Counter))
@@ -129,6 +131,23 @@ def aggregate(points: Iterable[MetricPoint], start: float, end: float, bins: int
             if c["drafted"]
         ]
 
+    def proposers() -> dict[str, dict]:
+        total = sum(overall.values(), Counter())
+        names = sorted(k.split(":", 1)[1] for k in total if k.startswith("proposer_steps:"))
+        return {
+            name: {
+                "share": [
+                    {"t": times(i), "share": c[f"proposer_steps:{name}"] / c["steps"]}
+                    for i, c in sorted(overall.items())
+                    if c["steps"]
+                ],
+                "acceptance": total[f"proposer_accepted:{name}"] / drafted
+                if (drafted := total[f"proposer_drafted:{name}"])
+                else None,
+            }
+            for name in names
+        }
+
     def per_position(counts: Counter) -> list[float | None]:
         n = max((int(k.split(":")[1]) for k in counts), default=0)
         return [
@@ -142,6 +161,7 @@ def aggregate(points: Iterable[MetricPoint], start: float, end: float, bins: int
         "by_domain": {d: acceptance(s) for d, s in sorted(by_domain.items())},
         "by_version": {v: acceptance(s) for v, s in sorted(by_version.items())},
         "positions": {v: per_position(c) for v, c in sorted(positions.items())},
+        "proposers": proposers(),
     }
 
 

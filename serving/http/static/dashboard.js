@@ -100,6 +100,10 @@ function render(data) {
   const x = data.suffix, rate = x && x.hit_rate != null ? `, ${(100 * x.hit_rate).toFixed(0)}% of lookups matched` : "";
   document.getElementById("speculation").textContent = (s ? `(k = ${s.k.toFixed(1)}, measured c = ${s.c.toFixed(3)})` : "")
     + (x ? ` suffix index: ${x.documents} requests, ${x.tokens} tokens${rate}` : "");
+  const prop = Object.entries(data.proposers).map(([p, v], i) => ({
+    name: v.acceptance == null ? p : `${p} (acceptance ${v.acceptance.toFixed(2)})`, color: COLORS[(i + 2) % 8], points: series(v.share, "share") }));
+  chart(document.getElementById("proposers"), prop, ev, t0, t1, 1);
+  legend("proposers-legend", prop);
   chart(document.getElementById("throughput"), [{ name: "tokens/s", color: COLORS[3], points: series(data.overall, "tokens_per_s") }], ev, t0, t1);
   const lat = ["ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"].map((k, i) => ({ name: k, color: COLORS[i + 1], points: series(data.overall, k) }));
   chart(document.getElementById("latency"), lat, ev, t0, t1);
