@@ -110,6 +110,7 @@ BENCHMARKS = {
     "store": "store_bench",
     "online": "online",
     "overhead": "overhead",
+    "proposers": "proposers",
     "http": "http_load",
     "dashboard": "dashboard_load",
     "heads": "heads",

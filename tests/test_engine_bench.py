@@ -109,3 +109,24 @@ def test_cli_rejects_unknown_commands(capsys):
     with pytest.raises(SystemExit):
         main(["serve-everything"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_proposers_bench_runs_every_arm_on_every_workload_alike(tiny_demo, monkeypatch, tmp_path):
+    """`osd bench proposers` on the tiny demo pair: every arm answers every workload as plain
+    decoding does (the run stops otherwise); the controller's steps name their proposers."""
+    monkeypatch.setitem(PRESETS, "tiny", TINY_DEMO)
+    out = tmp_path / "proposers.json"
+    main(["bench", "proposers", "--demo", "tiny", "--cache-dir", str(tiny_demo), "--k", "2", "--prompts", "2",
+          "--concurrency", "1", "3", "--requests", "4", "--rounds", "1", "--max-tokens", "6",
+          "--json", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["outputs_identical"] and report["controller_costs"]["verify"]["batches"] == [1, 2, 3]
+    rows = {(r["workload"], r["clients"], r["arm"]): r for r in report["results"]}
+    arms = ("plain", "ngram", "suffix", "draft", "heads", "controller")
+    workloads = ("demo", "code-edits", "agent-loop")
+    assert set(rows) == {(w, c, a) for w in workloads for c in (1, 3) for a in arms}
+    for (_, _, arm), row in rows.items():
+        assert row["tokens_per_s"] > 0 and row["tokens_per_step"] >= 1
+        assert set(row["steps_by_proposer"]) <= {"none", "suffix", "draft", "heads", "ngram"}
+        if arm == "plain":
+            assert row["vs_plain"] == 1.0 and row["steps_by_proposer"] == {"none": 1.0}

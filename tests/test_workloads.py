@@ -1,5 +1,5 @@
 """Workloads: seeded, held-out-only prompts that round-trip through the tokenizer, in phase order;
-every n-th request a chat request."""
+every n-th request a chat request; conversations and the repetitive workloads built from them."""
 
 from __future__ import annotations
 
@@ -11,10 +11,14 @@ from deploy.demo.corpus import Corpus, CorpusSpec, Document, build_corpus, is_he
 from deploy.demo.tokenizer import train_tokenizer
 from deploy.demo.workloads import (
     DEFAULT_PHASES,
+    Conversation,
     Phase,
     Prompt,
     WorkloadSpec,
+    agent_loops,
     chat_messages,
+    code_edits,
+    demo_requests,
     fixed_prompts,
     request_stream,
 )
@@ -200,3 +204,29 @@ def test_token_ids_are_the_text_encoding_even_where_a_cut_would_merge_differentl
         return tokenizer.encode(text[p.start :], add_special_tokens=False)[: len(p.token_ids)]
 
     assert any(list(p.token_ids) != cut_ids(p) for p in prompts)  # the re-merging case was exercised
+
+
+def test_a_conversation_s_turns_carry_every_earlier_input_and_answer():
+    chat = Conversation("python", ((1, 2), (3,), (4, 5)))
+    assert chat.prompt([]) == [1, 2]
+    assert chat.prompt([[7, 8]]) == [1, 2, 7, 8, 3]
+    assert chat.prompt([[7, 8], [9]]) == [1, 2, 7, 8, 3, 9, 4, 5]
+    with pytest.raises(ValueError, match="no turn 4"):
+        chat.prompt([[7], [8], [9]])
+
+
+def test_repetitive_workloads_repeat_what_came_before(corpus, tokenizer):
+    edits = code_edits(corpus, tokenizer, 4, seed=1, file_tokens=(24, 48))
+    for edit in edits:
+        (prompt,) = edit.inputs
+        text = tokenizer.decode(prompt)
+        file, _, again = text.rstrip("\n").rpartition("\n\n")
+        assert again == file.partition("\n")[0] + "  # edited"  # the file, then its first line changed
+    loops = agent_loops(corpus, tokenizer, 3, seed=1, file_tokens=(8, 16), files=2)
+    for loop in loops:
+        first, again, second, twice = loop.inputs
+        assert first == again and second == twice and first != second  # each file is read twice
+    assert len({loop.inputs[0] for loop in loops}) == 3
+    mixed = demo_requests(corpus, tokenizer, 5, seed=1)
+    assert [c.domain for c in mixed] == [corpus.domains[i % len(corpus.domains)] for i in range(5)]
+    assert code_edits(corpus, tokenizer, 4, seed=1, file_tokens=(24, 48)) == edits  # seeded

@@ -18,7 +18,7 @@ What a prompt guarantees:
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerFast
@@ -199,3 +199,64 @@ def _cut(doc: Document, start: int, n_tokens: int, tokenizer: PreTrainedTokenize
         return None
     ids = tokenizer.encode(text, add_special_tokens=False)
     return Prompt(doc.domain, doc.source, start, text, tuple(ids))
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Requests that follow one another (one with a single input): turn t's prompt is every
+    earlier turn's input and answer, then its own input, as an agent's context grows."""
+
+    domain: str
+    inputs: tuple[tuple[int, ...], ...]
+
+    def prompt(self, answers: Sequence[Sequence[int]]) -> list[int]:
+        """The prompt of the turn after `answers` (one per earlier turn)."""
+        if len(answers) >= len(self.inputs):
+            raise ValueError(f"a conversation of {len(self.inputs)} turns has no turn {len(answers) + 1}")
+        earlier = [t for given, answer in zip(self.inputs, answers, strict=False) for t in (*given, *answer)]
+        return earlier + list(self.inputs[len(answers)])
+
+
+def demo_requests(
+    corpus: Corpus, tokenizer: PreTrainedTokenizerFast, n: int, seed: int
+) -> list[Conversation]:
+    """n single requests, held-out prompts of the corpus's domains in turn (the demo's mix)."""
+    domains = corpus.domains
+    per = {d: fixed_prompts(corpus, tokenizer, d, -(-n // len(domains)), seed) for d in domains}
+    chosen = [(domains[i % len(domains)], i // len(domains)) for i in range(n)]
+    return [Conversation(domain, (per[domain][j].token_ids,)) for domain, j in chosen]
+
+
+def code_edits(
+    corpus: Corpus,
+    tokenizer: PreTrainedTokenizerFast,
+    n: int,
+    seed: int,
+    file_tokens: tuple[int, int] = (64, 128),
+) -> list[Conversation]:
+    """n requests that hold a held-out Python file and then begin it again with its first line
+    changed: an edit asked for, whose answer repeats the prompt (the rest of the file)."""
+    requests = []
+    for prompt in fixed_prompts(corpus, tokenizer, "python", n, seed, file_tokens):
+        first = prompt.text.partition("\n")[0]
+        text = f"{prompt.text.rstrip()}\n\n{first}  # edited\n"
+        requests.append(Conversation("python", (tuple(tokenizer.encode(text, add_special_tokens=False)),)))
+    return requests
+
+
+def agent_loops(
+    corpus: Corpus,
+    tokenizer: PreTrainedTokenizerFast,
+    n: int,
+    seed: int,
+    file_tokens: tuple[int, int] = (24, 48),
+    files: int = 2,
+) -> list[Conversation]:
+    """n conversations of 2 x `files` turns, each turn's input a tool's output (a held-out Python
+    file) that the next turn reads again: earlier inputs and the answers that followed them come
+    back in later requests."""
+    snippets = [s.token_ids for s in fixed_prompts(corpus, tokenizer, "python", n * files, seed, file_tokens)]
+    return [
+        Conversation("python", tuple(s for s in snippets[i * files : (i + 1) * files] for _ in (0, 1)))
+        for i in range(n)
+    ]
