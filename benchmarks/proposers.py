@@ -17,17 +17,23 @@ that drift on this machine hits all alike; the suffix index starts empty in ever
 every arm's answers must equal plain decoding's (the run stops if not). Per arm: tokens/s and its
 ratio to plain decoding, acceptance, tokens per step, and the share of steps each proposer drafted.
 
-    osd bench proposers --json benchmarks/results/proposers_cpu.json
+With `--soak SECONDS`, the controller then serves every workload alone (new prompts each round) at
+the highest concurrency that long, its suffix index checked against its budget after every step.
+
+    osd bench proposers --soak 600 --json benchmarks/results/proposers_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import torch
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,16 +69,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=24, help="requests (conversations: a quarter) a block")
     p.add_argument("--rounds", type=int, default=2, help="blocks per arm, workload and level")
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument(
+        "--soak", type=int, default=0, metavar="SECONDS", help="then the controller alone this long"
+    )
     p.add_argument("--json", type=Path, help="write the report here")
     return p
 
 
 def run_block(
-    engine: SpecEngine, conversations: list[Conversation], concurrency: int, max_tokens: int
+    engine: SpecEngine,
+    conversations: list[Conversation],
+    concurrency: int,
+    max_tokens: int,
+    after_step: Callable[[], None] = lambda: None,
 ) -> tuple[list[list[list[int]]], float, list[Decoding]]:
     """The conversations through `engine` as a closed loop of `concurrency` clients, each with one
-    request in flight (its conversation's next turn); returns each conversation's answers, the
-    wall time and every request's finished sequence."""
+    request in flight (its conversation's next turn), `after_step` called after every step;
+    returns each conversation's answers, the wall time and every request's finished sequence."""
     answers: list[list[list[int]]] = [[] for _ in conversations]
     waiting, serving = list(range(len(conversations))), {}  # id(decoding) -> conversation
     done: list[Decoding] = []
@@ -94,6 +107,7 @@ def run_block(
                 done.append(decoding)
                 if len(answers[i]) < len(conversations[i].inputs):
                     send(i)
+        after_step()
     return answers, time.perf_counter() - began, done
 
 
@@ -127,21 +141,61 @@ def engines(
     return chosen
 
 
-def workloads(args: argparse.Namespace, models: DemoModels, context: int) -> dict[str, list[Conversation]]:
+def workloads(
+    args: argparse.Namespace, models: DemoModels, context: int, seed: int
+) -> dict[str, list[Conversation]]:
     """The workloads asked for, their files sized to the target's context (512: code edits of 64 to
     128 tokens, agent loops reading files of 25 to 51 four times)."""
     corpus, tokenizer = models.held_out_corpus(), AutoTokenizer.from_pretrained(models.target)
-    conversations = max(1, args.requests // 4)
+    chats, edit, read = (
+        max(1, args.requests // 4),
+        (context // 8, context // 4),
+        (context // 20, context // 10),
+    )
     made = {
-        "demo": lambda: demo_requests(corpus, tokenizer, args.requests, args.seed),
-        "code-edits": lambda: code_edits(
-            corpus, tokenizer, args.requests, args.seed, (context // 8, context // 4)
-        ),
-        "agent-loop": lambda: agent_loops(
-            corpus, tokenizer, conversations, args.seed, (context // 20, context // 10)
-        ),
+        "demo": lambda: demo_requests(corpus, tokenizer, args.requests, seed),
+        "code-edits": lambda: code_edits(corpus, tokenizer, args.requests, seed, edit),
+        "agent-loop": lambda: agent_loops(corpus, tokenizer, chats, seed, read),
     }
     return {name: made[name]() for name in args.workloads}
+
+
+def soak(args: argparse.Namespace, models: DemoModels, engine: SpecEngine, console: Console) -> dict:
+    """The controller serving every workload, new prompts each round, at the highest concurrency
+    for `args.soak` seconds: the suffix index's size is checked after every step (never over its
+    budget) and sampled, with the process's memory, every 10 s."""
+    index, budget = engine.suffix.shared, engine.suffix.config.budget_tokens
+    process, samples, peak, steps, requests = psutil.Process(), [], 0, 0, 0
+    began = time.perf_counter()
+
+    def check() -> None:
+        nonlocal peak, steps
+        steps, peak = steps + 1, max(peak, index.tokens)
+        if index.tokens > budget:
+            raise RuntimeError(f"the suffix index holds {index.tokens} tokens, over its budget of {budget}")
+        if time.perf_counter() - began >= 10 * len(samples):
+            samples.append({
+                "t": round(time.perf_counter() - began), "tokens": index.tokens, "documents": len(index),
+                "keys": index.keys, "rss_mb": round(process.memory_info().rss / 2**20, 1),
+            })  # fmt: skip
+
+    with console.status(f"soak: the controller for {args.soak} s"):
+        for seed in itertools.count(args.seed + 1):
+            for conversations in workloads(args, models, engine.max_length, seed).values():
+                *_, done = run_block(engine, conversations, max(args.concurrency), args.max_tokens, check)
+                requests += len(done)
+            if time.perf_counter() - began >= args.soak:
+                break
+    return {
+        "seconds": round(time.perf_counter() - began, 1),
+        "requests": requests,
+        "steps_checked": steps,
+        "budget_tokens": budget,
+        "peak_tokens": peak,
+        "documents_held": len(index),
+        "documents_evicted": requests - len(index),
+        "samples": samples,
+    }
 
 
 def summarize(tokens: int, seconds: float, done: list[Decoding]) -> dict:
@@ -165,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)  # as a replica decodes
     models, draft_dir, _ = demo_pair(args, console)
     arms = engines(args, models, draft_dir, console)
-    loads = workloads(args, models, arms["plain"].max_length)
+    loads = workloads(args, models, arms["plain"].max_length, args.seed)
     results = []
     for workload, conversations in loads.items():
         for concurrency in args.concurrency:
@@ -209,8 +263,11 @@ def main(argv: list[str] | None = None) -> dict:
         "outputs_identical": True,
         "controller_costs": dataclasses.asdict(arms["controller"].costs) if "controller" in arms else None,
         "results": results,
-        "seconds": round(time.perf_counter() - began, 1),
     }
+    if args.soak:
+        report["soak"] = soak(args, models, arms["controller"], console)
+        console.print(f"soak: {report['soak']}")
+    report["seconds"] = round(time.perf_counter() - began, 1)
     columns = ("workload", "clients", "arm", "tokens_per_s", "vs_plain", "acceptance", "tokens_per_step")
     print_rows(
         console,

@@ -117,10 +117,13 @@ def test_proposers_bench_runs_every_arm_on_every_workload_alike(tiny_demo, monke
     monkeypatch.setitem(PRESETS, "tiny", TINY_DEMO)
     out = tmp_path / "proposers.json"
     main(["bench", "proposers", "--demo", "tiny", "--cache-dir", str(tiny_demo), "--k", "2", "--prompts", "2",
-          "--concurrency", "1", "3", "--requests", "4", "--rounds", "1", "--max-tokens", "6",
+          "--concurrency", "1", "3", "--requests", "4", "--rounds", "1", "--max-tokens", "6", "--soak", "1",
           "--json", str(out)])  # fmt: skip
     report = json.loads(out.read_text())
     assert report["outputs_identical"] and report["controller_costs"]["verify"]["batches"] == [1, 2, 3]
+    soak = report["soak"]  # a round of every workload, at least
+    assert soak["requests"] >= 4 + 4 + 4 and soak["peak_tokens"] <= soak["budget_tokens"]
+    assert soak["samples"][0]["documents"] <= soak["documents_held"] + soak["documents_evicted"]
     rows = {(r["workload"], r["clients"], r["arm"]): r for r in report["results"]}
     arms = ("plain", "ngram", "suffix", "draft", "heads", "controller")
     workloads = ("demo", "code-edits", "agent-loop")

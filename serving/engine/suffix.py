@@ -107,6 +107,11 @@ class SuffixIndex:
     def __len__(self) -> int:
         return len(self._docs)
 
+    @property
+    def keys(self) -> int:
+        """Distinct keys indexed (each a domain and `min_match` tokens): what eviction must shrink."""
+        return len(self._keys)
+
     def add(self, domain: str, tokens: Sequence[int]) -> int:
         """A new document; returns its id. One longer than the budget keeps its last tokens."""
         self._serial += 1
