@@ -2,16 +2,18 @@
 sequences that join and leave between steps (continuous batching), in one decode loop.
 
 `add` checks a request, prefills its prompt into a cache slot (serving.engine.kv) and makes it a
-`Decoding`. Each `step`: every sequence's proposer drafts k tokens (one batched call per
-proposer; sequences may use different drafts), one target forward scores every sequence's last
-emitted token plus its drafts (ragged: each row its own length and k), the rejection sampler
-keeps a prefix per sequence and adds one token, and each sequence's slot is cut back to what it
-kept. With the null proposer (k = 0) the very same loop is plain autoregressive decoding. Draft
+`Decoding`. Each `step`: every sequence drafts what the per-step controller chose for it
+(serving.engine.speculation): k tokens from its learnt proposer (one batched call per proposer;
+sequences may use different drafts), its suffix candidates (`suffix`: serving.engine.suffix), or
+nothing; one target forward scores every sequence's last emitted token plus its drafts (ragged:
+each row its own length), the rejection sampler keeps a prefix per sequence and adds one token,
+and each sequence's slot is cut back to what it kept. With the null proposer (k = 0) the very same loop is plain autoregressive decoding. Draft
 heads (`HeadsProposer`) read the target's hidden state from that forward, so they cost no pass of
 their own; for greedy requests they may propose a static tree instead of a chain, verified in
 the same forward (serving.engine.tree): the greedy walk keeps a path and the slot keeps its positions.
-k is fixed, or, once `calibrate` has measured step costs, chosen per step from the batch size
-and each sequence's recent acceptance (serving.engine.speculation), down to 0. A request with a seed
+Without measured costs every sequence drafts k (its suffix candidates where they promise more);
+once `calibrate` has measured step costs, the controller plans each step from the batch size, each
+sequence's recent acceptance and its candidates' chances, down to plain decoding. A request with a seed
 draws through the exponential race of serving.engine.sampling: its text depends on the seed, the
 prompt and the target only, never on k, the drafts or the batch.
 

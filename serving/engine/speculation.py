@@ -196,50 +196,58 @@ def plan(options: Sequence[Options], k_max: int, costs: Costs, margin: float = M
     """The choices with the most expected tokens per second (module docstring); plain decoding
     unless they beat it by `margin`."""
     batch = len(options)
-    if batch == 0:
-        return []
+    learnt = costs.learnt is not None and any(option.alpha is not None for option in options)
+    ks = range(1, min(k_max, costs.learnt.max_k) + 1) if learnt else range(0)
+    if not ks and not any(option.chances for option in options):
+        return [NONE] * batch  # nothing to choose (and no batch at all)
     plain = batch / costs.step_seconds(batch, 0)
+    width = max(1, costs.verify.max_k)
+    per_token = (costs.step_seconds(batch, width) - costs.step_seconds(batch, 0)) / (width * batch)
+    gains = [list(itertools.accumulate(option.chances, initial=0.0)) for option in options]
     best_rate, best = plain, [NONE] * batch
-    ks = range(min(k_max, costs.learnt.max_k) + 1) if costs.learnt is not None else range(1)
-    for k in ks:
+    for k in (0, *ks):
+        own = costs.step_seconds(batch, k, [batch], k) - costs.step_seconds(batch, k)  # the proposer's
         rate = plain
         for _ in range(ROUNDS):
-            choices = _assign(options, k, costs, rate)
-            rate = _rate(options, choices, costs, k)
+            choices, tokens = _assign(options, gains, k, rate * per_token, rate * own / batch)
+            rate = tokens / _seconds(options, choices, costs, k)
             if rate > best_rate:
                 best_rate, best = rate, choices
     return best if best_rate >= (1.0 + margin) * plain else [NONE] * batch
 
 
-def _assign(options: Sequence[Options], k: int, costs: Costs, rate: float) -> list[Choice]:
-    """Each sequence's option worth the most at `rate` tokens per second: its expected tokens
-    less `rate` times the seconds it adds to the step (per verified token, per learnt draft row)."""
-    batch, width = len(options), max(1, costs.verify.max_k)
-    token_price = rate * (costs.step_seconds(batch, width) - costs.step_seconds(batch, 0)) / (width * batch)
-    row_price = rate * (costs.step_seconds(batch, k, [batch], k) - costs.step_seconds(batch, k)) / batch
-    choices = []
-    for option in options:
-        worth = {NONE: 1.0}
+def _assign(
+    options: Sequence[Options], gains: Sequence[Sequence[float]], k: int, token_price: float, row_price: float
+) -> tuple[list[Choice], float]:
+    """Each sequence's option worth the most: its expected tokens less the seconds it adds to the
+    step, priced per verified token and per learnt draft row (`gains[i][m]`: what sequence i's m
+    most likely candidates add). Returns the choices and their expected tokens."""
+    choices, total = [], 0.0
+    for option, gain in zip(options, gains, strict=True):
+        choice, worth, tokens = NONE, 1.0, 1.0
         if k and option.alpha is not None and option.room:
-            learnt = Choice("learnt", min(k, option.room))
-            worth[learnt] = expected(option, learnt) - learnt.tokens * token_price - row_price
-        m = sum(1 for chance in option.chances if chance > token_price)  # most likely first
-        if m:
-            suffix = Choice("suffix", m)
-            worth[suffix] = expected(option, suffix) - m * token_price
-        choices.append(max(worth, key=worth.__getitem__))
-    return choices
+            n = min(k, option.room)
+            drafted = expected_tokens(option.alpha, n)
+            if drafted - n * token_price - row_price > worth:
+                choice, worth, tokens = Choice("learnt", n), drafted - n * token_price - row_price, drafted
+        m = 0
+        while m < len(option.chances) and option.chances[m] > token_price:  # most likely first
+            m += 1
+        if m and 1.0 + gain[m] - m * token_price > worth:
+            choice, tokens = Choice("suffix", m), 1.0 + gain[m]
+        choices.append(choice)
+        total += tokens
+    return choices, total
 
 
-def _rate(options: Sequence[Options], choices: Sequence[Choice], costs: Costs, k: int) -> float:
-    """Expected tokens per second of a step with these choices."""
-    tokens = sum(expected(o, c) for o, c in zip(options, choices, strict=True))
+def _seconds(options: Sequence[Options], choices: Sequence[Choice], costs: Costs, k: int) -> float:
+    """Seconds of a step with these choices."""
     groups: dict[int, int] = {}
     for option, choice in zip(options, choices, strict=True):
         if choice.proposer == "learnt":
             groups[option.group] = groups.get(option.group, 0) + 1
     drafts = sum(c.tokens for c in choices) / len(choices)
-    return tokens / costs.step_seconds(len(choices), drafts, list(groups.values()), k)
+    return costs.step_seconds(len(choices), drafts, list(groups.values()), k)
 
 
 @dataclass
