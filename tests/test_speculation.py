@@ -11,12 +11,12 @@ from serving.engine.speculation import (
     Choice,
     Costs,
     Options,
-    RatioEstimate,
     StepCosts,
     expected,
     expected_tokens,
     fixed,
     plan,
+    suffix_chances,
 )
 
 BATCHES = (1, 4, 16)
@@ -65,12 +65,18 @@ def test_a_confident_suffix_match_goes_first_and_the_learnt_proposer_serves_the_
     assert plan([Options(room=100, chances=(0.99,) * 8)] * 16, 4, BUSY) == [Choice("suffix", 8)] * 16
 
 
-def test_candidates_join_while_their_chance_beats_what_verifying_them_costs():
+def test_the_step_is_as_wide_as_its_candidates_pay_for():
     chances = (0.95, 0.9, 0.5, 0.2, 0.1)
     assert plan([Options(room=100, chances=chances)], 4, FLAT) == [Choice("suffix", 5)]  # verifying is free
+    alone = plan([Options(room=100, chances=chances)], 4, BUSY)  # one row: each more token costs a little
+    assert alone[0].proposer == "suffix" and 2 <= alone[0].tokens <= 5
     crowded = plan([Options(room=100, chances=chances)] * 16, 4, BUSY, margin=0.0)
-    assert {c.proposer for c in crowded} == {"suffix"} and 1 <= crowded[0].tokens <= 3
+    assert {c.proposer for c in crowded} == {"suffix"} and crowded[0].tokens < alone[0].tokens
     assert plan([Options(room=100, chances=(0.2,))] * 16, 4, BUSY) == [NONE] * 16  # nothing pays
+    # rows are padded to the widest: one long match does not make every row pay for its width
+    mixed = [Options(room=100, chances=(0.99,) * 8)] + [Options(room=100)] * 15
+    assert plan(mixed, 4, BUSY) == [NONE] * 16
+    assert plan(mixed, 4, FLAT)[0] == Choice("suffix", 8)
 
 
 def test_without_costs_each_sequence_drafts_k_or_its_more_promising_candidates():
@@ -89,25 +95,18 @@ def test_without_costs_each_sequence_drafts_k_or_its_more_promising_candidates()
 
 def test_step_costs_add_the_learnt_proposer_s_own_cost_per_group():
     costs = tables(0.1, 0.5)
-    plain, verified = costs.step_seconds(4, 0), costs.step_seconds(4, 2.0)
+    plain, verified = costs.step_seconds(4, 0), costs.step_seconds(4, 2)
     assert plain == pytest.approx(1.4) and verified == pytest.approx(2.2)
-    assert costs.step_seconds(4, 1.5) == pytest.approx((plain + verified) / 2 + 0.2)  # between ks
     # two groups of learnt proposers (say, two domains' drafts), each drafting 2: two own costs
-    assert costs.step_seconds(4, 2.0, [2, 2], 2) == pytest.approx(verified + 2 * 1.0)
+    assert costs.step_seconds(4, 2, [2, 2], 2) == pytest.approx(verified + 2 * 1.0)
     slower = costs
     for _ in range(100):
-        slower = slower.observe(4, 2.0, [4], 2, 2 * costs.step_seconds(4, 2.0, [4], 2))
-    assert slower.step_seconds(4, 2.0, [4], 2) == pytest.approx(
-        2 * costs.step_seconds(4, 2.0, [4], 2), rel=0.02
-    )
+        slower = slower.observe(4, 2, [4], 2, 2 * costs.step_seconds(4, 2, [4], 2))
+    assert slower.step_seconds(4, 2, [4], 2) == pytest.approx(2 * costs.step_seconds(4, 2, [4], 2), rel=0.02)
     assert slower.verify.step_seconds(4, 0) == costs.verify.step_seconds(4, 0)  # other cells stay
 
 
-def test_the_ratio_estimate_scales_the_count_model_s_confidences():
-    ratio = RatioEstimate(accepted=1.0, promised=1.0, decay=1.0)
-    ratio.update(promised=3.0, accepted=1)  # promised three, one was accepted
-    ratio.update(promised=0.0, accepted=0)  # nothing proposed: nothing learnt
-    assert ratio.ratio == pytest.approx(0.5)
-    assert ratio.chances((0.9, 0.4)) == pytest.approx((0.45, 0.2))
-    assert RatioEstimate(4.0, 2.0).chances((0.9,)) == (1.0,)  # a chance is at most 1
-    assert ratio.prior().ratio == pytest.approx(0.5) and ratio.prior().promised == 2.0
+def test_a_candidate_s_chance_is_its_confidence_at_most_the_measured_acceptance_to_its_depth():
+    chances = suffix_chances((1.0, 1.0, 1.0, 0.3), (1, 2, 3, 1), alpha=0.5)  # a match seen once
+    assert chances == pytest.approx((0.5, 0.25, 0.125, 0.3))
+    assert suffix_chances((0.9, 0.6), (1, 2), alpha=1.0) == (0.9, 0.6)  # the counts, when all is accepted

@@ -5,17 +5,18 @@ sequences that join and leave between steps (continuous batching), in one decode
 `Decoding`. Each `step`: every sequence drafts what the per-step controller chose for it
 (serving.engine.speculation): k tokens from its learnt proposer (one batched call per proposer;
 sequences may use different drafts), its suffix candidates (`suffix`: serving.engine.suffix), or
-nothing; one target forward scores every sequence's last emitted token plus its drafts (ragged:
-each row its own length), the rejection sampler keeps a prefix per sequence and adds one token,
-and each sequence's slot is cut back to what it kept. With the null proposer (k = 0) the very same loop is plain autoregressive decoding. Draft
-heads (`HeadsProposer`) read the target's hidden state from that forward, so they cost no pass of
-their own; for greedy requests they may propose a static tree instead of a chain, verified in
-the same forward (serving.engine.tree): the greedy walk keeps a path and the slot keeps its positions.
-Without measured costs every sequence drafts k (its suffix candidates where they promise more);
-once `calibrate` has measured step costs, the controller plans each step from the batch size, each
-sequence's recent acceptance and its candidates' chances, down to plain decoding. A request with a seed
-draws through the exponential race of serving.engine.sampling: its text depends on the seed, the
-prompt and the target only, never on k, the drafts or the batch.
+nothing; one target forward scores every sequence's last emitted token plus its drafts (ragged: each
+row its own length, padded to the widest), the rejection sampler keeps a prefix per sequence and
+adds one token, and each sequence's slot is cut back to what it kept. With nothing drafted the very
+same loop is plain autoregressive decoding. Draft heads (`HeadsProposer`) read the target's hidden
+state from that forward, so they cost no pass of their own; for greedy requests they may propose a
+static tree instead of a chain, verified in the same forward (serving.engine.tree): the greedy walk
+keeps a path and the slot keeps its positions. Without measured costs every sequence drafts k (its
+suffix candidates where they promise more); once `calibrate` has measured step costs, the controller
+plans each step from the batch size, each sequence's recent acceptance and its candidates' chances,
+down to plain decoding. A request with a seed draws through the exponential race of
+serving.engine.sampling: its text depends on the seed, the prompt and the target only, never on k,
+the drafts or the batch.
 
 `stream` and `generate` run one request alone through the same `add` and `step`.
 
@@ -87,10 +88,10 @@ from serving.engine.speculation import (
     Choice,
     Costs,
     Options,
-    RatioEstimate,
     StepCosts,
     fixed,
     plan,
+    suffix_chances,
 )
 from serving.engine.stats import SpecStats
 from serving.engine.suffix import Candidates, SuffixConfig
@@ -126,7 +127,7 @@ class Decoding:
     acceptance: AcceptanceEstimate  # its proposer's recent acceptance
     domain: str
     suffix: SuffixState | None  # with suffix speculation
-    ratio: RatioEstimate  # how far its suffix candidates' confidences hold
+    suffix_acceptance: AcceptanceEstimate  # its suffix drafts' recent acceptance
     stats: SpecStats = field(default_factory=SpecStats)
     tops: list[TokenLogprobs] = field(default_factory=list)  # per step, emitted positions
     hiddens: list[torch.Tensor] = field(default_factory=list)  # per step, emitted positions
@@ -266,7 +267,7 @@ class SpecEngine:
         self.active: list[Decoding] = []
         # per domain, across sequences: new ones start from them
         self.acceptance: defaultdict[str, AcceptanceEstimate] = defaultdict(_optimistic)
-        self.ratios: defaultdict[str, RatioEstimate] = defaultdict(RatioEstimate)
+        self.suffix_acceptance: defaultdict[str, AcceptanceEstimate] = defaultdict(_optimistic)
         self.costs: Costs | None = None  # calibrate's measurement: the controller then plans each step
         self.steps = 0
         self.speculating = False  # whether the controller's last plan drafted
@@ -464,7 +465,7 @@ class SpecEngine:
             generator=generator, seed=seed,
             top_logprobs=top_logprobs, hidden_states=hidden_states, proposer=proposer,
             draft_state=draft_state, acceptance=self.acceptance[domain].prior(), domain=domain,
-            suffix=suffix_state, ratio=self.ratios[domain].prior(),
+            suffix=suffix_state, suffix_acceptance=self.suffix_acceptance[domain].prior(),
         )  # fmt: skip
         self.active.append(decoding)
         return decoding
@@ -496,7 +497,9 @@ class SpecEngine:
                 room=decoding.max_new_tokens - decoding.generated - 1,
                 alpha=None if decoding.proposer.name == "none" else decoding.acceptance.alpha,
                 group=id(decoding.proposer),
-                chances=decoding.ratio.chances(found.confidences),
+                chances=suffix_chances(
+                    found.confidences, node_depths(found.parents), decoding.suffix_acceptance.alpha
+                ),
             )
             for decoding, found in zip(batch, candidates, strict=True)
         ]
@@ -508,10 +511,10 @@ class SpecEngine:
             for option, choice in zip(options, choices, strict=True):
                 if choice.proposer == "learnt" and choice.tokens:
                     groups[option.group] += 1
-            drafts = sum(choice.tokens for choice in choices) / len(choices)
+            width = max(choice.tokens for choice in choices)
             learnt_k = max((c.tokens for c in choices if c.proposer == "learnt"), default=0)
             seconds = time.perf_counter() - began
-            self.costs = self.costs.observe(len(batch), drafts, list(groups.values()), learnt_k, seconds)
+            self.costs = self.costs.observe(len(batch), width, list(groups.values()), learnt_k, seconds)
         return events
 
     def _candidates(self, decoding: Decoding) -> Candidates:
@@ -565,15 +568,11 @@ class SpecEngine:
             verified.append(row)
         crossing = to_host([t for row in verified for t in row.crossing()])  # the step's one transfer
         width = len(crossing) // max(1, len(verified))
+        hosts = [_Host.of(crossing[i * width : (i + 1) * width]) for i in range(len(batch))]
         return [
-            (
-                decoding,
-                self._emit(
-                    decoding, row, proposal, choice, found, _Host.of(crossing[i * width : (i + 1) * width])
-                ),
-            )
-            for i, (decoding, row, proposal, choice, found) in enumerate(
-                zip(batch, verified, proposals, choices, candidates, strict=True)
+            (decoding, self._emit(decoding, row, proposal, choice, host))
+            for decoding, row, proposal, choice, host in zip(
+                batch, verified, proposals, choices, hosts, strict=True
             )
         ]
 
@@ -662,7 +661,6 @@ class SpecEngine:
         verified: _Verified,
         proposal: Proposal,
         choice: Choice,
-        candidates: Candidates,
         host: _Host,
     ) -> Step:
         """Keep what a verification accepted (on the host: which positions, then the slot is cut
@@ -678,16 +676,14 @@ class SpecEngine:
         accepted, emitted = len(kept) - 1, [host.tokens[r] for r in kept]
         learnt = choice.proposer == "learnt"
         decoding.proposer.observe(decoding.draft_state, accepted if learnt else 0, verified.hidden[kept[-1]])
-        if learnt:
-            for estimate in (decoding.acceptance, self.acceptance[decoding.domain]):
-                estimate.update(verified.drafted, accepted)
-            name = decoding.proposer.name
-        else:
-            promised = sum(candidates.confidences[: choice.tokens])
-            for ratio in (decoding.ratio, self.ratios[decoding.domain]):
-                ratio.update(promised, accepted)
-            name = choice.proposer
-        decoding.stats.record(verified.drafted, accepted, name if verified.drafted else "none")
+        estimates = {
+            "learnt": (decoding.acceptance, self.acceptance[decoding.domain]),
+            "suffix": (decoding.suffix_acceptance, self.suffix_acceptance[decoding.domain]),
+        }.get(choice.proposer, ())
+        for estimate in estimates:
+            estimate.update(verified.drafted, accepted)
+        name = decoding.proposer.name if learnt else choice.proposer
+        decoding.stats.record(verified.drafted, accepted, name)
         start = decoding.length
         decoding.tokens[start : start + len(emitted)] = torch.tensor(emitted, device=self.device)
         new: list[int] = []
@@ -723,9 +719,10 @@ class SpecEngine:
     def calibrate(self, max_batch: int, context: int = 64, repeats: int = 5) -> Costs:
         """Time whole decode steps for batch sizes up to max_batch, on scratch sequences after a
         `context`-token prompt (median of `repeats` steps after one): verifying n = 0..width drafts
-        that cost nothing to propose (`Costs.verify`) and, with a learnt proposer, drafting
-        k = 0..self.k with it (`Costs.learnt`). Setting `costs` to the result makes step() plan by
-        them (serving.engine.speculation). The scratch sequences join no suffix index."""
+        that cost nothing to propose (`Costs.verify`; trees where suffix speculation drafts them)
+        and, with a learnt proposer, drafting k = 0..self.k with it (`Costs.learnt`). Setting
+        `costs` to the result makes step() plan by them (serving.engine.speculation). The scratch
+        sequences join no suffix index."""
         if self.active:
             raise RuntimeError("calibrate before serving: it needs the engine to itself")
         batches = tuple(b for b in COST_BATCHES if b < max_batch) + (max_batch,)
@@ -750,7 +747,7 @@ class SpecEngine:
             return StepCosts.measured(batches, seconds)
 
         costs = Costs(
-            timed(ScratchProposer(), self.width),
+            timed(ScratchProposer(tree=self.suffix is not None and self.suffix.trees), self.width),
             None if self.proposer.name == "none" else timed(self.proposer, self.k),
         )
         self.acceptance.clear()  # what the scratch text taught is forgotten

@@ -3,24 +3,26 @@
 A sequence has up to two proposers: its learnt one (a draft model, draft heads or n-grams; None
 without one) and the suffix index (serving.engine.suffix), whose candidates cost nearly nothing to
 propose and come with count-based confidences. Each step the engine gives `plan` every sequence's
-`Options`: how many drafts it has room for, its learnt proposer's recent acceptance alpha
-(`AcceptanceEstimate`, started from its domain's) and its suffix candidates' chances, each a
-confidence times the sequence's measured ratio of accepted to promised tokens (`RatioEstimate`).
-`plan` answers with a `Choice` per sequence: none (plain decoding), the learnt proposer drafting
-the step's k, or the suffix index's m most likely candidates.
+`Options`: how many drafts it has room for, its learnt proposer's recent acceptance alpha, and its
+suffix candidates' chances (`suffix_chances`: each candidate's confidence, at most the suffix
+index's recent acceptance for that sequence to the power of the candidate's depth; both
+acceptances are `AcceptanceEstimate`s, a new sequence's started from its domain's). `plan` answers
+with a `Choice` per sequence: none (plain decoding), the learnt proposer drafting the step's k, or
+the suffix index's m most likely candidates.
 
 The speedup model (DESIGN.md), for a batch: sequence i emits E(alpha_i, k) =
 (1 - alpha_i^(k+1)) / (1 - alpha_i) tokens on average with its learnt proposer, 1 + (the sum of
-its chosen candidates' chances) with the suffix index, 1 with none. The step's seconds come from
-`Costs`, measured by `SpecEngine.calibrate` on whole steps and kept current by live ones:
-`verify[b][n]` for b sequences verifying n drafts that cost nothing to propose, `learnt[b][k]`
-for b sequences drafting k with the learnt proposer; the learnt proposer's own cost is their
-difference. For each k in 0..k_max, every sequence takes the option worth the most at the batch's
-rate R (tokens less R times the seconds it adds: a candidate joins when its chance beats R times
-the cost of verifying one more token), R is recomputed for that assignment, and again; the k with
-the most tokens per second wins. So a long, confident suffix match goes first, the learnt proposer
-serves where the index has little, and plain decoding where nothing pays, batch by batch as the
-load changes. Speculation starts only where it promises `MARGIN` more than plain decoding.
+its chosen candidates' chances) with the suffix index, 1 with none. A step's rows are padded to
+its widest, so its seconds depend on the most drafts any row verifies, n, as measured by
+`SpecEngine.calibrate` on whole steps and kept current by live ones (`Costs`): `verify[b][n]` for
+b sequences verifying n drafts that cost nothing to propose, `learnt[b][k]` for b sequences drafting
+k with the learnt proposer, whose own cost is their difference. For each width n and each k <= n,
+every sequence takes the option worth the most: its expected tokens, less, for the learnt proposer,
+its share of the proposer's cost at the batch's rate (recomputed for the assignment, and again);
+the (n, k) with the most tokens per second wins. So a long, confident suffix match goes first (it
+costs almost nothing to propose), the learnt proposer serves where the index has little, and a
+batch too full for speculation to pay decodes plainly. Speculation starts only where it promises
+`MARGIN` more than plain decoding.
 
 Both arms stay measured: while plain decoding wins, every `PROBE_EVERY` steps one sequence in turn
 drafts one token (acceptance keeps being measured, for this choice and for the metrics operators
@@ -31,7 +33,6 @@ every `PLAIN_EVERY` steps, so that the cost of plain steps follows the machine's
 from __future__ import annotations
 
 import itertools
-import math
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,12 +85,8 @@ class StepCosts:
         rows[i][k] = (1.0 - weight) * rows[i][k] + weight * scaled
         return StepCosts.measured(self.batches, rows)
 
-    def step_seconds(self, batch: int, k: float) -> float:
-        """Seconds of a step of `batch` sequences drafting k each (a mean, between measured ks)."""
-        low = min(math.floor(k), self.max_k)
-        high, part = min(low + 1, self.max_k), k - low
-        at = [_interpolate(self.batches, [row[j] for row in self.seconds], batch) for j in (low, high)]
-        return at[0] + part * (at[1] - at[0])
+    def step_seconds(self, batch: int, k: int) -> float:
+        return _interpolate(self.batches, [row[k] for row in self.seconds], batch)
 
     @property
     def max_k(self) -> int:
@@ -127,21 +124,20 @@ class Costs:
         """c of the learnt proposer (of verification alone without one)."""
         return (self.learnt or self.verify).cost_ratio
 
-    def step_seconds(self, batch: int, drafts: float, groups: Sequence[int] = (), k: int = 0) -> float:
-        """Seconds of a step of `batch` sequences verifying `drafts` each on average, `groups`
+    def step_seconds(self, batch: int, width: int, groups: Sequence[int] = (), k: int = 0) -> float:
+        """Seconds of a step of `batch` sequences whose widest row verifies `width` drafts, `groups`
         of them (one count per learnt proposer) having drafted k with their learnt proposer."""
-        seconds = self.verify.step_seconds(batch, drafts)
+        seconds = self.verify.step_seconds(batch, width)
         if self.learnt is not None and k:
             for size in groups:  # the learnt proposer's own cost
                 seconds += max(0.0, self.learnt.step_seconds(size, k) - self.verify.step_seconds(size, k))
         return seconds
 
-    def observe(self, batch: int, drafts: float, groups: Sequence[int], k: int, seconds: float) -> Costs:
+    def observe(self, batch: int, width: int, groups: Sequence[int], k: int, seconds: float) -> Costs:
         """These costs with one timed step blended in: each table's cell for the step, scaled by
         how far the step's seconds were from these costs' estimate."""
-        ratio = seconds / self.step_seconds(batch, drafts, groups, k)
-        n = min(round(drafts), self.verify.max_k)
-        verify = self.verify.observe(batch, n, ratio * self.verify.step_seconds(batch, n))
+        ratio = seconds / self.step_seconds(batch, width, groups, k)
+        verify = self.verify.observe(batch, width, ratio * self.verify.step_seconds(batch, width))
         learnt = self.learnt
         if learnt is not None and groups and k:
             size = max(groups)
@@ -201,26 +197,25 @@ def plan(options: Sequence[Options], k_max: int, costs: Costs, margin: float = M
     if not ks and not any(option.chances for option in options):
         return [NONE] * batch  # nothing to choose (and no batch at all)
     plain = batch / costs.step_seconds(batch, 0)
-    width = max(1, costs.verify.max_k)
-    per_token = (costs.step_seconds(batch, width) - costs.step_seconds(batch, 0)) / (width * batch)
     gains = [list(itertools.accumulate(option.chances, initial=0.0)) for option in options]
     best_rate, best = plain, [NONE] * batch
-    for k in (0, *ks):
-        own = costs.step_seconds(batch, k, [batch], k) - costs.step_seconds(batch, k)  # the proposer's
-        rate = plain
-        for _ in range(ROUNDS):
-            choices, tokens = _assign(options, gains, k, rate * per_token, rate * own / batch)
-            rate = tokens / _seconds(options, choices, costs, k)
-            if rate > best_rate:
-                best_rate, best = rate, choices
+    for width in range(1, costs.verify.max_k + 1):
+        for k in (0, *(k for k in ks if k <= width)):
+            own = costs.step_seconds(batch, k, [batch], k) - costs.step_seconds(batch, k)  # the proposer's
+            rate = plain
+            for _ in range(ROUNDS if k else 1):
+                choices, tokens = _assign(options, gains, width, k, rate * own / batch)
+                rate = tokens / _seconds(options, choices, costs, k)
+                if rate > best_rate:
+                    best_rate, best = rate, choices
     return best if best_rate >= (1.0 + margin) * plain else [NONE] * batch
 
 
 def _assign(
-    options: Sequence[Options], gains: Sequence[Sequence[float]], k: int, token_price: float, row_price: float
+    options: Sequence[Options], gains: Sequence[Sequence[float]], width: int, k: int, row_price: float
 ) -> tuple[list[Choice], float]:
-    """Each sequence's option worth the most: its expected tokens less the seconds it adds to the
-    step, priced per verified token and per learnt draft row (`gains[i][m]`: what sequence i's m
+    """Each sequence's option worth the most in a step `width` drafts wide: its expected tokens,
+    less `row_price` for a row its learnt proposer drafts (`gains[i][m]`: what sequence i's m
     most likely candidates add). Returns the choices and their expected tokens."""
     choices, total = [], 0.0
     for option, gain in zip(options, gains, strict=True):
@@ -228,12 +223,10 @@ def _assign(
         if k and option.alpha is not None and option.room:
             n = min(k, option.room)
             drafted = expected_tokens(option.alpha, n)
-            if drafted - n * token_price - row_price > worth:
-                choice, worth, tokens = Choice("learnt", n), drafted - n * token_price - row_price, drafted
-        m = 0
-        while m < len(option.chances) and option.chances[m] > token_price:  # most likely first
-            m += 1
-        if m and 1.0 + gain[m] - m * token_price > worth:
+            if drafted - row_price > worth:
+                choice, worth, tokens = Choice("learnt", n), drafted - row_price, drafted
+        m = min(len(option.chances), width)
+        if m and 1.0 + gain[m] > worth:
             choice, tokens = Choice("suffix", m), 1.0 + gain[m]
         choices.append(choice)
         total += tokens
@@ -246,8 +239,15 @@ def _seconds(options: Sequence[Options], choices: Sequence[Choice], costs: Costs
     for option, choice in zip(options, choices, strict=True):
         if choice.proposer == "learnt":
             groups[option.group] = groups.get(option.group, 0) + 1
-    drafts = sum(c.tokens for c in choices) / len(choices)
-    return costs.step_seconds(len(choices), drafts, list(groups.values()), k)
+    width = max(choice.tokens for choice in choices)
+    return costs.step_seconds(len(choices), width, list(groups.values()), k)
+
+
+def suffix_chances(confidences: Sequence[float], depths: Sequence[int], alpha: float) -> tuple[float, ...]:
+    """Suffix candidates' chances of acceptance: each one's confidence (the count model's), at
+    most alpha (the sequence's measured per-token acceptance of suffix drafts) to the power of its
+    depth: a match seen once is not trusted to its end."""
+    return tuple(min(confidence, alpha**depth) for confidence, depth in zip(confidences, depths, strict=True))
 
 
 @dataclass
@@ -272,31 +272,3 @@ class AcceptanceEstimate:
     def prior(self, weight: float = 2.0) -> AcceptanceEstimate:
         """A fresh estimate for a new sequence, worth `weight` observations at this one's alpha."""
         return AcceptanceEstimate(weight * self.alpha, weight * (1.0 - self.alpha), self.decay)
-
-
-@dataclass
-class RatioEstimate:
-    """Recent tokens accepted over tokens promised (the suffix candidates' summed confidences),
-    decayed each step: how far a sequence's count model holds (1.0: as promised)."""
-
-    accepted: float = 1.0
-    promised: float = 1.0
-    decay: float = 0.9
-
-    def update(self, promised: float, accepted: int) -> None:
-        if promised == 0:
-            return
-        self.accepted = self.decay * self.accepted + accepted
-        self.promised = self.decay * self.promised + promised
-
-    @property
-    def ratio(self) -> float:
-        return self.accepted / self.promised
-
-    def chances(self, confidences: Sequence[float]) -> tuple[float, ...]:
-        """Candidates' chances of acceptance: their confidences times the ratio, at most 1."""
-        return tuple(min(1.0, c * self.ratio) for c in confidences)
-
-    def prior(self, weight: float = 2.0) -> RatioEstimate:
-        """A fresh estimate for a new sequence, worth `weight` promised tokens at this one's ratio."""
-        return RatioEstimate(weight * self.ratio, weight, self.decay)
