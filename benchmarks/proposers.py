@@ -12,8 +12,10 @@ controller, by the step costs the engine measured at start (`SpecEngine.calibrat
 
 At each concurrency (1: one request at a time, solo; then 4, 8, 16), each workload's requests run
 as a closed loop of that many clients through the engine's continuous batching, each client taking
-the next conversation and sending its turns one after the other. Rounds rotate over the arms so
-that drift on this machine hits all alike; the suffix index starts empty in every block. Greedy:
+the next conversation and sending its turns one after the other. Each arm first serves one block
+untimed (the controller's costs and acceptances settle, as in a server that has been serving),
+then rounds rotate over the arms so that drift on this machine hits all alike; the suffix index
+starts empty in every block. Greedy:
 every arm's answers must equal plain decoding's (the run stops if not). Per arm: tokens/s and its
 ratio to plain decoding, acceptance, tokens per step, and the share of steps each proposer drafted.
 
@@ -66,7 +68,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
-    p.add_argument("--requests", type=int, default=24, help="requests (conversations: a quarter) a block")
+    p.add_argument(
+        "--requests", type=int, default=24,
+        help="requests a block, at least twice the most clients (agent loops: a quarter, conversations)",
+    )  # fmt: skip
     p.add_argument("--rounds", type=int, default=2, help="blocks per arm, workload and level")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument(
@@ -147,14 +152,11 @@ def workloads(
     """The workloads asked for, their files sized to the target's context (512: code edits of 64 to
     128 tokens, agent loops reading files of 25 to 51 four times)."""
     corpus, tokenizer = models.held_out_corpus(), AutoTokenizer.from_pretrained(models.target)
-    chats, edit, read = (
-        max(1, args.requests // 4),
-        (context // 8, context // 4),
-        (context // 20, context // 10),
-    )
+    requests = max(args.requests, 2 * max(args.concurrency))
+    chats, edit, read = max(1, requests // 4), (context // 8, context // 4), (context // 20, context // 10)
     made = {
-        "demo": lambda: demo_requests(corpus, tokenizer, args.requests, seed),
-        "code-edits": lambda: code_edits(corpus, tokenizer, args.requests, seed, edit),
+        "demo": lambda: demo_requests(corpus, tokenizer, requests, seed),
+        "code-edits": lambda: code_edits(corpus, tokenizer, requests, seed, edit),
         "agent-loop": lambda: agent_loops(corpus, tokenizer, chats, seed, read),
     }
     return {name: made[name]() for name in args.workloads}
@@ -225,9 +227,9 @@ def main(argv: list[str] | None = None) -> dict:
         for concurrency in args.concurrency:
             seconds, done, tokens = Counter(), {name: [] for name in arms}, 0
             with console.status(
-                f"{workload}, {concurrency} clients: {args.rounds} rounds of {len(arms)} arms"
+                f"{workload}, {concurrency} clients: a warm-up, then {args.rounds} rounds of {len(arms)} arms"
             ):
-                for _ in range(args.rounds):
+                for timed in (False, *[True] * args.rounds):
                     reference = None
                     for name, engine in arms.items():
                         if engine.suffix is not None:  # every block learns from itself only
@@ -236,11 +238,13 @@ def main(argv: list[str] | None = None) -> dict:
                             engine, conversations, concurrency, args.max_tokens
                         )
                         if reference is None:
-                            reference, tokens = answers, tokens + sum(len(a) for c in answers for a in c)
+                            reference = answers
+                            tokens += timed * sum(len(a) for c in answers for a in c)
                         elif answers != reference:
                             raise RuntimeError(f"{name} answered {workload} differently from plain decoding")
-                        seconds[name] += wall
-                        done[name] += finished
+                        if timed:
+                            seconds[name] += wall
+                            done[name] += finished
             plain_rate = tokens / seconds["plain"]
             for name in arms:
                 row = summarize(tokens, seconds[name], done[name])

@@ -32,18 +32,19 @@ every `PLAIN_EVERY` steps, so that the cost of plain steps follows the machine's
 
 from __future__ import annotations
 
+import functools
 import itertools
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 PROBE_EVERY = 64  # steps: a one-token draft for one sequence while plain decoding wins
-PLAIN_EVERY = 16  # steps: a plain step while speculation wins (it costs only the arms' gap)
+PLAIN_EVERY = 32  # steps: a plain step while speculation wins (it costs only the arms' gap)
 MARGIN = 0.1  # to start speculating, it must promise this much more than plain decoding: the
 # model's error, and the drafts catching up after plain steps, are not in it (the engine keeps
 # speculating while it promises more than plain decoding at all)
-ROUNDS = 3  # assignments and rates computed in turn, per k
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -155,8 +156,7 @@ class Options:
     chances: tuple[float, ...] = ()  # its suffix candidates' chances of acceptance, most likely first
 
 
-@dataclass(frozen=True)
-class Choice:
+class Choice(NamedTuple):
     """What one sequence drafts this step: `tokens` from its learnt proposer (k) or the suffix
     index (its most likely candidates), or nothing."""
 
@@ -194,53 +194,70 @@ def plan(options: Sequence[Options], k_max: int, costs: Costs, margin: float = M
     batch = len(options)
     learnt = costs.learnt is not None and any(option.alpha is not None for option in options)
     ks = range(1, min(k_max, costs.learnt.max_k) + 1) if learnt else range(0)
-    if not ks and not any(option.chances for option in options):
+    widest = min(costs.verify.max_k, max([len(option.chances) for option in options] + list(ks), default=0))
+    if widest == 0:
         return [NONE] * batch  # nothing to choose (and no batch at all)
-    plain = batch / costs.step_seconds(batch, 0)
-    gains = [list(itertools.accumulate(option.chances, initial=0.0)) for option in options]
-    best_rate, best = plain, [NONE] * batch
-    for width in range(1, costs.verify.max_k + 1):
+    seconds = functools.cache(costs.step_seconds)  # each cost this plan reads, interpolated once
+    plain = batch / seconds(batch, 0)
+    price = {k: plain * (seconds(batch, k, (batch,), k) - seconds(batch, k)) / batch for k in (0, *ks)}
+    rows = [_Row.of(option, ks) for option in options]
+    most = sum(max(1.0, *row.drafted, row.suggested[-1]) for row in rows)  # every row's best, at no cost
+    if most / seconds(batch, 1) < (1.0 + margin) * plain:  # not even the narrowest step can pay
+        return [NONE] * batch
+    best_rate, best = plain, (0, 0)
+    for width in range(1, widest + 1):
         for k in (0, *(k for k in ks if k <= width)):
-            own = costs.step_seconds(batch, k, [batch], k) - costs.step_seconds(batch, k)  # the proposer's
-            rate = plain
-            for _ in range(ROUNDS if k else 1):
-                choices, tokens = _assign(options, gains, width, k, rate * own / batch)
-                rate = tokens / _seconds(options, choices, costs, k)
-                if rate > best_rate:
-                    best_rate, best = rate, choices
-    return best if best_rate >= (1.0 + margin) * plain else [NONE] * batch
+            choices = _assign(options, rows, width, k, price[k])
+            tokens = sum(_tokens(row, choice) for row, choice in zip(rows, choices, strict=True))
+            groups = Counter(
+                option.group for option, c in zip(options, choices, strict=True) if c.proposer == "learnt"
+            )
+            rate = tokens / seconds(batch, max(c.tokens for c in choices), tuple(sorted(groups.values())), k)
+            if rate > best_rate:
+                best_rate, best = rate, (width, k)
+    if best_rate < (1.0 + margin) * plain:
+        return [NONE] * batch
+    width, k = best
+    return _assign(options, rows, width, k, price[k])
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A sequence's expected tokens by option: `drafted[k]` with its learnt proposer drafting k
+    (none: empty), `suggested[m]` with its m most likely suffix candidates."""
+
+    drafted: tuple[float, ...]
+    suggested: tuple[float, ...]
+
+    @classmethod
+    def of(cls, option: Options, ks: range) -> _Row:
+        drafted = ()
+        if option.alpha is not None:
+            drafted = tuple(expected_tokens(option.alpha, min(k, option.room)) for k in range(len(ks) + 1))
+        return cls(drafted, tuple(itertools.accumulate(option.chances, initial=1.0)))
 
 
 def _assign(
-    options: Sequence[Options], gains: Sequence[Sequence[float]], width: int, k: int, row_price: float
-) -> tuple[list[Choice], float]:
-    """Each sequence's option worth the most in a step `width` drafts wide: its expected tokens,
-    less `row_price` for a row its learnt proposer drafts (`gains[i][m]`: what sequence i's m
-    most likely candidates add). Returns the choices and their expected tokens."""
-    choices, total = [], 0.0
-    for option, gain in zip(options, gains, strict=True):
-        choice, worth, tokens = NONE, 1.0, 1.0
-        if k and option.alpha is not None and option.room:
-            n = min(k, option.room)
-            drafted = expected_tokens(option.alpha, n)
-            if drafted - row_price > worth:
-                choice, worth, tokens = Choice("learnt", n), drafted - row_price, drafted
-        m = min(len(option.chances), width)
-        if m and 1.0 + gain[m] > worth:
-            choice, tokens = Choice("suffix", m), 1.0 + gain[m]
+    options: Sequence[Options], rows: Sequence[_Row], width: int, k: int, row_price: float
+) -> list[Choice]:
+    """Each sequence's option worth the most in a step `width` drafts wide whose learnt rows draft
+    k: its expected tokens, less `row_price` for a row its learnt proposer drafts."""
+    choices = []
+    for option, row in zip(options, rows, strict=True):
+        choice, worth = NONE, 1.0
+        if k and row.drafted and option.room and row.drafted[k] - row_price > worth:
+            choice, worth = Choice("learnt", min(k, option.room)), row.drafted[k] - row_price
+        m = min(len(row.suggested) - 1, width)
+        if m and row.suggested[m] > worth:
+            choice = Choice("suffix", m)
         choices.append(choice)
-        total += tokens
-    return choices, total
+    return choices
 
 
-def _seconds(options: Sequence[Options], choices: Sequence[Choice], costs: Costs, k: int) -> float:
-    """Seconds of a step with these choices."""
-    groups: dict[int, int] = {}
-    for option, choice in zip(options, choices, strict=True):
-        if choice.proposer == "learnt":
-            groups[option.group] = groups.get(option.group, 0) + 1
-    width = max(choice.tokens for choice in choices)
-    return costs.step_seconds(len(choices), width, list(groups.values()), k)
+def _tokens(row: _Row, choice: Choice) -> float:
+    if choice.proposer == "learnt":
+        return row.drafted[choice.tokens]
+    return row.suggested[choice.tokens] if choice.proposer == "suffix" else 1.0
 
 
 def suffix_chances(confidences: Sequence[float], depths: Sequence[int], alpha: float) -> tuple[float, ...]:
