@@ -175,10 +175,12 @@ def test_observed_steps_keep_the_costs_current():
     for _ in range(200):
         slower = slower.observe(4, 2, 3.0)
     assert slower.step_seconds(4, 2) == pytest.approx(3.0, rel=0.01)
-    assert slower.step_seconds(4, 1) == 1.0  # other cells stay as measured...
+    assert slower.step_seconds(4, 1) == pytest.approx(3**0.5, rel=0.01)  # the row's level rose with it
+    assert slower.step_seconds(1, 2) == 1.0  # other batch sizes stay as measured...
     assert slower.step_seconds(4, 3) >= 2.97 and slower.step_seconds(16, 2) >= 2.97  # ...but monotone
     between = start.observe(6, 1, 2.0, weight=1.0)  # lands on the nearest measured batch size, 4
-    assert between.step_seconds(4, 1) == 2.0 and between.step_seconds(1, 1) == 1.0
+    assert between.step_seconds(4, 0) == 1.5 and between.step_seconds(4, 1) == 2.25
+    assert between.step_seconds(1, 1) == 1.0
 
 
 def test_acceptance_estimate_counts_leading_accepts_and_first_rejections():

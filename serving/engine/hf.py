@@ -719,8 +719,8 @@ class SpecEngine:
     def calibrate(self, max_batch: int, context: int = 64, repeats: int = 5) -> Costs:
         """Time whole decode steps for batch sizes up to max_batch, on scratch sequences after a
         `context`-token prompt (median of `repeats` steps after one): verifying n = 0..width drafts
-        that cost nothing to propose (`Costs.verify`; trees where suffix speculation drafts them)
-        and, with a learnt proposer, drafting k = 0..self.k with it (`Costs.learnt`). Setting
+        that cost nothing to propose (`Costs.verify`, as chains: live steps with trees correct
+        them) and, with a learnt proposer, drafting k = 0..self.k with it (`Costs.learnt`). Setting
         `costs` to the result makes step() plan by them (serving.engine.speculation). The scratch
         sequences join no suffix index."""
         if self.active:
@@ -747,7 +747,7 @@ class SpecEngine:
             return StepCosts.measured(batches, seconds)
 
         costs = Costs(
-            timed(ScratchProposer(tree=self.suffix is not None and self.suffix.trees), self.width),
+            timed(ScratchProposer(), self.width),
             None if self.proposer.name == "none" else timed(self.proposer, self.k),
         )
         self.acceptance.clear()  # what the scratch text taught is forgotten

@@ -129,17 +129,12 @@ class NullProposer(_RowByRow):
 
 
 class ScratchProposer(_RowByRow):
-    """Proposes k copies of the last token, at no cost, as a chain or as a tree (one path):
-    what calibration times verification with."""
+    """Proposes k copies of the last token, at no cost: what calibration times verification with."""
 
     name = "scratch"
 
-    def __init__(self, tree: bool = False):
-        self.tree = tree
-
     def _propose_row(self, row: DraftRow) -> Proposal:
-        parents = tuple(range(-1, row.k - 1)) if self.tree else None
-        return Proposal(tokens=row.token_ids[-1:].repeat(row.k), parents=parents)
+        return Proposal(tokens=row.token_ids[-1:].repeat(row.k))
 
 
 def ngram_lookup(ids: Sequence[int], k: int, n_min: int, n_max: int) -> list[int]:

@@ -21,8 +21,8 @@ every sequence takes the option worth the most: its expected tokens, less, for t
 its share of the proposer's cost at the batch's rate (recomputed for the assignment, and again);
 the (n, k) with the most tokens per second wins. So a long, confident suffix match goes first (it
 costs almost nothing to propose), the learnt proposer serves where the index has little, and a
-batch too full for speculation to pay decodes plainly. Speculation starts only where it promises
-`MARGIN` more than plain decoding.
+batch too full for speculation to pay decodes plainly. The learnt proposer starts drafting only
+where it promises `MARGIN` more than plain decoding (it catches up on what it missed).
 
 Both arms stay measured: while plain decoding wins, every `PROBE_EVERY` steps one sequence in turn
 drafts one token (acceptance keeps being measured, for this choice and for the metrics operators
@@ -78,12 +78,14 @@ class StepCosts:
 
     def observe(self, batch: int, k: int, seconds: float, weight: float = 0.1) -> StepCosts:
         """These costs with one timed step of `batch` sequences drafting k blended in (`weight`),
-        at the measured batch size nearest to `batch` (scaled there by the costs' own ratio): the
-        costs follow what steps really take as contexts grow and the machine's load changes."""
+        at the measured batch size nearest to `batch`: half of the blend moves that batch size's
+        whole row (the level that load and longer contexts set for every k), half the step's own
+        cell (its shape). The costs follow what steps really take as they change."""
         i = min(range(len(self.batches)), key=lambda j: abs(self.batches[j] - batch))
-        scaled = seconds * self.seconds[i][k] / self.step_seconds(batch, k)
+        step = 1.0 + weight / 2 * (seconds / self.step_seconds(batch, k) - 1.0)
         rows = [list(row) for row in self.seconds]
-        rows[i][k] = (1.0 - weight) * rows[i][k] + weight * scaled
+        rows[i] = [cell * step for cell in rows[i]]
+        rows[i][k] *= step
         return StepCosts.measured(self.batches, rows)
 
     def step_seconds(self, batch: int, k: int) -> float:
@@ -202,7 +204,7 @@ def plan(options: Sequence[Options], k_max: int, costs: Costs, margin: float = M
     price = {k: plain * (seconds(batch, k, (batch,), k) - seconds(batch, k)) / batch for k in (0, *ks)}
     rows = [_Row.of(option, ks) for option in options]
     most = sum(max(1.0, *row.drafted, row.suggested[-1]) for row in rows)  # every row's best, at no cost
-    if most / seconds(batch, 1) < (1.0 + margin) * plain:  # not even the narrowest step can pay
+    if most / seconds(batch, 1) < plain:  # not even the narrowest step can pay
         return [NONE] * batch
     best_rate, best = plain, (0, 0)
     for width in range(1, widest + 1):
@@ -215,9 +217,9 @@ def plan(options: Sequence[Options], k_max: int, costs: Costs, margin: float = M
             rate = tokens / seconds(batch, max(c.tokens for c in choices), tuple(sorted(groups.values())), k)
             if rate > best_rate:
                 best_rate, best = rate, (width, k)
-    if best_rate < (1.0 + margin) * plain:
-        return [NONE] * batch
     width, k = best
+    if best_rate < (1.0 + (margin if k else 0.0)) * plain:  # a draft must catch up after plain steps
+        return [NONE] * batch
     return _assign(options, rows, width, k, price[k])
 
 
