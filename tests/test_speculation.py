@@ -103,7 +103,10 @@ def test_step_costs_add_the_learnt_proposer_s_own_cost_per_group():
     for _ in range(100):
         slower = slower.observe(4, 2, [4], 2, 2 * costs.step_seconds(4, 2, [4], 2))
     assert slower.step_seconds(4, 2, [4], 2) == pytest.approx(2 * costs.step_seconds(4, 2, [4], 2), rel=0.02)
-    assert slower.verify.step_seconds(1, 2) == costs.verify.step_seconds(1, 2)  # other batch sizes stay
+    assert slower.verify == costs.verify  # a step that drafted corrects the learnt proposer's cost
+    plainer = costs.observe(4, 2, [], 0, 2 * costs.step_seconds(4, 2))  # one that did not, verification's
+    assert plainer.learnt == costs.learnt
+    assert plainer.verify.step_seconds(4, 2) > costs.verify.step_seconds(4, 2)
 
 
 def test_a_candidate_s_chance_is_its_confidence_at_most_the_measured_acceptance_to_its_depth():

@@ -10,19 +10,19 @@ acceptances are `AcceptanceEstimate`s, a new sequence's started from its domain'
 with a `Choice` per sequence: none (plain decoding), the learnt proposer drafting the step's k, or
 the suffix index's m most likely candidates.
 
-The speedup model (DESIGN.md), for a batch: sequence i emits E(alpha_i, k) =
-(1 - alpha_i^(k+1)) / (1 - alpha_i) tokens on average with its learnt proposer, 1 + (the sum of
-its chosen candidates' chances) with the suffix index, 1 with none. A step's rows are padded to
-its widest, so its seconds depend on the most drafts any row verifies, n, as measured by
-`SpecEngine.calibrate` on whole steps and kept current by live ones (`Costs`): `verify[b][n]` for
-b sequences verifying n drafts that cost nothing to propose, `learnt[b][k]` for b sequences drafting
-k with the learnt proposer, whose own cost is their difference. For each width n and each k <= n,
-every sequence takes the option worth the most: its expected tokens, less, for the learnt proposer,
-its share of the proposer's cost at the batch's rate (recomputed for the assignment, and again);
-the (n, k) with the most tokens per second wins. So a long, confident suffix match goes first (it
-costs almost nothing to propose), the learnt proposer serves where the index has little, and a
-batch too full for speculation to pay decodes plainly. The learnt proposer starts drafting only
-where it promises `MARGIN` more than plain decoding (it catches up on what it missed).
+The speedup model (DESIGN.md), for a batch: sequence i emits E(alpha_i, k) = (1 - alpha_i^(k+1)) /
+(1 - alpha_i) tokens on average with its learnt proposer, 1 + (the sum of its chosen candidates'
+chances) with the suffix index, 1 with none. A step's rows are padded to its widest, so its seconds
+depend on the most drafts any row verifies, n, as measured by `SpecEngine.calibrate` on whole steps
+and kept current by live ones (`Costs`): `verify[b][n]` for b sequences verifying n drafts that cost
+nothing to propose, `learnt[b][k]` for b sequences drafting k with the learnt proposer, whose own
+cost is their difference. For each width n and k (0, or as much of n as k_max allows), every
+sequence takes the option worth the most: its expected tokens, less, for the learnt proposer, its
+share of the proposer's cost at plain decoding's rate; the (n, k) with the most tokens per second
+wins. So a long, confident suffix match goes first (it costs almost nothing to propose), the learnt
+proposer serves where the index has little, and a batch too full for speculation to pay decodes
+plainly. The learnt proposer starts drafting only where it promises `MARGIN` more than plain
+decoding (it catches up on what it missed).
 
 Both arms stay measured: while plain decoding wins, every `PROBE_EVERY` steps one sequence in turn
 drafts one token (acceptance keeps being measured, for this choice and for the metrics operators
@@ -137,15 +137,14 @@ class Costs:
         return seconds
 
     def observe(self, batch: int, width: int, groups: Sequence[int], k: int, seconds: float) -> Costs:
-        """These costs with one timed step blended in: each table's cell for the step, scaled by
-        how far the step's seconds were from these costs' estimate."""
-        ratio = seconds / self.step_seconds(batch, width, groups, k)
-        verify = self.verify.observe(batch, width, ratio * self.verify.step_seconds(batch, width))
-        learnt = self.learnt
-        if learnt is not None and groups and k:
-            size = max(groups)
-            learnt = learnt.observe(size, k, ratio * learnt.step_seconds(size, k))
-        return Costs(verify, learnt)
+        """These costs with one timed step blended in: a step that drafted with a learnt proposer
+        corrects that proposer's cost by how far the step was from these costs' estimate (its
+        catching up on tokens it missed included), a step that did not corrects verification's."""
+        if self.learnt is None or not (groups and k):
+            return Costs(self.verify.observe(batch, width, seconds), self.learnt)
+        error = (seconds - self.step_seconds(batch, width, groups, k)) / len(groups)
+        size = max(groups)
+        return Costs(self.verify, self.learnt.observe(size, k, self.learnt.step_seconds(size, k) + error))
 
 
 @dataclass(frozen=True)
@@ -208,7 +207,7 @@ def plan(options: Sequence[Options], k_max: int, costs: Costs, margin: float = M
         return [NONE] * batch
     best_rate, best = plain, (0, 0)
     for width in range(1, widest + 1):
-        for k in (0, *(k for k in ks if k <= width)):
+        for k in {0, min(width, ks[-1]) if ks else 0}:  # learnt rows draft as much as the width allows
             choices = _assign(options, rows, width, k, price[k])
             tokens = sum(_tokens(row, choice) for row, choice in zip(rows, choices, strict=True))
             groups = Counter(
