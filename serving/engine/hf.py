@@ -94,7 +94,7 @@ from serving.engine.speculation import (
     suffix_chances,
 )
 from serving.engine.stats import SpecStats
-from serving.engine.suffix import Candidates, SuffixConfig
+from serving.engine.suffix import Candidates
 from serving.engine.tree import greedy_path, node_depths, static_tree
 from serving.engine.vocab import check_pair
 from serving.errors import IncompatibleDraftError, InvalidRequestError
@@ -255,7 +255,7 @@ class SpecEngine:
         self.target = target
         self.proposer, self.suffix = proposer, suffix
         self.k = num_speculative_tokens
-        self.width = max(self.k, suffix.config.max_tokens if suffix else 0)  # the most drafts a row verifies
+        self.width = verify_width(self.k, suffix)
         self.device = target.device
         self.vocab_size = vocab_size(target)
         self.max_length = _max_length(context_length(target), max_model_len)
@@ -322,11 +322,15 @@ class SpecEngine:
                 ) from None
         max_length = _max_length(context_length(target_model), max_model_len)
         profile = profile_for(device, dtype, memory_fraction=gpu_memory_utilization)
-        width = max(num_speculative_tokens, SuffixConfig().max_tokens if suffix else 0)
+        index = None
+        if suffix:
+            if reason := tree_support(target_model):
+                log.warning("suffix speculation drafts chains: %s cannot verify trees: %s", target, reason)
+            index = SuffixProposer(trees=not reason)
         plan = None
         if profile.static_cache:
             plan = plan_on_device(
-                target_model, draft_model, max_batch=max_batch, k=width,
+                target_model, draft_model, max_batch=max_batch, k=verify_width(num_speculative_tokens, index),
                 max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
                 trainer_share=trainer_share,
             )  # fmt: skip
@@ -349,11 +353,6 @@ class SpecEngine:
             )
         else:
             chosen = NgramProposer() if proposer == "ngram" else NullProposer()
-        index = None
-        if suffix:
-            if reason := tree_support(target_model):
-                log.warning("suffix speculation drafts chains: %s cannot verify trees: %s", target, reason)
-            index = SuffixProposer(trees=not reason)
         engine = cls(target_model, chosen, num_speculative_tokens, profile, max_length, index)
         engine.memory_plan = plan
         return engine
@@ -799,6 +798,11 @@ def _ids(values: Iterable[int], what: str) -> list[int]:
     if not all(_is_int(t) for t in ids):
         raise InvalidRequestError(f"{what} must be a sequence of integer token ids")
     return ids
+
+
+def verify_width(k: int, suffix: SuffixProposer | None) -> int:
+    """The most drafts a sequence verifies in a step: k, or suffix speculation's candidates."""
+    return max(k, suffix.config.max_tokens if suffix else 0)
 
 
 def _probe(option: Options) -> Choice:
