@@ -42,9 +42,9 @@ from typing import Literal, NamedTuple
 
 PROBE_EVERY = 64  # steps: a one-token draft for one sequence while plain decoding wins
 PLAIN_EVERY = 32  # steps: a plain step while speculation wins (it costs only the arms' gap)
-MARGIN = 0.1  # to start speculating, it must promise this much more than plain decoding: the
-# model's error, and the drafts catching up after plain steps, are not in it (the engine keeps
-# speculating while it promises more than plain decoding at all)
+MARGIN = 0.1  # for the learnt proposer to start drafting, it must promise this much more than plain
+# decoding: the model's error, and the drafts catching up after plain steps, are not in it (the
+# engine keeps speculating while it promises more than plain decoding at all)
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -154,7 +154,7 @@ class Options:
     room: int  # the most drafts it can use (tokens left to generate, less one)
     alpha: float | None = None  # its learnt proposer's recent acceptance; None: it has none
     group: int = 0  # sequences of one group draft in one batched call of their learnt proposer
-    chances: tuple[float, ...] = ()  # its suffix candidates' chances of acceptance, most likely first
+    chances: tuple[float, ...] = ()  # its suffix candidates' chances of acceptance, parents first
 
 
 class Choice(NamedTuple):
