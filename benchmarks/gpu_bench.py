@@ -134,6 +134,8 @@ class SyntheticProposer:
     """A real draft model runs (so its cost is real), then each drafted token is set to the
     target's next greedy token with probability alpha, else to another token."""
 
+    name = "draft"
+
     def __init__(self, inner: DraftModelProposer, reference: torch.Tensor, alpha: float, seed: int = 0):
         self.inner, self.reference, self.alpha = inner, reference, alpha  # reference: prompt + greedy
         self.generator = torch.Generator(device="cuda").manual_seed(seed)
@@ -141,8 +143,8 @@ class SyntheticProposer:
     def new_state(self, domain: str = ALL_DOMAINS):
         return self.inner.new_state(domain)
 
-    def release(self, state, sequence: Sequence[int]) -> None:
-        self.inner.release(state, sequence)
+    def release(self, state) -> None:
+        self.inner.release(state)
 
     def propose(self, rows: Sequence[DraftRow]) -> list[Proposal]:
         out = []

@@ -71,8 +71,8 @@ def test_draft_cache_stays_consistent_for_a_batch():
         for i in set(range(3)) - set(rows):  # not drafted this step: the sequence moves on anyway
             proposer.observe(states[i], 0, None)
             sequences[i] = torch.cat([sequences[i], torch.randint(0, 100, (2,), generator=gen)])
-    for state, sequence in zip(states, sequences, strict=True):
-        proposer.release(state, sequence.tolist())
+    for state in states:
+        proposer.release(state)
     assert proposer.cache.rows == 0
 
 
