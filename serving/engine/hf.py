@@ -91,6 +91,7 @@ from serving.engine.speculation import (
     StepCosts,
     fixed,
     plan,
+    shape,
     suffix_chances,
 )
 from serving.engine.stats import SpecStats
@@ -506,14 +507,9 @@ class SpecEngine:
         events = self._step(batch, choices, candidates)
         if timed:  # the plan's own step (not a probe): its time keeps the costs current, contention
             # for the GIL with the replica's event loop included
-            groups: dict[int, int] = defaultdict(int)
-            for option, choice in zip(options, choices, strict=True):
-                if choice.proposer == "learnt" and choice.tokens:
-                    groups[option.group] += 1
-            width = max(choice.tokens for choice in choices)
+            width, groups = shape(options, choices)
             learnt_k = max((c.tokens for c in choices if c.proposer == "learnt"), default=0)
-            seconds = time.perf_counter() - began
-            self.costs = self.costs.observe(len(batch), width, list(groups.values()), learnt_k, seconds)
+            self.costs = self.costs.observe(len(batch), width, groups, learnt_k, time.perf_counter() - began)
         return events
 
     def _candidates(self, decoding: Decoding) -> Candidates:

@@ -210,10 +210,7 @@ def plan(options: Sequence[Options], k_max: int, costs: Costs, margin: float = M
         for k in {0, min(width, ks[-1]) if ks else 0}:  # learnt rows draft as much as the width allows
             choices = _assign(options, rows, width, k, price[k])
             tokens = sum(_tokens(row, choice) for row, choice in zip(rows, choices, strict=True))
-            groups = Counter(
-                option.group for option, c in zip(options, choices, strict=True) if c.proposer == "learnt"
-            )
-            rate = tokens / seconds(batch, max(c.tokens for c in choices), tuple(sorted(groups.values())), k)
+            rate = tokens / seconds(batch, *shape(options, choices), k)
             if rate > best_rate:
                 best_rate, best = rate, (width, k)
     width, k = best
@@ -253,6 +250,15 @@ def _assign(
             choice = Choice("suffix", m)
         choices.append(choice)
     return choices
+
+
+def shape(options: Sequence[Options], choices: Sequence[Choice]) -> tuple[int, tuple[int, ...]]:
+    """What a step with these choices costs by: its widest row's drafts, and how many rows each
+    learnt proposer drafts for (ascending)."""
+    groups = Counter(
+        o.group for o, c in zip(options, choices, strict=True) if c.proposer == "learnt" and c.tokens
+    )
+    return max(c.tokens for c in choices), tuple(sorted(groups.values()))
 
 
 def _tokens(row: _Row, choice: Choice) -> float:
